@@ -1,0 +1,10 @@
+"""sgl-kvext: a hierarchical KV cache and CacheBlend fragment reuse for SGLang, as a plugin.
+
+Importing this package imports neither sglang nor torch; the SGLang side lives in
+:mod:`sgl_kvext.integration`, which SGLang loads through its plugin entry point.
+"""
+
+from sgl_kvext.config import BlendConfig, ConfigError, FragmentConfig, KVExtConfig, TierConfig
+
+__all__ = ["BlendConfig", "ConfigError", "FragmentConfig", "KVExtConfig", "TierConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""sgl-kvext's server flags on ``python -m sglang.launch_server`` and ``sglang serve``.
+
+SGLang has no API for adding flags, so two AROUND hooks wrap ``ServerArgs``:
+
+- ``add_cli_args`` adds an "sgl-kvext" argument group generated from :mod:`sgl_kvext.config`;
+- ``from_cli_args`` builds and validates :class:`KVExtConfig` from those flags (over YAML and
+  ``KVEXT_*`` variables), exits with a one-line error when it is invalid, selects the
+  ``kvext`` radix-cache backend when ``--enable-hierarchical-kv`` is on, and exports the
+  resolved config as JSON in the environment, which SGLang's spawned scheduler inherits
+  (``ServerArgs`` itself only carries its own dataclass fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sgl_kvext import env
+from sgl_kvext.config import ConfigError, KVExtConfig, default_of, options
+from sgl_kvext.config_values import format_size, parse_bool, parse_size
+from sgl_kvext.integration import BACKEND_NAME
+
+_ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+_FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_DEST_PREFIX = "kvext__"
+_CONFIG_FILE_DEST = _DEST_PREFIX + "config_file"
+#: SGLang options that pick another cache and so cannot be combined with ours.
+_CONFLICTS = {
+    "enable_hierarchical_cache": "--enable-hierarchical-cache (SGLang's HiCache)",
+    "disable_radix_cache": "--disable-radix-cache",
+    "enable_lmcache": "--enable-lmcache",
+    "enable_flexkv": "--enable-flexkv",
+}
+
+_registered = False
+
+
+def register_hooks() -> None:
+    """Register both hooks once per process (SGLang applies them after plugins load)."""
+    global _registered
+    if _registered:
+        return
+    HookRegistry.register(_ADD_CLI_ARGS, _add_cli_args, HookType.AROUND)
+    HookRegistry.register(_FROM_CLI_ARGS, _from_cli_args, HookType.AROUND)
+    _registered = True
+
+
+def _dest(key: str) -> str:
+    return _DEST_PREFIX + key.replace(".", "__")
+
+
+def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
+    original(parser)
+    group = parser.add_argument_group("sgl-kvext (hierarchical KV cache)")
+    group.add_argument("--kvext-config", dest=_CONFIG_FILE_DEST, default=None, metavar="YAML",
+                       help="YAML file of sgl-kvext options (see docs/configuration.md); "
+                            "KVEXT_* variables and these flags override it.")
+    for key, option in options():
+        if option.parse is parse_bool:
+            group.add_argument(option.flag, dest=_dest(key), action="store_const", const=True,
+                               default=None, help=option.help)
+            continue
+        metavar = "{" + ",".join(option.choices) + "}" if option.choices else "VALUE"
+        default = default_of(key)
+        if option.parse is parse_size:
+            default = format_size(default)
+        group.add_argument(option.flag, dest=_dest(key), default=None, metavar=metavar,
+                           help=f"{option.help} Default: {'unset' if default is None else default}.")
+
+
+def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
+    overrides = {key: getattr(args, _dest(key), None) for key, _ in options()}
+    try:
+        config = KVExtConfig.load(config_file=getattr(args, _CONFIG_FILE_DEST, None),
+                                  overrides=overrides)
+        if config.enabled:
+            _check_compatible(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"sgl-kvext: error: {exc}\n")
+        raise SystemExit(2) from None
+    if config.enabled:
+        args.radix_cache_backend = BACKEND_NAME
+    env.set_value(env.RESOLVED_CONFIG, config.to_json())
+    return original(cls, args)
+
+
+def _check_compatible(args: argparse.Namespace) -> None:
+    for attr, flag in _CONFLICTS.items():
+        if getattr(args, attr, False):
+            raise ConfigError(f"--enable-hierarchical-kv cannot be combined with {flag}")
+    backend = getattr(args, "radix_cache_backend", None)
+    if backend not in (None, BACKEND_NAME):
+        raise ConfigError(f"--enable-hierarchical-kv selects --radix-cache-backend {BACKEND_NAME}, "
+                          f"but {backend!r} was given")

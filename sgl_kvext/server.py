@@ -1,0 +1,166 @@
+"""Start, query and stop a real SGLang server as a child process, on loopback only.
+
+Used by the demo, the tests and the benchmarks. The server runs in its own process group, so
+:meth:`SGLangServer.stop` ends it and every process it spawned (scheduler, detokenizer) by id.
+This module runs SGLang as a subprocess and never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+HOST = "127.0.0.1"
+#: SGLang flags for its CPU engine; used when torch sees no CUDA device.
+CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native",
+             "--sampling-backend", "pytorch", "--disable-cuda-graph")
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy in time; the message ends with its log."""
+
+
+class Completion(NamedTuple):
+    """One /generate answer: the text, its token ids and the time to the first token."""
+
+    text: str
+    output_ids: list[int]
+    cached_tokens: int
+    prompt_tokens: int
+    seconds: float
+
+
+def device_flags() -> tuple[str, ...]:
+    """SGLang flags that pick the device: the CPU engine when no CUDA device is present."""
+    import torch
+
+    return () if torch.cuda.is_available() else CPU_FLAGS
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class SGLangServer:
+    """A ``python -m sglang.launch_server`` child on 127.0.0.1.
+
+    Parameters
+    ----------
+    model_path
+        Checkpoint folder.
+    args
+        Extra server flags, e.g. ``["--enable-hierarchical-kv"]``.
+    log_path
+        File for the server's stdout and stderr.
+    startup_timeout_s
+        How long :meth:`start` waits for ``/health``.
+    """
+
+    def __init__(self, model_path: Path, args: Sequence[str] = (), *, log_path: Path,
+                 env: dict[str, str] | None = None, startup_timeout_s: float = 600.0) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self._cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+                     "--host", HOST, "--port", str(self.port), *device_flags(), *args]
+        self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> SGLangServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT,
+                                          env=self._env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self.stop()
+                raise ServerStartError(f"SGLang server exited with code {self._proc.returncode}"
+                                       f"\n{self.log_tail()}")
+            if self._healthy():
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise ServerStartError(f"SGLang server not healthy after {self.startup_timeout_s:.0f} s"
+                               f"\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Terminate the server's process group (SIGTERM, then SIGKILL after ``grace_s``)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+                # Children may outlive the leader briefly; make sure the group is gone.
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            break
+
+    def __enter__(self) -> SGLangServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -------------------------------------------------------------- requests
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 300.0) -> Any:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def get(self, path: str, timeout_s: float = 30.0) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
+                 timeout_s: float = 300.0) -> Completion:
+        """Greedy completion of ``prompt`` (text or token ids)."""
+        key = "text" if isinstance(prompt, str) else "input_ids"
+        payload = {key: prompt, "sampling_params": {"temperature": 0.0,
+                                                    "max_new_tokens": max_new_tokens}}
+        start = time.perf_counter()
+        out = self.post("/generate", payload, timeout_s)
+        seconds = time.perf_counter() - start
+        meta = out.get("meta_info", {})
+        return Completion(out["text"], list(out.get("output_ids", [])),
+                          int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)),
+                          seconds)
