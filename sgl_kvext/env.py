@@ -42,8 +42,9 @@ def set_value(name: str, value: str) -> None:
 
 
 def set_default(name: str, value: str) -> None:
-    """Set a variable only when the user has not set it."""
-    os.environ.setdefault(name, value)
+    """Set a variable only when the user has not set it (or set it empty)."""
+    if not os.environ.get(name):
+        os.environ[name] = value
 
 
 def prepend_pythonpath(folder: Path) -> None:

@@ -48,11 +48,10 @@ def ensure_sgl_kernel() -> KernelStatus:
 
     Idempotent: a process that already imported the shim (a spawned scheduler) returns at once.
     """
-    loaded = sys.modules.get("sgl_kernel")
-    if loaded is not None and getattr(loaded, "KVEXT_FALLBACK", False):
-        return KernelStatus(KernelSource.FALLBACK, "already active")
     try:
-        importlib.import_module("sgl_kernel")
+        module = importlib.import_module("sgl_kernel")
+        if getattr(module, "KVEXT_FALLBACK", False):  # a spawned process found the shim
+            return KernelStatus(KernelSource.FALLBACK, "already active")
         return KernelStatus(KernelSource.REAL, "sgl_kernel imported")
     except Exception as exc:  # the real wheel raises ImportError or OSError without libcuda
         reason = _first_line(exc)

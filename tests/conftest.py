@@ -1,0 +1,45 @@
+"""Shared fixtures: the prepared SmolLM2 checkpoint, transformers reference outputs, logs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The embedded SmolLM2 checkpoint (bf16), prepared once per cache folder."""
+    from sgl_kvext.model_prep import prepare_smollm2
+
+    return prepare_smollm2().path
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(model_path: Path) -> Callable[[Sequence[str], int], list[list[int]]]:
+    """Greedy continuations from transformers in float32: the exactness reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    def generate(prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+        outs = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id)
+            outs.append(out[0, ids.shape[1]:].tolist())
+        return outs
+
+    return generate
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "logs"
+    path.mkdir()
+    return path

@@ -1,0 +1,159 @@
+"""KVExtConfig: parsing, layering of sources, and one-line errors naming the option."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sgl_kvext import BlendConfig, ConfigError, FragmentConfig, KVExtConfig, TierConfig
+from sgl_kvext.config import options
+from sgl_kvext.config_values import GiB, MiB, format_size, parse_size
+
+
+def test_defaults_are_valid_and_frozen() -> None:
+    config = KVExtConfig()
+    assert not config.enabled
+    assert config.tiers.host_size == 4 * GiB
+    assert config.tiers.eviction_policy == "lru"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.enabled = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, size", [("4GiB", 4 * GiB), ("512MiB", 512 * MiB), ("512MB", 512 * 10**6),
+                                        ("1.5G", int(1.5 * GiB)), ("0", 0), (" 7 ", 7), (123, 123)])
+def test_sizes_parse(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@given(st.integers(min_value=0, max_value=1 << 50))
+def test_format_size_round_trips(size: int) -> None:
+    assert parse_size(format_size(size)) == size
+
+
+def test_python_values_are_parsed_like_strings() -> None:
+    tiers = TierConfig(host_size="2GiB", disk_size=1024, eviction_policy="S3FIFO")
+    assert tiers.host_size == 2 * GiB and tiers.eviction_policy == "s3fifo"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"host_size": "-1"}, "--kvext-host-size"),
+    ({"host_size": "12 parsecs"}, "must be a size"),
+    ({"eviction_policy": "mru"}, "allowed values are lru, lfu, s3fifo"),
+    ({"codec": "gzip"}, "allowed values are none, zstd"),
+    ({"write_policy": "sometimes"}, "write_through, write_back"),
+    ({"s3_url": "http://bucket/x"}, "s3://bucket[/prefix]"),
+    ({"s3_url": "s3://UPPER_case"}, "bucket must be"),
+    ({"s3_url": "s3://kv-bucket/x", "s3_endpoint": "ftp://127.0.0.1"}, "http://host:port"),
+    ({"s3_endpoint": "http://127.0.0.1:8333"}, "needs --kvext-s3-url"),
+    ({"disk_dir": "/proc/kvext-cannot-exist"}, "not writable"),
+])
+def test_bad_tier_values_name_the_option(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TierConfig(**kwargs)  # type: ignore[arg-type]
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message
+    assert message.startswith("--kvext-")
+
+
+def test_disk_dir_under_a_file_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        TierConfig(disk_dir=blocker / "cache")
+
+
+def test_disk_dir_that_does_not_exist_yet_is_fine_and_not_created(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "cache"
+    assert TierConfig(disk_dir=str(target)).disk_dir == target
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("section, kwargs, needle", [
+    (BlendConfig, {"recompute_ratio": 1.5}, "within [0, 1]"),
+    (BlendConfig, {"recompute_ratio": "lots"}, "must be a number"),
+    (BlendConfig, {"check_layer": -1}, ">= 0"),
+    (FragmentConfig, {"min_tokens": 0}, ">= 1"),
+    (FragmentConfig, {"chunking": "regex"}, "explicit, auto, both"),
+    (FragmentConfig, {"enabled": "maybe"}, "must be a boolean"),
+])
+def test_bad_section_values(section: type, kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        section(**kwargs)
+
+
+def test_fragment_blend_needs_the_hierarchical_cache() -> None:
+    with pytest.raises(ConfigError, match="needs --enable-hierarchical-kv"):
+        KVExtConfig(fragments=FragmentConfig(enabled=True))
+
+
+def test_layering_yaml_then_env_then_overrides(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "kvext.yaml"
+    yaml_file.write_text("enabled: true\ntiers:\n  host_size: 1GiB\n  codec: none\n"
+                         "blend:\n  recompute_ratio: 0.3\n")
+    environ = {"KVEXT_HOST_SIZE": "2GiB", "KVEXT_EVICTION_POLICY": "lfu"}
+    config = KVExtConfig.load(config_file=yaml_file, environ=environ,
+                              overrides={"tiers.eviction_policy": "s3fifo",
+                                         "tiers.disk_size": None})
+    assert config.enabled
+    assert config.tiers.host_size == 2 * GiB          # env beats YAML
+    assert config.tiers.codec == "none"                # YAML beats default
+    assert config.tiers.eviction_policy == "s3fifo"    # override beats env
+    assert config.tiers.disk_size == TierConfig().disk_size  # None override ignored
+    assert config.blend.recompute_ratio == 0.3
+
+
+def test_config_file_named_by_environment(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "kvext.yaml"
+    yaml_file.write_text("tiers: {eviction_policy: lfu}\n")
+    config = KVExtConfig.load(environ={"KVEXT_CONFIG": str(yaml_file)})
+    assert config.tiers.eviction_policy == "lfu"
+
+
+def test_env_error_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="KVEXT_HOST_SIZE"):
+        KVExtConfig.load(environ={"KVEXT_HOST_SIZE": "-3GiB"})
+
+
+def test_unknown_variable_and_key_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown variable KVEXT_HOST_SIZ;"):
+        KVExtConfig.load(environ={"KVEXT_HOST_SIZ": "1GiB"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers:\n  hots_size: 1GiB\n")
+    with pytest.raises(ConfigError, match="unknown option 'tiers.hots_size'"):
+        KVExtConfig.load(config_file=bad, environ={})
+
+
+@pytest.mark.parametrize("content, needle", [("tiers: [1, 2]\n", "must be a mapping"),
+                                             ("- just\n- a list\n", "top level must be"),
+                                             ("tiers: {host_size: 1GiB\n", "not valid YAML")])
+def test_malformed_yaml(tmp_path: Path, content: str, needle: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=needle):
+        KVExtConfig.load(config_file=path, environ={})
+
+
+def test_missing_yaml_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        KVExtConfig.load(config_file=tmp_path / "nope.yaml", environ={})
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    config = KVExtConfig(enabled=True,
+                         tiers=TierConfig(disk_dir=tmp_path / "d", s3_url="s3://kv-bucket/p",
+                                          s3_endpoint="http://127.0.0.1:8333"),
+                         fragments=FragmentConfig(enabled=True, min_tokens=32))
+    assert KVExtConfig.from_json(config.to_json()) == config
+
+
+def test_every_option_has_a_distinct_flag_and_variable() -> None:
+    flags = [opt.flag for _, opt in options()]
+    variables = [opt.env_var for _, opt in options()]
+    assert len(set(flags)) == len(flags) and len(set(variables)) == len(variables)
+    # SGLang rewrites SGL_* variables to SGLANG_*, so ours must not start with SGL_.
+    assert all(v.startswith("KVEXT_") for v in variables)

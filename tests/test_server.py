@@ -1,0 +1,89 @@
+"""The real SGLang server on this machine's CPU with SmolLM2: flags, errors, exact outputs.
+
+Exactness runs in float32 (server ``--dtype float32``, transformers in float32): in bfloat16
+the two stacks round differently and greedy paths part after a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from sgl_kvext.server import LAUNCHERS, SGLangServer, device_flags
+
+pytestmark = pytest.mark.server
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village,", "List three primary colors:"]
+MAX_NEW = 24
+# A shared ~300-token context, then two different questions: the second request must reuse it.
+CONTEXT = "".join(f"Note {i}: the {w} lamp in room {i * 7 % 31} was checked on day {i % 28}.\n"
+                  for i, w in enumerate(["red", "blue", "green", "amber", "white"] * 4))
+QUESTIONS = ["Which lamp was checked in room 14?", "On which day was the amber lamp checked?"]
+
+
+def _launch(launcher: str, model_path: Path, *args: str,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    cmd = [*LAUNCHERS[launcher], "--model-path", str(model_path), "--host", "127.0.0.1",
+           "--port", "1", *device_flags(), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_launch_server_help_lists_the_flags() -> None:
+    result = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--enable-hierarchical-kv", "--kvext-host-size", "--kvext-disk-dir",
+                 "--kvext-s3-url", "--kvext-eviction-policy", "--kvext-config"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("launcher", ["launch_server", "serve"])
+@pytest.mark.parametrize("args, needle", [
+    (["--enable-hierarchical-kv", "--kvext-eviction-policy", "mru"], "lru, lfu, s3fifo"),
+    (["--enable-hierarchical-kv", "--kvext-host-size=-1GiB"], "--kvext-host-size"),
+    (["--enable-hierarchical-kv", "--kvext-s3-url", "https://bucket"], "s3://bucket"),
+    (["--enable-hierarchical-kv", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
+])
+def test_bad_settings_fail_at_start_with_one_line(launcher: str, args: list[str], needle: str,
+                                                  model_path: Path) -> None:
+    result = _launch(launcher, model_path, *args)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sgl-kvext: error")]
+    assert len(errors) == 1 and needle in errors[0]
+
+
+def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int], list[list[int]]],
+                 ) -> None:
+    expected = hf_greedy(PROMPTS, MAX_NEW)
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        got = server.generate(prompt, max_new_tokens=MAX_NEW)
+        assert got.output_ids == want, f"{prompt!r}: {got.text!r}"
+    prompts = [CONTEXT + q for q in QUESTIONS]
+    expected = hf_greedy(prompts, MAX_NEW)
+    first = server.generate(prompts[0], max_new_tokens=MAX_NEW)
+    second = server.generate(prompts[1], max_new_tokens=MAX_NEW)
+    assert first.output_ids == expected[0]
+    assert second.output_ids == expected[1]
+    assert second.cached_tokens >= 250, second   # the shared context came from the tree
+
+
+@pytest.mark.parametrize("launcher, flags, tree", [
+    ("launch_server", [], "UnifiedRadixCache"),
+    ("serve", ["--enable-hierarchical-kv"], "HierarchicalRadixCache"),
+])
+def test_greedy_output_equals_transformers(launcher: str, flags: list[str], tree: str,
+                                           model_path: Path, log_dir: Path,
+                                           hf_greedy: Callable[..., list[list[int]]]) -> None:
+    args = ["--dtype", "float32", "--mem-fraction-static", "0.3", *flags]
+    with SGLangServer(model_path, args, log_path=log_dir / "server.log",
+                      launcher=launcher) as server:
+        _check_exact(server, hf_greedy)
+        log = server.log_path.read_text()
+    assert f"impl={tree}" in log
+    assert ("sgl-kvext: HierarchicalRadixCache active" in log) == bool(flags)
