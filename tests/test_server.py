@@ -42,13 +42,15 @@ def test_launch_server_help_lists_the_flags() -> None:
         assert flag in result.stdout
 
 
-@pytest.mark.parametrize("launcher", ["launch_server", "serve"])
-@pytest.mark.parametrize("args, needle", [
-    (["--enable-hierarchical-kv", "--kvext-eviction-policy", "mru"], "lru, lfu, s3fifo"),
-    (["--enable-hierarchical-kv", "--kvext-host-size=-1GiB"], "--kvext-host-size"),
-    (["--enable-hierarchical-kv", "--kvext-s3-url", "https://bucket"], "s3://bucket"),
-    (["--enable-hierarchical-kv", "--disable-radix-cache"], "--disable-radix-cache"),
-    (["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
+@pytest.mark.parametrize("launcher, args, needle", [
+    ("launch_server", ["--enable-hierarchical-kv", "--kvext-eviction-policy", "mru"],
+     "lru, lfu, s3fifo"),
+    ("serve", ["--enable-hierarchical-kv", "--kvext-host-size=-1GiB"], "--kvext-host-size"),
+    ("launch_server", ["--enable-hierarchical-kv", "--kvext-s3-url", "https://bucket"],
+     "s3://bucket"),
+    ("launch_server", ["--enable-hierarchical-kv", "--disable-radix-cache"],
+     "--disable-radix-cache"),
+    ("serve", ["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
 ])
 def test_bad_settings_fail_at_start_with_one_line(launcher: str, args: list[str], needle: str,
                                                   model_path: Path) -> None:

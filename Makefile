@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine (Python 3.11 with venv, make):
+#   make demo   installs everything, prepares SmolLM2, serves it with --enable-hierarchical-kv
+#   make test   installs everything, prepares SmolLM2, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install model demo test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(BIN)/sgl-kvext model prepare
+
+demo: model
+	$(BIN)/sgl-kvext demo
+
+test: model
+	$(BIN)/python -m pytest -q
