@@ -95,9 +95,10 @@ class TierConfig:
     host_size: int = _opt(4 * GiB, "--kvext-host-size",
                           "Host-memory tier size, e.g. 4GiB (0 disables the tier).", parse_size)
     disk_dir: Path | None = _opt(None, "--kvext-disk-dir",
-                                 "Folder of the disk tier (unset disables it).", parse_optional_path)
+                                 "Folder of the disk tier (unset disables it).",
+                                 parse_optional_path)
     disk_size: int = _opt(16 * GiB, "--kvext-disk-size",
-                          "Byte cap of the disk tier, shared by every process using the folder.",
+                          "Byte cap of the disk tier, shared by all processes using the folder.",
                           parse_size)
     s3_url: str | None = _opt(None, "--kvext-s3-url",
                               "S3 tier location s3://bucket[/prefix] (unset disables it).",
@@ -116,7 +117,8 @@ class TierConfig:
                              "when the tree evicts them.",
                              choices=("write_through", "write_back"))
     prefetch_policy: str = _opt("best_effort", "--kvext-prefetch-policy",
-                                "How long a queued request waits for tier loads.", choices=("best_effort", "wait_complete", "timeout"))
+                                "How long a queued request waits for tier loads.",
+                                choices=("best_effort", "wait_complete", "timeout"))
 
     def __post_init__(self) -> None:
         _normalize(self, "tiers")

@@ -141,7 +141,7 @@ def check_s3_endpoint(url: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must look like http://host:port or https://host"
     try:
-        parts.port
+        _ = parts.port  # raises on a port out of range or not a number
     except ValueError:
         return "has an invalid port"
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -156,7 +156,7 @@ def _convert(gguf: Path, out: Path, dtype: str) -> None:
                                                  dtype=torch.float32)
     # transformers refuses to save a GGUF-loaded (quantizer-tagged) model; the weights are
     # already dequantized, so dropping the tags saves plain tensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(getattr(torch, dtype))

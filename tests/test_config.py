@@ -23,8 +23,9 @@ def test_defaults_are_valid_and_frozen() -> None:
         config.enabled = True  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("text, size", [("4GiB", 4 * GiB), ("512MiB", 512 * MiB), ("512MB", 512 * 10**6),
-                                        ("1.5G", int(1.5 * GiB)), ("0", 0), (" 7 ", 7), (123, 123)])
+@pytest.mark.parametrize("text, size", [
+    ("4GiB", 4 * GiB), ("512MiB", 512 * MiB), ("512MB", 512 * 10**6), ("1.5G", int(1.5 * GiB)),
+    ("0", 0), (" 7 ", 7), (123, 123)])
 def test_sizes_parse(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 

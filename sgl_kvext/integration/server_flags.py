@@ -65,10 +65,10 @@ def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
             continue
         metavar = "{" + ",".join(option.choices) + "}" if option.choices else "VALUE"
         default = default_of(key)
-        if option.parse is parse_size:
-            default = format_size(default)
+        shown = "unset" if default is None else (
+            format_size(default) if option.parse is parse_size else default)
         group.add_argument(option.flag, dest=_dest(key), default=None, metavar=metavar,
-                           help=f"{option.help} Default: {'unset' if default is None else default}.")
+                           help=f"{option.help} Default: {shown}.")
 
 
 def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
