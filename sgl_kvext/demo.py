@@ -52,7 +52,7 @@ def run_demo(model_path: Path, out_dir: Path, records: int = 90, questions: int 
     """Serve the prompts, print a table, write ``demo.json``; return the rows."""
     context, all_questions = build_context(records)
     asked = all_questions[:questions]
-    args = ("--enable-hierarchical-kv", "--mem-fraction-static", "0.3", *extra_args)
+    args = ("--enable-hierarchical-kv", "--max-total-tokens", "32768", *extra_args)
     rows: list[DemoRow] = []
     with SGLangServer(model_path, args, log_path=out_dir / "demo-server.log") as server:
         def ask(label: str, question: str) -> None:

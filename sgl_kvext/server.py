@@ -151,14 +151,15 @@ class SGLangServer:
             return False
 
     def post(self, path: str, payload: dict[str, Any], timeout_s: float = 300.0) -> Any:
+        """POST JSON; the answer parsed as JSON when it says so, else its text."""
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
+            return _body(resp)
 
     def get(self, path: str, timeout_s: float = 30.0) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
+            return _body(resp)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
                  timeout_s: float = 300.0) -> Completion:
@@ -173,3 +174,10 @@ class SGLangServer:
         return Completion(out["text"], list(out.get("output_ids", [])),
                           int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)),
                           seconds)
+
+
+def _body(resp: Any) -> Any:
+    raw = resp.read()
+    if "json" in resp.headers.get("Content-Type", ""):
+        return json.loads(raw)
+    return raw.decode(errors="replace")

@@ -82,7 +82,7 @@ def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int],
 def test_greedy_output_equals_transformers(launcher: str, flags: list[str], tree: str,
                                            model_path: Path, log_dir: Path,
                                            hf_greedy: Callable[..., list[list[int]]]) -> None:
-    args = ["--dtype", "float32", "--mem-fraction-static", "0.3", *flags]
+    args = ["--dtype", "float32", "--max-total-tokens", "16384", *flags]
     with SGLangServer(model_path, args, log_path=log_dir / "server.log",
                       launcher=launcher) as server:
         _check_exact(server, hf_greedy)

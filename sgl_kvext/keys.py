@@ -1,0 +1,111 @@
+"""Page keys: chained BLAKE2b-256 hashes over token ids, seeded by a namespace.
+
+A page key names the KV of one full page of tokens *in its context*: it hashes the page's
+token ids together with the previous page's key, so equal keys mean equal prefixes. The chain
+starts from a :class:`Namespace` digest that covers the model identity (config, weights,
+dtype, page size, KV layout, tensor-parallel rank and size) and the request's cache salt /
+extra key, so two models or two tenants never share a key. Everything is hashed from
+canonical bytes, so keys are stable across processes, machines and Python runs (no built-in
+``hash()``, which PYTHONHASHSEED randomizes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+KEY_BYTES = 32
+_PAGE_PERSON = b"kvext-page-v1"
+_NS_PERSON = b"kvext-ns-v1"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """Everything that changes the bytes of a model's KV for the same tokens.
+
+    Parameters
+    ----------
+    config
+        Digest (or canonical text) of the model config.
+    weights
+        Digest of the weights (file hashes, revision); two fine-tunes must differ here.
+    dtype
+        KV dtype, e.g. ``"bfloat16"``.
+    page_size
+        Tokens per page.
+    kv_layout
+        KV geometry, e.g. ``"mha:layers=30,kv_heads=3,head_dim=64"``.
+    tp_rank, tp_size
+        Tensor-parallel position: each rank stores its own head shard.
+    """
+
+    config: str
+    weights: str
+    dtype: str
+    page_size: int
+    kv_layout: str
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be in [0, tp_size), got {self.tp_rank}/{self.tp_size}")
+
+    def digest(self) -> bytes:
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=_NS_PERSON).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """Seed of a key chain: one model identity and one tenant (cache salt / extra key)."""
+
+    model: ModelIdentity
+    salt: str = ""
+
+    @property
+    def model_digest(self) -> bytes:
+        return self.model.digest()
+
+    @property
+    def digest(self) -> bytes:
+        h = hashlib.blake2b(self.model_digest, digest_size=KEY_BYTES, person=_NS_PERSON)
+        h.update(len(self.salt.encode()).to_bytes(8, "little"))
+        h.update(self.salt.encode())
+        return h.digest()
+
+
+def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+    """Keys of the full pages of ``token_ids`` (a trailing partial page gets no key).
+
+    Parameters
+    ----------
+    namespace
+        Chain seed; its model identity fixes the page size.
+    token_ids : (n,) ints in [0, 2**32)
+
+    Returns
+    -------
+    list of 32-byte keys, one per full page, in order.
+    """
+    page = namespace.model.page_size
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids must be one-dimensional, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+        raise ValueError("token ids must be in [0, 2**32)")
+    raw = ids.astype("<u4").tobytes()
+    step = page * 4
+    keys: list[bytes] = []
+    prev = namespace.digest
+    for start in range(0, (ids.size // page) * step, step):
+        prev = hashlib.blake2b(prev + raw[start:start + step], digest_size=KEY_BYTES,
+                               person=_PAGE_PERSON).digest()
+        keys.append(prev)
+    return keys

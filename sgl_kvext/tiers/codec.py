@@ -1,0 +1,102 @@
+"""Codecs for KV bytes stored below host memory: ``none`` and ``zstd`` with byte shuffle.
+
+16-bit KV (bf16 / fp16) compresses poorly as is: the high byte (sign, exponent) repeats, the
+low byte is nearly random. Shuffling gathers all high bytes and all low bytes into two runs
+first; on real SmolLM2 bf16 KV this took zstd level 1 from 1.29x to 1.48x.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+
+import numpy as np
+import zstandard
+
+
+class CodecError(ValueError):
+    """Encoded bytes do not decode to what their header promised."""
+
+
+class Codec(ABC):
+    """Turns raw KV bytes into stored bytes and back; ``decode(encode(x)) == x``."""
+
+    name: str
+
+    @abstractmethod
+    def encode(self, raw: bytes | memoryview) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, blob: bytes | memoryview, raw_size: int) -> bytes:
+        """Inverse of :meth:`encode`; raises :class:`CodecError` on malformed input."""
+
+
+class NoneCodec(Codec):
+    name = "none"
+
+    def encode(self, raw: bytes | memoryview) -> bytes:
+        return bytes(raw)
+
+    def decode(self, blob: bytes | memoryview, raw_size: int) -> bytes:
+        if len(blob) != raw_size:
+            raise CodecError(f"stored {len(blob)} bytes, header says {raw_size}")
+        return bytes(blob)
+
+
+def shuffle(raw: bytes | memoryview, width: int) -> bytes:
+    """Byte-transpose the whole ``width``-byte elements; a ragged tail is kept as is."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    whole = data.size - data.size % width
+    return data[:whole].reshape(-1, width).T.tobytes() + data[whole:].tobytes()
+
+
+def unshuffle(raw: bytes | memoryview, width: int) -> bytes:
+    data = np.frombuffer(raw, dtype=np.uint8)
+    whole = data.size - data.size % width
+    return data[:whole].reshape(width, -1).T.tobytes() + data[whole:].tobytes()
+
+
+class ZstdCodec(Codec):
+    """zstd at ``level`` over byte-shuffled ``width``-byte elements (``width=1``: no shuffle)."""
+
+    name = "zstd"
+
+    def __init__(self, level: int = 1, width: int = 2) -> None:
+        if not 1 <= level <= 22:
+            raise ValueError(f"zstd level must be in [1, 22], got {level}")
+        if width < 1:
+            raise ValueError(f"shuffle width must be >= 1, got {width}")
+        self.level, self.width = level, width
+        self._local = threading.local()   # zstd contexts are not thread-safe
+
+    def _contexts(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = (zstandard.ZstdCompressor(level=self.level), zstandard.ZstdDecompressor())
+            self._local.ctx = ctx
+        return ctx
+
+    def encode(self, raw: bytes | memoryview) -> bytes:
+        data = shuffle(raw, self.width) if self.width > 1 else raw
+        return self._contexts()[0].compress(data)
+
+    def decode(self, blob: bytes | memoryview, raw_size: int) -> bytes:
+        try:
+            data = self._contexts()[1].decompress(blob, max_output_size=raw_size)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd: {exc}") from None
+        if len(data) != raw_size:
+            raise CodecError(f"decoded {len(data)} bytes, header says {raw_size}")
+        return unshuffle(data, self.width) if self.width > 1 else data
+
+
+CODECS = ("none", "zstd")
+
+
+def make_codec(name: str, level: int = 1, width: int = 2) -> Codec:
+    """Codec by name; ``width`` is the KV element size in bytes (2 for bf16 / fp16)."""
+    if name == "none":
+        return NoneCodec()
+    if name == "zstd":
+        return ZstdCodec(level, width)
+    raise ValueError(f"unknown codec {name!r}; allowed: {', '.join(CODECS)}")

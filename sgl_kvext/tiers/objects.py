@@ -1,0 +1,128 @@
+"""Self-describing stored objects: one KV page as bytes on disk or in S3.
+
+Layout (little-endian)::
+
+    magic "KVXT" | version u16 | reserved u16 | meta_len u32 | payload_len u64 |
+    checksum 16 B (xxh3-128 over meta + payload) | meta (JSON) | payload (encoded KV)
+
+``meta`` records the namespace, key, dtype, shape, codec and raw size. :func:`decode_object`
+checks every field against what the caller asked for, so a flipped, truncated, misplaced or
+foreign object raises :class:`CorruptObject` and is never served as KV.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from sgl_kvext.tiers.codec import CodecError, make_codec
+
+MAGIC = b"KVXT"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHHIQ16s")
+PREFIX_BYTES = _PREFIX.size
+MAX_META_BYTES = 1 << 16
+
+
+class CorruptObject(ValueError):
+    """Stored bytes are not a valid object for the requested key; treat as a miss."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVPage:
+    """Raw KV bytes of one page and how to view them.
+
+    ``data`` holds ``prod(shape)`` elements of ``dtype`` (e.g. ``(2, layers, page, heads,
+    head_dim)`` for K and V), contiguous.
+    """
+
+    key: bytes
+    data: bytes
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectHeader:
+    namespace: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+    width: int
+    raw_size: int
+    payload_len: int
+    meta_len: int
+
+    @property
+    def total_size(self) -> int:
+        return PREFIX_BYTES + self.meta_len + self.payload_len
+
+
+def encode_object(page: KVPage, namespace: bytes, codec: str, level: int = 1) -> bytes:
+    """Serialize ``page`` with codec ``codec`` (shuffle width = the dtype's element size)."""
+    width = element_size(page.dtype)
+    payload = make_codec(codec, level, width).encode(page.data)
+    meta = json.dumps({"namespace": namespace.hex(), "key": page.key.hex(), "dtype": page.dtype,
+                       "shape": list(page.shape), "codec": codec, "width": width,
+                       "raw_size": page.nbytes}, sort_keys=True).encode()
+    checksum = xxhash.xxh3_128(meta + payload).digest()
+    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload), checksum)
+    return prefix + meta + payload
+
+
+def read_header(head: bytes) -> ObjectHeader:
+    """Parse the prefix and meta from the first bytes of an object (no checksum check).
+
+    ``head`` must hold at least ``PREFIX_BYTES + meta_len`` bytes.
+    """
+    if len(head) < PREFIX_BYTES:
+        raise CorruptObject(f"object shorter than its {PREFIX_BYTES}-byte prefix")
+    magic, version, _, meta_len, payload_len, _ = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise CorruptObject("bad magic")
+    if version != VERSION:
+        raise CorruptObject(f"format version {version}, expected {VERSION}")
+    if meta_len > MAX_META_BYTES or len(head) < PREFIX_BYTES + meta_len:
+        raise CorruptObject("truncated or oversized meta")
+    try:
+        meta = json.loads(head[PREFIX_BYTES:PREFIX_BYTES + meta_len])
+        return ObjectHeader(str(meta["namespace"]), str(meta["key"]), str(meta["dtype"]),
+                            tuple(int(d) for d in meta["shape"]), str(meta["codec"]),
+                            int(meta["width"]), int(meta["raw_size"]), payload_len, meta_len)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptObject(f"unreadable meta ({type(exc).__name__})") from None
+
+
+def decode_object(blob: bytes, namespace: bytes, key: bytes) -> KVPage:
+    """Verify ``blob`` completely and return its page; raise CorruptObject on any mismatch."""
+    header = read_header(blob)
+    if len(blob) != header.total_size:
+        raise CorruptObject(f"object is {len(blob)} bytes, header says {header.total_size}")
+    _, _, _, _, _, checksum = _PREFIX.unpack_from(blob)
+    body = memoryview(blob)[PREFIX_BYTES:]
+    if xxhash.xxh3_128(body).digest() != checksum:
+        raise CorruptObject("checksum mismatch")
+    if header.namespace != namespace.hex():
+        raise CorruptObject("object belongs to another namespace")
+    if header.key != key.hex():
+        raise CorruptObject("object holds another key")
+    try:
+        codec = make_codec(header.codec, width=header.width)
+        data = codec.decode(body[header.meta_len:], header.raw_size)
+    except (CodecError, ValueError) as exc:
+        raise CorruptObject(str(exc)) from None
+    return KVPage(key, data, header.dtype, header.shape)
+
+
+def element_size(dtype: str) -> int:
+    """Bytes per element of a torch dtype name (1 for unknown names: no shuffling)."""
+    return {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1,
+            "float8_e5m2": 1, "uint8": 1, "int8": 1}.get(dtype, 1)
