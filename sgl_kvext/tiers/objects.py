@@ -27,6 +27,9 @@ PREFIX_BYTES = _PREFIX.size
 MAX_META_BYTES = 1 << 16
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 class CorruptObject(ValueError):
     """Stored bytes are not a valid object for the requested key; treat as a miss."""
 
@@ -40,7 +43,7 @@ class KVPage:
     """
 
     key: bytes
-    data: bytes
+    data: Buffer
     dtype: str
     shape: tuple[int, ...]
 

@@ -1,0 +1,86 @@
+"""The tier interface: a bounded store of KV pages addressed by 32-byte page keys.
+
+Every tier (host memory, local disk, S3, and wrappers such as metrics) implements
+:class:`Tier`. Batch calls take keys in order and return typed results; a missing, corrupt
+or unreachable object is a miss, never an exception to the caller and never wrong bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sgl_kvext.tiers.objects import KVPage
+
+
+@dataclass(frozen=True, slots=True)
+class TierCapabilities:
+    """What a tier guarantees beyond the interface."""
+
+    persistent: bool  # contents survive a process restart
+    shared: bool      # other processes / server instances see the same contents
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """Outcome of :meth:`Tier.put`.
+
+    ``stored`` keys are now readable; ``rejected`` keys were not stored (too large, tier
+    unreachable); ``evicted`` pages were pushed out to make room, for the caller to demote.
+    """
+
+    stored: tuple[bytes, ...] = ()
+    rejected: tuple[bytes, ...] = ()
+    evicted: tuple[KVPage, ...] = field(default=())
+
+
+class Tier(ABC):
+    """A store of KV pages.
+
+    Invariants every implementation keeps (checked by ``tests/tiers/contract.py``):
+
+    - ``get`` returns only keys asked for, each with exactly the bytes, dtype and shape put;
+    - ``used_bytes <= capacity_bytes`` after every call;
+    - putting an existing key leaves one copy; deleting a missing key is not an error;
+    - no call raises for a missing, corrupt or unreachable object: it is a miss.
+    """
+
+    name: str = "tier"
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> TierCapabilities: ...
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int:
+        """Bytes this tier may hold (its cap)."""
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Bytes held now, as counted against the cap."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        """The pages of ``keys`` that this tier holds; absent keys are misses."""
+
+    @abstractmethod
+    def put(self, pages: Sequence[KVPage]) -> PutResult:
+        """Store ``pages``, evicting others if the cap requires it."""
+
+    @abstractmethod
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is held, in order (a hint: a later get may still miss)."""
+
+    @abstractmethod
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove ``keys``; return how many were held."""
+
+    def stats(self) -> dict[str, int]:
+        """Tier-specific counters (e.g. ``quarantined``); empty by default."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most tiers hold nothing to release)
+        """Release threads, files and connections; the tier is unusable afterwards."""

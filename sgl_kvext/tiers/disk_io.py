@@ -1,0 +1,160 @@
+"""File I/O backends for the disk tier: buffered POSIX, O_DIRECT, and kvikio (CUDA only).
+
+Each backend writes a whole new file and reads a whole file. Writes go to a temporary name,
+are fsynced, and are published by the caller with a hard link (atomic, fails if the name
+exists), so a reader sees a complete object or none.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+ALIGN = 4096
+
+
+class FileIO(ABC):
+    name: str
+
+    @abstractmethod
+    def write(self, path: Path, blob: bytes) -> None:
+        """Create ``path`` (must not exist) holding ``blob``, durable on return."""
+
+    @abstractmethod
+    def read(self, path: Path) -> bytes | bytearray:
+        """Whole contents of ``path``; FileNotFoundError if it is gone."""
+
+
+class PosixIO(FileIO):
+    """pwritev / preadv through the page cache."""
+
+    name = "posix"
+
+    def write(self, path: Path, blob: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view, done = memoryview(blob), 0
+            while done < len(blob):
+                done += os.pwritev(fd, [view[done:]], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, path: Path) -> bytearray:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            out = bytearray(size)
+            view, done = memoryview(out), 0
+            while done < size:
+                n = os.preadv(fd, [view[done:]], done)
+                if n == 0:
+                    break
+                done += n
+            return out if done == size else out[:done]
+        finally:
+            os.close(fd)
+
+
+class DirectIO(FileIO):
+    """O_DIRECT with page-aligned bounce buffers; falls back to PosixIO where unsupported."""
+
+    name = "direct"
+
+    def __init__(self) -> None:
+        self._fallback = PosixIO()
+
+    def write(self, path: Path, blob: bytes) -> None:
+        padded = -(-max(len(blob), 1) // ALIGN) * ALIGN
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+        except OSError:  # e.g. tmpfs: EINVAL
+            return self._fallback.write(path, blob)
+        try:
+            with mmap.mmap(-1, padded) as buf:
+                buf[:len(blob)] = blob
+                done = 0
+                while done < padded:
+                    done += os.pwritev(fd, [memoryview(buf)[done:]], done)
+            os.ftruncate(fd, len(blob))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, path: Path) -> bytes | bytearray:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return self._fallback.read(path)
+        try:
+            size = os.fstat(fd).st_size
+            padded = -(-max(size, 1) // ALIGN) * ALIGN
+            with mmap.mmap(-1, padded) as buf:
+                done = 0
+                while done < size:
+                    n = os.preadv(fd, [memoryview(buf)[done:]], done)
+                    if n == 0:
+                        break
+                    done += n
+                return bytes(buf[:min(done, size)])
+        finally:
+            os.close(fd)
+
+
+class KvikioIO(FileIO):
+    """kvikio CuFile (GPUDirect Storage when available). Needs a CUDA driver."""
+
+    name = "kvikio"
+
+    def __init__(self) -> None:
+        import kvikio  # noqa: F401  (fails early where kvikio is missing)
+
+        self._kvikio = kvikio
+
+    def write(self, path: Path, blob: bytes) -> None:
+        import numpy as np
+
+        with self._kvikio.CuFile(path, "w") as f:
+            f.write(np.frombuffer(blob, dtype=np.uint8))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, path: Path) -> bytearray:
+        import numpy as np
+
+        size = path.stat().st_size
+        out = bytearray(size)
+        with self._kvikio.CuFile(path, "r") as f:
+            f.read(np.frombuffer(out, dtype=np.uint8))
+        return out
+
+
+def make_io(name: str) -> FileIO:
+    """``posix``, ``direct`` or ``kvikio``; ``auto`` picks kvikio when CUDA is usable."""
+    if name == "auto":
+        name = "kvikio" if _cuda_and_kvikio() else "posix"
+    backends: dict[str, type[FileIO]] = {"posix": PosixIO, "direct": DirectIO,
+                                         "kvikio": KvikioIO}
+    if name not in backends:
+        raise ValueError(f"unknown disk I/O backend {name!r}; allowed: auto, "
+                         f"{', '.join(backends)}")
+    return backends[name]()
+
+
+def _cuda_and_kvikio() -> bool:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import kvikio  # noqa: F401
+    except ImportError:
+        return False
+    return True

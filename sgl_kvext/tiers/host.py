@@ -1,0 +1,160 @@
+"""Host-memory tier: a preallocated byte pool (pinned when CUDA is present), raw bytes.
+
+The pool is cut into fixed blocks; a page occupies ``ceil(nbytes / block)`` blocks, not
+necessarily adjacent, so the pool never fragments. Put copies a page into its blocks once;
+get copies them out once into a fresh buffer. When the pool is full the eviction policy picks
+victims, which :meth:`HostTier.put` returns (with their bytes) for demotion to the next tier.
+Thread-safe: one lock guards the index; copies run under it (they are memcpy-speed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
+from sgl_kvext.tiers.objects import KVPage
+from sgl_kvext.tiers.policies import make_policy
+
+DEFAULT_BLOCK = 64 << 10
+
+
+class _Entry(NamedTuple):
+    blocks: list[int]
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _allocate_pool(nbytes: int) -> np.ndarray:
+    """A uint8 pool; pinned (page-locked) through torch when a CUDA device is present."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    except ImportError:
+        pass
+    return np.empty(nbytes, dtype=np.uint8)
+
+
+class HostTier(Tier):
+    """Bounded host-memory tier.
+
+    Parameters
+    ----------
+    capacity_bytes
+        Pool size; rounded down to whole blocks.
+    policy
+        ``"lru"``, ``"lfu"`` or ``"s3fifo"``.
+    block_bytes
+        Allocation unit.
+    """
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, policy: str = "lru",
+                 block_bytes: int = DEFAULT_BLOCK) -> None:
+        if block_bytes < 1 or capacity_bytes < 0:
+            raise ValueError("capacity_bytes must be >= 0 and block_bytes >= 1")
+        self._block = block_bytes
+        nblocks = capacity_bytes // block_bytes
+        self._pool = _allocate_pool(nblocks * block_bytes).reshape(nblocks, block_bytes) \
+            if nblocks else np.empty((0, block_bytes), dtype=np.uint8)
+        self._free = list(range(nblocks - 1, -1, -1))
+        self._index: dict[bytes, _Entry] = {}
+        self._policy = make_policy(policy)
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def capabilities(self) -> TierCapabilities:
+        return TierCapabilities(persistent=False, shared=False)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self._pool.size)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        out: dict[bytes, KVPage] = {}
+        with self._lock:
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is None:
+                    continue
+                self._policy.touch(key)
+                out[key] = KVPage(key, self._read(entry), entry.dtype, entry.shape)
+        return out
+
+    def put(self, pages: Sequence[KVPage]) -> PutResult:
+        stored: list[bytes] = []
+        rejected: list[bytes] = []
+        evicted: list[KVPage] = []
+        with self._lock:
+            for page in pages:
+                if page.key in self._index:
+                    self._policy.touch(page.key)
+                    stored.append(page.key)
+                    continue
+                need = -(-page.nbytes // self._block) if page.nbytes else 0
+                if need * self._block > self.capacity_bytes:
+                    rejected.append(page.key)
+                    continue
+                while len(self._free) < need:
+                    evicted.append(self._evict_one())
+                blocks = [self._free.pop() for _ in range(need)]
+                self._write(blocks, page.data)
+                self._index[page.key] = _Entry(blocks, page.nbytes, page.dtype, page.shape)
+                self._policy.admit(page.key)
+                self._used += page.nbytes
+                stored.append(page.key)
+        return PutResult(tuple(stored), tuple(rejected), tuple(evicted))
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            return [key in self._index for key in keys]
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        removed = 0
+        with self._lock:
+            for key in keys:
+                if key in self._index:
+                    self._policy.remove(key)
+                    self._release(key)
+                    removed += 1
+        return removed
+
+    # ------------------------------------------------------------- internals
+    def _evict_one(self) -> KVPage:
+        key = self._policy.victim()
+        entry = self._index[key]
+        page = KVPage(key, self._read(entry), entry.dtype, entry.shape)
+        self._release(key)
+        return page
+
+    def _release(self, key: bytes) -> None:
+        entry = self._index.pop(key)
+        self._free.extend(entry.blocks)
+        self._used -= entry.nbytes
+
+    def _write(self, blocks: list[int], data: bytes | bytearray | memoryview) -> None:
+        src = np.frombuffer(data, dtype=np.uint8)
+        for i, block in enumerate(blocks):
+            chunk = src[i * self._block:(i + 1) * self._block]
+            self._pool[block, :chunk.size] = chunk
+
+    def _read(self, entry: _Entry) -> bytearray:
+        out = bytearray(entry.nbytes)
+        dst = np.frombuffer(out, dtype=np.uint8)
+        for i, block in enumerate(entry.blocks):
+            start = i * self._block
+            n = min(self._block, entry.nbytes - start)
+            dst[start:start + n] = self._pool[block, :n]
+        return out

@@ -1,0 +1,150 @@
+"""Disk tier: the contract, corruption, restart, torn writes and the shared byte cap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tier_contract import PAGE, TierContract, assert_same, key_of, page_of
+
+from sgl_kvext.tiers.disk import DiskTier
+from sgl_kvext.tiers.disk_ledger import scan_objects
+
+NS = bytes(range(32))
+
+
+@pytest.mark.parametrize("io", ["posix", "direct"])
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+class TestDiskTierContract(TierContract):
+    @pytest.fixture(autouse=True)
+    def _setup(self, tmp_path: Path, io: str, codec: str) -> None:
+        self.root, self.io, self.codec = tmp_path, io, codec
+        self.count = 0
+
+    def make_tier(self, capacity: int) -> DiskTier:
+        self.count += 1   # a fresh folder per tier
+        return DiskTier(self.root / f"d{self.count}", capacity, NS, codec=self.codec, io=self.io)
+
+
+def _files(tier: DiskTier) -> list[Path]:
+    return [f.path for f in scan_objects(tier.root / "objects")]
+
+
+@pytest.mark.parametrize("damage", ["flip_payload", "flip_header", "truncate", "empty"])
+def test_corrupt_file_is_a_miss_and_quarantined(tmp_path: Path, damage: str) -> None:
+    tier = DiskTier(tmp_path, 50 * PAGE, NS)
+    tier.put([page_of(1), page_of(2)])
+    path = next(p for p in _files(tier) if p.name.startswith(key_of(1).hex()))
+    blob = bytearray(path.read_bytes())
+    if damage == "flip_payload":
+        blob[-10] ^= 0x40
+    elif damage == "flip_header":
+        blob[60] ^= 0x01
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob = bytearray()
+    path.write_bytes(bytes(blob))
+    assert tier.get([key_of(1), key_of(2)]).keys() == {key_of(2)}
+    assert tier.stats()["quarantined"] == 1
+    assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
+    tier.close()
+
+
+def test_object_renamed_to_another_key_is_not_served(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 50 * PAGE, NS)
+    tier.put([page_of(1)])
+    src = next(iter(_files(tier)))
+    dst = src.parent.parent / key_of(5).hex()[:2] / (key_of(5).hex() + ".kvx")
+    dst.parent.mkdir(exist_ok=True)
+    os.link(src, dst)
+    assert tier.get([key_of(5)]) == {}
+    assert tier.stats()["quarantined"] == 1
+    tier.close()
+
+
+def test_restart_serves_old_pages_and_quarantines_bad_headers(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 50 * PAGE, NS)
+    tier.put([page_of(i) for i in range(4)])
+    tier.close()
+    bad = next(p for p in _files(tier) if p.name.startswith(key_of(3).hex()))
+    bad.write_bytes(b"NOPE" + bad.read_bytes()[4:])
+    stale = tmp_path / "tmp" / "999999999-deadbeef.part"
+    stale.write_bytes(b"half a write")
+    again = DiskTier(tmp_path, 50 * PAGE, NS)
+    assert again.stats()["quarantined"] == 1 and again.stats()["temp_removed"] == 1
+    assert not stale.exists()
+    got = again.get([key_of(i) for i in range(4)])
+    assert got.keys() == {key_of(0), key_of(1), key_of(2)}
+    for i in range(3):
+        assert_same(got[key_of(i)], page_of(i))
+    assert again.used_bytes == sum(f.stat().st_size for f in _files(again))
+    again.close()
+
+
+def test_namespaces_are_isolated(tmp_path: Path) -> None:
+    a = DiskTier(tmp_path, 50 * PAGE, NS)
+    b = DiskTier(tmp_path, 50 * PAGE, bytes(32))
+    a.put([page_of(1)])
+    assert b.get([key_of(1)]) == {} and b.exists([key_of(1)]) == [False]
+    assert a.get([key_of(1)]).keys() == {key_of(1)}
+    a.close()
+    b.close()
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from sgl_kvext.tiers.disk import DiskTier
+from tier_contract import page_of
+tier = DiskTier(Path({root!r}), {cap}, bytes(range(32)), codec="none")
+print("ready", flush=True)
+for i in range({n}):
+    tier.put([page_of(i, 30000, salt={salt!r})])
+    {extra}
+tier.close()
+"""
+
+
+def _spawn(root: Path, cap: int, n: int, salt: str, extra: str = "") -> subprocess.Popen[str]:
+    code = WRITER.format(tests=str(Path(__file__).parent), root=str(root), cap=cap, n=n,
+                         salt=salt, extra=extra or "pass")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_cap_holds_under_a_two_process_write_storm(tmp_path: Path) -> None:
+    cap = 3_000_000
+    procs = [_spawn(tmp_path, cap, 400, salt) for salt in ("a", "b")]
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, sum(f.size for f in scan_objects(tmp_path / "objects")))
+        time.sleep(0.01)
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    final = sum(f.size for f in scan_objects(tmp_path / "objects"))
+    assert peak <= cap * 1.01 and final <= cap * 1.01
+    assert final >= cap * 0.5                      # it kept filling, it did not just give up
+    tier = DiskTier(tmp_path, cap, NS, codec="none")   # alone: recount from the files
+    assert tier.used_bytes == final
+    tier.close()
+
+
+def test_killed_writer_leaves_no_torn_object(tmp_path: Path) -> None:
+    proc = _spawn(tmp_path, 10**9, 100_000, "k", extra="")
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    tier = DiskTier(tmp_path, 10**9, NS, codec="none")
+    files = _files(tier)
+    assert files, "the writer stored something before it was killed"
+    keys = [bytes.fromhex(p.name.removesuffix(".kvx")) for p in files]
+    got = tier.get(keys)
+    assert len(got) == len(keys) and tier.stats()["quarantined"] == 0
+    assert not list((tmp_path / "tmp").iterdir())
+    tier.close()
