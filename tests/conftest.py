@@ -43,3 +43,13 @@ def log_dir(tmp_path: Path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One real SeaweedFS S3 server on loopback for the session."""
+    from sgl_kvext.seaweedfs import SeaweedFS
+
+    root = tmp_path_factory.mktemp("seaweed")
+    with SeaweedFS(root / "data", log_path=root / "weed.log") as server:
+        yield server

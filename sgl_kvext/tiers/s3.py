@@ -1,0 +1,220 @@
+"""S3 tier: self-describing objects in a bucket, shared by every instance with the namespace.
+
+boto3 with a bounded connection pool, connect / read timeouts and standard retries; batch
+calls run in parallel and return within ``op_timeout_s`` (late answers become misses); large
+objects go up in multipart. A :class:`CircuitBreaker` turns an unreachable or stalled
+endpoint into immediate misses until a probe succeeds. Keys:
+``PREFIX/objects/<namespace>/<k0k1>/<key>.kvx``; corrupt objects move to
+``PREFIX/quarantine/``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
+from sgl_kvext.tiers.breaker import CircuitBreaker
+from sgl_kvext.tiers.objects import CorruptObject, KVPage, decode_object, encode_object
+
+logger = logging.getLogger("sgl_kvext")
+T = TypeVar("T")
+UNBOUNDED = (1 << 63) - 1
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+class S3Tier(Tier):
+    """S3-compatible object-store tier.
+
+    Parameters
+    ----------
+    url
+        ``s3://bucket[/prefix]``.
+    namespace
+        Model-identity digest; objects of other namespaces are never read.
+    endpoint, region, credentials
+        ``endpoint_url``, region and optional explicit keys (``aws_access_key_id`` /
+        ``aws_secret_access_key``); otherwise boto3's credential chain.
+    connections
+        Connection-pool size and batch parallelism.
+    op_timeout_s
+        Upper bound on one batch call; answers arriving later are misses.
+    """
+
+    name = "s3"
+
+    def __init__(self, url: str, namespace: bytes, *, endpoint: str | None = None,
+                 region: str = "us-east-1", credentials: dict[str, str] | None = None,
+                 codec: str = "zstd", level: int = 1, connections: int = 16,
+                 connect_timeout_s: float = 1.0, read_timeout_s: float = 3.0,
+                 retries: int = 1, op_timeout_s: float = 5.0,
+                 multipart_threshold: int = 64 << 20,
+                 breaker: CircuitBreaker | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"S3 url must look like s3://bucket[/prefix], got {url!r}")
+        self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
+        self.namespace, self.codec, self.level = namespace, codec, level
+        self.op_timeout_s = op_timeout_s
+        config = Config(max_pool_connections=connections, connect_timeout=connect_timeout_s,
+                        read_timeout=read_timeout_s, s3={"addressing_style": "path"},
+                        retries={"total_max_attempts": retries + 1, "mode": "standard"})
+        self._client = boto3.session.Session().client("s3", endpoint_url=endpoint,
+                                                       region_name=region, config=config,
+                                                       **(credentials or {}))
+        self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
+                                        multipart_chunksize=max(multipart_threshold // 4, 5 << 20),
+                                        max_concurrency=4)
+        self.breaker = breaker or CircuitBreaker()
+        self._pool = ThreadPoolExecutor(connections, thread_name_prefix="kvext-s3")
+        self._lock = threading.Lock()
+        self._used = 0
+        self._counters = {"quarantined": 0, "errors": 0, "timeouts": 0}
+        self._ensure_bucket()
+
+    # ------------------------------------------------------------- interface
+    @property
+    def capabilities(self) -> TierCapabilities:
+        return TierCapabilities(persistent=True, shared=True)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return UNBOUNDED
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes this instance uploaded (the bucket is never listed)."""
+        return self._used
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        pages = self._parallel(self._get_one, keys, None)
+        return {k: p for k, p in zip(keys, pages, strict=True) if p is not None}
+
+    def put(self, pages: Sequence[KVPage]) -> PutResult:
+        ok = self._parallel(self._put_one, pages, False)
+        return PutResult(tuple(p.key for p, s in zip(pages, ok, strict=True) if s),
+                         tuple(p.key for p, s in zip(pages, ok, strict=True) if not s))
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._parallel(self._exists_one, keys, False)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        held = [k for k, e in zip(keys, self.exists(keys), strict=True) if e]
+        for start in range(0, len(held), 1000):
+            chunk = held[start:start + 1000]
+            self._call(lambda c=chunk: self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self._object_key(k)} for k in c], "Quiet": True}))
+        return len(held)
+
+    def stats(self) -> dict[str, int]:
+        return {**self._counters, "breaker_opened": self.breaker.opened}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------- internals
+    def _object_key(self, key: bytes, area: str = "objects") -> str:
+        name = key.hex()
+        parts = [self.prefix] if self.prefix else []
+        return "/".join([*parts, area, self.namespace.hex()[:32], name[:2], name + ".kvx"])
+
+    def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], late: T) -> list[T]:
+        futures = [self._pool.submit(fn, item) for item in items]
+        done, pending = wait(futures, timeout=self.op_timeout_s)
+        if pending:
+            with self._lock:
+                self._counters["timeouts"] += len(pending)
+        return [f.result() if f in done else late for f in futures]
+
+    def _call(self, fn: Callable[[], T]) -> tuple[bool, T | None]:
+        """Run one S3 request through the breaker: (answered, result); a 404 is answered."""
+        if not self.breaker.allow():
+            return False, None
+        try:
+            result = fn()
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING:
+                self.breaker.success()
+                return True, None
+            self._failed(exc)
+            return False, None
+        except (BotoCoreError, OSError) as exc:
+            self._failed(exc)
+            return False, None
+        self.breaker.success()
+        return True, result
+
+    def _failed(self, exc: BaseException) -> None:
+        self.breaker.failure()
+        with self._lock:
+            self._counters["errors"] += 1
+        logger.debug("sgl-kvext s3 tier: %s: %s", type(exc).__name__, exc)
+
+    def _get_one(self, key: bytes) -> KVPage | None:
+        name = self._object_key(key)
+        answered, resp = self._call(lambda: self._client.get_object(Bucket=self.bucket,
+                                                                     Key=name))
+        if not answered or resp is None:
+            return None
+        try:
+            blob = resp["Body"].read()
+        except (BotoCoreError, OSError) as exc:
+            self._failed(exc)
+            return None
+        try:
+            return decode_object(blob, self.namespace, key)
+        except CorruptObject:
+            self._quarantine(key)
+            return None
+
+    def _put_one(self, page: KVPage) -> bool:
+        if self._exists_one(page.key):   # keys name contents: an existing object is this page
+            return True
+        blob = encode_object(page, self.namespace, self.codec, self.level)
+        name = self._object_key(page.key)
+        if len(blob) >= self._transfer.multipart_threshold:
+            answered, _ = self._call(lambda: self._client.upload_fileobj(
+                io.BytesIO(blob), self.bucket, name, Config=self._transfer))
+        else:
+            answered, _ = self._call(lambda: self._client.put_object(Bucket=self.bucket,
+                                                                     Key=name, Body=blob))
+        if answered:
+            with self._lock:
+                self._used += len(blob)
+        return answered
+
+    def _exists_one(self, key: bytes) -> bool:
+        answered, resp = self._call(lambda: self._client.head_object(
+            Bucket=self.bucket, Key=self._object_key(key)))
+        return answered and resp is not None
+
+    def _quarantine(self, key: bytes) -> None:
+        src = self._object_key(key)
+        dst = self._object_key(key, "quarantine") + "." + uuid.uuid4().hex[:8]
+        copied, _ = self._call(lambda: self._client.copy_object(
+            Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}))
+        self._call(lambda: self._client.delete_object(Bucket=self.bucket, Key=src))
+        if copied:
+            with self._lock:
+                self._counters["quarantined"] += 1
+
+    def _ensure_bucket(self) -> None:
+        answered, found = self._call(lambda: self._client.head_bucket(Bucket=self.bucket))
+        if answered and found is None:
+            self._call(lambda: self._client.create_bucket(Bucket=self.bucket))
+        elif not answered:
+            logger.warning("sgl-kvext s3 tier: bucket %s unreachable; reads miss until it "
+                           "answers", self.bucket)

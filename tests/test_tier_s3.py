@@ -1,0 +1,145 @@
+"""S3 tier against a real SeaweedFS on loopback: contract, corruption, outages, sharing."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from helpers import run_python
+from tier_contract import PAGE, TierContract, assert_same, key_of, page_of
+
+from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.tiers.breaker import BreakerState, CircuitBreaker
+from sgl_kvext.tiers.s3 import S3Tier
+
+NS = bytes(range(32))
+
+
+def make_s3(server: SeaweedFS, prefix: str | None = None, ns: bytes = NS, **kw: object) -> S3Tier:
+    url = f"s3://kvext-test/{prefix or uuid.uuid4().hex}"
+    return S3Tier(url, ns, endpoint=server.endpoint, credentials=server.credentials,
+                  **kw)  # type: ignore[arg-type]
+
+
+class TestS3TierContract(TierContract):
+    bounded = False
+
+    @pytest.fixture(autouse=True)
+    def _server(self, seaweed: SeaweedFS) -> None:
+        self.server = seaweed
+
+    def make_tier(self, capacity: int) -> S3Tier:
+        return make_s3(self.server)
+
+
+def test_multipart_object_round_trips(seaweed: SeaweedFS) -> None:
+    tier = make_s3(seaweed, multipart_threshold=5 << 20, codec="none")
+    big = page_of(1, (12 << 20) + 3, "uint8")
+    assert tier.put([big]).stored == (big.key,)
+    assert_same(tier.get([big.key])[big.key], big)
+    tier.close()
+
+
+def test_corrupt_object_is_a_miss_and_quarantined(seaweed: SeaweedFS) -> None:
+    prefix = uuid.uuid4().hex
+    tier = make_s3(seaweed, prefix)
+    tier.put([page_of(1), page_of(2)])
+    raw = boto3.client("s3", endpoint_url=seaweed.endpoint, region_name="us-east-1",
+                       **seaweed.credentials)
+    name = tier._object_key(key_of(1))
+    blob = bytearray(raw.get_object(Bucket="kvext-test", Key=name)["Body"].read())
+    blob[-5] ^= 0x10
+    raw.put_object(Bucket="kvext-test", Key=name, Body=bytes(blob))
+    assert tier.get([key_of(1), key_of(2)]).keys() == {key_of(2)}
+    assert tier.stats()["quarantined"] == 1
+    listed = raw.list_objects_v2(Bucket="kvext-test", Prefix=f"{prefix}/quarantine/")
+    assert listed.get("KeyCount", 0) == 1
+    assert tier.exists([key_of(1)]) == [False]
+    tier.close()
+
+
+def test_namespaces_and_prefixes_are_isolated(seaweed: SeaweedFS) -> None:
+    prefix = uuid.uuid4().hex
+    a, b = make_s3(seaweed, prefix), make_s3(seaweed, prefix, ns=bytes(32))
+    a.put([page_of(1)])
+    assert b.get([key_of(1)]) == {} and a.get([key_of(1)]).keys() == {key_of(1)}
+    a.close()
+    b.close()
+
+
+def test_another_process_shares_hits(seaweed: SeaweedFS) -> None:
+    prefix = uuid.uuid4().hex
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from sgl_kvext.tiers.s3 import S3Tier
+from tier_contract import page_of
+tier = S3Tier("s3://kvext-test/{prefix}", bytes(range(32)), endpoint={seaweed.endpoint!r},
+              credentials={seaweed.credentials!r})
+print(len(tier.put([page_of(i) for i in range(5)]).stored))
+"""
+    result = run_python(code, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "5", result.stderr[-2000:]
+    tier = make_s3(seaweed, prefix)
+    got = tier.get([key_of(i) for i in range(6)])
+    assert got.keys() == {key_of(i) for i in range(5)}
+    for i in range(5):
+        assert_same(got[key_of(i)], page_of(i))
+    tier.close()
+
+
+@pytest.fixture
+def own_seaweed(tmp_path: Path):  # type: ignore[no-untyped-def]
+    server = SeaweedFS(tmp_path / "data", log_path=tmp_path / "weed.log").start()
+    yield server
+    server.stop()
+
+
+def _timed(fn):  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - start
+
+
+def test_killed_server_gives_fast_misses_then_recovers(own_seaweed: SeaweedFS) -> None:
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=0.5, max_cooldown_s=1.0)
+    tier = make_s3(own_seaweed, op_timeout_s=3.0, read_timeout_s=1.0, breaker=breaker)
+    pages = [page_of(i) for i in range(4)]
+    assert len(tier.put(pages).stored) == 4
+    own_seaweed.stop()
+    got, took = _timed(lambda: tier.get([p.key for p in pages]))
+    assert got == {} and took < 3.5
+    assert breaker.state is not BreakerState.CLOSED
+    (held, took) = _timed(lambda: tier.exists([p.key for p in pages]))
+    assert held == [False] * 4 and took < 0.5          # breaker open: no network wait
+    assert tier.put([page_of(9)]).rejected == (key_of(9),)
+    own_seaweed.start()                                 # same ports, same data folder
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(tier.get([p.key for p in pages])) < 4:
+        time.sleep(0.3)
+    got = tier.get([p.key for p in pages])
+    assert got.keys() == {p.key for p in pages}
+    assert breaker.state is BreakerState.CLOSED
+    tier.close()
+
+
+def test_stalled_server_is_bounded_by_the_operation_timeout(own_seaweed: SeaweedFS) -> None:
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=30.0, max_cooldown_s=30.0)
+    tier = make_s3(own_seaweed, op_timeout_s=1.5, read_timeout_s=1.0, retries=0,
+                   breaker=breaker)
+    tier.put([page_of(1)])
+    own_seaweed.pause()
+    try:
+        got, took = _timed(lambda: tier.get([key_of(1), key_of(2)]))
+        assert got == {} and took < 2.5
+        time.sleep(1.0)                                 # let the stalled calls fail
+        got, took = _timed(lambda: tier.get([key_of(1)]))
+        assert got == {} and took < 0.2 and breaker.state is BreakerState.OPEN
+        assert json.dumps(tier.stats())                 # counters stay plain data
+    finally:
+        own_seaweed.resume()
+    tier.close()
