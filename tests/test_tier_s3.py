@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 from helpers import run_python
-from tier_contract import PAGE, TierContract, assert_same, key_of, page_of
+from tier_contract import TierContract, assert_same, key_of, page_of
 
 from sgl_kvext.seaweedfs import SeaweedFS
 from sgl_kvext.tiers.breaker import BreakerState, CircuitBreaker

@@ -1,0 +1,208 @@
+"""The tier chain: ordered tiers (fastest first) acting as one store.
+
+- ``put`` stores pages in the first tier. What it evicts is *demoted* to the next tier
+  (write-back); with ``write_through`` every stored page is also copied to all lower tiers.
+  Pages a tier rejects (too large) go to the next one.
+- Writes to lower tiers are asynchronous: one writer thread per lower tier drains a bounded
+  queue; a full queue blocks the caller for up to ``put_timeout_s`` (backpressure), then the
+  batch is dropped and counted. Queued pages stay readable until written.
+- ``lookup`` answers, for consecutive page keys, the longest run held from the start and the
+  tier of each page; ``get`` loads that run and promotes pages found below into the first tier.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sgl_kvext.tiers.base import Tier
+from sgl_kvext.tiers.objects import KVPage
+
+WRITE_POLICIES = ("write_back", "write_through")
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLookup:
+    """The first ``run`` keys are held; ``tiers[i]`` is the fastest tier holding key ``i``."""
+
+    run: int
+    tiers: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainGet:
+    """Pages of the longest held run from the start, and the tier each came from."""
+
+    pages: tuple[KVPage, ...]
+    tiers: tuple[int, ...]
+
+
+class _Writer:
+    """Asynchronous writer for one lower tier; its queued pages stay readable."""
+
+    def __init__(self, chain: TierChain, index: int, max_batches: int) -> None:
+        self.chain, self.index = chain, index
+        self.queue: queue.Queue[list[KVPage] | None] = queue.Queue(max_batches)
+        self.pending: dict[bytes, KVPage] = {}
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"kvext-tier{index}-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, pages: list[KVPage], timeout_s: float) -> bool:
+        with self.lock:
+            self.pending.update({p.key: p for p in pages})
+        try:
+            self.queue.put(pages, timeout=timeout_s)
+            return True
+        except queue.Full:
+            with self.lock:
+                for p in pages:
+                    self.pending.pop(p.key, None)
+            return False
+
+    def _run(self) -> None:
+        while True:
+            batch = self.queue.get()
+            try:
+                if batch is None:
+                    return
+                self.chain._store(self.index, batch)
+            finally:
+                with self.lock:
+                    for p in batch or ():
+                        self.pending.pop(p.key, None)
+                self.queue.task_done()
+
+
+class TierChain:
+    """Tiers fastest first, e.g. ``[HostTier, DiskTier, S3Tier]``.
+
+    Parameters
+    ----------
+    tiers
+        At least one tier.
+    write_policy
+        ``write_back`` (lower tiers receive what upper tiers evict) or ``write_through``
+        (lower tiers also receive every page as it is put).
+    queue_batches
+        Bound of each lower tier's write queue, in batches.
+    put_timeout_s
+        How long ``put`` may block on a full queue before dropping that batch.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], write_policy: str = "write_back",
+                 queue_batches: int = 64, put_timeout_s: float = 5.0) -> None:
+        if not tiers:
+            raise ValueError("a tier chain needs at least one tier")
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"unknown write policy {write_policy!r}; allowed: "
+                             f"{', '.join(WRITE_POLICIES)}")
+        self.tiers = list(tiers)
+        self.write_policy, self.put_timeout_s = write_policy, put_timeout_s
+        self._writers = {i: _Writer(self, i, queue_batches) for i in range(1, len(self.tiers))}
+        self._lock = threading.Lock()
+        self.counters = {"dropped_pages": 0, "demoted_pages": 0, "promoted_pages": 0}
+
+    def put(self, pages: Sequence[KVPage]) -> None:
+        """Store ``pages`` in the first tier (and below, per the write policy)."""
+        self._store(0, list(pages))
+        if self.write_policy == "write_through":
+            for index in self._writers:
+                self._enqueue(index, list(pages))
+
+    def lookup(self, keys: Sequence[bytes]) -> ChainLookup:
+        holder: list[int | None] = [None] * len(keys)
+        for t in range(len(self.tiers)):
+            todo = [i for i, h in enumerate(holder) if h is None]
+            if not todo:
+                break
+            for i, held in zip(todo, self._exists(t, [keys[i] for i in todo]), strict=True):
+                if held:
+                    holder[i] = t
+        run = next((i for i, h in enumerate(holder) if h is None), len(keys))
+        return ChainLookup(run, tuple(int(h) for h in holder[:run] if h is not None))
+
+    def get(self, keys: Sequence[bytes]) -> ChainGet:
+        """Load the longest held run of ``keys``; pages found below tier 0 are promoted."""
+        found = self.lookup(keys)
+        by_tier: dict[int, list[bytes]] = {}
+        for i in range(found.run):
+            by_tier.setdefault(found.tiers[i], []).append(keys[i])
+        loaded: dict[bytes, tuple[KVPage, int]] = {}
+        for t, tier_keys in by_tier.items():
+            for key, page in self._get(t, tier_keys).items():
+                loaded[key] = (page, t)
+        pages: list[KVPage] = []
+        tiers: list[int] = []
+        for key in keys[:found.run]:      # a page lost since the lookup ends the run there
+            if key not in loaded:
+                break
+            pages.append(loaded[key][0])
+            tiers.append(loaded[key][1])
+        promote = [p for p, t in zip(pages, tiers, strict=True) if t > 0]
+        if promote:
+            self._store(0, promote)
+            with self._lock:
+                self.counters["promoted_pages"] += len(promote)
+        return ChainGet(tuple(pages), tuple(tiers))
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        self.flush()
+        for tier in self.tiers:
+            tier.delete(keys)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every queued write reached its tier (``timeout_s`` per queue)."""
+        for writer in self._writers.values():
+            if timeout_s is None:
+                writer.queue.join()
+                continue
+            done = threading.Event()
+            threading.Thread(target=lambda w=writer: (w.queue.join(), done.set()),
+                             daemon=True).start()
+            done.wait(timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.flush(timeout_s)
+        for writer in self._writers.values():
+            writer.queue.put(None)
+            writer.thread.join(timeout_s)
+        for tier in self.tiers:
+            tier.close()
+
+    # ------------------------------------------------------------- internals
+    def _store(self, index: int, pages: list[KVPage]) -> None:
+        result = self.tiers[index].put(pages)
+        overflow = list(result.evicted)
+        if result.rejected:
+            rejected = set(result.rejected)
+            overflow += [p for p in pages if p.key in rejected]
+        if overflow and index + 1 < len(self.tiers):
+            with self._lock:
+                self.counters["demoted_pages"] += len(result.evicted)
+            self._enqueue(index + 1, overflow)
+
+    def _enqueue(self, index: int, pages: list[KVPage]) -> None:
+        if not self._writers[index].submit(pages, self.put_timeout_s):
+            with self._lock:
+                self.counters["dropped_pages"] += len(pages)
+
+    def _exists(self, index: int, keys: list[bytes]) -> list[bool]:
+        writer = self._writers.get(index)
+        held = self.tiers[index].exists(keys)
+        if writer is None:
+            return held
+        with writer.lock:
+            return [h or k in writer.pending for h, k in zip(held, keys, strict=True)]
+
+    def _get(self, index: int, keys: list[bytes]) -> dict[bytes, KVPage]:
+        writer = self._writers.get(index)
+        queued: dict[bytes, KVPage] = {}
+        if writer is not None:
+            with writer.lock:
+                queued = {k: writer.pending[k] for k in keys if k in writer.pending}
+        rest = [k for k in keys if k not in queued]
+        return {**queued, **(self.tiers[index].get(rest) if rest else {})}

@@ -1,0 +1,142 @@
+"""Per-tier metrics: a wrapper tier that counts, and a Prometheus collector that exports.
+
+:class:`MeteredTier` wraps any tier and records hits, misses, bytes in and out, evictions and
+latency histograms per operation; it adds the inner tier's own counters (``quarantined``...)
+to :meth:`MeteredTier.snapshot`. :class:`TierCollector` turns snapshots into Prometheus
+metrics at scrape time, so there is one source of truth and nothing to keep in sync.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
+from sgl_kvext.tiers.objects import KVPage
+
+#: Latency bucket upper bounds in seconds (Prometheus style, +Inf implied).
+BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+OPERATIONS = ("get", "put", "exists", "delete")
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class MeteredTier(Tier):
+    """A tier that records what passes through it; behaves exactly like ``inner``."""
+
+    def __init__(self, inner: Tier) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "misses": 0, "bytes_in": 0, "bytes_out": 0, "evictions": 0,
+                        "rejected": 0}
+        self._latency = {op: _Histogram() for op in OPERATIONS}
+
+    @property
+    def capabilities(self) -> TierCapabilities:
+        return self.inner.capabilities
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.inner.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.inner.used_bytes
+
+    def _timed(self, op: str, start: float, **counts: int) -> None:
+        with self._lock:
+            self._latency[op].observe(time.perf_counter() - start)
+            for name, n in counts.items():
+                self._counts[name] += n
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        start = time.perf_counter()
+        out = self.inner.get(keys)
+        self._timed("get", start, hits=len(out), misses=len(keys) - len(out),
+                    bytes_out=sum(p.nbytes for p in out.values()))
+        return out
+
+    def put(self, pages: Sequence[KVPage]) -> PutResult:
+        start = time.perf_counter()
+        result = self.inner.put(pages)
+        stored = set(result.stored)
+        self._timed("put", start, bytes_in=sum(p.nbytes for p in pages if p.key in stored),
+                    evictions=len(result.evicted), rejected=len(result.rejected))
+        return result
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        start = time.perf_counter()
+        out = self.inner.exists(keys)
+        self._timed("exists", start)
+        return out
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        start = time.perf_counter()
+        out = self.inner.delete(keys)
+        self._timed("delete", start)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain-data view: counters, inner counters, bytes used, latency histograms."""
+        with self._lock:
+            latency = {op: {"buckets": list(zip((*BUCKETS, float("inf")), h.counts,
+                                                strict=True)),
+                            "count": sum(h.counts), "sum_s": h.total}
+                       for op, h in self._latency.items()}
+            counts = dict(self._counts)
+        return {"tier": self.name, **counts, **self.inner.stats(),
+                "used_bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes,
+                "latency": latency}
+
+
+class TierCollector(Collector):
+    """Prometheus collector over metered tiers (``registry.register(TierCollector(tiers))``)."""
+
+    def __init__(self, tiers: Sequence[MeteredTier], prefix: str = "kvext_tier") -> None:
+        self.tiers, self.prefix = list(tiers), prefix
+
+    def collect(self) -> Iterator[Any]:
+        snaps = [t.snapshot() for t in self.tiers]
+        counters = sorted({k for s in snaps for k, v in s.items()
+                           if isinstance(v, int) and not k.endswith("_bytes")})
+        for name in counters:
+            family = CounterMetricFamily(f"{self.prefix}_{name}", f"Tier {name}", labels=["tier"])
+            for s in snaps:
+                family.add_metric([s["tier"]], s.get(name, 0))
+            yield family
+        for name in ("used_bytes", "capacity_bytes"):
+            gauge = GaugeMetricFamily(f"{self.prefix}_{name}", f"Tier {name}", labels=["tier"])
+            for s in snaps:
+                gauge.add_metric([s["tier"]], s[name])
+            yield gauge
+        hist = HistogramMetricFamily(f"{self.prefix}_latency_seconds", "Tier operation latency",
+                                     labels=["tier", "op"])
+        for s in snaps:
+            for op, h in s["latency"].items():
+                cumulative, buckets = 0, []
+                for bound, count in h["buckets"]:
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+                hist.add_metric([s["tier"], op], buckets, h["sum_s"])
+        yield hist

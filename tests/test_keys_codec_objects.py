@@ -1,0 +1,120 @@
+"""Page keys, codecs and the stored-object format."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgl_kvext.keys import ModelIdentity, Namespace, page_keys
+from sgl_kvext.tiers.codec import CodecError, make_codec, shuffle, unshuffle
+from sgl_kvext.tiers.objects import CorruptObject, KVPage, decode_object, encode_object
+
+MODEL = ModelIdentity("cfg", "weights", "bfloat16", 4, "mha:layers=30,kv_heads=3,head_dim=64")
+
+
+def test_keys_chain_and_ignore_the_partial_page() -> None:
+    ns = Namespace(MODEL)
+    keys = page_keys(ns, list(range(11)))
+    assert len(keys) == 2 and all(len(k) == 32 for k in keys)
+    assert page_keys(ns, list(range(8))) == keys           # the tail of 3 has no key
+    other = page_keys(ns, [99, 1, 2, 3, 4, 5, 6, 7])
+    assert other[0] != keys[0] and other[1] != keys[1]      # page 2 depends on page 1
+
+
+@pytest.mark.parametrize("change", [
+    {"config": "cfg2"}, {"weights": "w2"}, {"dtype": "float16"}, {"page_size": 8},
+    {"kv_layout": "mha:layers=31"}, {"tp_rank": 1, "tp_size": 2}])
+def test_every_identity_field_changes_the_keys(change: dict[str, object]) -> None:
+    fields = {**{f: getattr(MODEL, f) for f in MODEL.__dataclass_fields__}, **change}
+    other = ModelIdentity(**fields)  # type: ignore[arg-type]
+    tokens = list(range(16))
+    assert page_keys(Namespace(other), tokens)[0] != page_keys(Namespace(MODEL), tokens)[0]
+
+
+def test_tenants_never_share_keys() -> None:
+    tokens = list(range(8))
+    assert page_keys(Namespace(MODEL, "tenant-a"), tokens) != page_keys(
+        Namespace(MODEL, "tenant-b"), tokens)
+
+
+def test_keys_are_stable_across_processes_and_hash_seeds() -> None:
+    code = ("from sgl_kvext.keys import *; m = ModelIdentity('cfg', 'weights', 'bfloat16', 4, "
+            "'mha:layers=30,kv_heads=3,head_dim=64'); "
+            "print(page_keys(Namespace(m, 'x'), list(range(12)))[-1].hex())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+            for seed in ("0", "1", "12345")}
+    assert outs == {page_keys(Namespace(MODEL, "x"), list(range(12)))[-1].hex()}
+
+
+def test_bad_token_ids_and_identity() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+        page_keys(Namespace(MODEL), [-1, 2, 3, 4])
+    with pytest.raises(ValueError, match="page_size"):
+        ModelIdentity("c", "w", "bf16", 0, "l")
+    with pytest.raises(ValueError, match="tp_rank"):
+        ModelIdentity("c", "w", "bf16", 1, "l", tp_rank=2, tp_size=2)
+
+
+@given(st.binary(max_size=3000), st.sampled_from([1, 2, 4]))
+def test_shuffle_round_trips(data: bytes, width: int) -> None:
+    assert unshuffle(shuffle(data, width), width) == data
+
+
+@settings(max_examples=30)
+@given(st.binary(max_size=5000), st.sampled_from(["none", "zstd"]), st.sampled_from([1, 2, 4]))
+def test_codecs_round_trip(data: bytes, name: str, width: int) -> None:
+    codec = make_codec(name, width=width)
+    assert codec.decode(codec.encode(data), len(data)) == data
+
+
+def test_codec_rejects_wrong_sizes_and_names() -> None:
+    blob = make_codec("zstd").encode(b"x" * 100)
+    with pytest.raises(CodecError):
+        make_codec("zstd").decode(blob, 99)
+    with pytest.raises(CodecError):
+        make_codec("zstd").decode(b"not zstd", 100)
+    with pytest.raises(ValueError, match="none, zstd"):
+        make_codec("lz4")
+
+
+NS = bytes(range(32))
+PAGE = KVPage(b"k" * 32, np.arange(500, dtype=np.uint16).tobytes(), "bfloat16", (500,))
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_object_round_trip(codec: str) -> None:
+    got = decode_object(encode_object(PAGE, NS, codec), NS, PAGE.key)
+    assert bytes(got.data) == PAGE.data and (got.dtype, got.shape) == ("bfloat16", (500,))
+
+
+def test_every_single_byte_flip_is_detected() -> None:
+    blob = encode_object(PAGE, NS, "zstd")
+    rng = random.Random(0)
+    for pos in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[pos] ^= 1 << rng.randrange(8)
+        with pytest.raises(CorruptObject):
+            decode_object(bytes(damaged), NS, PAGE.key)
+
+
+@pytest.mark.parametrize("cut", [0, 10, 36, 100, -1])
+def test_truncation_is_detected(cut: int) -> None:
+    blob = encode_object(PAGE, NS, "zstd")
+    with pytest.raises(CorruptObject):
+        decode_object(blob[:cut], NS, PAGE.key)
+
+
+def test_wrong_key_or_namespace_is_refused() -> None:
+    blob = encode_object(PAGE, NS, "none")
+    with pytest.raises(CorruptObject, match="another key"):
+        decode_object(blob, NS, b"x" * 32)
+    with pytest.raises(CorruptObject, match="another namespace"):
+        decode_object(blob, bytes(32), PAGE.key)

@@ -1,0 +1,178 @@
+"""The tier chain: demotion, write-through, promotion, longest-run lookup, backpressure,
+and a hypothesis state machine against a plain dict model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from tier_contract import PAGE, assert_same, key_of, page_of
+
+from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
+from sgl_kvext.tiers.chain import TierChain
+from sgl_kvext.tiers.disk import DiskTier
+from sgl_kvext.tiers.host import HostTier
+from sgl_kvext.tiers.objects import KVPage
+
+NS = bytes(range(32))
+
+
+def small_chain(tmp_path: Path, policy: str = "write_back", host_pages: int = 4) -> TierChain:
+    host = HostTier(host_pages * PAGE, "lru", block_bytes=PAGE)
+    disk = DiskTier(tmp_path / "disk", 1000 * PAGE, NS)
+    return TierChain([host, disk], write_policy=policy)
+
+
+def test_evicted_pages_are_demoted_not_lost(tmp_path: Path) -> None:
+    chain = small_chain(tmp_path)
+    pages = [page_of(i) for i in range(12)]
+    for page in pages:
+        chain.put([page])
+    chain.flush()
+    found = chain.lookup([p.key for p in pages])
+    assert found.run == 12
+    assert found.tiers.count(0) == 4 and found.tiers.count(1) == 8
+    got = chain.get([p.key for p in pages])
+    for g, want in zip(got.pages, pages, strict=True):
+        assert_same(g, want)
+    assert chain.counters["demoted_pages"] >= 8 and chain.counters["promoted_pages"] == 8
+    chain.close()
+
+
+def test_write_through_copies_down_at_once(tmp_path: Path) -> None:
+    chain = small_chain(tmp_path, "write_through")
+    chain.put([page_of(1), page_of(2)])
+    chain.flush()
+    assert chain.tiers[1].exists([key_of(1), key_of(2)]) == [True, True]
+    chain.close()
+
+
+def test_lookup_stops_at_the_first_gap(tmp_path: Path) -> None:
+    chain = small_chain(tmp_path)
+    chain.put([page_of(0), page_of(1), page_of(3)])
+    found = chain.lookup([key_of(i) for i in range(4)])
+    assert found.run == 2 and found.tiers == (0, 0)
+    assert chain.get([key_of(i) for i in range(4)]).pages[1].key == key_of(1)
+    assert chain.lookup([]).run == 0
+    chain.close()
+
+
+def test_page_too_big_for_host_goes_below(tmp_path: Path) -> None:
+    chain = small_chain(tmp_path, host_pages=2)
+    big = page_of(7, 5 * PAGE)
+    chain.put([big])
+    chain.flush()
+    assert chain.lookup([big.key]).tiers == (1,)
+    assert_same(chain.get([big.key]).pages[0], big)
+    chain.close()
+
+
+def test_corrupt_lower_page_cuts_the_run(tmp_path: Path) -> None:
+    chain = small_chain(tmp_path, host_pages=1)
+    for i in range(3):
+        chain.put([page_of(i)])
+    chain.flush()
+    victim = next((tmp_path / "disk" / "objects").rglob(key_of(1).hex() + ".kvx"))
+    victim.write_bytes(victim.read_bytes()[:-3])
+    got = chain.get([key_of(i) for i in range(3)])
+    assert [p.key for p in got.pages] == [key_of(0)]
+    chain.close()
+
+
+class _BlockedTier(Tier):
+    """A fake lower tier whose writes hang until released: a full, stuck queue."""
+
+    name = "fake-blocked"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    @property
+    def capabilities(self) -> TierCapabilities:
+        return TierCapabilities(False, False)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 1 << 40
+
+    @property
+    def used_bytes(self) -> int:
+        return 0
+
+    def get(self, keys):  # type: ignore[no-untyped-def]
+        return {}
+
+    def put(self, pages):  # type: ignore[no-untyped-def]
+        self.release.wait(30)
+        return PutResult(tuple(p.key for p in pages))
+
+    def exists(self, keys):  # type: ignore[no-untyped-def]
+        return [False] * len(keys)
+
+    def delete(self, keys):  # type: ignore[no-untyped-def]
+        return 0
+
+
+def test_full_queue_applies_backpressure_then_drops() -> None:
+    stuck = _BlockedTier()
+    chain = TierChain([HostTier(1 << 20), stuck], "write_through", queue_batches=1,
+                      put_timeout_s=0.2)
+    for i in range(4):
+        chain.put([page_of(i)])
+    assert chain.counters["dropped_pages"] >= 1
+    held = chain.lookup([key_of(0)])
+    assert held.run == 1                         # the host copy is still there
+    stuck.release.set()
+    chain.close()
+
+
+@settings(max_examples=25, stateful_step_count=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+class ChainModel(RuleBasedStateMachine):
+    """Whatever was put and not deleted is readable, with its bytes; nothing else is."""
+
+    @initialize(policy=st.sampled_from(["write_back", "write_through"]))
+    def setup(self, policy: str) -> None:
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory()
+        self.chain = small_chain(Path(self.dir.name), policy, host_pages=3)
+        self.model: dict[bytes, KVPage] = {}
+
+    @rule(ids=st.lists(st.integers(0, 15), min_size=1, max_size=4))
+    def put(self, ids: list[int]) -> None:
+        pages = [page_of(i, PAGE // 2) for i in ids]
+        self.chain.put(pages)
+        self.model.update({p.key: p for p in pages})
+
+    @rule(ids=st.lists(st.integers(0, 15), min_size=1, max_size=6))
+    def get(self, ids: list[int]) -> None:
+        keys = [key_of(i) for i in ids]
+        got = self.chain.get(keys)
+        expect_run = next((n for n, k in enumerate(keys) if k not in self.model), len(keys))
+        assert len(got.pages) == expect_run
+        for page in got.pages:
+            assert_same(page, self.model[page.key])
+
+    @rule(ids=st.lists(st.integers(0, 15), min_size=1, max_size=3))
+    def delete(self, ids: list[int]) -> None:
+        keys = [key_of(i) for i in ids]
+        self.chain.delete(keys)
+        for k in keys:
+            self.model.pop(k, None)
+
+    @invariant()
+    def host_within_cap(self) -> None:
+        host = self.chain.tiers[0]
+        assert host.used_bytes <= host.capacity_bytes
+
+    def teardown(self) -> None:
+        self.chain.close()
+        self.dir.cleanup()
+
+
+TestChainModel = ChainModel.TestCase
