@@ -161,7 +161,7 @@ class TierChain:
                 writer.queue.join()
                 continue
             done = threading.Event()
-            threading.Thread(target=lambda w=writer: (w.queue.join(), done.set()),
+            threading.Thread(target=lambda w=writer, d=done: (w.queue.join(), d.set()),
                              daemon=True).start()
             done.wait(timeout_s)
 

@@ -88,11 +88,11 @@ def read_header(head: bytes) -> ObjectHeader:
     """
     if len(head) < PREFIX_BYTES:
         raise CorruptObject(f"object shorter than its {PREFIX_BYTES}-byte prefix")
-    magic, version, _, meta_len, payload_len, _ = _PREFIX.unpack_from(head)
+    magic, version, reserved, meta_len, payload_len, _ = _PREFIX.unpack_from(head)
     if magic != MAGIC:
         raise CorruptObject("bad magic")
-    if version != VERSION:
-        raise CorruptObject(f"format version {version}, expected {VERSION}")
+    if version != VERSION or reserved != 0:
+        raise CorruptObject(f"format version {version}.{reserved}, expected {VERSION}.0")
     if meta_len > MAX_META_BYTES or len(head) < PREFIX_BYTES + meta_len:
         raise CorruptObject("truncated or oversized meta")
     try:
