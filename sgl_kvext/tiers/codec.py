@@ -18,42 +18,58 @@ class CodecError(ValueError):
     """Encoded bytes do not decode to what their header promised."""
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 class Codec(ABC):
-    """Turns raw KV bytes into stored bytes and back; ``decode(encode(x)) == x``."""
+    """Turns raw KV bytes into stored bytes and back; ``decode(encode(x)) == x``.
+
+    Results may be views of the input (``none`` copies nothing).
+    """
 
     name: str
 
     @abstractmethod
-    def encode(self, raw: bytes | memoryview) -> bytes: ...
+    def encode(self, raw: Buffer) -> Buffer: ...
 
     @abstractmethod
-    def decode(self, blob: bytes | memoryview, raw_size: int) -> bytes:
+    def decode(self, blob: Buffer, raw_size: int) -> Buffer:
         """Inverse of :meth:`encode`; raises :class:`CodecError` on malformed input."""
 
 
 class NoneCodec(Codec):
     name = "none"
 
-    def encode(self, raw: bytes | memoryview) -> bytes:
-        return bytes(raw)
+    def encode(self, raw: Buffer) -> Buffer:
+        return memoryview(raw).cast("B")
 
-    def decode(self, blob: bytes | memoryview, raw_size: int) -> bytes:
+    def decode(self, blob: Buffer, raw_size: int) -> Buffer:
         if len(blob) != raw_size:
             raise CodecError(f"stored {len(blob)} bytes, header says {raw_size}")
-        return bytes(blob)
+        return memoryview(blob).cast("B")
 
 
-def shuffle(raw: bytes | memoryview, width: int) -> bytes:
+def shuffle(raw: Buffer, width: int) -> np.ndarray:
     """Byte-transpose the whole ``width``-byte elements; a ragged tail is kept as is."""
     data = np.frombuffer(raw, dtype=np.uint8)
-    whole = data.size - data.size % width
-    return data[:whole].reshape(-1, width).T.tobytes() + data[whole:].tobytes()
+    n = data.size // width
+    out = np.empty(data.size, dtype=np.uint8)
+    cols = data[:n * width].reshape(n, width)
+    for i in range(width):            # one contiguous run per byte position
+        out[i * n:(i + 1) * n] = cols[:, i]
+    out[n * width:] = data[n * width:]
+    return out
 
 
-def unshuffle(raw: bytes | memoryview, width: int) -> bytes:
+def unshuffle(raw: Buffer, width: int) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8)
-    whole = data.size - data.size % width
-    return data[:whole].reshape(width, -1).T.tobytes() + data[whole:].tobytes()
+    n = data.size // width
+    out = np.empty(data.size, dtype=np.uint8)
+    cols = out[:n * width].reshape(n, width)
+    for i in range(width):
+        cols[:, i] = data[i * n:(i + 1) * n]
+    out[n * width:] = data[n * width:]
+    return out
 
 
 class ZstdCodec(Codec):
@@ -76,18 +92,18 @@ class ZstdCodec(Codec):
             self._local.ctx = ctx
         return ctx
 
-    def encode(self, raw: bytes | memoryview) -> bytes:
+    def encode(self, raw: Buffer) -> bytes:
         data = shuffle(raw, self.width) if self.width > 1 else raw
         return self._contexts()[0].compress(data)
 
-    def decode(self, blob: bytes | memoryview, raw_size: int) -> bytes:
+    def decode(self, blob: Buffer, raw_size: int) -> Buffer:
         try:
             data = self._contexts()[1].decompress(blob, max_output_size=raw_size)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd: {exc}") from None
         if len(data) != raw_size:
             raise CodecError(f"decoded {len(data)} bytes, header says {raw_size}")
-        return unshuffle(data, self.width) if self.width > 1 else data
+        return memoryview(unshuffle(data, self.width)) if self.width > 1 else data
 
 
 CODECS = ("none", "zstd")

@@ -120,7 +120,7 @@ class DiskTier(Tier):
         except FileNotFoundError:
             return None
         try:
-            page = decode_object(bytes(blob), self.namespace, key)
+            page = decode_object(blob, self.namespace, key)
         except CorruptObject:
             self._quarantine_file(path)
             return None
@@ -134,19 +134,20 @@ class DiskTier(Tier):
         final = self._path(page.key)
         if final.is_file():
             return True, []
-        blob = encode_object(page, self.namespace, self.codec, self.level)
+        encoded = encode_object(page, self.namespace, self.codec, self.level)
+        size = encoded.nbytes
         demoted: list[KVPage] = []
-        if not self._ledger.reserve(len(blob), lambda victim: self._collect(victim, demoted)):
+        if not self._ledger.reserve(size, lambda victim: self._collect(victim, demoted)):
             return False, demoted
         tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
         try:
-            self._io.write(tmp, blob)
+            self._io.write(tmp, encoded.parts)
             final.parent.mkdir(exist_ok=True)
             os.link(tmp, final)
         except FileExistsError:       # another process stored the same key first
-            self._ledger.release(len(blob))
+            self._ledger.release(size)
         except OSError:
-            self._ledger.release(len(blob))
+            self._ledger.release(size)
             return False, demoted
         finally:
             tmp.unlink(missing_ok=True)
@@ -159,7 +160,7 @@ class DiskTier(Tier):
             return
         key = bytes.fromhex(victim.name.removesuffix(SUFFIX))
         try:
-            demoted.append(decode_object(bytes(self._io.read(victim)), self.namespace, key))
+            demoted.append(decode_object(self._io.read(victim), self.namespace, key))
         except (FileNotFoundError, CorruptObject, ValueError):
             pass
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import mmap
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 ALIGN = 4096
+Parts = Sequence[bytes | bytearray | memoryview]
 
 
 class FileIO(ABC):
     name: str
 
     @abstractmethod
-    def write(self, path: Path, blob: bytes) -> None:
-        """Create ``path`` (must not exist) holding ``blob``, durable on return."""
+    def write(self, path: Path, parts: Parts) -> None:
+        """Create ``path`` (must not exist) holding ``parts`` in order, durable on return."""
 
     @abstractmethod
     def read(self, path: Path) -> bytes | bytearray:
@@ -32,12 +34,13 @@ class PosixIO(FileIO):
 
     name = "posix"
 
-    def write(self, path: Path, blob: bytes) -> None:
+    def write(self, path: Path, parts: Parts) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view, done = memoryview(blob), 0
-            while done < len(blob):
-                done += os.pwritev(fd, [view[done:]], done)
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+            total, done = sum(len(v) for v in views), 0
+            while done < total:
+                done += os.pwritev(fd, _remaining(views, done), done)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -66,19 +69,23 @@ class DirectIO(FileIO):
     def __init__(self) -> None:
         self._fallback = PosixIO()
 
-    def write(self, path: Path, blob: bytes) -> None:
-        padded = -(-max(len(blob), 1) // ALIGN) * ALIGN
+    def write(self, path: Path, parts: Parts) -> None:
+        size = sum(len(p) for p in parts)
+        padded = -(-max(size, 1) // ALIGN) * ALIGN
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
         except OSError:  # e.g. tmpfs: EINVAL
-            return self._fallback.write(path, blob)
+            return self._fallback.write(path, parts)
         try:
             with mmap.mmap(-1, padded) as buf:
-                buf[:len(blob)] = blob
+                pos = 0
+                for part in parts:
+                    buf[pos:pos + len(part)] = part
+                    pos += len(part)
                 done = 0
                 while done < padded:
                     done += os.pwritev(fd, [memoryview(buf)[done:]], done)
-            os.ftruncate(fd, len(blob))
+            os.ftruncate(fd, size)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -115,11 +122,11 @@ class KvikioIO(FileIO):
 
         self._kvikio = kvikio
 
-    def write(self, path: Path, blob: bytes) -> None:
+    def write(self, path: Path, parts: Parts) -> None:
         import numpy as np
 
         with self._kvikio.CuFile(path, "w") as f:
-            f.write(np.frombuffer(blob, dtype=np.uint8))
+            f.write(np.frombuffer(b"".join(parts), dtype=np.uint8))
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -134,6 +141,18 @@ class KvikioIO(FileIO):
         with self._kvikio.CuFile(path, "r") as f:
             f.read(np.frombuffer(out, dtype=np.uint8))
         return out
+
+
+def _remaining(views: list[memoryview], offset: int) -> list[memoryview]:
+    """The buffers still to write after ``offset`` bytes (pwritev may write partially)."""
+    out = []
+    for v in views:
+        if offset >= len(v):
+            offset -= len(v)
+            continue
+        out.append(v[offset:])
+        offset = 0
+    return out
 
 
 def make_io(name: str) -> FileIO:

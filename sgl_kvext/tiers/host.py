@@ -146,15 +146,15 @@ class HostTier(Tier):
 
     def _write(self, blocks: list[int], data: bytes | bytearray | memoryview) -> None:
         src = np.frombuffer(data, dtype=np.uint8)
-        for i, block in enumerate(blocks):
-            chunk = src[i * self._block:(i + 1) * self._block]
-            self._pool[block, :chunk.size] = chunk
+        full = src.size // self._block
+        if full:   # one vectorized scatter for the whole blocks
+            self._pool[blocks[:full]] = src[:full * self._block].reshape(full, self._block)
+        tail = src[full * self._block:]
+        if tail.size:
+            self._pool[blocks[full], :tail.size] = tail
 
-    def _read(self, entry: _Entry) -> bytearray:
-        out = bytearray(entry.nbytes)
-        dst = np.frombuffer(out, dtype=np.uint8)
-        for i, block in enumerate(entry.blocks):
-            start = i * self._block
-            n = min(self._block, entry.nbytes - start)
-            dst[start:start + n] = self._pool[block, :n]
-        return out
+    def _read(self, entry: _Entry) -> memoryview:
+        if not entry.blocks:
+            return memoryview(b"")
+        # One vectorized gather into fresh memory; the last block's padding is sliced off.
+        return memoryview(self._pool[entry.blocks].reshape(-1)[:entry.nbytes])

@@ -15,19 +15,17 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
-from sgl_kvext.tiers.codec import CodecError, make_codec
+from sgl_kvext.tiers.codec import Buffer, CodecError, make_codec
 
 MAGIC = b"KVXT"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHHIQ16s")
 PREFIX_BYTES = _PREFIX.size
 MAX_META_BYTES = 1 << 16
-
-
-Buffer = bytes | bytearray | memoryview
 
 
 class CorruptObject(ValueError):
@@ -69,19 +67,30 @@ class ObjectHeader:
         return PREFIX_BYTES + self.meta_len + self.payload_len
 
 
-def encode_object(page: KVPage, namespace: bytes, codec: str, level: int = 1) -> bytes:
+class EncodedObject(NamedTuple):
+    """An object as buffers to write in order (``pwritev``-ready, no concatenation)."""
+
+    parts: tuple[Buffer, ...]
+    nbytes: int
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def encode_object(page: KVPage, namespace: bytes, codec: str, level: int = 1) -> EncodedObject:
     """Serialize ``page`` with codec ``codec`` (shuffle width = the dtype's element size)."""
     width = element_size(page.dtype)
     payload = make_codec(codec, level, width).encode(page.data)
     meta = json.dumps({"namespace": namespace.hex(), "key": page.key.hex(), "dtype": page.dtype,
                        "shape": list(page.shape), "codec": codec, "width": width,
                        "raw_size": page.nbytes}, sort_keys=True).encode()
-    checksum = xxhash.xxh3_128(meta + payload).digest()
-    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload), checksum)
-    return prefix + meta + payload
+    digest = xxhash.xxh3_128(meta)
+    digest.update(payload)
+    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload), digest.digest())
+    return EncodedObject((prefix, meta, payload), len(prefix) + len(meta) + len(payload))
 
 
-def read_header(head: bytes) -> ObjectHeader:
+def read_header(head: Buffer) -> ObjectHeader:
     """Parse the prefix and meta from the first bytes of an object (no checksum check).
 
     ``head`` must hold at least ``PREFIX_BYTES + meta_len`` bytes.
@@ -96,7 +105,7 @@ def read_header(head: bytes) -> ObjectHeader:
     if meta_len > MAX_META_BYTES or len(head) < PREFIX_BYTES + meta_len:
         raise CorruptObject("truncated or oversized meta")
     try:
-        meta = json.loads(head[PREFIX_BYTES:PREFIX_BYTES + meta_len])
+        meta = json.loads(bytes(head[PREFIX_BYTES:PREFIX_BYTES + meta_len]))
         return ObjectHeader(str(meta["namespace"]), str(meta["key"]), str(meta["dtype"]),
                             tuple(int(d) for d in meta["shape"]), str(meta["codec"]),
                             int(meta["width"]), int(meta["raw_size"]), payload_len, meta_len)
@@ -104,8 +113,11 @@ def read_header(head: bytes) -> ObjectHeader:
         raise CorruptObject(f"unreadable meta ({type(exc).__name__})") from None
 
 
-def decode_object(blob: bytes, namespace: bytes, key: bytes) -> KVPage:
-    """Verify ``blob`` completely and return its page; raise CorruptObject on any mismatch."""
+def decode_object(blob: Buffer, namespace: bytes, key: bytes) -> KVPage:
+    """Verify ``blob`` completely and return its page; raise CorruptObject on any mismatch.
+
+    The page's data may be a view into ``blob`` (codec ``none``).
+    """
     header = read_header(blob)
     if len(blob) != header.total_size:
         raise CorruptObject(f"object is {len(blob)} bytes, header says {header.total_size}")

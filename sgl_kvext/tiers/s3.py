@@ -183,7 +183,7 @@ class S3Tier(Tier):
     def _put_one(self, page: KVPage) -> bool:
         if self._exists_one(page.key):   # keys name contents: an existing object is this page
             return True
-        blob = encode_object(page, self.namespace, self.codec, self.level)
+        blob = encode_object(page, self.namespace, self.codec, self.level).join()
         name = self._object_key(page.key)
         if len(blob) >= self._transfer.multipart_threshold:
             answered, _ = self._call(lambda: self._client.upload_fileobj(
