@@ -114,3 +114,15 @@ class TierContract:
             assert result.rejected == (key_of(1),) and tier.get([key_of(1)]) == {}
         finally:
             tier.close()
+
+    def test_read_into_copies_held_pages(self, tier: Tier) -> None:
+        pages = [page_of(1), page_of(2, 70_001)]
+        tier.put(pages)
+        out = [memoryview(bytearray(80_000)) for _ in range(3)]
+        done = tier.read_into([key_of(1), key_of(5), key_of(2)], out)
+        assert done == [True, False, True]
+        assert bytes(out[0][:PAGE]) == bytes(pages[0].data)
+        assert bytes(out[2][:70_001]) == bytes(pages[1].data)
+        assert bytes(out[1]) == bytes(80_000)
+        with pytest.raises(ValueError, match="output buffer"):
+            tier.read_into([key_of(1)], [memoryview(bytearray(10))])

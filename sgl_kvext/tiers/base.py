@@ -78,9 +78,35 @@ class Tier(ABC):
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove ``keys``; return how many were held."""
 
+    def read_into(self, keys: Sequence[bytes], out: Sequence[memoryview]) -> list[bool]:
+        """Copy each held page's bytes into the writable buffer at the same position.
+
+        For callers that own the destination (a staging buffer, a KV pool): tiers may copy
+        straight from their storage, once. ``out[i]`` must hold at least the page's bytes;
+        returns which keys were copied (the rest are misses). The default uses :meth:`get`.
+        """
+        if len(keys) != len(out):
+            raise ValueError(f"{len(keys)} keys but {len(out)} output buffers")
+        pages = self.get(keys)
+        done = []
+        for key, dst in zip(keys, out, strict=True):
+            page = pages.get(key)
+            if page is not None:
+                _copy_into(dst, page.data)
+            done.append(page is not None)
+        return done
+
     def stats(self) -> dict[str, int]:
         """Tier-specific counters (e.g. ``quarantined``); empty by default."""
         return {}
 
     def close(self) -> None:  # noqa: B027  (optional hook: most tiers hold nothing to release)
         """Release threads, files and connections; the tier is unusable afterwards."""
+
+
+def _copy_into(dst: memoryview, data: bytes | bytearray | memoryview) -> None:
+    src = memoryview(data).cast("B")
+    view = memoryview(dst).cast("B")
+    if len(view) < len(src):
+        raise ValueError(f"output buffer holds {len(view)} bytes, page has {len(src)}")
+    view[:len(src)] = src

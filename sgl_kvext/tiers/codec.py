@@ -93,7 +93,7 @@ class ZstdCodec(Codec):
         return ctx
 
     def encode(self, raw: Buffer) -> bytes:
-        data = shuffle(raw, self.width) if self.width > 1 else raw
+        data = shuffle(raw, self.width).data if self.width > 1 else raw
         return self._contexts()[0].compress(data)
 
     def decode(self, blob: Buffer, raw_size: int) -> Buffer:
@@ -103,7 +103,7 @@ class ZstdCodec(Codec):
             raise CodecError(f"zstd: {exc}") from None
         if len(data) != raw_size:
             raise CodecError(f"decoded {len(data)} bytes, header says {raw_size}")
-        return memoryview(unshuffle(data, self.width)) if self.width > 1 else data
+        return unshuffle(data, self.width).data if self.width > 1 else data
 
 
 CODECS = ("none", "zstd")

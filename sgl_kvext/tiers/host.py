@@ -19,7 +19,7 @@ from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.objects import KVPage
 from sgl_kvext.tiers.policies import make_policy
 
-DEFAULT_BLOCK = 64 << 10
+DEFAULT_BLOCK = 256 << 10
 
 
 class _Entry(NamedTuple):
@@ -93,6 +93,19 @@ class HostTier(Tier):
                 out[key] = KVPage(key, self._read(entry), entry.dtype, entry.shape)
         return out
 
+    def read_into(self, keys: Sequence[bytes], out: Sequence[memoryview]) -> list[bool]:
+        if len(keys) != len(out):
+            raise ValueError(f"{len(keys)} keys but {len(out)} output buffers")
+        done = []
+        with self._lock:
+            for key, dst in zip(keys, out, strict=True):
+                entry = self._index.get(key)
+                if entry is not None:
+                    self._policy.touch(key)
+                    self._gather(entry, np.frombuffer(dst, dtype=np.uint8))
+                done.append(entry is not None)
+        return done
+
     def put(self, pages: Sequence[KVPage]) -> PutResult:
         stored: list[bytes] = []
         rejected: list[bytes] = []
@@ -157,4 +170,15 @@ class HostTier(Tier):
         if not entry.blocks:
             return memoryview(b"")
         # One vectorized gather into fresh memory; the last block's padding is sliced off.
-        return memoryview(self._pool[entry.blocks].reshape(-1)[:entry.nbytes])
+        return self._pool[entry.blocks].reshape(-1)[:entry.nbytes].data
+
+    def _gather(self, entry: _Entry, dst: np.ndarray) -> None:
+        if dst.size < entry.nbytes:
+            raise ValueError(f"output buffer holds {dst.size} bytes, page has {entry.nbytes}")
+        full = entry.nbytes // self._block
+        if full:
+            np.take(self._pool, entry.blocks[:full], axis=0, mode="clip",  # clip: unbuffered
+                    out=dst[:full * self._block].reshape(full, self._block))
+        tail = entry.nbytes - full * self._block
+        if tail:
+            dst[full * self._block:entry.nbytes] = self._pool[entry.blocks[full], :tail]

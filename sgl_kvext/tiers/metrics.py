@@ -71,6 +71,16 @@ class MeteredTier(Tier):
                     bytes_out=sum(p.nbytes for p in out.values()))
         return out
 
+    def read_into(self, keys: Sequence[bytes], out: Sequence[memoryview]) -> list[bool]:
+        start = time.perf_counter()
+        done = self.inner.read_into(keys, out)
+        hits = sum(done)
+        # Bytes out counts the filled buffers; callers size them to the page.
+        self._timed("get", start, hits=hits, misses=len(keys) - hits,
+                    bytes_out=sum(len(memoryview(o).cast("B")) for o, d in zip(out, done,
+                                                                              strict=True) if d))
+        return done
+
     def put(self, pages: Sequence[KVPage]) -> PutResult:
         start = time.perf_counter()
         result = self.inner.put(pages)

@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -112,10 +113,9 @@ class S3Tier(Tier):
     def delete(self, keys: Sequence[bytes]) -> int:
         held = [k for k, e in zip(keys, self.exists(keys), strict=True) if e]
         for start in range(0, len(held), 1000):
-            chunk = held[start:start + 1000]
-            self._call(lambda c=chunk: self._client.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": self._object_key(k)} for k in c], "Quiet": True}))
+            batch = {"Objects": [{"Key": self._object_key(k)} for k in held[start:start + 1000]],
+                     "Quiet": True}
+            self._call(partial(self._client.delete_objects, Bucket=self.bucket, Delete=batch))
         return len(held)
 
     def stats(self) -> dict[str, int]:
