@@ -1,0 +1,32 @@
+"""sgl-kvext-bench tiers on a tiny configuration: it runs end to end and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_tier_bench_writes_every_field(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "tiers.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "tiers", "--json", str(out),
+         "--objects", "3", "--object-mib", "1", "--repeats", "1", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for tier in ("host", "disk", "s3"):
+        for field in ("put_gbps", "get_gbps", "limit_put_gbps", "limit_get_gbps"):
+            assert data[tier][field] > 0
+    assert data["codec"]["ratio"] > 1.0
+    assert data["codec"]["compress_mbps"] > 0 and data["codec"]["decompress_mbps"] > 0
+    assert "| disk |" in result.stdout
+    assert not list(tmp_path.glob("tmp*"))     # its work folder was removed
+
+
+def test_bad_arguments_are_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", "tiers", "--json",
+                             "x.json", "--objects", "0"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
