@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tier_contract import PAGE, TierContract, assert_same, key_of, page_of
+from tier_contract import PAGE, BoundedTierContract, assert_same, key_of, page_of
 
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.disk_ledger import scan_objects
@@ -20,7 +20,7 @@ NS = bytes(range(32))
 
 @pytest.mark.parametrize("io", ["posix", "direct"])
 @pytest.mark.parametrize("codec", ["zstd", "none"])
-class TestDiskTierContract(TierContract):
+class TestDiskTierContract(BoundedTierContract):
     @pytest.fixture(autouse=True)
     def _setup(self, tmp_path: Path, io: str, codec: str) -> None:
         self.root, self.io, self.codec = tmp_path, io, codec

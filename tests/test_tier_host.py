@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from tier_contract import PAGE, TierContract, key_of, page_of
+from tier_contract import PAGE, BoundedTierContract, key_of, page_of
 
 from sgl_kvext.tiers.host import HostTier
 from sgl_kvext.tiers.policies import POLICIES, LFUPolicy, LRUPolicy, S3FIFOPolicy, make_policy
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-class TestHostTierContract(TierContract):
+class TestHostTierContract(BoundedTierContract):
     @pytest.fixture(autouse=True)
     def _policy(self, policy: str) -> None:
         self.policy = policy

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
-from tier_contract import PAGE, TierContract, key_of, page_of
+from tier_contract import PAGE, BoundedTierContract, key_of, page_of
 
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier
 from sgl_kvext.tiers.metrics import MeteredTier, TierCollector
 
 
-class TestMeteredHostContract(TierContract):
+class TestMeteredHostContract(BoundedTierContract):
     def make_tier(self, capacity: int) -> MeteredTier:
         return MeteredTier(HostTier(capacity, block_bytes=8192))
 

@@ -26,8 +26,6 @@ def make_s3(server: SeaweedFS, prefix: str | None = None, ns: bytes = NS, **kw: 
 
 
 class TestS3TierContract(TierContract):
-    bounded = False
-
     @pytest.fixture(autouse=True)
     def _server(self, seaweed: SeaweedFS) -> None:
         self.server = seaweed

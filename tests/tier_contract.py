@@ -1,7 +1,7 @@
 """The generic contract every Tier passes: subclass TierContract and define ``make_tier``.
 
-A subclass's ``make_tier(capacity)`` returns a fresh, empty tier of about ``capacity`` bytes
-(tiers without a cap may ignore it and set ``bounded = False``).
+A subclass's ``make_tier(capacity)`` returns a fresh, empty tier of about ``capacity`` bytes.
+Tiers with a byte cap subclass :class:`BoundedTierContract` instead, which adds the cap tests.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ def assert_same(got: KVPage, want: KVPage) -> None:
 
 
 class TierContract:
-    bounded = True
-
     def make_tier(self, capacity: int) -> Tier:
         raise NotImplementedError
 
@@ -83,9 +81,23 @@ class TierContract:
         for page in pages:
             assert_same(got[page.key], page)
 
+    def test_read_into_copies_held_pages(self, tier: Tier) -> None:
+        pages = [page_of(1), page_of(2, 70_001)]
+        tier.put(pages)
+        out = [memoryview(bytearray(80_000)) for _ in range(3)]
+        done = tier.read_into([key_of(1), key_of(5), key_of(2)], out)
+        assert done == [True, False, True]
+        assert bytes(out[0][:PAGE]) == bytes(pages[0].data)
+        assert bytes(out[2][:70_001]) == bytes(pages[1].data)
+        assert bytes(out[1]) == bytes(80_000)
+        with pytest.raises(ValueError, match="output buffer"):
+            tier.read_into([key_of(1)], [memoryview(bytearray(10))])
+
+
+class BoundedTierContract(TierContract):
+    """The contract plus the byte cap: held after every put, evictions carry their bytes."""
+
     def test_cap_is_held_and_evictions_carry_their_bytes(self) -> None:
-        if not self.bounded:
-            pytest.skip("this tier has no byte cap")
         tier = self.make_tier(10 * PAGE)
         try:
             written = {i: page_of(i) for i in range(40)}
@@ -106,23 +118,9 @@ class TierContract:
             tier.close()
 
     def test_page_larger_than_the_cap_is_rejected(self) -> None:
-        if not self.bounded:
-            pytest.skip("this tier has no byte cap")
         tier = self.make_tier(4 * PAGE)
         try:
             result = tier.put([page_of(1, 8 * PAGE)])
             assert result.rejected == (key_of(1),) and tier.get([key_of(1)]) == {}
         finally:
             tier.close()
-
-    def test_read_into_copies_held_pages(self, tier: Tier) -> None:
-        pages = [page_of(1), page_of(2, 70_001)]
-        tier.put(pages)
-        out = [memoryview(bytearray(80_000)) for _ in range(3)]
-        done = tier.read_into([key_of(1), key_of(5), key_of(2)], out)
-        assert done == [True, False, True]
-        assert bytes(out[0][:PAGE]) == bytes(pages[0].data)
-        assert bytes(out[2][:70_001]) == bytes(pages[1].data)
-        assert bytes(out[1]) == bytes(80_000)
-        with pytest.raises(ValueError, match="output buffer"):
-            tier.read_into([key_of(1)], [memoryview(bytearray(10))])
