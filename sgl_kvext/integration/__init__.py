@@ -29,3 +29,8 @@ def load() -> None:
 
     server_flags.register_hooks()
     tree.register_backend(BACKEND_NAME)
+    config = tree.process_config()
+    if config is not None and config.enabled and config.cpu_attention == "prefix":
+        from sgl_kvext.integration import cpu_attention
+
+        cpu_attention.install()

@@ -43,6 +43,12 @@ class HierarchicalRadixCache(RadixCache):
         self.kvext_config = config
 
 
+def process_config() -> KVExtConfig | None:
+    """The launcher's resolved config in a process SGLang spawned, else None (launcher)."""
+    resolved = env.get(env.RESOLVED_CONFIG)
+    return KVExtConfig.from_json(resolved) if resolved else None
+
+
 def scheduler_config() -> KVExtConfig:
     """The config the launcher resolved (inherited JSON), else one read from YAML / variables.
 
