@@ -92,6 +92,9 @@ def _fail(obj: Any, section: str, name: str, message: str) -> None:
 class TierConfig:
     """Where evicted KV spills: host memory, then a local disk folder, then S3."""
 
+    page_tokens: int = _opt(64, "--kvext-page-tokens",
+                            "Tokens per tier page (a multiple of SGLang's --page-size).",
+                            parse_int)
     host_size: int = _opt(4 * GiB, "--kvext-host-size",
                           "Host-memory tier size, e.g. 4GiB (0 disables the tier).", parse_size)
     disk_dir: Path | None = _opt(None, "--kvext-disk-dir",
@@ -122,6 +125,8 @@ class TierConfig:
 
     def __post_init__(self) -> None:
         _normalize(self, "tiers")
+        if not 1 <= self.page_tokens <= 1 << 16:
+            _fail(self, "tiers", "page_tokens", "must be in [1, 65536]")
         if self.disk_dir is not None:
             problem = check_writable_dir(self.disk_dir)
             if problem:

@@ -1,34 +1,59 @@
 """sgl-kvext's tree cache, registered with SGLang as radix-cache backend ``kvext``.
 
 :class:`HierarchicalRadixCache` extends SGLang's ``RadixCache`` (the Python radix tree that
-SGLang's other registered backend, FlexKV, also extends): its match / insert / evict paths
-are short Python methods a subclass can extend, where ``UnifiedRadixCache`` keeps them in a
-Rust core entangled with SGLang's own HiCache state. In this version the subclass adds no
-behaviour of its own: it carries the validated :class:`KVExtConfig` and reports itself, so
-serving with ``--enable-hierarchical-kv`` is exactly SGLang's radix-cache serving.
+SGLang's other registered backend, FlexKV, also extends): match / insert / evict are short
+Python methods a subclass can extend, where ``UnifiedRadixCache`` keeps them in a Rust core
+entangled with SGLang's own HiCache state. Everything ``RadixCache`` does stays as it is;
+tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not on nodes.
+
+- **Evict = demote.** Each evicted leaf's full tier pages (including the page it shares with
+  its parent) are copied out of the device pool into the tier chain before its slots are
+  reused. With ``write_through`` a finished request's pages are stored at once as well.
+- **Match = promote.** After the device match, the run of pages the host tier holds is
+  reported as ``host_hit_length``; SGLang then calls :meth:`init_load_back`, which allocates
+  slots, copies the pages in and hangs a new node under the matched one. Pages on disk / S3
+  are prefetched into the host tier in the background, so the scheduler never waits on them.
+  A page that vanished or fails its checksum makes the load return 0: SGLang recomputes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.radix_cache import RadixCache
-from sglang.srt.mem_cache.registry import (
-    TreeCacheBuildContext,
-    register_radix_cache_backend,
-    registered_radix_cache_backends,
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    EvictResult,
+    InitLoadBackParams,
+    MatchPrefixParams,
+    MatchResult,
 )
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from sgl_kvext import env
 from sgl_kvext.config import KVExtConfig
+from sgl_kvext.kv_tiering import KVTiering, LoadPlan
 
 logger = logging.getLogger("sgl_kvext")
 
 
+def salt_of(key: RadixKey) -> str:
+    """Tenant namespace of a key: SGLang's extra key and cache salt, unambiguously joined."""
+    return f"{key.extra_key or ''}\x00{key.cache_salt or ''}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    plan: LoadPlan
+    node: TreeNode
+    key: RadixKey     # tokens [plan.start, plan.end), a copy (the request's ids may change)
+
+
 class HierarchicalRadixCache(RadixCache):
-    """SGLang's radix tree, owned by sgl-kvext.
+    """SGLang's radix tree with evicted KV spilling down a tier chain and loading back.
 
     Parameters
     ----------
@@ -36,11 +61,138 @@ class HierarchicalRadixCache(RadixCache):
         SGLang's cache construction parameters (pools, page size, eviction policy, events).
     config
         The validated sgl-kvext configuration.
+    tiering
+        Device-pool <-> tier-chain mover; None keeps the plain radix cache (e.g. disabled).
     """
 
-    def __init__(self, params: CacheInitParams, config: KVExtConfig) -> None:
-        super().__init__(params)
+    def __init__(self, params: CacheInitParams, config: KVExtConfig,
+                 tiering: KVTiering | None = None) -> None:
         self.kvext_config = config
+        self.tiering = tiering
+        self._pending: dict[Any, _Pending] = {}
+        self._victims: list[tuple[str, list[int], torch.Tensor, int]] | None = None
+        super().__init__(params)
+
+    # ----------------------------------------------------------------- evict
+    def evict(self, params: EvictParams) -> EvictResult:
+        if self.tiering is None:
+            return super().evict(params)
+        self._victims = []
+        try:
+            result = super().evict(params)
+            victims = self._victims
+        finally:
+            self._victims = None
+        for salt, tokens, slots, start in victims:   # slots are freed but not yet reused
+            self._spill(salt, tokens, slots, start)
+        return result
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        if self._victims is not None and node.value is not None and len(node.value):
+            tokens, slots = self._path(node)
+            self._victims.append((salt_of(node.key), tokens, slots,
+                                  len(tokens) - len(node.key)))
+        super()._delete_leaf(node)
+
+    def _path(self, node: TreeNode) -> tuple[list[int], torch.Tensor]:
+        parts = []
+        cur = node
+        while cur is not self.root_node:
+            parts.append(cur.key.raw_token_ids())
+            cur = cur.parent
+        tokens = [t for part in reversed(parts) for t in part]
+        return tokens, self.path_device_indices(node)
+
+    def _spill(self, salt: str, tokens: list[int], slots: torch.Tensor, start: int) -> None:
+        assert self.tiering is not None
+        try:
+            self.tiering.spill(salt, tokens, slots, start)
+        except Exception:   # a tier failure must never fail the request that evicted
+            logger.exception("sgl-kvext: spilling %d tokens failed; they will be recomputed",
+                             len(tokens) - start)
+
+    def checkpoint(self, req: Any, *, up_to: int) -> None:
+        super().checkpoint(req, up_to=up_to)
+        if (self.tiering is not None and not self.disable and req.finished()
+                and self.kvext_config.tiers.write_policy == "write_through"):
+            tokens, slots = self._path(req.last_node)
+            self._spill(salt_of(req.last_node.key), tokens, slots, 0)
+
+    # ----------------------------------------------------------------- match
+    def supports_fast_match_prefix(self) -> bool:
+        # SGLang then matches every waiting request on every pass: prefetch starts early.
+        return self.tiering is not None
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        base = super().match_prefix(params)
+        req = params.req
+        if self.tiering is None or self.disable or req is None or len(params.key) == 0:
+            return base
+        key = params.key.page_aligned(self.page_size)
+        tokens = key.raw_token_ids()
+        device_len = base.device_prefix_len
+        try:
+            plan = self.tiering.plan(salt_of(key), tokens, device_len,
+                                     prefetch_id=req.cache_request_handle)
+        except Exception:
+            logger.exception("sgl-kvext: tier lookup failed; serving the device match only")
+            plan = None
+        if plan is None or plan.tokens % self.page_size:
+            self._pending.pop(req.cache_request_handle, None)
+            return base
+        self._pending[req.cache_request_handle] = _Pending(
+            plan, base.last_device_node, key[plan.start:plan.end])
+        return base._replace(host_hit_length=plan.tokens)
+
+    def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any]:
+        node = params.best_match_node
+        req = params.req
+        pending = self._pending.pop(req.cache_request_handle, None) if req is not None else None
+        if (pending is None or self.tiering is None or pending.node is not node
+                or pending.plan.tokens != params.host_hit_length):
+            return 0, node
+        child_key = pending.key.child_key(self.page_size)
+        if child_key in node.children:          # the tree grew here since the match
+            return 0, node
+        n = pending.plan.tokens
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.available_size() < n:
+            self.evict(EvictParams(num_tokens=n - allocator.available_size()))
+        slots = allocator.alloc(n)
+        if slots is None:
+            return 0, node
+        try:
+            loaded = self.tiering.load(pending.plan, slots)
+        except Exception:
+            logger.exception("sgl-kvext: loading %d tokens failed; recomputing them", n)
+            loaded = False
+        if not loaded:
+            allocator.free(slots)
+            return 0, node
+        new_node = TreeNode(priority=node.priority)
+        new_node.key, new_node.value, new_node.parent = pending.key, slots.to(torch.int64), node
+        node.children[child_key] = new_node
+        self.evictable_size_ += n
+        self._update_leaf_status(node)
+        self._update_leaf_status(new_node)
+        self.kv_events.record_store(new_node)
+        if getattr(self, "metrics_collector", None) is not None:
+            self.metrics_collector.increment_load_back_num_tokens(n, pool="kv")
+        return n, new_node
+
+    # ------------------------------------------------------------- lifecycle
+    def reset(self) -> None:
+        super().reset()
+        if hasattr(self, "_pending"):   # reset() also runs inside RadixCache.__init__
+            self._pending.clear()
+
+    def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        self._pending.pop(req.cache_request_handle, None)
+
+    def release_host_resources(self) -> None:
+        if self.tiering is not None:
+            self.tiering.close()
+            self.tiering = None
 
 
 def process_config() -> KVExtConfig | None:
@@ -54,27 +206,5 @@ def scheduler_config() -> KVExtConfig:
 
     The backend was selected explicitly when this runs, so the result is always enabled.
     """
-    resolved = env.get(env.RESOLVED_CONFIG)
-    config = KVExtConfig.from_json(resolved) if resolved else KVExtConfig.load()
+    config = process_config() or KVExtConfig.load()
     return config if config.enabled else dataclasses.replace(config, enabled=True)
-
-
-def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
-    """Radix-cache factory SGLang's scheduler calls (``--radix-cache-backend kvext``)."""
-    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa:
-        raise ValueError("--enable-hierarchical-kv supports full-attention models only; this "
-                         "model has sliding-window, state-space or sparse-attention layers")
-    config = scheduler_config()
-    cache = HierarchicalRadixCache(ctx.params, config)
-    tiers = config.tiers
-    logger.info("sgl-kvext: %s active (page_size=%d, tp %d/%d); configured tiers: host=%d B, "
-                "disk=%s, s3=%s; spilling to tiers is not wired into the tree in this version",
-                type(cache).__name__, ctx.params.page_size, ctx.tp_rank, ctx.tp_size,
-                tiers.host_size, tiers.disk_dir or "off", tiers.s3_url or "off")
-    return cache
-
-
-def register_backend(name: str) -> None:
-    """Register :func:`build_tree_cache` under ``name`` (once per process)."""
-    if name not in registered_radix_cache_backends():
-        register_radix_cache_backend(name, build_tree_cache)

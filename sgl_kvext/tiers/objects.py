@@ -47,7 +47,7 @@ class KVPage:
 
     @property
     def nbytes(self) -> int:
-        return len(self.data)
+        return memoryview(self.data).nbytes   # len() of a shaped memoryview is its 1st dim
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,82 @@
+"""The ``kvext`` radix-cache backend: checks the model and pool, builds tiers and the tree.
+
+SGLang's scheduler calls :func:`build_tree_cache` (``--radix-cache-backend kvext``, which
+``--enable-hierarchical-kv`` selects). Unsupported set-ups fail here with one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.mem_cache.registry import (
+    TreeCacheBuildContext,
+    register_radix_cache_backend,
+    registered_radix_cache_backends,
+)
+
+from sgl_kvext.config import KVExtConfig, TierConfig
+from sgl_kvext.config_values import format_size
+from sgl_kvext.integration.identity import model_identity
+from sgl_kvext.integration.tree import HierarchicalRadixCache, scheduler_config
+from sgl_kvext.kv_pages import PagedKV
+from sgl_kvext.kv_tiering import KVTiering
+from sgl_kvext.tiers.factory import build_chain
+
+logger = logging.getLogger("sgl_kvext")
+
+
+def _check_supported(ctx: TreeCacheBuildContext, config: KVExtConfig) -> None:
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa:
+        raise ValueError("--enable-hierarchical-kv supports full-attention models only; this "
+                         "model has sliding-window, state-space or sparse-attention layers")
+    if ctx.params.is_eagle:
+        raise ValueError("--enable-hierarchical-kv does not support EAGLE speculative decoding")
+    if config.tiers.page_tokens % ctx.params.page_size:
+        raise ValueError(f"--kvext-page-tokens ({config.tiers.page_tokens}) must be a multiple "
+                         f"of --page-size ({ctx.params.page_size})")
+
+
+def _paged_kv(ctx: TreeCacheBuildContext, page_tokens: int) -> PagedKV:
+    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
+    if not isinstance(k, list) or not isinstance(v, list) or getattr(pool, "use_hnd", False):
+        raise ValueError(f"--enable-hierarchical-kv needs an MHA KV pool in token-major layout; "
+                         f"got {type(pool).__name__}")
+    if getattr(pool, "store_dtype", None) != getattr(pool, "dtype", None):
+        raise ValueError("--enable-hierarchical-kv does not support quantized KV caches "
+                         "(--kv-cache-dtype fp8...)")
+    return PagedKV(k, v, page_tokens)
+
+
+def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
+    """Radix-cache factory SGLang's scheduler calls."""
+    config = scheduler_config()
+    _check_supported(ctx, config)
+    if ctx.params.disable:
+        return HierarchicalRadixCache(ctx.params, config)
+    tiers = config.tiers
+    paged = _paged_kv(ctx, tiers.page_tokens)
+    identity = model_identity(ctx.model_config, str(paged.dtype).removeprefix("torch."),
+                              tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
+                              ctx.tp_rank, ctx.tp_size)
+    chain = build_chain(tiers, identity.digest())
+    tiering = KVTiering(paged, chain, identity)
+    logger.info("sgl-kvext: HierarchicalRadixCache active (tp %d/%d): pages of %d tokens "
+                "(%s each); tiers %s; write policy %s", ctx.tp_rank, ctx.tp_size,
+                tiers.page_tokens, format_size(paged.page_nbytes),
+                " -> ".join(_describe(t.name, tiers) for t in chain.tiers), tiers.write_policy)
+    return HierarchicalRadixCache(ctx.params, config, tiering)
+
+
+def _describe(name: str, tiers: TierConfig) -> str:
+    if name == "host":
+        return f"host {format_size(tiers.host_size)} ({tiers.eviction_policy})"
+    if name == "disk":
+        return f"disk {tiers.disk_dir} cap {format_size(tiers.disk_size)} ({tiers.codec})"
+    return f"s3 {tiers.s3_url} at {tiers.s3_endpoint or 'AWS'} ({tiers.codec})"
+
+
+def register_backend(name: str) -> None:
+    """Register :func:`build_tree_cache` under ``name`` (once per process)."""
+    if name not in registered_radix_cache_backends():
+        register_radix_cache_backend(name, build_tree_cache)

@@ -1,0 +1,109 @@
+"""Copy KV between a paged token KV pool (per-layer K and V tensors) and tier pages.
+
+A *tier page* holds the KV of ``tokens`` consecutive tokens for every layer, as one contiguous
+array shaped ``(2, layers, tokens, kv_heads, head_dim)`` (K then V) in the pool's dtype. This
+module imports only torch; the pool's tensors are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PagedKV:
+    """Gather / scatter tier pages out of / into an MHA token KV pool.
+
+    Parameters
+    ----------
+    k_buffers, v_buffers
+        One tensor per layer, each ``[slots, kv_heads, head_dim]`` (SGLang's
+        ``MHATokenToKVPool.k_buffer`` / ``v_buffer``), same dtype and device.
+    tokens_per_page
+        Tokens in one tier page.
+    """
+
+    def __init__(self, k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor],
+                 tokens_per_page: int) -> None:
+        if not k_buffers or len(k_buffers) != len(v_buffers):
+            raise ValueError("need one K and one V buffer per layer")
+        shape, dtype = k_buffers[0].shape[1:], k_buffers[0].dtype
+        for buf in (*k_buffers, *v_buffers):
+            if buf.dim() != 3 or buf.shape[1:] != shape or buf.dtype != dtype:
+                raise ValueError("every K / V buffer must be [slots, kv_heads, head_dim] with "
+                                 "one shape and dtype")
+        if tokens_per_page < 1:
+            raise ValueError(f"tokens_per_page must be >= 1, got {tokens_per_page}")
+        self.k, self.v = list(k_buffers), list(v_buffers)
+        self.tokens = tokens_per_page
+        self.kv_heads, self.head_dim = int(shape[0]), int(shape[1])
+        self.dtype = dtype
+        self.device = k_buffers[0].device
+
+    @property
+    def layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        return (2, self.layers, self.tokens, self.kv_heads, self.head_dim)
+
+    @property
+    def page_nbytes(self) -> int:
+        return 2 * self.layers * self.tokens * self.kv_heads * self.head_dim * \
+            self.dtype.itemsize
+
+    def gather_pages(self, slots: torch.Tensor) -> torch.Tensor:
+        """KV of whole pages, on the CPU.
+
+        Parameters
+        ----------
+        slots : (pages, tokens_per_page) int64
+            Pool slots of each page's tokens, in order.
+
+        Returns
+        -------
+        (pages, 2, layers, tokens_per_page, kv_heads, head_dim) contiguous CPU tensor.
+        """
+        if slots.dim() != 2 or slots.shape[1] != self.tokens:
+            raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
+        flat = slots.reshape(-1).to(self.device, torch.int64)
+        n = slots.shape[0]
+        out = torch.empty((n, 2, self.layers, self.tokens, self.kv_heads, self.head_dim),
+                          dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        for side, buffers in enumerate((self.k, self.v)):
+            for layer, buf in enumerate(buffers):
+                rows = buf.index_select(0, flat).view(n, self.tokens, self.kv_heads,
+                                                      self.head_dim)
+                out[:, side, layer].copy_(rows, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0) -> None:
+        """Write tokens of consecutive pages into pool slots.
+
+        Parameters
+        ----------
+        slots : (n,) int64
+            Destination slots for ``n`` tokens.
+        pages : (pages, 2, layers, tokens_per_page, kv_heads, head_dim)
+            Page KV (any device); token ``skip`` of the first page goes to ``slots[0]``.
+        skip
+            Leading tokens of the first page that are not written.
+        """
+        n = int(slots.numel())
+        if pages.shape[1:] != self.page_shape:
+            raise ValueError(f"pages must be (pages, {', '.join(map(str, self.page_shape))}), "
+                             f"got {tuple(pages.shape)}")
+        if skip < 0 or skip + n > pages.shape[0] * self.tokens:
+            raise ValueError(f"{n} tokens after skipping {skip} exceed {pages.shape[0]} pages")
+        # (pages, 2, L, T, H, D) -> (2, L, pages * T, H, D), then the wanted token range.
+        tokens = pages.permute(1, 2, 0, 3, 4, 5).reshape(
+            2, self.layers, -1, self.kv_heads, self.head_dim)[:, :, skip:skip + n]
+        tokens = tokens.to(self.device, self.dtype, non_blocking=True)
+        dst = slots.to(self.device, torch.int64)
+        for layer in range(self.layers):
+            self.k[layer].index_copy_(0, dst, tokens[0, layer])
+            self.v[layer].index_copy_(0, dst, tokens[1, layer])

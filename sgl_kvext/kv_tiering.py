@@ -1,0 +1,172 @@
+"""Moves KV between the device KV pool and the tier chain, page by page.
+
+The tree calls this module and knows nothing of tiers; the tiers know nothing of the tree.
+
+- :meth:`KVTiering.spill` stores the full tier pages of a token path (e.g. an evicted node and
+  the partial page it shares with its parent) under their chained page keys.
+- :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the fastest
+  tier holds now, and asks the :class:`Prefetcher` to bring the rest up from slower tiers
+  in the background.
+- :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots; any page
+  that has gone missing makes the whole load fail (the caller recomputes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sgl_kvext.keys import ModelIdentity, Namespace, page_keys
+from sgl_kvext.kv_pages import PagedKV
+from sgl_kvext.prefetch import Prefetcher
+from sgl_kvext.tiers.chain import TierChain
+from sgl_kvext.tiers.objects import KVPage
+
+logger = logging.getLogger("sgl_kvext")
+_KNOWN_KEYS = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new."""
+
+    keys: tuple[bytes, ...]
+    first_page: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+class KVTiering:
+    """Page KV between one model's device pool and a tier chain.
+
+    Parameters
+    ----------
+    pool
+        The device pool's per-layer K / V tensors, with the tier page size.
+    chain
+        Tiers fastest first; tier 0 is the one loads are served from.
+    identity
+        Model identity: seeds every key chain (with the request's salt).
+    prefetch_threads
+        Background workers bringing pages up from slower tiers.
+    """
+
+    def __init__(self, pool: PagedKV, chain: TierChain, identity: ModelIdentity,
+                 prefetch_threads: int = 2) -> None:
+        if identity.page_size != pool.tokens:
+            raise ValueError("identity.page_size must equal the pool's tokens_per_page")
+        self.pool, self.chain, self.identity = pool, chain, identity
+        self.tokens = pool.tokens
+        self.prefetcher = Prefetcher(chain, prefetch_threads)
+        self._known: OrderedDict[bytes, None] = OrderedDict()   # recently stored keys
+        self._lock = threading.Lock()
+        self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
+
+    def keys_for(self, salt: str, tokens: Sequence[int]) -> list[bytes]:
+        return page_keys(Namespace(self.identity, salt), np.asarray(tokens, dtype=np.int64))
+
+    # ------------------------------------------------------------------ spill
+    def spill(self, salt: str, tokens: Sequence[int], slots: torch.Tensor, from_token: int) -> int:
+        """Store the full pages of ``tokens`` that end after ``from_token``.
+
+        Parameters
+        ----------
+        salt
+            Tenant namespace (cache salt / extra key).
+        tokens : (n,) ints
+            The whole path from the root.
+        slots : (n,) int64
+            Pool slots holding the path's KV (still intact).
+        from_token
+            Tokens before this are stored already (or belong to another node).
+
+        Returns
+        -------
+        Pages handed to the chain.
+        """
+        keys = self.keys_for(salt, tokens)
+        first = from_token // self.tokens
+        todo = [p for p in range(first, len(keys)) if not self._seen(keys[p])]
+        if not todo:
+            return 0
+        index = torch.tensor(todo, dtype=torch.int64)
+        page_slots = slots[: len(keys) * self.tokens].view(len(keys), self.tokens)[index]
+        data = self.pool.gather_pages(page_slots)
+        raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
+        pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
+                 for i, p in enumerate(todo)]
+        self.chain.put(pages)
+        with self._lock:
+            for p in todo:
+                self._known[keys[p]] = None
+            while len(self._known) > _KNOWN_KEYS:
+                self._known.popitem(last=False)
+            self.counters["spilled_pages"] += len(pages)
+        return len(pages)
+
+    def _seen(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self._known:
+                self._known.move_to_end(key)
+                return True
+        return False
+
+    # ------------------------------------------------------------------- load
+    def plan(self, salt: str, tokens: Sequence[int], device_len: int,
+             prefetch_id: object | None = None) -> LoadPlan | None:
+        """The loadable run after ``device_len`` tokens, from tier 0 only (no waiting).
+
+        Pages missing from tier 0 are prefetched under ``prefetch_id`` (when given), so a
+        later call finds them. Returns None when no new token is loadable now.
+        """
+        keys = self.keys_for(salt, tokens)
+        first = device_len // self.tokens
+        rest = keys[first:]
+        if not rest:
+            return None
+        held = self.chain.tiers[0].exists(rest)
+        run = next((i for i, h in enumerate(held) if not h), len(rest))
+        if run < len(rest) and prefetch_id is not None and len(self.chain.tiers) > 1:
+            self.prefetcher.request(prefetch_id, rest[run:])
+        end = (first + run) * self.tokens
+        if end <= device_len:
+            return None
+        return LoadPlan(tuple(rest[:run]), first, device_len, end)
+
+    def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
+        """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss."""
+        if slots.numel() != plan.tokens:
+            raise ValueError(f"{slots.numel()} slots for {plan.tokens} tokens")
+        staging = torch.empty((len(plan.keys), self.pool.page_nbytes), dtype=torch.uint8,
+                              pin_memory=self.pool.device.type == "cuda")
+        views = [staging[i].numpy().data for i in range(len(plan.keys))]
+        done = self.chain.tiers[0].read_into(list(plan.keys), views)
+        if not all(done):
+            with self._lock:
+                self.counters["failed_loads"] += 1
+            return False
+        pages = staging.view(self.pool.dtype).view(len(plan.keys), *self.pool.page_shape)
+        skip = plan.start - plan.first_page * self.tokens
+        self.pool.scatter_tokens(slots, pages, skip=skip)
+        with self._lock:
+            self.counters["loaded_pages"] += len(plan.keys)
+        return True
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.chain.close()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
