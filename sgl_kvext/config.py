@@ -119,8 +119,10 @@ class TierConfig:
                              "computed (shared with other instances at once); write_back only "
                              "when the tree evicts them.",
                              choices=("write_through", "write_back"))
-    prefetch_policy: str = _opt("best_effort", "--kvext-prefetch-policy",
-                                "How long a queued request waits for tier loads.",
+    prefetch_policy: str = _opt("timeout", "--kvext-prefetch-policy",
+                                "How long a queued request waits for its pages to come up from "
+                                "disk / S3: best_effort never waits, wait_complete waits (up to "
+                                "30 s), timeout waits while loading beats recomputing.",
                                 choices=("best_effort", "wait_complete", "timeout"))
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sgl_kvext.cost_model import CostModel
 from sgl_kvext.keys import ModelIdentity, Namespace, page_keys
 from sgl_kvext.kv_pages import PagedKV
 from sgl_kvext.prefetch import Prefetcher
@@ -67,7 +68,8 @@ class KVTiering:
             raise ValueError("identity.page_size must equal the pool's tokens_per_page")
         self.pool, self.chain, self.identity = pool, chain, identity
         self.tokens = pool.tokens
-        self.prefetcher = Prefetcher(chain, prefetch_threads)
+        self.cost = CostModel([t.name for t in chain.tiers], pool.device.type)
+        self.prefetcher = Prefetcher(chain, prefetch_threads, cost=self.cost)
         self._known: OrderedDict[bytes, None] = OrderedDict()   # recently stored keys
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
@@ -161,6 +163,10 @@ class KVTiering:
         with self._lock:
             self.counters["loaded_pages"] += len(plan.keys)
         return True
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.pool.page_nbytes / self.tokens
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -13,12 +13,14 @@ import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from sgl_kvext.cost_model import CostModel
 from sgl_kvext.tiers.chain import TierChain
 
 
 class Prefetcher:
-    def __init__(self, chain: TierChain, threads: int = 2, max_pending: int = 256) -> None:
-        self.chain = chain
+    def __init__(self, chain: TierChain, threads: int = 2, max_pending: int = 256,
+                 cost: CostModel | None = None) -> None:
+        self.chain, self.cost = chain, cost
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-prefetch")
         self._running: dict[Hashable, Future[int]] = {}
@@ -58,10 +60,15 @@ class Prefetcher:
     def _fetch(self, keys: list[bytes]) -> int:
         start = time.perf_counter()
         got = self.chain.get(keys)        # loads the held run; pages below tier 0 are promoted
-        promoted = sum(1 for t in got.tiers if t > 0)
+        seconds = time.perf_counter() - start
+        below = [(p, t) for p, t in zip(got.pages, got.tiers, strict=True) if t > 0]
+        promoted = len(below)
+        if below and self.cost is not None:   # attributed to the slowest tier involved
+            self.cost.observe_load(max(t for _, t in below), sum(p.nbytes for p, _ in below),
+                                   seconds)
         with self._lock:
             self.counters["promoted_pages"] += promoted
-            self.counters["seconds_x1000"] += int((time.perf_counter() - start) * 1000)
+            self.counters["seconds_x1000"] += int(seconds * 1000)
         return promoted
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from sgl_kvext.config import KVExtConfig
+from sgl_kvext.config import KVExtConfig, TierConfig
 from sgl_kvext.integration.tree import HierarchicalRadixCache
 from sgl_kvext.keys import ModelIdentity
 from sgl_kvext.kv_pages import PagedKV
@@ -53,7 +53,8 @@ def kv_of(tokens: list[int], salt: str = "") -> torch.Tensor:
 
 class Harness:
     def __init__(self, root: Path, pool_tokens: int = 256, host_pages: int = 64,
-                 disk: bool = False) -> None:
+                 disk: bool = False, policy: str = "best_effort") -> None:
+        self.holds = 0
         self.pool = MHATokenToKVPool(pool_tokens, 1, torch.float32, HEADS, DIM, LAYERS, "cpu",
                                      False)
         self.alloc = TokenToKVPoolAllocator(pool_tokens, torch.float32, "cpu", self.pool, False)
@@ -65,7 +66,8 @@ class Harness:
                                  ModelIdentity("cfg", "w", "float32", T, "test"))
         params = CacheInitParams(disable=False, req_to_token_pool=None,
                                  token_to_kv_pool_allocator=self.alloc, page_size=1)
-        self.tree = HierarchicalRadixCache(params, KVExtConfig(enabled=True), self.tiering)
+        config = KVExtConfig(enabled=True, tiers=TierConfig(prefetch_policy=policy))
+        self.tree = HierarchicalRadixCache(params, config, self.tiering)
         self.total = self.alloc.available_size()
 
     def insert(self, tokens: list[int], salt: str | None = None) -> None:
@@ -82,15 +84,20 @@ class Harness:
         self.alloc.free(slots[: result.prefix_len])   # the tree kept its own copy of those
 
     def fetch(self, tokens: list[int], salt: str | None = None, rid: str = "r") -> int:
-        """Match, load back what the tiers hold; return the prefix now on device."""
+        """Admit like SGLang: match, load back; a held request waits and is matched again."""
         req = types.SimpleNamespace(cache_request_handle=rid)
-        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), salt),
-                                                     req=req))
-        if m.host_hit_length == 0:
-            return m.device_prefix_len
-        loaded, _ = self.tree.init_load_back(InitLoadBackParams(
-            best_match_node=m.best_match_node, host_hit_length=m.host_hit_length, req=req))
-        return m.device_prefix_len + loaded
+        for _ in range(20):
+            m = self.tree.match_prefix(MatchPrefixParams(
+                key=RadixKey(array("q", tokens), salt), req=req))
+            if m.host_hit_length == 0:
+                return m.device_prefix_len
+            out = self.tree.init_load_back(InitLoadBackParams(
+                best_match_node=m.best_match_node, host_hit_length=m.host_hit_length, req=req))
+            if out is not None:
+                return m.device_prefix_len + out[0]
+            self.holds += 1
+            self.tiering.prefetcher.wait(rid, 30)
+        raise AssertionError("request held forever")
 
     def device_kv(self, tokens: list[int], salt: str | None = None) -> torch.Tensor:
         m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), salt)))
@@ -189,6 +196,34 @@ def test_disk_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
     assert h.fetch(a, rid="q2") == 64
     torch.testing.assert_close(h.device_kv(a), kv_of(a), rtol=0, atol=0)
     h.check_accounting()
+    h.close()
+
+
+@pytest.mark.parametrize("policy", ["timeout", "wait_complete"])
+def test_held_request_waits_for_its_prefetch(tmp_path: Path, policy: str) -> None:
+    h = Harness(tmp_path, host_pages=8, disk=True, policy=policy)
+    a, b = seq(1000, 64), seq(5000, 64)
+    for tokens in (a, b):
+        h.insert(tokens)
+        h.tree.evict(EvictParams(num_tokens=1000))
+    h.tiering.chain.flush()
+    h.tiering.cost.prefill_tps = 10.0               # recomputing is slow: waiting pays
+    assert h.fetch(a, rid="q") == 64                # held, matched again, then loaded
+    assert h.holds >= 1
+    torch.testing.assert_close(h.device_kv(a), kv_of(a), rtol=0, atol=0)
+    h.check_accounting()
+    h.close()
+
+
+def test_timeout_policy_does_not_wait_when_recompute_is_faster(tmp_path: Path) -> None:
+    h = Harness(tmp_path, host_pages=8, disk=True, policy="timeout")
+    a, b = seq(1000, 64), seq(5000, 64)
+    for tokens in (a, b):
+        h.insert(tokens)
+        h.tree.evict(EvictParams(num_tokens=1000))
+    h.tiering.chain.flush()
+    h.tiering.cost.prefill_tps = 1e12               # recomputing is free: never wait
+    assert h.fetch(a, rid="q") == 0 and h.holds == 0
     h.close()
 
 

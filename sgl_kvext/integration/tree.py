@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ from sgl_kvext.config import KVExtConfig
 from sgl_kvext.kv_tiering import KVTiering, LoadPlan
 
 logger = logging.getLogger("sgl_kvext")
+#: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
+WAIT_CAP_S = 30.0
 
 
 def salt_of(key: RadixKey) -> str:
@@ -47,9 +50,12 @@ def salt_of(key: RadixKey) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Pending:
-    plan: LoadPlan
+    """What a match promised, for the ``init_load_back`` that follows it."""
+
+    plan: LoadPlan | None
     node: TreeNode
-    key: RadixKey     # tokens [plan.start, plan.end), a copy (the request's ids may change)
+    key: RadixKey | None   # tokens [plan.start, plan.end), a copy (the request's ids change)
+    hold: bool = False     # a prefetch is still running: retry admission instead of loading
 
 
 class HierarchicalRadixCache(RadixCache):
@@ -70,6 +76,7 @@ class HierarchicalRadixCache(RadixCache):
         self.kvext_config = config
         self.tiering = tiering
         self._pending: dict[Any, _Pending] = {}
+        self._deadlines: dict[Any, float] = {}
         self._victims: list[tuple[str, list[int], torch.Tensor, int]] | None = None
         super().__init__(params)
 
@@ -112,6 +119,11 @@ class HierarchicalRadixCache(RadixCache):
                              len(tokens) - start)
 
     def checkpoint(self, req: Any, *, up_to: int) -> None:
+        if self.tiering is not None and not req.finished():   # a prefill (chunk) just ran
+            started = getattr(req.time_stats, "last_forward_entry_time", 0.0)
+            if started > 0:
+                self.tiering.cost.observe_prefill(up_to - req.prefix_len,
+                                                  time.perf_counter() - started)
         super().checkpoint(req, up_to=up_to)
         if (self.tiering is not None and not self.disable and req.finished()
                 and self.kvext_config.tiers.write_policy == "write_through"):
@@ -137,18 +149,44 @@ class HierarchicalRadixCache(RadixCache):
         except Exception:
             logger.exception("sgl-kvext: tier lookup failed; serving the device match only")
             plan = None
-        if plan is None or plan.tokens % self.page_size:
-            self._pending.pop(req.cache_request_handle, None)
+        handle = req.cache_request_handle
+        if plan is not None and plan.tokens % self.page_size:
+            plan = None
+        if self._holding(handle, len(tokens), plan, device_len):
+            hit = plan.tokens if plan is not None else self.page_size
+            self._pending[handle] = _Pending(plan, base.last_device_node, None, hold=True)
+            return base._replace(host_hit_length=hit)
+        if plan is None:
+            self._pending.pop(handle, None)
             return base
-        self._pending[req.cache_request_handle] = _Pending(
-            plan, base.last_device_node, key[plan.start:plan.end])
+        self._pending[handle] = _Pending(plan, base.last_device_node, key[plan.start:plan.end])
         return base._replace(host_hit_length=plan.tokens)
 
-    def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any]:
+    def _holding(self, handle: Any, n_tokens: int, plan: LoadPlan | None,
+                 device_len: int) -> bool:
+        """Whether to keep the request waiting for its running prefetch (prefetch policy)."""
+        assert self.tiering is not None
+        policy = self.kvext_config.tiers.prefetch_policy
+        if policy == "best_effort" or not self.tiering.prefetcher.pending(handle):
+            self._deadlines.pop(handle, None)
+            return False
+        now = time.monotonic()
+        deadline = self._deadlines.get(handle)
+        if deadline is None:
+            missing = n_tokens - (plan.end if plan is not None else device_len)
+            budget = WAIT_CAP_S if policy == "wait_complete" else \
+                self.tiering.cost.hold_budget_s(missing, self.tiering.bytes_per_token, WAIT_CAP_S)
+            deadline = self._deadlines[handle] = now + budget
+        return now < deadline
+
+    def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any] | None:
         node = params.best_match_node
         req = params.req
         pending = self._pending.pop(req.cache_request_handle, None) if req is not None else None
-        if (pending is None or self.tiering is None or pending.node is not node
+        if pending is not None and pending.hold:
+            return None              # SGLang keeps the request queued and matches it again
+        if (pending is None or pending.plan is None or pending.key is None
+                or self.tiering is None or pending.node is not node
                 or pending.plan.tokens != params.host_hit_length):
             return 0, node
         child_key = pending.key.child_key(self.page_size)
@@ -185,9 +223,11 @@ class HierarchicalRadixCache(RadixCache):
         super().reset()
         if hasattr(self, "_pending"):   # reset() also runs inside RadixCache.__init__
             self._pending.clear()
+            self._deadlines.clear()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._pending.pop(req.cache_request_handle, None)
+        self._deadlines.pop(req.cache_request_handle, None)
 
     def release_host_resources(self) -> None:
         if self.tiering is not None:
