@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 
 #: Starting guesses (bytes/s) by tier name, replaced by measurements as loads happen.
-TIER_GUESS = {"host": 5e9, "disk": 5e8, "s3": 5e7}
+TIER_GUESS = {"host": 5e9, "disk": 2e8, "s3": 5e7}   # delivered (read + decode + promote)
 PREFILL_GUESS = {"cpu": 500.0, "cuda": 10_000.0}
 
 
@@ -64,11 +64,12 @@ class CostModel:
     def hold_budget_s(self, tokens: int, bytes_per_token: float, cap_s: float) -> float:
         """How long a request may wait for ``tokens`` to arrive from the slowest lower tier.
 
-        Zero when loading them is not expected to beat recomputing them; otherwise twice the
-        expected load time (slack for noise), never more than recomputing would take.
+        Zero when loading them is not expected to beat recomputing them; otherwise three
+        times the expected load time plus 0.25 s (a prefetch also queues, looks up and
+        promotes), never more than recomputing would take.
         """
         recompute = self.recompute_s(tokens)
         load = self.load_s(int(tokens * bytes_per_token), len(self.tier_bps) - 1)
         if load >= recompute:
             return 0.0
-        return min(cap_s, recompute, 2 * load + 0.05)
+        return min(cap_s, recompute, 3 * load + 0.25)

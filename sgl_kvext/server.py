@@ -161,6 +161,10 @@ class SGLangServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
             return _body(resp)
 
+    def get_text(self, path: str, timeout_s: float = 30.0) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return str(resp.read().decode(errors="replace"))
+
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
                  timeout_s: float = 300.0) -> Completion:
         """Greedy completion of ``prompt`` (text or token ids)."""

@@ -24,7 +24,7 @@ def test_wait_budget() -> None:
     model.prefill_tps = 1000.0                      # 1,000 tokens: 1 s to recompute
     model.tier_bps[1] = 100e6                       # 1,000 tokens x 23 KB: 0.23 s to load
     budget = model.hold_budget_s(1000, 23_000, cap_s=30)
-    assert budget == pytest.approx(2 * 0.23 + 0.05)
+    assert budget == pytest.approx(min(1.0, 3 * 0.23 + 0.25))
     assert model.hold_budget_s(1000, 23_000, cap_s=0.1) == 0.1
     model.tier_bps[1] = 10e6                        # now 2.3 s to load: recompute instead
     assert model.hold_budget_s(1000, 23_000, cap_s=30) == 0.0

@@ -65,7 +65,12 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
                 "(%s each); tiers %s; write policy %s", ctx.tp_rank, ctx.tp_size,
                 tiers.page_tokens, format_size(paged.page_nbytes),
                 " -> ".join(_describe(t.name, tiers) for t in chain.tiers), tiers.write_policy)
-    return HierarchicalRadixCache(ctx.params, config, tiering)
+    closers = []
+    if ctx.params.enable_metrics:
+        from sgl_kvext.integration.metrics_export import MetricsExporter
+
+        closers.append(MetricsExporter(tiering, ctx.tp_rank).close)
+    return HierarchicalRadixCache(ctx.params, config, tiering, closers)
 
 
 def _describe(name: str, tiers: TierConfig) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,12 +70,16 @@ class HierarchicalRadixCache(RadixCache):
         The validated sgl-kvext configuration.
     tiering
         Device-pool <-> tier-chain mover; None keeps the plain radix cache (e.g. disabled).
+    closers
+        Called (before the tiers close) when SGLang releases host resources at shutdown.
     """
 
     def __init__(self, params: CacheInitParams, config: KVExtConfig,
-                 tiering: KVTiering | None = None) -> None:
+                 tiering: KVTiering | None = None,
+                 closers: Sequence[Callable[[], None]] = ()) -> None:
         self.kvext_config = config
         self.tiering = tiering
+        self._closers = list(closers)
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: dict[Any, float] = {}
         self._victims: list[tuple[str, list[int], torch.Tensor, int]] | None = None
@@ -230,6 +235,9 @@ class HierarchicalRadixCache(RadixCache):
         self._deadlines.pop(req.cache_request_handle, None)
 
     def release_host_resources(self) -> None:
+        for close in self._closers:
+            close()
+        self._closers.clear()
         if self.tiering is not None:
             self.tiering.close()
             self.tiering = None
