@@ -23,11 +23,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="use this S3 endpoint instead of starting SeaweedFS on loopback")
     tiers.add_argument("--skip", action="append", default=[], choices=["host", "disk", "s3",
                                                                          "codec"])
+    mt = sub.add_parser("multiturn", help="multi-turn chat TTFT: no cache vs SGLang's radix "
+                                          "cache vs --enable-hierarchical-kv")
+    mt.add_argument("--json", type=Path, required=True, help="where to write the results")
+    mt.add_argument("--model-path", type=Path, default=None,
+                    help="checkpoint folder (default: the prepared SmolLM2)")
+    mt.add_argument("--users", type=int, default=4)
+    mt.add_argument("--turns", type=int, default=8)
+    mt.add_argument("--system-words", type=int, default=300)
+    mt.add_argument("--question-words", type=int, default=45)
+    mt.add_argument("--answer-tokens", type=int, default=24)
+    mt.add_argument("--pool-fraction", type=float, default=0.25,
+                    help="device KV pool as a share of the working set")
+    mt.add_argument("--configs", default="no_cache,radix,hierarchical",
+                    help="comma-separated subset of no_cache, radix, hierarchical")
+    mt.add_argument("--no-host-hit", action="store_true",
+                    help="skip the 4k-token host-hit vs device-hit measurement")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "multiturn":
+        return _multiturn(args)
     if args.objects < 1 or args.object_mib <= 0 or args.repeats < 1:
         print("sgl-kvext-bench: error: --objects, --object-mib and --repeats must be positive",
               file=sys.stderr)
@@ -40,6 +58,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     _print_table(results)
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def _multiturn(args: argparse.Namespace) -> int:
+    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext_bench.multiturn import CONFIGS, Workload, run_multiturn
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        print(f"sgl-kvext-bench: error: --configs: unknown {unknown}; allowed: "
+              f"{', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if min(args.users, args.turns, args.answer_tokens, args.system_words,
+           args.question_words) < 1 or not 0 < args.pool_fraction <= 1:
+        print("sgl-kvext-bench: error: sizes must be >= 1 and --pool-fraction in (0, 1]",
+              file=sys.stderr)
+        return 2
+    work = Workload(args.users, args.turns, args.system_words, args.question_words,
+                    args.answer_tokens)
+    model = args.model_path or prepare_smollm2().path
+    out_dir = args.json.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = run_multiturn(model, work, configs, out_dir, args.pool_fraction,
+                            with_host_hit=not args.no_host_hit)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| configuration | TTFT p50 (s), turn >= 5 | p90 | p50 all turns |")
+    print("|---|---:|---:|---:|")
+    for c in results["configs"]:
+        print(f"| {c['name']} | {c['ttft_p50_s']:.3f} | {c['ttft_p90_s']:.3f} | "
+              f"{c['ttft_p50_s_all_turns']:.3f} |")
+    for key in ("p50_speedup_vs_radix", "p50_speedup_vs_no_cache"):
+        if key in results:
+            print(f"{key}: {results[key]:.1f}x")
+    hit = results.get("host_hit_4k")
+    if hit:
+        print(f"4k prefix: device hit {hit['ttft_device_s']:.3f}s, host hit "
+              f"{hit['ttft_host_s']:.3f}s ({hit['host_over_device']:.2f}x), cold "
+              f"{hit['ttft_cold_s']:.3f}s")
     print(f"\nJSON: {args.json}")
     return 0
 

@@ -1,0 +1,45 @@
+"""A streaming /generate client that measures time to first token and inter-token latency."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import NamedTuple
+
+
+class Timed(NamedTuple):
+    """One streamed greedy completion."""
+
+    text: str
+    ttft_s: float
+    itl_s: tuple[float, ...]        # gaps between later chunks
+    prompt_tokens: int
+    cached_tokens: int
+    host_cached_tokens: int
+
+
+def stream_generate(url: str, text: str, max_new_tokens: int, timeout_s: float = 600.0) -> Timed:
+    """Greedy ``/generate`` with ``stream: true`` against an SGLang server at ``url``."""
+    payload = {"text": text, "stream": True,
+               "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
+    req = urllib.request.Request(url.rstrip("/") + "/generate", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    stamps: list[float] = []
+    last: dict = {}  # type: ignore[type-arg]
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            stamps.append(time.perf_counter() - start)
+            last = json.loads(line[5:])
+    if not stamps:
+        raise RuntimeError(f"{url}: the stream ended without a token")
+    meta = last.get("meta_info", {})
+    details = meta.get("cached_tokens_details") or {}
+    return Timed(last.get("text", ""), stamps[0],
+                 tuple(b - a for a, b in zip(stamps, stamps[1:], strict=False)),
+                 int(meta.get("prompt_tokens", 0)), int(meta.get("cached_tokens", 0)),
+                 int(details.get("host", 0)))

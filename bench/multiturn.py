@@ -1,0 +1,159 @@
+"""Multi-turn chat benchmark: users x turns over a shared system prompt and growing histories.
+
+Three server configurations run the same seeded workload one after another, each with a
+device KV pool of about a quarter of the workload's working set:
+
+- ``no_cache``: ``--disable-radix-cache`` (every prompt computed in full);
+- ``radix``: SGLang's default radix cache (what the small pool evicts is recomputed);
+- ``hierarchical``: ``--enable-hierarchical-kv`` (what the pool evicts spills to host memory).
+
+Requests go one at a time, turn by turn, round-robin over users, and stream, so time to
+first token is measured without queueing. A separate run measures a 4k-token prefix served
+from the host tier against the same prefix still on device.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.demo import build_context
+from sgl_kvext.server import SGLangServer
+from sgl_kvext_bench.client import stream_generate
+
+TOPICS = ("gardening", "sailing", "chess", "bread baking", "astronomy", "cycling", "pottery",
+          "beekeeping", "photography", "birdwatching", "carpentry", "violin")
+VERBS = ("explain", "compare", "list", "describe", "summarize", "suggest")
+THINGS = ("tools", "mistakes", "habits", "techniques", "materials", "rules", "steps", "risks")
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "no_cache": ("--disable-radix-cache",),
+    "radix": (),
+    "hierarchical": ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB"),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    users: int = 4
+    turns: int = 8
+    system_words: int = 300
+    question_words: int = 45
+    answer_tokens: int = 24
+    seed: int = 0
+
+    def system_prompt(self) -> str:
+        rng = random.Random(self.seed)
+        words = [rng.choice(TOPICS + THINGS + VERBS) for _ in range(self.system_words)]
+        return ("System: You are a patient assistant. House notes follow. "
+                + " ".join(words) + "\n")
+
+    def question(self, user: int, turn: int) -> str:
+        rng = random.Random(f"{self.seed}-{user}-{turn}")
+        topic = TOPICS[user % len(TOPICS)]
+        filler = " ".join(rng.choice(THINGS + VERBS) for _ in range(self.question_words - 8))
+        return (f"User: Please {rng.choice(VERBS)} the {rng.choice(THINGS)} of {topic}, "
+                f"considering {filler}.\nAssistant:")
+
+
+@dataclass(frozen=True)
+class Sample:
+    config: str
+    user: int
+    turn: int
+    ttft_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    host_cached_tokens: int
+
+
+def run_workload(url: str, config: str, work: Workload,
+                 progress: Callable[[str], None]) -> list[Sample]:
+    system = work.system_prompt()
+    history = [""] * work.users
+    samples = []
+    for turn in range(1, work.turns + 1):
+        for user in range(work.users):
+            prompt = system + history[user] + work.question(user, turn)
+            r = stream_generate(url, prompt, work.answer_tokens)
+            history[user] += work.question(user, turn) + r.text + "\n"
+            samples.append(Sample(config, user, turn, r.ttft_s, r.prompt_tokens,
+                                  r.cached_tokens, r.host_cached_tokens))
+            progress(f"{config}: turn {turn}/{work.turns} user {user + 1}/{work.users} "
+                     f"ttft {r.ttft_s:.2f}s ({r.cached_tokens}/{r.prompt_tokens} cached)")
+    return samples
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(config: str, samples: list[Sample], from_turn: int) -> dict[str, Any]:
+    late = [s.ttft_s for s in samples if s.turn >= from_turn]
+    every = [s.ttft_s for s in samples]
+    return {"name": config, "ttft_p50_s": statistics.median(late), "ttft_p90_s": _pct(late, 0.9),
+            "ttft_p50_s_all_turns": statistics.median(every),
+            "ttft_p90_s_all_turns": _pct(every, 0.9), "from_turn": from_turn,
+            "requests": [asdict(s) for s in samples]}
+
+
+def working_set_tokens(work: Workload, tokenizer: Any) -> tuple[int, int]:
+    """(tokens of all users' final histories, tokens of the longest single request)."""
+    system = len(tokenizer(work.system_prompt()).input_ids)
+    turn = len(tokenizer(work.question(0, 1)).input_ids) + work.answer_tokens + 2
+    longest = system + work.turns * turn
+    return system + work.users * work.turns * turn, longest
+
+
+def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int) -> dict[str, Any]:
+    """TTFT of a 4k-token prefix on device vs loaded back from the host tier."""
+    context = build_context(170, seed=7)[0]
+    fillers = [build_context(170, seed=s)[0] for s in (8, 9)]
+    args = ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB", "--max-total-tokens",
+            "9000")
+    with SGLangServer(model_path, args, log_path=log_dir / "host-hit-4k.log") as server:
+        stream_generate(server.url, "Hello", 1)
+        cold = stream_generate(server.url, context + "Question one?", answer_tokens)
+        device = stream_generate(server.url, context + "Question two?", answer_tokens)
+        for filler in fillers:                      # push the context out of the device pool
+            stream_generate(server.url, filler + "Go on.", 2)
+        host = stream_generate(server.url, context + "Question three?", answer_tokens)
+    return {"prompt_tokens": host.prompt_tokens, "ttft_cold_s": cold.ttft_s,
+            "ttft_device_s": device.ttft_s, "device_cached_tokens": device.cached_tokens,
+            "ttft_host_s": host.ttft_s, "host_cached_tokens": host.host_cached_tokens,
+            "host_over_device": host.ttft_s / device.ttft_s}
+
+
+def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_dir: Path,
+                  pool_fraction: float = 0.25, with_host_hit: bool = True,
+                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    total, longest = working_set_tokens(work, tokenizer)
+    pool = max(int(total * pool_fraction), longest + 256)
+    results: dict[str, Any] = {"workload": asdict(work), "working_set_tokens": total,
+                               "pool_tokens": pool, "configs": []}
+    for name in configs:
+        args = ("--max-total-tokens", str(pool), *CONFIGS[name])
+        started = time.perf_counter()
+        with SGLangServer(model_path, args, log_path=out_dir / f"multiturn-{name}.log") as srv:
+            stream_generate(srv.url, "Hello", 1)        # warm-up
+            samples = run_workload(srv.url, name, work, progress)
+        summary = summarize(name, samples, from_turn=min(5, work.turns))
+        summary["wall_s"] = time.perf_counter() - started
+        results["configs"].append(summary)
+    by_name = {c["name"]: c for c in results["configs"]}
+    if "hierarchical" in by_name:
+        ours = by_name["hierarchical"]["ttft_p50_s"]
+        for other in ("radix", "no_cache"):
+            if other in by_name:
+                results[f"p50_speedup_vs_{other}"] = by_name[other]["ttft_p50_s"] / ours
+    if with_host_hit:
+        results["host_hit_4k"] = host_hit_4k(model_path, out_dir, work.answer_tokens)
+    return results
