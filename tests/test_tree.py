@@ -229,24 +229,39 @@ def test_timeout_policy_does_not_wait_when_recompute_is_faster(tmp_path: Path) -
 
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["insert", "evict", "fetch"]),
+@given(st.lists(st.tuples(st.sampled_from(["insert", "evict", "fetch", "lock", "unlock"]),
                           st.integers(0, 3), st.integers(1, 40), st.integers(0, 200)),
                 min_size=1, max_size=25))
 def test_random_operations_never_serve_wrong_kv(tmp_path: Path, ops: list) -> None:  # type: ignore[type-arg]
     h = Harness(tmp_path, pool_tokens=128, host_pages=12)
     bases = [seq(1000 * (b + 1), 60) for b in range(4)]
+    locked: list[tuple[object, list[int], torch.Tensor]] = []   # (node, tokens, its KV)
     try:
         for op, base, length, amount in ops:
             tokens = bases[base][:length]
             if op == "insert":
-                h.insert(tokens)
+                if h.alloc.available_size() + h.tree.evictable_size() >= length:
+                    h.insert(tokens)
             elif op == "evict":
                 h.tree.evict(EvictParams(num_tokens=amount))
-            else:
+            elif op == "fetch":
                 got = h.fetch(tokens)
                 assert got <= length
                 torch.testing.assert_close(h.device_kv(tokens), kv_of(tokens)[:, :, :got],
                                            rtol=0, atol=0)
+            elif op == "lock":
+                m = h.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+                if m.device_prefix_len:
+                    h.tree.inc_lock_ref(m.last_device_node)
+                    locked.append((m.last_device_node, tokens[:m.device_prefix_len],
+                                   h.device_kv(tokens[:m.device_prefix_len])))
+            elif locked:
+                node, _, _ = locked.pop(amount % len(locked))
+                h.tree.dec_lock_ref(node)
+            for _, held, kv in locked:       # a locked prefix never leaves the device
+                torch.testing.assert_close(h.device_kv(held), kv, rtol=0, atol=0)
             h.check_accounting()
     finally:
+        for node, _, _ in locked:
+            h.tree.dec_lock_ref(node)
         h.close()
