@@ -99,11 +99,18 @@ class PagedKV:
                              f"got {tuple(pages.shape)}")
         if skip < 0 or skip + n > pages.shape[0] * self.tokens:
             raise ValueError(f"{n} tokens after skipping {skip} exceed {pages.shape[0]} pages")
-        # (pages, 2, L, T, H, D) -> (2, L, pages * T, H, D), then the wanted token range.
-        tokens = pages.permute(1, 2, 0, 3, 4, 5).reshape(
-            2, self.layers, -1, self.kv_heads, self.head_dim)[:, :, skip:skip + n]
-        tokens = tokens.to(self.device, self.dtype, non_blocking=True)
+        pages = pages.to(self.device, self.dtype, non_blocking=True)
         dst = slots.to(self.device, torch.int64)
-        for layer in range(self.layers):
-            self.k[layer].index_copy_(0, dst, tokens[0, layer])
-            self.v[layer].index_copy_(0, dst, tokens[1, layer])
+        head = min(n, self.tokens - skip) if skip else 0   # a first page entered mid-way
+        whole = (n - head) // self.tokens
+        tail = n - head - whole * self.tokens
+        grid = dst[head:head + whole * self.tokens].view(whole, self.tokens)
+        first = 1 if head else 0
+        for side, buffers in enumerate((self.k, self.v)):
+            for layer, buf in enumerate(buffers):
+                if head:
+                    buf[dst[:head]] = pages[0, side, layer, skip:skip + head]
+                if whole:   # one indexed write of (whole, T, H, D) rows, no reshaping copy
+                    buf[grid] = pages[first:first + whole, side, layer]
+                if tail:
+                    buf[dst[n - tail:]] = pages[first + whole, side, layer, :tail]

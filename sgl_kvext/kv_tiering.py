@@ -71,6 +71,7 @@ class KVTiering:
         self.cost = CostModel([t.name for t in chain.tiers], pool.device.type)
         self.prefetcher = Prefetcher(chain, prefetch_threads, cost=self.cost)
         self._known: OrderedDict[bytes, None] = OrderedDict()   # recently stored keys
+        self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
 
@@ -149,8 +150,7 @@ class KVTiering:
         """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss."""
         if slots.numel() != plan.tokens:
             raise ValueError(f"{slots.numel()} slots for {plan.tokens} tokens")
-        staging = torch.empty((len(plan.keys), self.pool.page_nbytes), dtype=torch.uint8,
-                              pin_memory=self.pool.device.type == "cuda")
+        staging = self._staging_for(len(plan.keys))
         views = [staging[i].numpy().data for i in range(len(plan.keys))]
         done = self.chain.tiers[0].read_into(list(plan.keys), views)
         if not all(done):
@@ -163,6 +163,14 @@ class KVTiering:
         with self._lock:
             self.counters["loaded_pages"] += len(plan.keys)
         return True
+
+    def _staging_for(self, pages: int) -> torch.Tensor:
+        """A reused (pages, page_nbytes) buffer: fresh memory would cost page faults per load."""
+        if self._staging is None or self._staging.shape[0] < pages:
+            self._staging = torch.empty((max(pages, 16), self.pool.page_nbytes),
+                                        dtype=torch.uint8,
+                                        pin_memory=self.pool.device.type == "cuda")
+        return self._staging[:pages]
 
     @property
     def bytes_per_token(self) -> float:

@@ -59,7 +59,7 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
     identity = model_identity(ctx.model_config, str(paged.dtype).removeprefix("torch."),
                               tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
                               ctx.tp_rank, ctx.tp_size)
-    chain = build_chain(tiers, identity.digest())
+    chain = build_chain(tiers, identity.digest(), page_bytes=paged.page_nbytes)
     tiering = KVTiering(paged, chain, identity)
     logger.info("sgl-kvext: HierarchicalRadixCache active (tp %d/%d): pages of %d tokens "
                 "(%s each); tiers %s; write policy %s", ctx.tp_rank, ctx.tp_size,

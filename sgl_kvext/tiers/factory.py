@@ -17,11 +17,17 @@ from sgl_kvext.tiers.s3 import S3Tier
 
 
 def build_tiers(config: TierConfig, namespace: bytes,
-                s3_credentials: dict[str, str] | None = None) -> list[MeteredTier]:
-    """The configured tiers, fastest first (may be empty)."""
+                s3_credentials: dict[str, str] | None = None,
+                page_bytes: int | None = None) -> list[MeteredTier]:
+    """The configured tiers, fastest first (may be empty).
+
+    ``page_bytes`` (the size of one tier page) makes each host block hold exactly one page,
+    so a page is one contiguous copy in and out.
+    """
     tiers: list[Tier] = []
     if config.host_size > 0:
-        tiers.append(HostTier(config.host_size, config.eviction_policy))
+        tiers.append(HostTier(config.host_size, config.eviction_policy,
+                              **({"block_bytes": page_bytes} if page_bytes else {})))
     if config.disk_dir is not None and config.disk_size > 0:
         tiers.append(DiskTier(config.disk_dir, config.disk_size, namespace, codec=config.codec))
     if config.s3_url is not None:
@@ -32,9 +38,10 @@ def build_tiers(config: TierConfig, namespace: bytes,
 
 
 def build_chain(config: TierConfig, namespace: bytes,
-                s3_credentials: dict[str, str] | None = None) -> TierChain:
+                s3_credentials: dict[str, str] | None = None,
+                page_bytes: int | None = None) -> TierChain:
     """A :class:`TierChain` over :func:`build_tiers`; ValueError when every tier is off."""
-    tiers = build_tiers(config, namespace, s3_credentials)
+    tiers = build_tiers(config, namespace, s3_credentials, page_bytes)
     if not tiers:
         raise ValueError("every tier is disabled: set --kvext-host-size above 0, "
                          "--kvext-disk-dir or --kvext-s3-url")

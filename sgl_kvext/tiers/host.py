@@ -9,6 +9,7 @@ Thread-safe: one lock guards the index; copies run under it (they are memcpy-spe
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from sgl_kvext.tiers.objects import KVPage
 from sgl_kvext.tiers.policies import make_policy
 
 DEFAULT_BLOCK = 256 << 10
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux >= 5.14
 
 
 class _Entry(NamedTuple):
@@ -30,7 +32,12 @@ class _Entry(NamedTuple):
 
 
 def _allocate_pool(nbytes: int) -> np.ndarray:
-    """A uint8 pool; pinned (page-locked) through torch when a CUDA device is present."""
+    """A uint8 pool; pinned (page-locked) through torch when a CUDA device is present.
+
+    Without CUDA it is an anonymous mapping whose pages a background thread pre-faults
+    (``MADV_POPULATE_WRITE``, which never changes contents): a first write into untouched
+    memory costs a page fault per 4 KiB and ran at 0.46 GB/s instead of 10 GB/s.
+    """
     try:
         import torch
 
@@ -38,7 +45,18 @@ def _allocate_pool(nbytes: int) -> np.ndarray:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
     except ImportError:
         pass
-    return np.empty(nbytes, dtype=np.uint8)
+    region = mmap.mmap(-1, nbytes)
+    threading.Thread(target=_populate, args=(region,), name="kvext-host-populate",
+                     daemon=True).start()
+    return np.frombuffer(region, dtype=np.uint8)
+
+
+def _populate(region: mmap.mmap, chunk: int = 64 << 20) -> None:
+    try:
+        for start in range(0, len(region), chunk):
+            region.madvise(_MADV_POPULATE_WRITE, start, min(chunk, len(region) - start))
+    except (OSError, ValueError):   # an older kernel: pages fault in on first write instead
+        pass
 
 
 class HostTier(Tier):
