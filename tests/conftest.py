@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_triton_interpreter(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Outside tests/kernels, child processes (SGLang servers) must not run Triton interpreted."""
+    if "kernels" in request.path.parts:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The embedded SmolLM2 checkpoint (bf16), prepared once per cache folder."""

@@ -1,7 +1,16 @@
 """Triton kernels for sgl-kvext (a leaf package: it imports only torch and triton).
 
-Each kernel comes in three parts: the ``@triton.jit`` code, a validating wrapper that raises
-real exceptions for a wrong device, dtype, shape or layout, and a pure-torch reference that
-is also the CPU path. The CacheBlend kernels (RoPE re-rotation, KV deviation with top-k,
-paged gather/scatter, subset attention) arrive with the CacheBlend work.
+Each kernel comes in three parts: the ``@triton.jit`` code (``jit/``), a validating wrapper
+that raises real exceptions for a wrong device, dtype, shape or layout (this package), and a
+pure-torch reference that is also the CPU path (``reference/``). ``backend="auto"`` runs
+Triton on CUDA tensors and torch elsewhere.
 """
+
+from triton_kernels.deviation import DeviationSelection, kv_deviation, select_top_deviation
+from triton_kernels.paged_kv import gather_kv, scatter_kv
+from triton_kernels.rope import Llama3RopeScaling, RopeConfig, inv_freq, rerotate_k
+from triton_kernels.subset_attention import subset_attention
+
+__all__ = ["DeviationSelection", "Llama3RopeScaling", "RopeConfig", "gather_kv", "inv_freq",
+           "kv_deviation", "rerotate_k", "scatter_kv", "select_top_deviation",
+           "subset_attention"]

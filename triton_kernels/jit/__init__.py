@@ -1,0 +1,1 @@
+"""``@triton.jit`` code only; imported lazily by the wrappers in :mod:`triton_kernels`."""
