@@ -1,0 +1,204 @@
+"""Full and blended (CacheBlend) prefill over a Llama-family model's own layers.
+
+A blended prefill reuses each chunk's KV computed on its own: cached K is re-rotated from the
+chunk's own positions ``0..n-1`` to its place in the prompt; at the check layer every token is
+computed and the ``ratio`` of reused tokens whose fresh K deviates most is selected; later
+layers recompute only those tokens plus every token outside a reused chunk (and the last
+token, whose logits the caller needs). At ``ratio == 1`` every token is recomputed in every
+layer, which is a full prefill.
+
+Shapes: ``T`` tokens in the span, ``L`` layers, ``H`` KV heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sgl_kvext.blend.model_ops import LlamaLayerOps
+from triton_kernels import (
+    RopeConfig,
+    kv_deviation,
+    rerotate_k,
+    select_top_deviation,
+    subset_attention,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkKV:
+    """A chunk's KV computed alone at positions ``0..n-1`` (K rotated there).
+
+    Attributes
+    ----------
+    token_ids
+        [n] int64.
+    k, v
+        [L, n, H, D].
+    """
+
+    token_ids: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+class ReusedChunk(NamedTuple):
+    """A stored chunk found at ``start`` (an index into the span's tokens)."""
+
+    start: int
+    kv: ChunkKV
+
+
+class PrefillResult(NamedTuple):
+    """KV for the whole span and the last token's logits.
+
+    ``k`` / ``v`` are [L, T, H, D]; ``last_logits`` is [vocab] float32; ``recomputed_tokens``
+    counts the tokens recomputed after the check layer (``T`` for a full prefill)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    last_logits: torch.Tensor
+    recomputed_tokens: int
+    reused_tokens: int
+
+
+def _attend(ops: LlamaLayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
+    """q [A, Hq, D] over k / v [T, H, D] with the position-causal mask -> [A, Hq, D]."""
+    if q.shape[0] == k.shape[0] and torch.equal(q_pos, kv_pos):
+        # Every token queries: plain causal attention (positions are increasing).
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                           v.transpose(0, 1), is_causal=True, scale=ops.scale,
+                                           enable_gqa=True)
+        return o.transpose(0, 1)
+    return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
+
+
+def _check_span(input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    if input_ids.dim() != 1 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty 1-D tensor, got {tuple(input_ids.shape)}")
+    if positions.shape != input_ids.shape:
+        raise ValueError(f"positions {tuple(positions.shape)} must match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if positions.shape[0] > 1 and bool((positions[1:] <= positions[:-1]).any()):
+        raise ValueError("positions must be strictly increasing")
+
+
+@torch.no_grad()
+def full_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> PrefillResult:
+    """Ordinary causal prefill of ``input_ids`` [T] at ``positions`` [T] (default 0..T-1)."""
+    pos = torch.arange(input_ids.shape[0]) if positions is None else positions
+    _check_span(input_ids, pos)
+    h = ops.embed(input_ids)
+    ks, vs = [], []
+    for layer in range(ops.num_layers):
+        q, k, v = ops.qkv(layer, h, pos)
+        h = ops.finish(layer, h, _attend(ops, q, pos, k, v, pos))
+        ks.append(k)
+        vs.append(v)
+    n = int(input_ids.shape[0])
+    return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0], n, 0)
+
+
+def compute_chunk_kv(ops: LlamaLayerOps, token_ids: torch.Tensor) -> ChunkKV:
+    """A chunk's KV computed on its own, at positions ``0..n-1`` with nothing prepended."""
+    result = full_prefill(ops, token_ids)
+    return ChunkKV(token_ids.clone(), result.k, result.v)
+
+
+def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.Tensor,
+                  chunks: Sequence[ReusedChunk], rope: RopeConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached K (re-rotated) / V [L, T, H, D] and the reuse mask [T] for the span."""
+    t = int(input_ids.shape[0])
+    shape = (ops.num_layers, t, ops.kv_heads, ops.head_dim)
+    cached_k = torch.zeros(shape, dtype=ops.dtype)
+    cached_v = torch.zeros(shape, dtype=ops.dtype)
+    reused = torch.zeros(t, dtype=torch.bool)
+    for chunk in sorted(chunks, key=lambda c: c.start):
+        n, s = len(chunk.kv), chunk.start
+        if s < 0 or s + n > t:
+            raise ValueError(f"chunk at {s} of {n} tokens does not fit a span of {t} tokens")
+        if bool(reused[s:s + n].any()):
+            raise ValueError(f"chunk at {s} overlaps another reused chunk")
+        if not torch.equal(input_ids[s:s + n], chunk.kv.token_ids):
+            raise ValueError(f"chunk at {s}: its token ids differ from the span's")
+        if tuple(chunk.kv.k.shape) != (ops.num_layers, n, ops.kv_heads, ops.head_dim):
+            raise ValueError(f"chunk at {s}: KV shape {tuple(chunk.kv.k.shape)} does not fit "
+                             f"the model ({ops.num_layers}, n, {ops.kv_heads}, {ops.head_dim})")
+        old, new = torch.arange(n), positions[s:s + n]
+        for layer in range(ops.num_layers):
+            cached_k[layer, s:s + n] = rerotate_k(chunk.kv.k[layer].contiguous(), old, new, rope)
+        cached_v[:, s:s + n] = chunk.kv.v
+        reused[s:s + n] = True
+    return cached_k, cached_v, reused
+
+
+@torch.no_grad()
+def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequence[ReusedChunk],
+                    rope: RopeConfig, *, positions: torch.Tensor | None = None,
+                    ratio: float = 0.15, check_layer: int = 1,
+                    min_tokens: int = 1) -> PrefillResult:
+    """CacheBlend prefill of ``input_ids`` [T] reusing ``chunks``' KV.
+
+    Parameters
+    ----------
+    ops
+        The model's layers.
+    input_ids
+        [T] int64, the span (the chunks' tokens sit inside it at their ``start``).
+    chunks
+        Non-overlapping reused chunks.
+    rope
+        The model's RoPE, to re-rotate cached K to the span's positions.
+    positions
+        [T] increasing positions of the span (default ``0..T-1``).
+    ratio
+        Fraction of reused tokens recomputed after the check layer, in [0, 1].
+    check_layer
+        Layer at which tokens are selected; earlier layers are computed in full.
+    min_tokens
+        At least this many reused tokens are recomputed (when there are that many).
+    """
+    pos = torch.arange(input_ids.shape[0]) if positions is None else positions
+    _check_span(input_ids, pos)
+    if not 0 <= check_layer < ops.num_layers:
+        raise ValueError(f"check_layer {check_layer} must be in [0, {ops.num_layers})")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio {ratio} must be in [0, 1]")
+    cached_k, cached_v, reused = _place_chunks(ops, input_ids, pos, chunks, rope)
+    t = int(input_ids.shape[0])
+    active = torch.arange(t)                    # tokens whose hidden state is carried
+    h = ops.embed(input_ids)
+    ks, vs = [], []
+    for layer in range(ops.num_layers):
+        q, k, v = ops.qkv(layer, h, pos[active])
+        if layer < check_layer:
+            k_all, v_all = k, v
+        elif layer == check_layer:
+            # Every token was computed here: select by K deviation, keep the fresh KV.
+            reuse_idx = reused.nonzero().flatten()
+            deviation = kv_deviation(cached_k[layer, reuse_idx], k[reuse_idx])
+            chosen = select_top_deviation(deviation, ratio, min_tokens=min_tokens)
+            keep = ~reused
+            keep[reuse_idx[chosen.indices]] = True
+            keep[t - 1] = True                  # the caller needs the last token's logits
+            active = keep.nonzero().flatten()
+            k_all, v_all = k, v
+            q, h = q[active], h[active]
+        else:
+            k_all, v_all = cached_k[layer], cached_v[layer]
+            k_all[active], v_all[active] = k, v
+        h = ops.finish(layer, h, _attend(ops, q, pos[active], k_all, v_all, pos))
+        ks.append(k_all)
+        vs.append(v_all)
+    return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0],
+                         int(active.shape[0]), int(reused.sum()))

@@ -1,0 +1,48 @@
+"""Load SGLang's own model in-process, without a server, for the offline blend benchmark.
+
+SGLang's layers read their parallel configuration from process globals, so this publishes a
+``ServerArgs`` and starts a one-process (gloo, TP 1) parallel runtime first. That can happen
+once per process: call :func:`load_offline_model` once, and never in a process that also runs
+an SGLang engine. Inside the server, the scheduler's already-loaded model is used instead.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.kernel_fallback import ensure_sgl_kernel
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load_offline_model(model_path: Path, dtype: str = "float32") -> Any:
+    """SGLang's causal LM for ``model_path`` on CPU in ``dtype``, in eval mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    if not (Path(model_path) / "config.json").is_file():
+        raise ValueError(f"model path {model_path} has no config.json")
+    ensure_sgl_kernel()
+    from sglang.srt.configs.device_config import DeviceConfig
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.distributed import bootstrap
+    from sglang.srt.model_loader import get_model
+    from sglang.srt.runtime_context import SpawnRanks, publish
+    from sglang.srt.server_args import ServerArgs
+
+    args = ServerArgs(model_path=str(model_path), device="cpu", dtype=dtype, tp_size=1)
+    publish(args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
+    bootstrap.init_parallel_runtime(server_args=args, device="cpu", dist_port=_free_port())
+    model_config = ModelConfig.from_server_args(args)
+    bootstrap.init_layer_runtime(model_config=model_config)
+    model = get_model(model_config=model_config, load_config=LoadConfig(),
+                      device_config=DeviceConfig("cpu", 0))
+    return model.eval()

@@ -1,0 +1,93 @@
+"""Blended prefill on SGLang's own SmolLM2 layers (loaded in a fresh process, float32).
+
+At ratio 1 the blend recomputes everything and must equal a full prefill; at ratio 0 it keeps
+the chunks' stand-alone KV and must differ; the full prefill through the model's modules must
+pick the same next token as transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from helpers import run_python
+
+SCRIPT = r'''
+import json, sys
+import torch
+from transformers import AutoConfig, AutoTokenizer
+from sgl_kvext.integration.offline_model import load_offline_model
+from sgl_kvext.blend import (LlamaLayerOps, ReusedChunk, blended_prefill, compute_chunk_kv,
+                             full_prefill)
+from triton_kernels import RopeConfig
+
+path = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(path)
+ops = LlamaLayerOps(load_offline_model(path, "float32"))
+rope = RopeConfig.from_hf_config(AutoConfig.from_pretrained(path))
+enc = lambda s: torch.tensor(tok(s, add_special_tokens=False).input_ids)
+head = enc("Answer from the notes below.\n")
+a = enc("Note one: the lighthouse on Kell island was painted green in 1911 by the harbour board.\n")
+b = enc("Note two: the ferry to Kell leaves at seven and returns at noon, except on Sundays.\n")
+tail = enc("Question: what colour was the lighthouse painted?\nAnswer:")
+ids = torch.cat([head, b, a, tail])
+sa, sb = len(head) + len(b), len(head)
+chunks = [ReusedChunk(sa, compute_chunk_kv(ops, a)), ReusedChunk(sb, compute_chunk_kv(ops, b))]
+out = {"tokens": len(ids), "reused": len(a) + len(b), "outside": len(head) + len(tail)}
+for offset in (0, 7):
+    pos = torch.arange(len(ids)) + offset
+    full = full_prefill(ops, ids, pos)
+    for ratio in (0.0, 0.15, 1.0):
+        r = blended_prefill(ops, ids, chunks, rope, positions=pos, ratio=ratio)
+        out[f"{offset}/{ratio}"] = {
+            "logit_diff": float((r.last_logits - full.last_logits).abs().max()),
+            "k_diff": float((r.k - full.k).abs().max()),
+            "v_diff": float((r.v - full.v).abs().max()),
+            "argmax_equal": int(r.last_logits.argmax()) == int(full.last_logits.argmax()),
+            "recomputed": r.recomputed_tokens, "reused": r.reused_tokens}
+out["full_next_token"] = int(full_prefill(ops, ids).last_logits.argmax())
+out["ids"] = ids.tolist()
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def blend_run(model_path: Path) -> dict:  # type: ignore[type-arg]
+    proc = run_python(SCRIPT.replace("sys.argv[1]", repr(str(model_path))), timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("offset", [0, 7])
+def test_ratio_one_equals_full_prefill(blend_run: dict, offset: int) -> None:  # type: ignore[type-arg]
+    r = blend_run[f"{offset}/1.0"]
+    assert r["recomputed"] == blend_run["tokens"]
+    assert r["argmax_equal"]
+    assert r["logit_diff"] < 1e-3 and r["k_diff"] < 1e-3 and r["v_diff"] < 1e-3, r
+
+
+@pytest.mark.parametrize("offset", [0, 7])
+def test_ratio_zero_reuses_the_stand_alone_kv(blend_run: dict, offset: int) -> None:  # type: ignore[type-arg]
+    r = blend_run[f"{offset}/0.0"]
+    # Only the tokens outside the chunks, the check-layer minimum and the last token run on.
+    assert r["reused"] == blend_run["reused"]
+    assert r["recomputed"] <= blend_run["outside"] + 1
+    assert r["k_diff"] > 1e-2          # the chunks' KV lacks the cross-chunk attention
+
+
+def test_partial_ratio_recomputes_the_selected_share(blend_run: dict) -> None:  # type: ignore[type-arg]
+    r = blend_run["0/0.15"]
+    selected = r["recomputed"] - blend_run["outside"]
+    assert 0 < selected <= -(-0.15 * blend_run["reused"] // 1) + 1
+
+
+def test_full_prefill_matches_transformers(
+        blend_run: dict, model_path: Path,  # type: ignore[type-arg]
+        hf_greedy: Callable[[Sequence[str], int], list[list[int]]]) -> None:
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(model_path).decode(blend_run["ids"])
+    assert hf_greedy([text], 1)[0][0] == blend_run["full_next_token"]
