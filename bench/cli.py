@@ -39,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated subset of no_cache, radix, hierarchical")
     mt.add_argument("--no-host-hit", action="store_true",
                     help="skip the 4k-token host-hit vs device-hit measurement")
+    bl = sub.add_parser("blend", help="CacheBlend: blended prefill at several recompute ratios "
+                                      "vs full prefill (TTFT, accuracy, agreement, KL)")
+    bl.add_argument("--json", type=Path, required=True, help="where to write the results")
+    bl.add_argument("--model-path", type=Path, default=None,
+                    help="checkpoint folder (default: the prepared SmolLM2)")
+    bl.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0",
+                    help="comma-separated recompute ratios in [0, 1]")
+    bl.add_argument("--questions", type=int, default=12)
+    bl.add_argument("--documents", type=int, default=24)
+    bl.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
+    bl.add_argument("--answer-tokens", type=int, default=32)
+    bl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return parser
 
 
@@ -46,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "multiturn":
         return _multiturn(args)
+    if args.command == "blend":
+        return _blend(args)
     if args.objects < 1 or args.object_mib <= 0 or args.repeats < 1:
         print("sgl-kvext-bench: error: --objects, --object-mib and --repeats must be positive",
               file=sys.stderr)
@@ -98,6 +112,42 @@ def _multiturn(args: argparse.Namespace) -> int:
         print(f"4k prefix: device hit {hit['ttft_device_s']:.3f}s, host hit "
               f"{hit['ttft_host_s']:.3f}s ({hit['host_over_device']:.2f}x), cold "
               f"{hit['ttft_cold_s']:.3f}s")
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def _blend(args: argparse.Namespace) -> int:
+    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext_bench.blend import run_blend
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        ratios = []
+    if not ratios or any(not 0 <= r <= 1 for r in ratios):
+        print(f"sgl-kvext-bench: error: --ratios {args.ratios!r}: need numbers in [0, 1]",
+              file=sys.stderr)
+        return 2
+    if min(args.questions, args.documents, args.sentences, args.answer_tokens) < 1:
+        print("sgl-kvext-bench: error: sizes must be >= 1", file=sys.stderr)
+        return 2
+    model = args.model_path or prepare_smollm2().path
+    try:
+        results = run_blend(model, ratios, args.questions, args.documents, args.sentences,
+                            args.answer_tokens, args.dtype)
+    except ValueError as exc:
+        print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
+        return 2
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['questions']} questions, prompts {results['prompt_tokens_min']}-"
+          f"{results['prompt_tokens_max']} tokens, {results['dtype']}")
+    print("| ratio | TTFT (s) | full (s) | speedup | accuracy | full acc. | agreement 32 | KL |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for e in results["ratios"]:
+        print(f"| {e['ratio']} | {e['ttft_s']:.3f} | {e['full_prefill_ttft_s']:.3f} | "
+              f"{e['speedup']:.1f}x | {e['accuracy']:.3f} | {e['full_prefill_accuracy']:.3f} | "
+              f"{e['agreement_32']:.3f} | {e['kl_first_token']:.4f} |")
     print(f"\nJSON: {args.json}")
     return 0
 

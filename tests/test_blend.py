@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 from sgl_kvext.integration.offline_model import load_offline_model
 from sgl_kvext.blend import (LlamaLayerOps, ReusedChunk, blended_prefill, compute_chunk_kv,
                              full_prefill)
-from triton_kernels import RopeConfig
+from sgl_kvext_kernels import RopeConfig
 
 path = sys.argv[1]
 tok = AutoTokenizer.from_pretrained(path)

@@ -12,7 +12,7 @@ from numbers import Integral, Real
 
 import torch
 
-from triton_kernels._validate import (
+from sgl_kvext_kernels._validate import (
     FLOAT_DTYPES,
     check_dim,
     check_same_device,
@@ -81,13 +81,13 @@ def kv_deviation(
         check_dim("fresh", fresh, dim, cached.shape[dim], f"cached {what}")
     device = check_same_device(cached=cached, fresh=fresh)
     if resolve_backend(backend, device) == "torch":
-        from triton_kernels.reference.deviation import kv_deviation_ref
+        from sgl_kvext_kernels.reference.deviation import kv_deviation_ref
 
         return kv_deviation_ref(cached, fresh)
 
     import triton
 
-    from triton_kernels.jit.deviation import kv_deviation_kernel
+    from sgl_kvext_kernels.jit.deviation import kv_deviation_kernel
 
     _check_rows_dense("cached", cached)
     _check_rows_dense("fresh", fresh)

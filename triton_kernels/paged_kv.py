@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from triton_kernels._validate import (
+from sgl_kvext_kernels._validate import (
     check_dim,
     check_same_device,
     check_tensor,
     resolve_backend,
 )
-from triton_kernels.reference.paged_kv import gather_kv_ref, scatter_kv_ref
+from sgl_kvext_kernels.reference.paged_kv import gather_kv_ref, scatter_kv_ref
 
 LOC_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
 # Elements one program moves per row chunk: BLOCK_N tokens x BLOCK_W row elements.
@@ -30,10 +30,10 @@ _MAX_BLOCK_W = 512
 
 
 def _check_pool(pool: object) -> torch.Tensor:
-    pool = check_tensor("pool", pool, ndim=3, contiguous=True)
-    if pool.shape[1] == 0 or pool.shape[2] == 0:
-        raise ValueError(f"pool needs n_heads >= 1 and head_dim >= 1, got {tuple(pool.shape)}")
-    return pool
+    checked: torch.Tensor = check_tensor("pool", pool, ndim=3, contiguous=True)
+    if checked.shape[1] == 0 or checked.shape[2] == 0:
+        raise ValueError(f"pool needs n_heads >= 1 and head_dim >= 1, got {tuple(checked.shape)}")
+    return checked
 
 
 def _check_locs(locs: torch.Tensor, pool_slots: int, *, unique: bool) -> None:
@@ -116,7 +116,7 @@ def gather_kv(
 
     if use == "torch":
         return gather_kv_ref(pool, locs, out=out)
-    from triton_kernels.jit.paged_kv import gather_kv_kernel
+    from sgl_kvext_kernels.jit.paged_kv import gather_kv_kernel
 
     width = pool.shape[1] * pool.shape[2]
     block_n, block_w = _blocks(width)
@@ -173,7 +173,7 @@ def scatter_kv(
     if use == "torch":
         scatter_kv_ref(pool, locs, rows)
         return
-    from triton_kernels.jit.paged_kv import scatter_kv_kernel
+    from sgl_kvext_kernels.jit.paged_kv import scatter_kv_kernel
 
     width = pool.shape[1] * pool.shape[2]
     block_n, block_w = _blocks(width)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from triton_kernels._validate import (
+from sgl_kvext_kernels._validate import (
     check_dim,
     check_same_device,
     check_tensor,
@@ -211,13 +211,13 @@ def rerotate_k(
         if out.shape != k.shape:
             raise ValueError(f"out must have k's shape {tuple(k.shape)}, got {tuple(out.shape)}")
     if resolve_backend(backend, device) == "torch":
-        from triton_kernels.reference.rope import rerotate_k_ref
+        from sgl_kvext_kernels.reference.rope import rerotate_k_ref
 
         return rerotate_k_ref(k, old_positions, new_positions, cfg, out=out)
 
     import triton
 
-    from triton_kernels.jit.rope import rerotate_k_kernel
+    from sgl_kvext_kernels.jit.rope import rerotate_k_kernel
 
     result = torch.empty_like(k) if out is None else out
     n_tokens, n_heads, _ = k.shape

@@ -14,13 +14,13 @@ from typing import NamedTuple
 import torch
 import triton
 
-from triton_kernels._validate import (
+from sgl_kvext_kernels._validate import (
     check_dim,
     check_same_device,
     check_tensor,
     resolve_backend,
 )
-from triton_kernels.reference.subset_attention import subset_attention_ref
+from sgl_kvext_kernels.reference.subset_attention import subset_attention_ref
 
 POS_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
 
@@ -161,7 +161,7 @@ def subset_attention(
         return subset_attention_ref(q, q_positions, k, v, kv_positions, sm_scale, out=out)
     from triton.runtime.interpreter import InterpretedFunction
 
-    from triton_kernels.jit.subset_attention import subset_attention_kernel
+    from sgl_kvext_kernels.jit.subset_attention import subset_attention_kernel
 
     # Triton's interpreter runs tl.dot on the raw bits of bfloat16: upcast there only.
     upcast = q.dtype == torch.bfloat16 and isinstance(subset_attention_kernel, InterpretedFunction)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sgl_kvext.blend.model_ops import LlamaLayerOps
-from triton_kernels import (
+from sgl_kvext_kernels import (
     RopeConfig,
     kv_deviation,
     rerotate_k,

@@ -2,7 +2,7 @@
 
 Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit`` function is decorated and again when
 it launches, so the variable is set here, at collection time, before any
-``triton_kernels.jit`` module is imported (the wrappers import them lazily). The root
+``sgl_kvext_kernels.jit`` module is imported (the wrappers import them lazily). The root
 conftest removes it around every test outside this folder, so the SGLang servers those tests
 start never inherit it.
 """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_kernels.deviation import DeviationSelection, kv_deviation, select_top_deviation
-from triton_kernels.reference.deviation import kv_deviation_ref
+from sgl_kvext_kernels.deviation import DeviationSelection, kv_deviation, select_top_deviation
+from sgl_kvext_kernels.reference.deviation import kv_deviation_ref
 
 # Both sides accumulate in float32 from the same inputs; only the summation order differs.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_kernels.paged_kv import gather_kv, scatter_kv
+from sgl_kvext_kernels.paged_kv import gather_kv, scatter_kv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LOC_DTYPES = [torch.int32, torch.int64]

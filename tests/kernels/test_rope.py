@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from triton_kernels.reference.rope import apply_rope, rerotate_k_ref
-from triton_kernels.rope import Llama3RopeScaling, RopeConfig, inv_freq, rerotate_k
+from sgl_kvext_kernels.reference.rope import apply_rope, rerotate_k_ref
+from sgl_kvext_kernels.rope import Llama3RopeScaling, RopeConfig, inv_freq, rerotate_k
 
 LLAMA3 = Llama3RopeScaling(
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_kernels.subset_attention import subset_attention
+from sgl_kvext_kernels.subset_attention import subset_attention
 
 # (atol, rtol) per dtype: outputs are O(1); 16-bit tolerances cover output rounding and the
 # 16-bit probabilities of the Triton P @ V product.

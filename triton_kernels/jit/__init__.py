@@ -1,1 +1,1 @@
-"""``@triton.jit`` code only; imported lazily by the wrappers in :mod:`triton_kernels`."""
+"""``@triton.jit`` code only; imported lazily by the wrappers in :mod:`sgl_kvext_kernels`."""

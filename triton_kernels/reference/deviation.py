@@ -1,6 +1,6 @@
 """Pure-torch KV deviation: the oracle for the kernel and the CPU path.
 
-Inputs are assumed validated by :func:`triton_kernels.deviation.kv_deviation`.
+Inputs are assumed validated by :func:`sgl_kvext_kernels.deviation.kv_deviation`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Pure-torch RoPE (neox / rotate-half layout): the oracle for the kernel and the CPU path.
 
-Inputs are assumed validated by :func:`triton_kernels.rope.rerotate_k`.
+Inputs are assumed validated by :func:`sgl_kvext_kernels.rope.rerotate_k`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from triton_kernels.rope import RopeConfig, inv_freq
+from sgl_kvext_kernels.rope import RopeConfig, inv_freq
 
 
 def _rotate(x: torch.Tensor, angle: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
@@ -53,7 +53,7 @@ def rerotate_k_ref(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference for :func:`triton_kernels.rope.rerotate_k` (same arguments and result)."""
+    """Reference for :func:`sgl_kvext_kernels.rope.rerotate_k` (same arguments and result)."""
     # int64 delta first, then float32, like the kernel.
     delta = (new_positions.to(torch.int64) - old_positions.to(torch.int64)).to(torch.float32)
     freq = inv_freq(cfg).to(k.device)

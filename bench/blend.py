@@ -1,0 +1,113 @@
+"""CacheBlend quality and speed: blended prefill at several recompute ratios vs full prefill.
+
+Runs in-process on SGLang's own model (loaded once, CPU). Each document's KV is computed alone
+once (the stored chunk KV a server would fetch from its tiers; not timed). For every question
+the prompt's KV is produced by a full prefill and by a blended prefill per ratio; ``ttft_s`` is
+the prefill compute time up to the first token's logits (no HTTP, no scheduling). Answers are
+decoded greedily from each KV and scored against the gold value.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgl_kvext_bench.rag_set import RagQuestion, RagSet, is_correct, make_rag_set
+
+RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+HEAD = "<|im_start|>system\nAnswer the question from the documents.<|im_end|>\n<|im_start|>user\n"
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(p || q) of the softmax distributions."""
+    p = torch.log_softmax(p_logits.double(), -1)
+    q = torch.log_softmax(q_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def run_blend(model_path: Path, ratios: Sequence[float] = RATIOS, questions: int = 12,
+              documents: int = 24, sentences: int = 36, answer_tokens: int = 32,
+              dtype: str = "float32", seed: int = 0,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sgl_kvext.blend import LlamaLayerOps, ReusedChunk, blended_prefill, full_prefill
+    from sgl_kvext.blend.decode import greedy_continue
+    from sgl_kvext.blend.prefill import compute_chunk_kv
+    from sgl_kvext.integration.offline_model import load_offline_model
+    from sgl_kvext_kernels import RopeConfig
+
+    rag: RagSet = make_rag_set(documents, questions, (4, 8), sentences, seed)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ops = LlamaLayerOps(load_offline_model(model_path, dtype))
+    rope = RopeConfig.from_hf_config(AutoConfig.from_pretrained(model_path))
+    stop_tokens: list[Any] = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    stop = frozenset(int(t) for t in stop_tokens if isinstance(t, int))
+
+    def enc(text: str) -> torch.Tensor:
+        return torch.tensor(tok(text, add_special_tokens=False).input_ids)
+
+    doc_ids = [enc(d) for d in rag.documents]
+    started = time.perf_counter()
+    chunk_kv = [compute_chunk_kv(ops, ids) for ids in doc_ids]
+    progress(f"chunk KV for {len(doc_ids)} documents: {time.perf_counter() - started:.1f}s")
+    head = enc(HEAD)
+
+    def prompt(q: RagQuestion) -> tuple[torch.Tensor, list[ReusedChunk]]:
+        parts, chunks, at = [head], [], len(head)
+        for d in q.documents:
+            chunks.append(ReusedChunk(at, chunk_kv[d]))
+            parts.append(doc_ids[d])
+            at += len(doc_ids[d])
+        parts.append(enc(f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n{q.stem}"))
+        return torch.cat(parts), chunks
+
+    rows: dict[float, list[dict[str, Any]]] = {r: [] for r in ratios}
+    full_rows: list[dict[str, Any]] = []
+    for n, q in enumerate(rag.questions, 1):
+        ids, chunks = prompt(q)
+        t0 = time.perf_counter()
+        full = full_prefill(ops, ids)
+        full_ttft = time.perf_counter() - t0
+        full_tokens = greedy_continue(ops, full, len(ids), answer_tokens, stop)
+        full_ok = is_correct(tok.decode(full_tokens), q.answer)
+        full_rows.append({"ttft_s": full_ttft, "correct": full_ok, "prompt_tokens": len(ids)})
+        for ratio in ratios:
+            t0 = time.perf_counter()
+            blended = blended_prefill(ops, ids, chunks, rope, ratio=ratio)
+            ttft = time.perf_counter() - t0
+            tokens = greedy_continue(ops, blended, len(ids), answer_tokens, stop)
+            same = sum(a == b for a, b in zip(tokens, full_tokens, strict=False))
+            rows[ratio].append({
+                "ttft_s": ttft, "correct": is_correct(tok.decode(tokens), q.answer),
+                "agreement_32": same / max(len(full_tokens), 1),
+                "kl_first_token": _kl(full.last_logits, blended.last_logits),
+                "recomputed_tokens": blended.recomputed_tokens})
+        progress(f"question {n}/{len(rag.questions)}: {len(ids)} tokens, full "
+                 f"{full_ttft:.2f}s, " + ", ".join(
+                     f"r={r}: {rows[r][-1]['ttft_s']:.2f}s" for r in ratios))
+    full_ttft_p50 = statistics.median(r["ttft_s"] for r in full_rows)
+    full_acc = sum(r["correct"] for r in full_rows) / len(full_rows)
+    entries = []
+    for ratio in ratios:
+        rs = rows[ratio]
+        ttft = statistics.median(r["ttft_s"] for r in rs)
+        entries.append({
+            "ratio": ratio, "ttft_s": ttft, "full_prefill_ttft_s": full_ttft_p50,
+            "speedup": full_ttft_p50 / ttft,
+            "accuracy": sum(r["correct"] for r in rs) / len(rs),
+            "full_prefill_accuracy": full_acc,
+            "agreement_32": statistics.mean(r["agreement_32"] for r in rs),
+            "kl_first_token": statistics.mean(r["kl_first_token"] for r in rs),
+            "questions": rs})
+    tokens = [r["prompt_tokens"] for r in full_rows]
+    return {"model": str(model_path), "dtype": dtype, "questions": len(full_rows),
+            "prompt_tokens_min": min(tokens), "prompt_tokens_max": max(tokens),
+            "accuracy_stderr": math.sqrt(max(full_acc * (1 - full_acc), 1e-9) / len(full_rows)),
+            "full_prefill": full_rows, "ratios": entries}
