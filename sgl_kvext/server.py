@@ -96,14 +96,19 @@ class SGLangServer:
             self._proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT,
                                           env=self._env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self.stop()
-                raise ServerStartError(f"SGLang server exited with code {self._proc.returncode}"
-                                       f"\n{self.log_tail()}")
-            if self._healthy():
-                return self
-            time.sleep(1.0)
+        proc = self._proc
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise ServerStartError(f"SGLang server exited with code {proc.returncode}"
+                                           f"\n{self.log_tail()}")
+                if self._healthy():
+                    return self
+                time.sleep(1.0)
+        except BaseException:
+            # Also on SIGTERM / Ctrl-C while waiting: __exit__ never runs for a failed start.
+            self.stop()
+            raise
         self.stop()
         raise ServerStartError(f"SGLang server not healthy after {self.startup_timeout_s:.0f} s"
                                f"\n{self.log_tail()}")
