@@ -12,13 +12,13 @@ Run: /work/venv/bin/python bench/_proto_manual_forward.py [--model DIR] [--token
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 from pathlib import Path
 
 T_START = time.perf_counter()
 
 # 1. sgl_kernel shim + SGLANG_USE_CPU_ENGINE=1, before any sglang.srt import.
+from sgl_kvext.integration.offline_model import load_offline_model  # noqa: E402
 from sgl_kvext.kernel_fallback import ensure_sgl_kernel  # noqa: E402
 
 KERNEL = ensure_sgl_kernel()
@@ -38,34 +38,6 @@ PARAGRAPH = (
     "revolution and the rise of vernacular literature, but few doubt that cheap, identical "
     "copies changed how knowledge travelled. "
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def load_sglang_model(model_dir: str, dtype: str = "float32"):
-    """SGLang's LlamaForCausalLM on CPU, in-process: publish -> parallel init -> get_model."""
-    from sglang.srt.configs.device_config import DeviceConfig
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.distributed import bootstrap
-    from sglang.srt.model_loader import get_model
-    from sglang.srt.runtime_context import SpawnRanks, publish
-    from sglang.srt.server_args import ServerArgs
-
-    server_args = ServerArgs(model_path=model_dir, device="cpu", dtype=dtype, tp_size=1)
-    # Process-wide config bags (get_parallel(), get_model(), ...) read by every layer ctor.
-    publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
-    # gloo world of 1 + TP/PP/DP-attention groups (layers read get_parallel().tp_size etc).
-    bootstrap.init_parallel_runtime(server_args=server_args, device="cpu", dist_port=free_port())
-    model_config = ModelConfig.from_server_args(server_args)
-    bootstrap.init_layer_runtime(model_config=model_config)
-    model = get_model(model_config=model_config, load_config=LoadConfig(),
-                      device_config=DeviceConfig("cpu", 0))
-    return model.eval(), model_config
 
 
 def gqa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int,
@@ -124,7 +96,7 @@ def main() -> None:
     print(f"sgl_kernel: {KERNEL.source.value} ({KERNEL.reason})")
 
     t0 = time.perf_counter()
-    model, model_config = load_sglang_model(args.model)
+    model = load_offline_model(Path(args.model), "float32")
     t_load = time.perf_counter() - t0
     p = next(model.parameters())
     print(f"sglang load: {t_load:.2f}s (imports before: {t0 - T_START:.2f}s) "

@@ -8,19 +8,13 @@ an SGLang engine. Inside the server, the scheduler's already-loaded model is use
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 from sgl_kvext.kernel_fallback import ensure_sgl_kernel
+from sgl_kvext.server import free_port
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load_offline_model(model_path: Path, dtype: str = "float32") -> Any:
@@ -40,7 +34,7 @@ def load_offline_model(model_path: Path, dtype: str = "float32") -> Any:
 
     args = ServerArgs(model_path=str(model_path), device="cpu", dtype=dtype, tp_size=1)
     publish(args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
-    bootstrap.init_parallel_runtime(server_args=args, device="cpu", dist_port=_free_port())
+    bootstrap.init_parallel_runtime(server_args=args, device="cpu", dist_port=free_port())
     model_config = ModelConfig.from_server_args(args)
     bootstrap.init_layer_runtime(model_config=model_config)
     model = get_model(model_config=model_config, load_config=LoadConfig(),
