@@ -7,6 +7,9 @@ dtype, page size, KV layout, tensor-parallel rank and size) and the request's ca
 extra key, so two models or two tenants never share a key. Everything is hashed from
 canonical bytes, so keys are stable across processes, machines and Python runs (no built-in
 ``hash()``, which PYTHONHASHSEED randomizes).
+
+A fragment key (:func:`fragment_key`) names a chunk's KV computed on its own, independent of
+where the chunk sits in a prompt: it hashes the namespace and the chunk's tokens only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 KEY_BYTES = 32
 _PAGE_PERSON = b"kvext-page-v1"
 _NS_PERSON = b"kvext-ns-v1"
+_FRAGMENT_PERSON = b"kvext-frag-v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,36 @@ class Namespace:
         return h.digest()
 
 
+def _token_bytes(token_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, bytes]:
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids must be one-dimensional, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+        raise ValueError("token ids must be in [0, 2**32)")
+    return ids, ids.astype("<u4").tobytes()
+
+
+def fragment_key(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """Position-independent key of a fragment's KV (a chunk computed on its own).
+
+    The same tokens under the same namespace give the same key wherever they appear in a
+    prompt; a distinct BLAKE2b personalization keeps fragment keys apart from page keys.
+
+    Parameters
+    ----------
+    namespace
+        Model identity and tenant.
+    token_ids : (n,) ints in [0, 2**32), n >= 1
+    """
+    ids, raw = _token_bytes(token_ids)
+    if ids.size == 0:
+        raise ValueError("a fragment needs at least one token")
+    h = hashlib.blake2b(namespace.digest, digest_size=KEY_BYTES, person=_FRAGMENT_PERSON)
+    h.update(ids.size.to_bytes(8, "little"))
+    h.update(raw)
+    return h.digest()
+
+
 def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
     """Keys of the full pages of ``token_ids`` (a trailing partial page gets no key).
 
@@ -95,12 +129,7 @@ def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> li
     list of 32-byte keys, one per full page, in order.
     """
     page = namespace.model.page_size
-    ids = np.asarray(token_ids, dtype=np.int64)
-    if ids.ndim != 1:
-        raise ValueError(f"token_ids must be one-dimensional, got shape {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
-        raise ValueError("token ids must be in [0, 2**32)")
-    raw = ids.astype("<u4").tobytes()
+    ids, raw = _token_bytes(token_ids)
     step = page * 4
     keys: list[bytes] = []
     prev = namespace.digest
