@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
     bl.add_argument("--answer-tokens", type=int, default=32)
     bl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bl.add_argument("--plot", type=Path, default=None,
+                    help="also write a PNG of speed-up and quality per ratio (needs matplotlib)")
     return parser
 
 
@@ -147,6 +149,10 @@ def _blend(args: argparse.Namespace) -> int:
         return 2
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot is not None:
+        from sgl_kvext_bench.plot import plot_blend
+
+        print(f"plot: {plot_blend(results, args.plot)}")
     print(f"\n{results['questions']} questions, prompts {results['prompt_tokens_min']}-"
           f"{results['prompt_tokens_max']} tokens, {results['dtype']}")
     print("| ratio | TTFT (s) | full (s) | speedup | accuracy | full acc. | agreement 32 | KL |")

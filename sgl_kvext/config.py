@@ -151,8 +151,9 @@ class FragmentConfig:
 
     enabled: bool = _opt(False, "--kvext-fragment-blend",
                          "Reuse stored chunk KV at any prompt position (CacheBlend).", parse_bool)
-    min_tokens: int = _opt(64, "--kvext-fragment-min-tokens",
-                           "Smallest fragment worth storing, in tokens.", parse_int)
+    min_tokens: int = _opt(32, "--kvext-fragment-min-tokens",
+                           "Smallest fragment, in tokens; automatic fragments average about "
+                           "2.7x this.", parse_int)
     chunking: str = _opt("both", "--kvext-fragment-chunking",
                          "explicit: only request-marked chunks; auto: content-defined chunking; "
                          "both.", choices=("explicit", "auto", "both"))

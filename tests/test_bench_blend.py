@@ -39,7 +39,8 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sgl_kvext_bench.cli", "blend", "--json", str(out),
          "--questions", "2", "--documents", "8", "--sentences", "4", "--answer-tokens", "4",
-         "--ratios", "0,0.15,1.0", "--model-path", str(model_path)],
+         "--ratios", "0,0.15,1.0", "--model-path", str(model_path),
+         "--plot", str(tmp_path / "blend.png")],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| ratio |" in result.stdout
@@ -53,6 +54,8 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert full["agreement_32"] == 1.0 and full["kl_first_token"] < 1e-6
     assert full["accuracy"] == full["full_prefill_accuracy"]
     assert by_ratio[0.0]["kl_first_token"] > full["kl_first_token"]
+    png = (tmp_path / "blend.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_blend_bench_rejects_bad_ratios(tmp_path: Path) -> None:

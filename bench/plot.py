@@ -1,0 +1,48 @@
+"""PNG plots of benchmark JSON (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:   # the `bench` extra installs it
+        raise ValueError("plots need matplotlib: pip install 'sgl-kvext[bench]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_blend(results: dict[str, Any], path: Path, target_speedup: float = 4.0) -> Path:
+    """Speed-up and quality per recompute ratio from ``run_blend``'s results, to ``path``.
+
+    Left: TTFT speed-up over full prefill (with the target). Right: answer accuracy (full
+    prefill's as a dashed line) and 32-token agreement with full prefill."""
+    plt = _pyplot()
+    entries = sorted(results["ratios"], key=lambda e: e["ratio"])
+    ratios = [e["ratio"] for e in entries]
+    fig, (speed, quality) = plt.subplots(1, 2, figsize=(10, 4))
+    speed.plot(ratios, [e["speedup"] for e in entries], "o-", label="blended prefill")
+    speed.axhline(target_speedup, color="grey", ls=":", label=f"target {target_speedup:g}x")
+    speed.axhline(1.0, color="black", lw=0.8)
+    speed.set(xlabel="recompute ratio", ylabel="TTFT speed-up vs full prefill (x)",
+              title="Speed")
+    speed.legend()
+    quality.plot(ratios, [e["accuracy"] for e in entries], "o-", label="answer accuracy")
+    quality.plot(ratios, [e["agreement_32"] for e in entries], "s-",
+                 label="32-token agreement with full")
+    quality.axhline(entries[0]["full_prefill_accuracy"], color="grey", ls="--",
+                    label="full prefill accuracy")
+    quality.set(xlabel="recompute ratio", ylim=(0, 1.05), title="Quality")
+    quality.legend(loc="lower right")
+    fig.suptitle(f"CacheBlend on {Path(results['model']).name}, {results['questions']} "
+                 f"questions, {results['prompt_tokens_min']}-{results['prompt_tokens_max']} "
+                 f"tokens, {results['dtype']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
