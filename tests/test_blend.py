@@ -19,8 +19,8 @@ import json, sys
 import torch
 from transformers import AutoConfig, AutoTokenizer
 from sgl_kvext.integration.offline_model import load_offline_model
-from sgl_kvext.blend import (LlamaLayerOps, ReusedChunk, blended_prefill, compute_chunk_kv,
-                             full_prefill)
+from sgl_kvext.blend import (LlamaLayerOps, PrefixKV, ReusedChunk, blended_prefill,
+                             compute_chunk_kv, full_prefill)
 from sgl_kvext_kernels import RopeConfig
 
 path = sys.argv[1]
@@ -47,7 +47,25 @@ for offset in (0, 7):
             "v_diff": float((r.v - full.v).abs().max()),
             "argmax_equal": int(r.last_logits.argmax()) == int(full.last_logits.argmax()),
             "recomputed": r.recomputed_tokens, "reused": r.reused_tokens}
-out["full_next_token"] = int(full_prefill(ops, ids).last_logits.argmax())
+whole = full_prefill(ops, ids)
+out["full_next_token"] = int(whole.last_logits.argmax())
+# The head as an already computed prefix: the span after it attends to its KV.
+p = out["head"] = len(head)
+prefix = PrefixKV(whole.k[:, :p], whole.v[:, :p])
+span_chunks = [ReusedChunk(c.start - p, c.kv) for c in chunks]
+for name, r in (("prefix/full", full_prefill(ops, ids[p:], prefix=prefix)),
+                ("prefix/1.0", blended_prefill(ops, ids[p:], span_chunks, rope, prefix=prefix,
+                                               ratio=1.0)),
+                ("prefix/0.15", blended_prefill(ops, ids[p:], span_chunks, rope, prefix=prefix,
+                                                ratio=0.15))):
+    out[name] = {"logit_diff": float((r.last_logits - whole.last_logits).abs().max()),
+                 "k_diff": float((r.k - whole.k[:, p:]).abs().max()),
+                 "v_diff": float((r.v - whole.v[:, p:]).abs().max()),
+                 "tokens": int(r.k.shape[1]), "recomputed": r.recomputed_tokens}
+try:
+    full_prefill(ops, ids[p:], positions=torch.arange(len(ids) - p), prefix=prefix)
+except ValueError as exc:
+    out["overlap_error"] = str(exc)
 out["ids"] = ids.tolist()
 print("RESULT " + json.dumps(out))
 '''
@@ -82,6 +100,21 @@ def test_partial_ratio_recomputes_the_selected_share(blend_run: dict) -> None:  
     r = blend_run["0/0.15"]
     selected = r["recomputed"] - blend_run["outside"]
     assert 0 < selected <= -(-0.15 * blend_run["reused"] // 1) + 1
+
+
+@pytest.mark.parametrize("name", ["prefix/full", "prefix/1.0"])
+def test_span_after_a_computed_prefix_equals_the_whole_prefill(
+        blend_run: dict, name: str) -> None:  # type: ignore[type-arg]
+    r = blend_run[name]
+    assert r["tokens"] == blend_run["tokens"] - blend_run["head"]
+    assert r["logit_diff"] < 1e-3 and r["k_diff"] < 1e-3 and r["v_diff"] < 1e-3, r
+
+
+def test_blend_after_a_prefix_recomputes_a_share_and_refuses_overlap(
+        blend_run: dict) -> None:  # type: ignore[type-arg]
+    r = blend_run["prefix/0.15"]
+    assert r["recomputed"] < r["tokens"] and r["k_diff"] > 0
+    assert "inside the" in blend_run["overlap_error"]
 
 
 def test_full_prefill_matches_transformers(

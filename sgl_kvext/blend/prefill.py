@@ -7,7 +7,12 @@ layers recompute only those tokens plus every token outside a reused chunk (and 
 token, whose logits the caller needs). At ``ratio == 1`` every token is recomputed in every
 layer, which is a full prefill.
 
-Shapes: ``T`` tokens in the span, ``L`` layers, ``H`` KV heads, ``D`` head dim.
+A span may follow a *prefix* whose KV is already computed (in the server: the radix match,
+at positions ``0..P-1``): its tokens are attended to, never recomputed, and the span's default
+positions are ``P..P+T-1``.
+
+Shapes: ``T`` tokens in the span, ``P`` prefix tokens, ``L`` layers, ``H`` KV heads, ``D`` head
+dim.
 """
 
 from __future__ import annotations
@@ -56,6 +61,16 @@ class ReusedChunk(NamedTuple):
     kv: ChunkKV
 
 
+class PrefixKV(NamedTuple):
+    """KV of the ``P`` tokens before the span, at positions ``0..P-1``: k / v [L, P, H, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.k.shape[1])
+
+
 class PrefillResult(NamedTuple):
     """KV for the whole span and the last token's logits.
 
@@ -70,8 +85,15 @@ class PrefillResult(NamedTuple):
 
 
 def _attend(ops: LlamaLayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
-    """q [A, Hq, D] over k / v [T, H, D] with the position-causal mask -> [A, Hq, D]."""
+            v: torch.Tensor, kv_pos: torch.Tensor, prefix: PrefixKV | None = None,
+            layer: int = 0) -> torch.Tensor:
+    """q [A, Hq, D] over (prefix +) k / v [T, H, D], position-causal mask -> [A, Hq, D]."""
+    if prefix is not None and len(prefix):
+        p = len(prefix)
+        k = torch.cat((prefix.k[layer], k))
+        v = torch.cat((prefix.v[layer], v))
+        kv_pos = torch.cat((torch.arange(p, dtype=kv_pos.dtype), kv_pos))
+        return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
     if q.shape[0] == k.shape[0] and torch.equal(q_pos, kv_pos):
         # Every token queries: plain causal attention (positions are increasing).
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
@@ -81,27 +103,41 @@ def _attend(ops: LlamaLayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.T
     return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
 
 
-def _check_span(input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+def _span_positions(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                    prefix: PrefixKV | None) -> torch.Tensor:
+    """The span's positions (default right after the prefix), checked."""
     if input_ids.dim() != 1 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must be a non-empty 1-D tensor, got {tuple(input_ids.shape)}")
-    if positions.shape != input_ids.shape:
-        raise ValueError(f"positions {tuple(positions.shape)} must match input_ids "
+    p = len(prefix) if prefix is not None else 0
+    if prefix is not None:
+        want = (ops.num_layers, p, ops.kv_heads, ops.head_dim)
+        if tuple(prefix.k.shape) != want or prefix.v.shape != prefix.k.shape:
+            raise ValueError(f"prefix KV must be {want}, got {tuple(prefix.k.shape)} / "
+                             f"{tuple(prefix.v.shape)}")
+    pos = torch.arange(p, p + input_ids.shape[0]) if positions is None else positions
+    if pos.shape != input_ids.shape:
+        raise ValueError(f"positions {tuple(pos.shape)} must match input_ids "
                          f"{tuple(input_ids.shape)}")
-    if positions.shape[0] > 1 and bool((positions[1:] <= positions[:-1]).any()):
+    if pos.shape[0] > 1 and bool((pos[1:] <= pos[:-1]).any()):
         raise ValueError("positions must be strictly increasing")
+    if p and int(pos[0]) < p:
+        raise ValueError(f"the span's positions start at {int(pos[0])}, inside the {p}-token "
+                         "prefix")
+    return pos
 
 
 @torch.no_grad()
 def full_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor,
-                 positions: torch.Tensor | None = None) -> PrefillResult:
-    """Ordinary causal prefill of ``input_ids`` [T] at ``positions`` [T] (default 0..T-1)."""
-    pos = torch.arange(input_ids.shape[0]) if positions is None else positions
-    _check_span(input_ids, pos)
+                 positions: torch.Tensor | None = None,
+                 prefix: PrefixKV | None = None) -> PrefillResult:
+    """Ordinary causal prefill of ``input_ids`` [T] at ``positions`` [T] (default 0..T-1, or
+    right after ``prefix``), attending to ``prefix``'s KV as well."""
+    pos = _span_positions(ops, input_ids, positions, prefix)
     h = ops.embed(input_ids)
     ks, vs = [], []
     for layer in range(ops.num_layers):
         q, k, v = ops.qkv(layer, h, pos)
-        h = ops.finish(layer, h, _attend(ops, q, pos, k, v, pos))
+        h = ops.finish(layer, h, _attend(ops, q, pos, k, v, pos, prefix, layer))
         ks.append(k)
         vs.append(v)
     n = int(input_ids.shape[0])
@@ -145,8 +181,8 @@ def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.
 @torch.no_grad()
 def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequence[ReusedChunk],
                     rope: RopeConfig, *, positions: torch.Tensor | None = None,
-                    ratio: float = 0.15, check_layer: int = 1,
-                    min_tokens: int = 1) -> PrefillResult:
+                    prefix: PrefixKV | None = None, ratio: float = 0.15,
+                    check_layer: int = 1, min_tokens: int = 1) -> PrefillResult:
     """CacheBlend prefill of ``input_ids`` [T] reusing ``chunks``' KV.
 
     Parameters
@@ -160,7 +196,10 @@ def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequenc
     rope
         The model's RoPE, to re-rotate cached K to the span's positions.
     positions
-        [T] increasing positions of the span (default ``0..T-1``).
+        [T] increasing positions of the span (default ``0..T-1``, or ``P..P+T-1`` after a
+        prefix).
+    prefix
+        KV of ``P`` tokens before the span (positions ``0..P-1``): attended to, not recomputed.
     ratio
         Fraction of reused tokens recomputed after the check layer, in [0, 1].
     check_layer
@@ -168,8 +207,7 @@ def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequenc
     min_tokens
         At least this many reused tokens are recomputed (when there are that many).
     """
-    pos = torch.arange(input_ids.shape[0]) if positions is None else positions
-    _check_span(input_ids, pos)
+    pos = _span_positions(ops, input_ids, positions, prefix)
     if not 0 <= check_layer < ops.num_layers:
         raise ValueError(f"check_layer {check_layer} must be in [0, {ops.num_layers})")
     if not 0.0 <= ratio <= 1.0:
@@ -197,7 +235,7 @@ def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequenc
         else:
             k_all, v_all = cached_k[layer], cached_v[layer]
             k_all[active], v_all[active] = k, v
-        h = ops.finish(layer, h, _attend(ops, q, pos[active], k_all, v_all, pos))
+        h = ops.finish(layer, h, _attend(ops, q, pos[active], k_all, v_all, pos, prefix, layer))
         ks.append(k_all)
         vs.append(v_all)
     return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0],
