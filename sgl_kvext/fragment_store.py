@@ -62,7 +62,7 @@ class FragmentStore:
         self._lock = threading.Lock()
         self.counters = {"stored": 0, "hits": 0, "misses": 0, "bad_objects": 0}
 
-    def key(self, salt: str, token_ids: torch.Tensor | Sequence[int]) -> bytes:
+    def key(self, salt: str, token_ids: torch.Tensor | Sequence[int] | np.ndarray) -> bytes:
         """The fragment key of ``token_ids`` [n] for tenant ``salt``."""
         return fragment_key(Namespace(self.identity, salt), _ids(token_ids))
 
@@ -117,7 +117,7 @@ class FragmentStore:
         return raw.view(self.layout.dtype).view(shape)
 
 
-def _ids(token_ids: torch.Tensor | Sequence[int]) -> np.ndarray:
+def _ids(token_ids: torch.Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
     if isinstance(token_ids, torch.Tensor):
         return token_ids.detach().cpu().numpy()
     return np.asarray(token_ids, dtype=np.int64)

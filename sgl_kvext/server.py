@@ -171,11 +171,15 @@ class SGLangServer:
             return str(resp.read().decode(errors="replace"))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
-                 timeout_s: float = 300.0) -> Completion:
-        """Greedy completion of ``prompt`` (text or token ids)."""
+                 timeout_s: float = 300.0,
+                 custom_params: dict[str, Any] | None = None) -> Completion:
+        """Greedy completion of ``prompt`` (text or token ids); ``custom_params`` go into the
+        sampling parameters (e.g. sgl-kvext's ``kvext_exact``)."""
         key = "text" if isinstance(prompt, str) else "input_ids"
-        payload = {key: prompt, "sampling_params": {"temperature": 0.0,
-                                                    "max_new_tokens": max_new_tokens}}
+        sampling: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+        if custom_params:
+            sampling["custom_params"] = custom_params
+        payload = {key: prompt, "sampling_params": sampling}
         start = time.perf_counter()
         out = self.post("/generate", payload, timeout_s)
         seconds = time.perf_counter() - start

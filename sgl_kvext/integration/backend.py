@@ -14,13 +14,20 @@ from sglang.srt.mem_cache.registry import (
     registered_radix_cache_backends,
 )
 
+from sgl_kvext.blend import LlamaLayerOps
 from sgl_kvext.config import KVExtConfig, TierConfig
 from sgl_kvext.config_values import format_size
+from sgl_kvext.fragment_blend import FragmentBlender
+from sgl_kvext.fragment_index import FragmentIndex
+from sgl_kvext.fragment_store import FragmentStore, KVLayout
 from sgl_kvext.integration.identity import model_identity
 from sgl_kvext.integration.tree import HierarchicalRadixCache, scheduler_config
+from sgl_kvext.keys import ModelIdentity
 from sgl_kvext.kv_pages import PagedKV
 from sgl_kvext.kv_tiering import KVTiering
+from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.factory import build_chain
+from sgl_kvext_kernels import RopeConfig
 
 logger = logging.getLogger("sgl_kvext")
 
@@ -65,12 +72,33 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
                 "(%s each); tiers %s; write policy %s", ctx.tp_rank, ctx.tp_size,
                 tiers.page_tokens, format_size(paged.page_nbytes),
                 " -> ".join(_describe(t.name, tiers) for t in chain.tiers), tiers.write_policy)
+    blender = _fragment_blender(ctx, config, chain, identity) if config.fragments.enabled \
+        else None
     closers = []
     if ctx.params.enable_metrics:
         from sgl_kvext.integration.metrics_export import MetricsExporter
 
-        closers.append(MetricsExporter(tiering, ctx.tp_rank).close)
-    return HierarchicalRadixCache(ctx.params, config, tiering, closers)
+        closers.append(MetricsExporter(tiering, ctx.tp_rank, blender).close)
+    return HierarchicalRadixCache(ctx.params, config, tiering, closers, blender)
+
+
+def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: TierChain,
+                      identity: ModelIdentity) -> FragmentBlender:
+    """The fragment index, store and blender over the scheduler's own model."""
+    if ctx.tp_size > 1:
+        raise ValueError("--kvext-fragment-blend supports tensor parallelism 1 only "
+                         f"(got --tp {ctx.tp_size})")
+    ops = LlamaLayerOps(ctx.tp_worker.model_runner.model)
+    rope = RopeConfig.from_hf_config(ctx.model_config.hf_config)
+    layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
+    frag = config.fragments
+    index = FragmentIndex(frag.min_tokens, frag.chunking)
+    blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
+                              config.blend.recompute_ratio, config.blend.check_layer)
+    logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "
+                "ratio %.2f at layer %d", frag.chunking, frag.min_tokens,
+                config.blend.recompute_ratio, config.blend.check_layer)
+    return blender
 
 
 def _describe(name: str, tiers: TierConfig) -> str:

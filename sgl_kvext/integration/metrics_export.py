@@ -13,17 +13,24 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from sgl_kvext.fragment_blend import FragmentBlender
 from sgl_kvext.kv_tiering import KVTiering
 
 TIER_COUNTERS = ("hits", "misses", "bytes_in", "bytes_out", "evictions", "rejected",
                  "quarantined", "errors", "timeouts")
 TIERING_COUNTERS = ("spilled_pages", "loaded_pages", "failed_loads")
 PREFETCH_COUNTERS = ("started", "dropped", "promoted_pages")
+FRAGMENT_COUNTERS = ("blends", "fragment_hits", "fragment_misses", "blended_tokens",
+                     "recomputed_tokens", "registered", "register_dropped", "register_failed")
 
 
 class MetricsExporter:
-    def __init__(self, tiering: KVTiering, tp_rank: int, interval_s: float = 1.0) -> None:
+    def __init__(self, tiering: KVTiering, tp_rank: int, blender: FragmentBlender | None = None,
+                 interval_s: float = 1.0) -> None:
         self.tiering, self.rank, self.interval_s = tiering, str(tp_rank), interval_s
+        self.blender = blender
+        self._fragment = {n: Counter(f"kvext_fragment_{n}", f"sgl-kvext fragment blend {n}",
+                                     ["tp_rank"]) for n in FRAGMENT_COUNTERS}
         self._tier = {n: Counter(f"kvext_tier_{n}", f"sgl-kvext tier {n}", ["tier", "tp_rank"])
                       for n in TIER_COUNTERS}
         self._used = Gauge("kvext_tier_used_bytes", "sgl-kvext bytes held per tier",
@@ -55,6 +62,10 @@ class MetricsExporter:
         for name in PREFETCH_COUNTERS:
             self._inc(self._prefetch[name], ("prefetch", name),
                       self.tiering.prefetcher.counters[name], self.rank)
+        if self.blender is not None:
+            for name in FRAGMENT_COUNTERS:
+                self._inc(self._fragment[name], ("fragment", name),
+                          self.blender.counters[name], self.rank)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

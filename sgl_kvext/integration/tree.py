@@ -14,6 +14,12 @@ tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not 
   slots, copies the pages in and hangs a new node under the matched one. Pages on disk / S3
   are prefetched into the host tier in the background, so the scheduler never waits on them.
   A page that vanished or fails its checksum makes the load return 0: SGLang recomputes.
+- **Fragment blend** (``--kvext-fragment-blend``). A request that may receive approximate KV
+  lives in its own tree namespace (its extra key carries :data:`BLEND_NAMESPACE`, set when
+  the request is created), so exact requests never match blended KV, on the device or in the
+  tiers. When such a request's device match ends before stored fragments, the span up to the
+  last of them is reported as a host hit and :meth:`init_load_back` fills it with the blended
+  prefill (run on the scheduler thread: it replaces a longer prefill of the same span).
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from sgl_kvext import env
+from sgl_kvext.blend import PrefixKV
 from sgl_kvext.config import KVExtConfig
+from sgl_kvext.fragment_blend import BlendPlan, FragmentBlender
 from sgl_kvext.kv_tiering import KVTiering, LoadPlan
 
 logger = logging.getLogger("sgl_kvext")
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
+#: Appended to the extra key of requests that may receive blended (approximate) KV.
+BLEND_NAMESPACE = "\x00kvext-blend"
 
 
 def salt_of(key: RadixKey) -> str:
@@ -57,6 +67,8 @@ class _Pending:
     node: TreeNode
     key: RadixKey | None   # tokens [plan.start, plan.end), a copy (the request's ids change)
     hold: bool = False     # a prefetch is still running: retry admission instead of loading
+    blend: BlendPlan | None = None   # fill [blend.start, blend.end) by a blended prefill
+    tokens: tuple[int, ...] = ()     # the prompt, for the blend
 
 
 class HierarchicalRadixCache(RadixCache):
@@ -76,9 +88,11 @@ class HierarchicalRadixCache(RadixCache):
 
     def __init__(self, params: CacheInitParams, config: KVExtConfig,
                  tiering: KVTiering | None = None,
-                 closers: Sequence[Callable[[], None]] = ()) -> None:
+                 closers: Sequence[Callable[[], None]] = (),
+                 blender: FragmentBlender | None = None) -> None:
         self.kvext_config = config
         self.tiering = tiering
+        self.blender = blender
         self._closers = list(closers)
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: dict[Any, float] = {}
@@ -162,10 +176,27 @@ class HierarchicalRadixCache(RadixCache):
             self._pending[handle] = _Pending(plan, base.last_device_node, None, hold=True)
             return base._replace(host_hit_length=hit)
         if plan is None:
-            self._pending.pop(handle, None)
-            return base
+            blend = self._plan_blend(req, key, tokens, device_len)
+            if blend is None:
+                self._pending.pop(handle, None)
+                return base
+            self._pending[handle] = _Pending(None, base.last_device_node,
+                                             key[blend.start:blend.end], blend=blend,
+                                             tokens=tuple(tokens))
+            return base._replace(host_hit_length=blend.tokens)
         self._pending[handle] = _Pending(plan, base.last_device_node, key[plan.start:plan.end])
         return base._replace(host_hit_length=plan.tokens)
+
+    def _plan_blend(self, req: Any, key: RadixKey, tokens: list[int],
+                    device_len: int) -> BlendPlan | None:
+        if self.blender is None or not (key.extra_key or "").endswith(BLEND_NAMESPACE):
+            return None
+        try:
+            return self.blender.plan(salt_of(key), tokens, device_len,
+                                     getattr(req, "kvext_chunk_spans", ()), self.page_size)
+        except Exception:
+            logger.exception("sgl-kvext: fragment lookup failed; computing the prompt in full")
+            return None
 
     def _holding(self, handle: Any, n_tokens: int, plan: LoadPlan | None,
                  device_len: int) -> bool:
@@ -190,18 +221,16 @@ class HierarchicalRadixCache(RadixCache):
         pending = self._pending.pop(req.cache_request_handle, None) if req is not None else None
         if pending is not None and pending.hold:
             return None              # SGLang keeps the request queued and matches it again
-        if (pending is None or pending.plan is None or pending.key is None
-                or self.tiering is None or pending.node is not node
-                or pending.plan.tokens != params.host_hit_length):
+        if (pending is None or pending.key is None or self.tiering is None
+                or pending.node is not node
+                or pending.key.child_key(self.page_size) in node.children):   # tree grew
             return 0, node
-        child_key = pending.key.child_key(self.page_size)
-        if child_key in node.children:          # the tree grew here since the match
+        if pending.blend is not None and pending.blend.tokens == params.host_hit_length:
+            return self._load_blend(node, pending)
+        if pending.plan is None or pending.plan.tokens != params.host_hit_length:
             return 0, node
         n = pending.plan.tokens
-        allocator = self.token_to_kv_pool_allocator
-        if allocator.available_size() < n:
-            self.evict(EvictParams(num_tokens=n - allocator.available_size()))
-        slots = allocator.alloc(n)
+        slots = self._alloc(node, n)
         if slots is None:
             return 0, node
         try:
@@ -210,18 +239,59 @@ class HierarchicalRadixCache(RadixCache):
             logger.exception("sgl-kvext: loading %d tokens failed; recomputing them", n)
             loaded = False
         if not loaded:
-            allocator.free(slots)
+            self.token_to_kv_pool_allocator.free(slots)
             return 0, node
-        new_node = TreeNode(priority=node.priority)
-        new_node.key, new_node.value, new_node.parent = pending.key, slots.to(torch.int64), node
-        node.children[child_key] = new_node
-        self.evictable_size_ += n
-        self._update_leaf_status(node)
-        self._update_leaf_status(new_node)
-        self.kv_events.record_store(new_node)
+        new_node = self._attach(node, pending.key, slots)
         if getattr(self, "metrics_collector", None) is not None:
             self.metrics_collector.increment_load_back_num_tokens(n, pool="kv")
         return n, new_node
+
+    def _alloc(self, node: TreeNode, n: int) -> torch.Tensor | None:
+        """``n`` fresh slots, evicting others if needed (never ``node``'s path)."""
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.available_size() < n:
+            self.inc_lock_ref(node)
+            try:
+                self.evict(EvictParams(num_tokens=n - allocator.available_size()))
+            finally:
+                self.dec_lock_ref(node)
+        slots: torch.Tensor | None = allocator.alloc(n)
+        return slots
+
+    def _load_blend(self, node: TreeNode, pending: _Pending) -> tuple[int, Any]:
+        assert self.tiering is not None and self.blender is not None
+        assert pending.blend is not None and pending.key is not None
+        plan, pool = pending.blend, self.tiering.pool
+        try:
+            prefix_slots = self.path_device_indices(node).to(torch.int64)
+            if prefix_slots.numel() != plan.start:
+                return 0, node
+            prefix = PrefixKV(torch.stack([b[prefix_slots] for b in pool.k]),
+                              torch.stack([b[prefix_slots] for b in pool.v]))
+            out = self.blender.run(salt_of(pending.key), plan, pending.tokens, prefix)
+        except Exception:
+            logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
+            return 0, node
+        if out is None:
+            return 0, node
+        slots = self._alloc(node, plan.tokens)
+        if slots is None:
+            return 0, node
+        for layer in range(pool.layers):
+            pool.k[layer][slots] = out.k[layer].to(pool.dtype)
+            pool.v[layer][slots] = out.v[layer].to(pool.dtype)
+        return plan.tokens, self._attach(node, pending.key, slots)
+
+    def _attach(self, node: TreeNode, key: RadixKey, slots: torch.Tensor) -> TreeNode:
+        """Hang a new node holding ``key``'s KV in ``slots`` under ``node``."""
+        new_node = TreeNode(priority=node.priority)
+        new_node.key, new_node.value, new_node.parent = key, slots.to(torch.int64), node
+        node.children[key.child_key(self.page_size)] = new_node
+        self.evictable_size_ += len(key)
+        self._update_leaf_status(node)
+        self._update_leaf_status(new_node)
+        self.kv_events.record_store(new_node)
+        return new_node
 
     # ------------------------------------------------------------- lifecycle
     def reset(self) -> None:
@@ -238,6 +308,9 @@ class HierarchicalRadixCache(RadixCache):
         for close in self._closers:
             close()
         self._closers.clear()
+        if self.blender is not None:
+            self.blender.close()
+            self.blender = None
         if self.tiering is not None:
             self.tiering.close()
             self.tiering = None

@@ -1,0 +1,141 @@
+"""The fragment index: which fragments of a prompt have stored KV, by position-independent key.
+
+Fragments come from two sources: *explicit* spans a request marks (its RAG chunks) and
+*automatic* content-defined chunks (:mod:`sgl_kvext.chunking`). Explicit spans win where they
+overlap automatic ones. The index remembers the keys whose KV is stored (a bounded LRU set, fed
+by registration and pre-warming); it computes keys through the function it is given, so it
+knows nothing of namespaces or tiers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from sgl_kvext.chunking import fragments
+
+CHUNKING_MODES = ("explicit", "auto", "both")
+
+
+class FragmentMatch(NamedTuple):
+    """Tokens ``[start, end)`` of the prompt form a fragment whose key is ``key``."""
+
+    start: int
+    end: int
+    key: bytes
+
+
+class FragmentIndex:
+    """Known fragment keys and the fragments of a prompt.
+
+    Parameters
+    ----------
+    min_tokens
+        Smallest automatic fragment (explicit spans may be shorter, down to 2 tokens).
+    chunking
+        ``explicit``, ``auto`` or ``both``.
+    capacity
+        Keys remembered; the least recently used are forgotten first (their KV stays in the
+        tiers and is found again when re-registered or pre-warmed).
+    """
+
+    def __init__(self, min_tokens: int, chunking: str = "both", capacity: int = 1 << 16) -> None:
+        if chunking not in CHUNKING_MODES:
+            raise ValueError(f"chunking {chunking!r}: allowed {', '.join(CHUNKING_MODES)}")
+        if min_tokens < 1 or capacity < 1:
+            raise ValueError("min_tokens and capacity must be >= 1")
+        self.min_tokens, self.chunking, self.capacity = min_tokens, chunking, capacity
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def find(self, key_of: Callable[[np.ndarray], bytes], tokens: Sequence[int] | np.ndarray,
+             explicit: Sequence[tuple[int, int]] = (), from_token: int = 0
+             ) -> list[FragmentMatch]:
+        """Non-overlapping fragments of ``tokens`` starting at or after ``from_token``.
+
+        Parameters
+        ----------
+        key_of
+            Fragment tokens (n,) -> key (the caller's namespace).
+        tokens : (n,) ints
+            The whole prompt (automatic cuts need the tokens before ``from_token`` too).
+        explicit
+            Marked ``(start, end)`` spans; ones out of range or overlapping an earlier one are
+            ignored.
+        """
+        ids = np.asarray(tokens, dtype=np.int64)
+        spans: list[tuple[int, int]] = []
+        if self.chunking in ("explicit", "both"):
+            for start, end in sorted(explicit):
+                if from_token <= start and end - start >= 2 and end <= ids.size and \
+                        (not spans or start >= spans[-1][1]):
+                    spans.append((start, end))
+        if self.chunking in ("auto", "both"):
+            marked = list(spans)
+            for f in fragments(ids, self.min_tokens):
+                if f.start >= from_token and not any(f.start < e and s < f.end for s, e in marked):
+                    spans.append((f.start, f.end))
+        spans.sort()
+        return [FragmentMatch(s, e, key_of(ids[s:e])) for s, e in spans]
+
+    def known(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self._known:
+                self._known.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key: bytes) -> None:
+        with self._lock:
+            self._known[key] = None
+            self._known.move_to_end(key)
+            while len(self._known) > self.capacity:
+                self._known.popitem(last=False)
+
+    def discard(self, key: bytes) -> None:
+        """Forget a key whose KV turned out missing (evicted, corrupt)."""
+        with self._lock:
+            self._known.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._known)
+
+
+def locate_chunks(tokens: Sequence[int] | np.ndarray,
+                  chunks: Sequence[Sequence[int] | np.ndarray]) -> list[tuple[int, int]]:
+    """Spans ``(start, end)`` where each chunk's tokens occur in ``tokens`` (first occurrence
+    after the previous chunk's, else anywhere); chunks not found are left out.
+
+    A chunk tokenized on its own may differ from the prompt's tokens at its two ends (BPE
+    merges across the boundary), so a chunk not found whole is looked up without its first
+    and last token."""
+    hay = np.asarray(tokens, dtype=np.int64).astype("<i8").tobytes()
+    spans: list[tuple[int, int]] = []
+    after = 0
+    for chunk in chunks:
+        ids = np.asarray(chunk, dtype=np.int64)
+        for needle in (ids, ids[1:-1]):
+            if needle.size < 2:
+                continue
+            at = _find_aligned(hay, needle.astype("<i8").tobytes(), after)
+            if at < 0:
+                at = _find_aligned(hay, needle.astype("<i8").tobytes(), 0)
+            if at >= 0:
+                spans.append((at, at + int(needle.size)))
+                after = at + int(needle.size)
+                break
+    return spans
+
+
+def _find_aligned(hay: bytes, pat: bytes, start_token: int) -> int:
+    """Token index of ``pat`` in ``hay`` (8-byte tokens) at or after ``start_token``; -1 if
+    absent (private: the public result is the list of spans)."""
+    at = hay.find(pat, start_token * 8)
+    while at != -1 and at % 8:
+        at = hay.find(pat, at + 1)
+    return -1 if at == -1 else at // 8

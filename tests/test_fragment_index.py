@@ -1,0 +1,70 @@
+"""Fragment index: marked spans before automatic chunks, known keys as a bounded LRU set,
+marked chunk texts located in a prompt."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from sgl_kvext.fragment_index import FragmentIndex, locate_chunks
+
+
+def key_of(tokens: np.ndarray) -> bytes:
+    return hashlib.blake2b(tokens.astype("<i8").tobytes(), digest_size=16).digest()
+
+
+def prompt(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 49_152, 3000)
+
+
+def test_marked_spans_win_and_nothing_overlaps() -> None:
+    ids = prompt()
+    found = FragmentIndex(16).find(key_of, ids, explicit=[(500, 900), (100, 300)])
+    spans = [(m.start, m.end) for m in found]
+    assert (100, 300) in spans and (500, 900) in spans
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert len(spans) > 10                                   # automatic chunks elsewhere
+    assert all(m.key == key_of(ids[m.start:m.end]) for m in found)
+
+
+def test_modes_and_the_start_bound() -> None:
+    ids = prompt(1)
+    marked = [(200, 400)]
+    assert [(m.start, m.end) for m in FragmentIndex(16, "explicit").find(key_of, ids, marked)] \
+        == [(200, 400)]
+    auto = FragmentIndex(16, "auto").find(key_of, ids, marked)
+    assert (200, 400) not in [(m.start, m.end) for m in auto] and auto
+    later = FragmentIndex(16).find(key_of, ids, marked, from_token=1000)
+    assert later and all(m.start >= 1000 for m in later)
+    # Out of range, too short or overlapping marks are ignored.
+    odd = [(2990, 3100), (50, 51), (60, 200), (100, 150)]
+    assert [(m.start, m.end) for m in FragmentIndex(16, "explicit").find(key_of, ids, odd)] \
+        == [(60, 200)]
+
+
+def test_known_keys_are_a_bounded_lru() -> None:
+    index = FragmentIndex(16, capacity=2)
+    index.add(b"a")
+    index.add(b"b")
+    assert index.known(b"a")          # touches a: b is now the oldest
+    index.add(b"c")
+    assert index.known(b"a") and index.known(b"c") and not index.known(b"b")
+    index.discard(b"a")
+    assert not index.known(b"a") and len(index) == 1
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="chunking"):
+        FragmentIndex(16, "sometimes")
+    with pytest.raises(ValueError, match="min_tokens"):
+        FragmentIndex(0)
+
+
+def test_locate_chunks_finds_texts_with_merged_ends() -> None:
+    ids = prompt(2)
+    chunk_a, chunk_b = ids[100:180], ids[700:800]
+    merged = np.concatenate([[7], ids[1200:1290], [9]])      # ends tokenized differently
+    spans = locate_chunks(ids, [chunk_b, chunk_a, merged, np.array([1, 2, 3])])
+    assert spans == [(700, 800), (100, 180), (1200, 1290)]
