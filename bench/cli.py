@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
     bl.add_argument("--answer-tokens", type=int, default=32)
     bl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bl.add_argument("--chunking", default="explicit", choices=["explicit", "auto"],
+                    help="reuse whole documents (marked chunks) or the content-defined "
+                         "fragments inside them")
+    bl.add_argument("--min-tokens", type=int, default=16,
+                    help="smallest automatic fragment (with --chunking auto)")
     bl.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of speed-up and quality per ratio (needs matplotlib)")
     return parser
@@ -137,13 +142,15 @@ def _blend(args: argparse.Namespace) -> int:
         print(f"sgl-kvext-bench: error: --ratios {args.ratios!r}: need numbers in [0, 1]",
               file=sys.stderr)
         return 2
-    if min(args.questions, args.documents, args.sentences, args.answer_tokens) < 1:
+    if min(args.questions, args.documents, args.sentences, args.answer_tokens,
+           args.min_tokens) < 1:
         print("sgl-kvext-bench: error: sizes must be >= 1", file=sys.stderr)
         return 2
     model = args.model_path or prepare_smollm2().path
     try:
         results = run_blend(model, ratios, args.questions, args.documents, args.sentences,
-                            args.answer_tokens, args.dtype)
+                            args.answer_tokens, args.dtype, chunking=args.chunking,
+                            min_tokens=args.min_tokens)
     except ValueError as exc:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2

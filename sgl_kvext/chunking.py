@@ -56,7 +56,7 @@ def window_hashes(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     g = _splitmix64(ids)
     n = ids.shape[0]
     h = np.zeros(n, dtype=np.uint64)
-    for back in range(WINDOW):          # token i-back contributes rotl(g, back)
+    for back in range(min(WINDOW, n)):  # token i-back contributes rotl(g, back)
         h[back:] ^= _rotl(g[:n - back] if back else g, back)
     h[:WINDOW - 1] = np.uint64(1)       # odd: never 0 mod an even spacing, see boundaries()
     return h

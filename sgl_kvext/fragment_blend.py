@@ -8,9 +8,10 @@ blended prefill over them, and register new fragments in the background (torch o
 - :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
   are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
   prefix's KV. The result is approximate by design; the caller keeps it apart from exact KV.
-- Registration computes each fragment on its own (positions ``0..n-1``, nothing prepended)
-  on one worker thread, stores it and adds its key to the index; a full queue drops work
-  (counted) rather than blocking a request.
+- Registration runs on one worker thread: a fragment some tier already holds (stored by
+  another instance sharing the disk folder or S3 prefix, or before a restart) is only added
+  to the index; otherwise it is computed on its own (positions ``0..n-1``, nothing
+  prepended) and stored. A full queue drops work (counted) rather than blocking a request.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class FragmentBlender:
         self._lock = threading.Lock()
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
-                         "register_dropped": 0, "register_failed": 0}
+                         "found_stored": 0, "register_dropped": 0, "register_failed": 0}
         self._worker = threading.Thread(target=self._register_loop, name="kvext-fragments",
                                         daemon=True)
         self._worker.start()
@@ -175,6 +176,11 @@ class FragmentBlender:
                     self.counters["register_dropped"] += 1
 
     def _register(self, salt: str, ids: np.ndarray, key: bytes) -> None:
+        if self.store.exists(salt, [ids])[0]:
+            self.index.add(key)
+            with self._lock:
+                self.counters["found_stored"] += 1
+            return
         kv = compute_chunk_kv(self.ops, torch.as_tensor(ids))
         self.store.put(salt, kv)
         self.index.add(key)

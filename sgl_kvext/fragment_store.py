@@ -82,7 +82,7 @@ class FragmentStore:
             self.counters["stored"] += 1
         return key
 
-    def exists(self, salt: str, fragments: Sequence[torch.Tensor]) -> list[bool]:
+    def exists(self, salt: str, fragments: Sequence[torch.Tensor | np.ndarray]) -> list[bool]:
         """Whether each fragment ([n] token ids) is held by some tier (a hint)."""
         keys = [self.key(salt, ids) for ids in fragments]
         return [self.chain.lookup([k]).run == 1 for k in keys]

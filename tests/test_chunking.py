@@ -61,6 +61,8 @@ def test_window_hash_is_local() -> None:
 def test_short_or_repetitive_input_has_no_fragment_rather_than_a_bad_one() -> None:
     assert fragments([], 16) == []
     assert fragments(list(range(10)), 16) == []
+    for n in range(1, WINDOW + 2):                   # shorter than the hash window
+        assert fragments(list(range(n)), 1) == [] and len(window_hashes(list(range(n)))) == n
     assert fragments([7] * 1000, 16) == []    # constant hash: no cut or every token a cut
 
 

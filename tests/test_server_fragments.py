@@ -19,11 +19,12 @@ from sgl_kvext_bench.rag_set import make_rag_set
 
 pytestmark = pytest.mark.server
 
-RAG = make_rag_set(documents=10, questions=4, chunks=(4, 4), sentences=8, seed=5)
+RAG = make_rag_set(documents=10, questions=4, chunks=(4, 4), sentences=24, seed=5)  # ~340 tokens
 DOCS = RAG.documents
 MAX_NEW = 8
 ARGS = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blend",
-        "--kvext-host-size", "512MiB", "--enable-metrics"]
+        "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "512MiB", "--enable-metrics"]
+METRICS_SYNC_S = 1.5      # the exporter copies counters to /metrics once a second
 
 
 def prompt(head: str, docs: list[int], question: str) -> str:
@@ -38,6 +39,7 @@ UNSEEN = prompt("Use the documents.\n", [6, 7], "Who is mentioned?")
 
 
 def _metric(server: SGLangServer, name: str) -> float:
+    time.sleep(METRICS_SYNC_S)
     total = 0.0
     for line in server.get_text("/metrics").splitlines():
         if line.startswith(f"kvext_fragment_{name}_total"):

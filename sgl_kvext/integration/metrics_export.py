@@ -21,7 +21,8 @@ TIER_COUNTERS = ("hits", "misses", "bytes_in", "bytes_out", "evictions", "reject
 TIERING_COUNTERS = ("spilled_pages", "loaded_pages", "failed_loads")
 PREFETCH_COUNTERS = ("started", "dropped", "promoted_pages")
 FRAGMENT_COUNTERS = ("blends", "fragment_hits", "fragment_misses", "blended_tokens",
-                     "recomputed_tokens", "registered", "register_dropped", "register_failed")
+                     "recomputed_tokens", "registered", "found_stored", "register_dropped",
+                     "register_failed")
 
 
 class MetricsExporter:
