@@ -5,6 +5,8 @@ Importing this package imports neither sglang nor torch; the SGLang side lives i
 """
 
 from sgl_kvext.config import BlendConfig, ConfigError, FragmentConfig, KVExtConfig, TierConfig
+from sgl_kvext.prewarm_client import PrewarmResult, prewarm_corpus
 
-__all__ = ["BlendConfig", "ConfigError", "FragmentConfig", "KVExtConfig", "TierConfig"]
+__all__ = ["BlendConfig", "ConfigError", "FragmentConfig", "KVExtConfig", "PrewarmResult",
+           "TierConfig", "prewarm_corpus"]
 __version__ = "0.1.0"

@@ -34,6 +34,7 @@ from sgl_kvext.blend import (
     blended_prefill,
     compute_chunk_kv,
 )
+from sgl_kvext.chunking import fragments
 from sgl_kvext.fragment_index import FragmentIndex, FragmentMatch
 from sgl_kvext.fragment_store import FragmentStore
 from sgl_kvext_kernels import RopeConfig
@@ -79,7 +80,8 @@ class FragmentBlender:
     min_reuse_share
         Least share of a span the known fragments must cover for a blend.
     queue_size
-        Fragments waiting for registration at most.
+        Fragments from requests waiting for registration at most (pre-warm items are not
+        bounded: a corpus is loaded whole).
     """
 
     def __init__(self, ops: LlamaLayerOps, rope: RopeConfig, store: FragmentStore,
@@ -89,7 +91,8 @@ class FragmentBlender:
             raise ValueError(f"min_reuse_share {min_reuse_share} must be in [0, 1]")
         self.ops, self.rope, self.store, self.index = ops, rope, store, index
         self.ratio, self.check_layer, self.min_reuse_share = ratio, check_layer, min_reuse_share
-        self._queue: queue.Queue[object] = queue.Queue(queue_size)
+        self.queue_size = queue_size
+        self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
         self._queued: set[bytes] = set()
         self._lock = threading.Lock()
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
@@ -151,31 +154,45 @@ class FragmentBlender:
         return BlendOutput(result.k, result.v, result.reused_tokens, result.recomputed_tokens)
 
     # -------------------------------------------------------------- register
-    def prewarm(self, salt: str, fragments: Sequence[Sequence[int] | np.ndarray]) -> int:
-        """Compute and store each fragment now (a corpus loaded once); returns how many were
-        stored (fragments of fewer than 2 tokens are skipped)."""
-        stored = 0
-        for tokens in fragments:
-            ids = np.asarray(tokens, dtype=np.int64)
-            if ids.size >= 2:
-                self._register(salt, ids, self.store.key(salt, ids))
-                stored += 1
-        return stored
+    def prewarm_async(self, salt: str, texts: Sequence[Sequence[int] | np.ndarray]
+                      ) -> tuple[list[bytes], int]:
+        """Queue each text as a fragment, plus its automatic fragments when the index chunks
+        automatically; returns (every key, how many were queued). Pre-warm items are never
+        dropped, and each is written through the whole tier chain before it counts as known
+        (so another instance sharing the tiers finds it)."""
+        keys: list[bytes] = []
+        queued = 0
+        for text in texts:
+            ids = np.asarray(text, dtype=np.int64)
+            if ids.size < 2:
+                continue
+            spans = [(0, int(ids.size))]
+            if self.index.chunking != "explicit":
+                spans += [(f.start, f.end) for f in fragments(ids, self.index.min_tokens)
+                          if (f.start, f.end) != (0, int(ids.size))]
+            for start, end in spans:
+                key = self.store.key(salt, ids[start:end])
+                keys.append(key)
+                queued += self._put(salt, ids[start:end], key, durable=True)
+        return keys, queued
 
     def _enqueue(self, salt: str, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
         for m in matches:
-            with self._lock:
-                if m.key in self._queued:
-                    continue
-                self._queued.add(m.key)
-            try:
-                self._queue.put_nowait((salt, ids[m.start:m.end].copy(), m.key))
-            except queue.Full:
+            if self._queue.qsize() >= self.queue_size:
                 with self._lock:
-                    self._queued.discard(m.key)
                     self.counters["register_dropped"] += 1
+                continue
+            self._put(salt, ids[m.start:m.end], m.key, durable=False)
 
-    def _register(self, salt: str, ids: np.ndarray, key: bytes) -> None:
+    def _put(self, salt: str, ids: np.ndarray, key: bytes, durable: bool) -> int:
+        with self._lock:
+            if key in self._queued or self.index.known(key):
+                return 0
+            self._queued.add(key)
+        self._queue.put((salt, ids.copy(), key, durable))
+        return 1
+
+    def _register(self, salt: str, ids: np.ndarray, key: bytes, durable: bool) -> None:
         if self.store.exists(salt, [ids])[0]:
             self.index.add(key)
             with self._lock:
@@ -183,6 +200,8 @@ class FragmentBlender:
             return
         kv = compute_chunk_kv(self.ops, torch.as_tensor(ids))
         self.store.put(salt, kv)
+        if durable:
+            self.store.chain.flush(timeout_s=120.0)
         self.index.add(key)
         with self._lock:
             self.counters["registered"] += 1
@@ -192,9 +211,9 @@ class FragmentBlender:
             item = self._queue.get()
             if item is _STOP:
                 return
-            salt, ids, key = typing.cast(tuple[str, np.ndarray, bytes], item)
+            salt, ids, key, durable = typing.cast(tuple[str, np.ndarray, bytes, bool], item)
             try:
-                self._register(salt, ids, key)
+                self._register(salt, ids, key, durable)
             except Exception:   # a failed registration only costs a future reuse
                 logger.exception("sgl-kvext: registering a %d-token fragment failed", len(ids))
                 with self._lock:
@@ -214,8 +233,5 @@ class FragmentBlender:
         return False
 
     def close(self) -> None:
-        try:
-            self._queue.put(_STOP, timeout=5.0)
-        except queue.Full:
-            pass
+        self._queue.put(_STOP)
         self._worker.join(timeout=30.0)

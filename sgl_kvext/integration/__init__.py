@@ -25,10 +25,11 @@ def load() -> None:
     if status.source is KernelSource.FALLBACK and status.reason != "already active":
         logger.info("sgl-kvext: sgl_kernel unavailable (%s); using torch CPU ops", status.reason)
 
-    from sgl_kvext.integration import backend, request_mode, server_flags, tree
+    from sgl_kvext.integration import backend, prewarm, request_mode, server_flags, tree
 
     server_flags.register_hooks()
     request_mode.register_hooks()
+    prewarm.register_hooks()
     backend.register_backend(BACKEND_NAME)
     config = tree.process_config()
     if config is not None and config.enabled and config.cpu_attention == "prefix":

@@ -83,6 +83,10 @@ def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         raise SystemExit(2) from None
     if config.enabled:
         args.radix_cache_backend = BACKEND_NAME
+        if config.fragments.enabled:
+            from sgl_kvext.integration import prewarm
+
+            prewarm.add_routes()
     env.set_value(env.RESOLVED_CONFIG, config.to_json())
     return original(cls, args)
 

@@ -1,0 +1,69 @@
+"""Pre-warm a RAG corpus into a running server (``--kvext-fragment-blend``), from Python.
+
+:func:`prewarm_corpus` posts the texts to ``/kvext/prewarm`` and waits until the server has
+registered every fragment (computed on its own, stored and written through its tier chain),
+so other instances sharing the disk folder or S3 prefix find them too. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+
+class PrewarmResult(NamedTuple):
+    """Fragments registered for the corpus (whole texts and their automatic fragments)."""
+
+    fragments: int
+    seconds: float
+
+
+def _post(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise ValueError(f"{url}: HTTP {exc.code}: {detail}") from None
+
+
+def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
+                   cache_salt: str = "", timeout_s: float = 600.0,
+                   poll_s: float = 0.5) -> PrewarmResult:
+    """Register ``texts`` (RAG chunks) as fragments in the server at ``base_url``.
+
+    Parameters
+    ----------
+    base_url
+        e.g. ``http://127.0.0.1:30000``.
+    texts
+        Non-empty chunk texts, each as it appears in prompts.
+    extra_key, cache_salt
+        The tenant the fragments belong to (as the requests that will use them send).
+    timeout_s
+        Longest wait for registration; ``TimeoutError`` after it (what was registered stays).
+    """
+    if not texts:
+        raise ValueError("texts must hold at least one chunk")
+    started = time.monotonic()
+    base = base_url.rstrip("/")
+    tenant = {"extra_key": extra_key, "cache_salt": cache_salt}
+    answer = _post(base + "/kvext/prewarm", {"texts": list(texts), **tenant}, timeout_s)
+    keys = list(answer["keys"])
+    deadline = started + timeout_s
+    while True:
+        status = _post(base + "/kvext/fragments", {"keys": keys, **tenant}, 30.0)
+        known = sum(bool(k) for k in status["known"])
+        if known == len(keys):
+            return PrewarmResult(len(keys), time.monotonic() - started)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{known} of {len(keys)} fragments registered after "
+                               f"{timeout_s:.0f}s; registration continues in the server")
+        time.sleep(poll_s)
