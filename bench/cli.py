@@ -59,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="smallest automatic fragment (with --chunking auto)")
     bl.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of speed-up and quality per ratio (needs matplotlib)")
+    rag = sub.add_parser("rag", help="RAG serving: no cache vs radix vs hierarchical KV vs "
+                                     "hierarchical KV + fragment blend (TTFT, accuracy)")
+    rag.add_argument("--json", type=Path, required=True, help="where to write the results")
+    rag.add_argument("--model-path", type=Path, default=None,
+                     help="checkpoint folder (default: the prepared SmolLM2)")
+    rag.add_argument("--configs", default="no_cache,radix,hierarchical,hierarchical_blend",
+                     help="comma-separated subset of no_cache, radix, hierarchical, "
+                          "hierarchical_blend, hierarchical_blend_auto")
+    rag.add_argument("--questions", type=int, default=16)
+    rag.add_argument("--documents", type=int, default=24)
+    rag.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
+    rag.add_argument("--answer-tokens", type=int, default=16)
     return parser
 
 
@@ -74,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _multiturn(args)
     if args.command == "blend":
         return _blend(args)
+    if args.command == "rag":
+        return _rag(args)
     if args.objects < 1 or args.object_mib <= 0 or args.repeats < 1:
         print("sgl-kvext-bench: error: --objects, --object-mib and --repeats must be positive",
               file=sys.stderr)
@@ -126,6 +140,40 @@ def _multiturn(args: argparse.Namespace) -> int:
         print(f"4k prefix: device hit {hit['ttft_device_s']:.3f}s, host hit "
               f"{hit['ttft_host_s']:.3f}s ({hit['host_over_device']:.2f}x), cold "
               f"{hit['ttft_cold_s']:.3f}s")
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def _rag(args: argparse.Namespace) -> int:
+    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext_bench.rag import CONFIGS, run_rag
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        print(f"sgl-kvext-bench: error: --configs: unknown {unknown}; allowed: "
+              f"{', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if min(args.questions, args.documents, args.sentences, args.answer_tokens) < 1:
+        print("sgl-kvext-bench: error: sizes must be >= 1", file=sys.stderr)
+        return 2
+    model = args.model_path or prepare_smollm2().path
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        results = run_rag(model, configs, args.questions, args.documents, args.sentences,
+                          args.answer_tokens, log_dir=args.json.parent)
+    except ValueError as exc:
+        print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
+        return 2
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| configuration | TTFT p50 (s) | TTFT p90 (s) | accuracy |")
+    print("|---|---:|---:|---:|")
+    for c in results["configs"]:
+        print(f"| {c['name']} | {c['ttft_p50_s']:.3f} | {c['ttft_p90_s']:.3f} | "
+              f"{c['accuracy']:.3f} |")
+    for key, value in results.items():
+        if key.endswith("_vs_radix") or key.endswith("_vs_no_cache"):
+            print(f"{key}: {value:.3f}")
     print(f"\nJSON: {args.json}")
     return 0
 

@@ -35,7 +35,7 @@ from sgl_kvext.blend import (
     compute_chunk_kv,
 )
 from sgl_kvext.chunking import fragments
-from sgl_kvext.fragment_index import FragmentIndex, FragmentMatch
+from sgl_kvext.fragment_index import FragmentIndex, FragmentMatch, marked_core
 from sgl_kvext.fragment_store import FragmentStore
 from sgl_kvext_kernels import RopeConfig
 
@@ -156,7 +156,8 @@ class FragmentBlender:
     # -------------------------------------------------------------- register
     def prewarm_async(self, salt: str, texts: Sequence[Sequence[int] | np.ndarray]
                       ) -> tuple[list[bytes], int]:
-        """Queue each text as a fragment, plus its automatic fragments when the index chunks
+        """Queue each text's marked core (``marked_core``: what a request marking the text
+        reuses) as a fragment, plus its automatic fragments when the index chunks
         automatically; returns (every key, how many were queued). Pre-warm items are never
         dropped, and each is written through the whole tier chain before it counts as known
         (so another instance sharing the tiers finds it)."""
@@ -164,12 +165,10 @@ class FragmentBlender:
         queued = 0
         for text in texts:
             ids = np.asarray(text, dtype=np.int64)
-            if ids.size < 2:
-                continue
-            spans = [(0, int(ids.size))]
+            spans = [(1, int(ids.size) - 1)] if marked_core(ids).size else []
             if self.index.chunking != "explicit":
                 spans += [(f.start, f.end) for f in fragments(ids, self.index.min_tokens)
-                          if (f.start, f.end) != (0, int(ids.size))]
+                          if (f.start, f.end) != (1, int(ids.size) - 1)]
             for start, end in spans:
                 key = self.store.key(salt, ids[start:end])
                 keys.append(key)

@@ -106,29 +106,34 @@ class FragmentIndex:
             return len(self._known)
 
 
+def marked_core(chunk: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The part of a marked chunk that is its fragment: its tokens without the first and the
+    last. A chunk tokenized on its own may differ from the prompt's tokens at its two ends
+    (BPE merges across the boundary); the core is the same in both, so a pre-warmed chunk and
+    the same chunk marked in a prompt share one key. Chunks under 4 tokens have no core."""
+    ids = np.asarray(chunk, dtype=np.int64)
+    return ids[1:-1] if ids.size >= 4 else ids[:0]
+
+
 def locate_chunks(tokens: Sequence[int] | np.ndarray,
                   chunks: Sequence[Sequence[int] | np.ndarray]) -> list[tuple[int, int]]:
-    """Spans ``(start, end)`` where each chunk's tokens occur in ``tokens`` (first occurrence
-    after the previous chunk's, else anywhere); chunks not found are left out.
-
-    A chunk tokenized on its own may differ from the prompt's tokens at its two ends (BPE
-    merges across the boundary), so a chunk not found whole is looked up without its first
-    and last token."""
+    """Spans ``(start, end)`` where each chunk's :func:`marked_core` occurs in ``tokens`` (the
+    first occurrence after the previous chunk's, else anywhere); chunks not found are left
+    out."""
     hay = np.asarray(tokens, dtype=np.int64).astype("<i8").tobytes()
     spans: list[tuple[int, int]] = []
     after = 0
     for chunk in chunks:
-        ids = np.asarray(chunk, dtype=np.int64)
-        for needle in (ids, ids[1:-1]):
-            if needle.size < 2:
-                continue
-            at = _find_aligned(hay, needle.astype("<i8").tobytes(), after)
-            if at < 0:
-                at = _find_aligned(hay, needle.astype("<i8").tobytes(), 0)
-            if at >= 0:
-                spans.append((at, at + int(needle.size)))
-                after = at + int(needle.size)
-                break
+        core = marked_core(chunk)
+        if core.size == 0:
+            continue
+        pat = core.astype("<i8").tobytes()
+        at = _find_aligned(hay, pat, after)
+        if at < 0:
+            at = _find_aligned(hay, pat, 0)
+        if at >= 0:
+            spans.append((at, at + int(core.size)))
+            after = at + int(core.size)
     return spans
 
 

@@ -64,3 +64,11 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     root = tmp_path_factory.mktemp("seaweed")
     with SeaweedFS(root / "data", log_path=root / "weed.log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def n_tokens(model_path: Path) -> Callable[[str], int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return lambda text: len(tok(text, add_special_tokens=False).input_ids)

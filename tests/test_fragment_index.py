@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from sgl_kvext.fragment_index import FragmentIndex, locate_chunks
+from sgl_kvext.fragment_index import FragmentIndex, locate_chunks, marked_core
 
 
 def key_of(tokens: np.ndarray) -> bytes:
@@ -62,9 +62,11 @@ def test_bad_settings_are_refused() -> None:
         FragmentIndex(0)
 
 
-def test_locate_chunks_finds_texts_with_merged_ends() -> None:
+def test_locate_chunks_finds_the_cores_of_texts_whose_ends_merged() -> None:
     ids = prompt(2)
     chunk_a, chunk_b = ids[100:180], ids[700:800]
     merged = np.concatenate([[7], ids[1200:1290], [9]])      # ends tokenized differently
     spans = locate_chunks(ids, [chunk_b, chunk_a, merged, np.array([1, 2, 3])])
-    assert spans == [(700, 800), (100, 180), (1200, 1290)]
+    assert spans == [(701, 799), (101, 179), (1200, 1290)]   # cores; too short: left out
+    assert np.array_equal(marked_core(chunk_a), ids[101:179])
+    assert marked_core([1, 2, 3]).size == 0

@@ -274,6 +274,8 @@ class HierarchicalRadixCache(RadixCache):
             return 0, node
         if out is None:
             return 0, node
+        logger.debug("sgl-kvext: blended %d tokens after %d (%d reused, %d recomputed)",
+                     plan.tokens, plan.start, out.reused_tokens, out.recomputed_tokens)
         slots = self._alloc(node, plan.tokens)
         if slots is None:
             return 0, node
