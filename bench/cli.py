@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -104,15 +104,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _configs(text: str, allowed: Iterable[str]) -> list[str] | None:
+    """The names in a comma-separated ``--configs``; None (after a one-line error) when one
+    is unknown or none is given."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in allowed]
+    if unknown or not names:
+        print(f"sgl-kvext-bench: error: --configs: unknown {unknown}; allowed: "
+              f"{', '.join(allowed)}", file=sys.stderr)
+        return None
+    return names
+
+
 def _multiturn(args: argparse.Namespace) -> int:
     from sgl_kvext.model_prep import prepare_smollm2
     from sgl_kvext_bench.multiturn import CONFIGS, Workload, run_multiturn
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown or not configs:
-        print(f"sgl-kvext-bench: error: --configs: unknown {unknown}; allowed: "
-              f"{', '.join(CONFIGS)}", file=sys.stderr)
+    configs = _configs(args.configs, CONFIGS)
+    if configs is None:
         return 2
     if min(args.users, args.turns, args.answer_tokens, args.system_words,
            args.question_words) < 1 or not 0 < args.pool_fraction <= 1:
@@ -148,11 +157,8 @@ def _rag(args: argparse.Namespace) -> int:
     from sgl_kvext.model_prep import prepare_smollm2
     from sgl_kvext_bench.rag import CONFIGS, run_rag
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown or not configs:
-        print(f"sgl-kvext-bench: error: --configs: unknown {unknown}; allowed: "
-              f"{', '.join(CONFIGS)}", file=sys.stderr)
+    configs = _configs(args.configs, CONFIGS)
+    if configs is None:
         return 2
     if min(args.questions, args.documents, args.sentences, args.answer_tokens) < 1:
         print("sgl-kvext-bench: error: sizes must be >= 1", file=sys.stderr)

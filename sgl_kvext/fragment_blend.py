@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import typing
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -112,8 +111,9 @@ class FragmentBlender:
         token of the prompt is always left for the engine (it computes the logits)."""
         ids = np.asarray(tokens, dtype=np.int64)
         matches = self.index.find(lambda t: self.store.key(salt, t), ids, explicit, start)
-        known = [m for m in matches if m.end < ids.size and self.index.known(m.key)]
-        self._enqueue(salt, ids, [m for m in matches if not self.index.known(m.key)])
+        held = [self.index.known(m.key) for m in matches]
+        known = [m for m, h in zip(matches, held, strict=True) if h and m.end < ids.size]
+        self._enqueue(salt, ids, [m for m, h in zip(matches, held, strict=True) if not h])
         if not known:
             return None
         end = known[-1].end // page_size * page_size
@@ -220,16 +220,6 @@ class FragmentBlender:
             finally:
                 with self._lock:
                     self._queued.discard(key)
-
-    def drain(self, timeout_s: float = 60.0) -> bool:
-        """Wait until queued registrations are done (tests, shutdown); False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._queued:
-                    return True
-            time.sleep(0.05)
-        return False
 
     def close(self) -> None:
         self._queue.put(_STOP)
