@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--documents", type=int, default=24)
     rag.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
     rag.add_argument("--answer-tokens", type=int, default=16)
+    att = sub.add_parser("attention", help="CPU attention: cold and fully cached TTFT, "
+                                           "torch_native vs kvext_cpu")
+    att.add_argument("--json", type=Path, required=True, help="where to write the results")
+    att.add_argument("--model-path", type=Path, default=None,
+                     help="checkpoint folder (default: the prepared SmolLM2)")
+    att.add_argument("--lengths", default="1024,2048,4096",
+                     help="comma-separated prompt lengths in tokens")
+    att.add_argument("--backends", default="torch_native,kvext_cpu",
+                     help="comma-separated subset of torch_native, kvext_cpu")
+    att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
     return parser
 
 
@@ -88,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _blend(args)
     if args.command == "rag":
         return _rag(args)
+    if args.command == "attention":
+        return _attention(args)
     if args.objects < 1 or args.object_mib <= 0 or args.repeats < 1:
         print("sgl-kvext-bench: error: --objects, --object-mib and --repeats must be positive",
               file=sys.stderr)
@@ -104,13 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _configs(text: str, allowed: Iterable[str]) -> list[str] | None:
-    """The names in a comma-separated ``--configs``; None (after a one-line error) when one
-    is unknown or none is given."""
+def _configs(text: str, allowed: Iterable[str], option: str = "--configs") -> list[str] | None:
+    """The names in a comma-separated ``option``; None (after a one-line error) when one is
+    unknown or none is given."""
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in allowed]
     if unknown or not names:
-        print(f"sgl-kvext-bench: error: --configs: unknown {unknown}; allowed: "
+        print(f"sgl-kvext-bench: error: {option}: unknown {unknown}; allowed: "
               f"{', '.join(allowed)}", file=sys.stderr)
         return None
     return names
@@ -180,6 +192,36 @@ def _rag(args: argparse.Namespace) -> int:
     for key, value in results.items():
         if key.endswith("_vs_radix") or key.endswith("_vs_no_cache"):
             print(f"{key}: {value:.3f}")
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext_bench.attention import BACKENDS, run_attention
+
+    backends = _configs(args.backends, BACKENDS, "--backends")
+    try:
+        lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    except ValueError:
+        lengths = []
+    if backends is None:
+        return 2
+    if not lengths or min(lengths) < 2 or args.repeats < 1:
+        print(f"sgl-kvext-bench: error: --lengths {args.lengths!r} needs integers >= 2 and "
+              "--repeats >= 1", file=sys.stderr)
+        return 2
+    model = args.model_path or prepare_smollm2().path
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    results = run_attention(model, lengths, backends, args.repeats, log_dir=args.json.parent)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| backend | prompt tokens | cold TTFT p50 (s) | cached TTFT p50 (s) |")
+    print("|---|---:|---:|---:|")
+    for backend, per_length in results["backends"].items():
+        for n, row in per_length.items():
+            print(f"| {backend} | {n} | {row['cold_p50_s']:.3f} | {row['cached_p50_s']:.3f} |")
+    for n, ratios in results["ratios"].items():
+        print(f"{n} tokens: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print(f"\nJSON: {args.json}")
     return 0
 

@@ -19,14 +19,17 @@ class Timed(NamedTuple):
     host_cached_tokens: int
 
 
-def stream_generate(url: str, text: str, max_new_tokens: int, timeout_s: float = 600.0,
+def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
+                    timeout_s: float = 600.0,
                     custom_params: dict[str, Any] | None = None) -> Timed:
-    """Greedy ``/generate`` with ``stream: true`` against an SGLang server at ``url``
-    (``custom_params`` go into the sampling parameters, e.g. ``kvext_chunks``)."""
+    """Greedy ``/generate`` with ``stream: true`` against an SGLang server at ``url``; ``text``
+    is a prompt string or its token ids (``custom_params`` go into the sampling parameters,
+    e.g. ``kvext_chunks``)."""
     sampling: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
     if custom_params:
         sampling["custom_params"] = custom_params
-    payload = {"text": text, "stream": True, "sampling_params": sampling}
+    payload = {"text" if isinstance(text, str) else "input_ids": text, "stream": True,
+               "sampling_params": sampling}
     req = urllib.request.Request(url.rstrip("/") + "/generate", data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()

@@ -198,10 +198,6 @@ class KVExtConfig:
     enabled: bool = _opt(False, "--enable-hierarchical-kv",
                          "Use sgl-kvext's hierarchical radix cache (KV spills to host, disk, S3).",
                          parse_bool)
-    cpu_attention: str = _opt("prefix", "--kvext-cpu-attention",
-                              "CPU engine extend attention with the flag on: prefix computes "
-                              "only new query rows; sglang keeps torch_native's padded path.",
-                              choices=("prefix", "sglang"))
     tiers: TierConfig = field(default_factory=TierConfig)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -273,7 +269,7 @@ class KVExtConfig:
         """Nested plain-data form (paths as strings); ``from_mapping`` inverts it."""
         def plain(v: Any) -> Any:
             return str(v) if isinstance(v, Path) else v
-        out: dict[str, Any] = {"enabled": self.enabled, "cpu_attention": self.cpu_attention}
+        out: dict[str, Any] = {"enabled": self.enabled}
         for name in _SECTIONS:
             sec = getattr(self, name)
             out[name] = {f.name: plain(getattr(sec, f.name)) for f in dataclasses.fields(sec)}

@@ -22,8 +22,9 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 HOST = "127.0.0.1"
-#: SGLang flags for its CPU engine; used when torch sees no CUDA device.
-CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native",
+#: SGLang flags for its CPU engine; used when torch sees no CUDA device. ``kvext_cpu`` is
+#: sgl-kvext's prefix-aware CPU attention (``torch_native`` recomputes a cached prefix).
+CPU_FLAGS = ("--device", "cpu", "--attention-backend", "kvext_cpu",
              "--sampling-backend", "pytorch", "--disable-cuda-graph")
 
 #: The two user-facing entry points, taken from this interpreter's environment.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -73,10 +74,18 @@ def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int],
     assert first.output_ids == expected[0]
     assert second.output_ids == expected[1]
     assert second.cached_tokens >= 250, second   # the shared context came from the tree
+    # All at once: batches that mix cold prefills, cached prefixes and decodes of different
+    # lengths. In float32 a request's greedy tokens do not depend on its batch-mates.
+    together = [*PROMPTS, *prompts, CONTEXT + "Which lamp was checked on day 3?"]
+    expected = hf_greedy(together, MAX_NEW)
+    with ThreadPoolExecutor(len(together)) as pool:
+        got = list(pool.map(lambda p: server.generate(p, max_new_tokens=MAX_NEW), together))
+    assert [g.output_ids for g in got] == expected
 
 
 @pytest.mark.parametrize("launcher, flags, tree", [
-    ("launch_server", [], "UnifiedRadixCache"),
+    ("launch_server", ["--attention-backend", "torch_native"], "UnifiedRadixCache"),
+    ("launch_server", ["--chunked-prefill-size", "64"], "UnifiedRadixCache"),
     ("serve", ["--enable-hierarchical-kv"], "HierarchicalRadixCache"),
 ])
 def test_greedy_output_equals_transformers(launcher: str, flags: list[str], tree: str,
@@ -88,4 +97,4 @@ def test_greedy_output_equals_transformers(launcher: str, flags: list[str], tree
         _check_exact(server, hf_greedy)
         log = server.log_path.read_text()
     assert f"impl={tree}" in log
-    assert ("sgl-kvext: HierarchicalRadixCache active" in log) == bool(flags)
+    assert ("sgl-kvext: HierarchicalRadixCache active" in log) == (tree != "UnifiedRadixCache")

@@ -100,6 +100,24 @@ def test_query_subset_equals_rows_of_full_attention(device: torch.device, backen
     _close(got, full[idx], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("n_q, n_kv", [(1, 1), (1, 90), (8, 8), (8, 90), (90, 90), (130, 200)])
+def test_suffix_fast_path_equals_blocked_path(
+    device: torch.device, dtype: torch.dtype, heads: tuple[int, int], n_q: int, n_kv: int
+) -> None:
+    """Queries that are the last keys' positions, in order, take the torch path's fused
+    prefix + causal split; the same rows asked in reverse order take the blocked path; and
+    Triton agrees with both."""
+    q, k, v = _qkv(n_q, n_kv, heads, 64, dtype, seed=n_q + n_kv)
+    kv_pos = torch.arange(n_kv) + 11
+    q_pos = kv_pos[n_kv - n_q:].clone()
+    fast, tri = _both(device, q, q_pos, k, v, kv_pos)
+    blocked = subset_attention(q.flip(0), q_pos.flip(0), k, v, kv_pos, backend="torch").flip(0)
+    _close(fast, blocked, dtype)
+    _close(tri, fast, dtype)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_kv_order_does_not_matter(device: torch.device, backend: str) -> None:
     """Shuffling KV rows together with their positions changes nothing (up to rounding)."""

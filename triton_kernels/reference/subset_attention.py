@@ -1,18 +1,29 @@
 """Pure-torch subset attention (the oracle and the CPU path).
 
-Keys and queries are put in position order (a no-op when they already are); queries then go in
-blocks of ``_BLOCK_Q``, and a block attends only to the key prefix its largest position can see,
-so the work is about the causal triangle rather than the full ``n_q x n_kv`` rectangle. Each
-block is one ``scaled_dot_product_attention`` call with a boolean position mask, in float32, with
-grouped-query heads expanded by SDPA (the same arithmetic as ``repeat_interleave`` on KV heads).
+General case: keys and queries are put in position order (a no-op when they already are);
+queries then go in blocks of ``_BLOCK_Q``, and a block attends only to the key prefix its
+largest position can see, so the work is about the causal triangle rather than the full
+``n_q x n_kv`` rectangle. Each block is one ``scaled_dot_product_attention`` call with a boolean
+position mask, in float32, with grouped-query heads expanded by SDPA (the same arithmetic as
+``repeat_interleave`` on KV heads).
+
+Suffix case: when the keys hold consecutive positions and the queries are the last ``n`` of
+them, in order (an extend over a cached prefix, a decode step, a cold prefill), attention is
+split into the queries over the ``p`` prefix keys (no mask) and over their own ``n`` keys
+(causal), each one fused CPU flash-attention call in the inputs' dtype, merged by log-sum-exp:
+exactly the triangle's work, measured 1.2-1.5x faster than the blocks at 2k-4k tokens.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 _BLOCK_Q = 64  # measured on 2 CPU cores: 64 is ~3.7x faster than one unblocked masked call
+# (out, logsumexp) = op(q, k, v, dropout_p, is_causal, *, attn_mask, scale); [B, H, L, D] in.
+_FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _in_order(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -21,6 +32,52 @@ def _in_order(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
         return positions, None
     order = torch.argsort(positions, stable=True)
     return positions[order], order
+
+
+def _is_suffix(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> bool:
+    """Keys at consecutive ascending positions, queries the last ``n_q`` of them in order."""
+    n_q, n_kv = q_positions.shape[0], kv_positions.shape[0]
+    if _FLASH_CPU is None or n_q > n_kv or q_positions.device.type != "cpu":
+        return False
+    steps = torch.arange(n_kv, device=kv_positions.device)
+    return (bool(torch.equal(kv_positions.long() - int(kv_positions[0]), steps))
+            and bool(torch.equal(q_positions.long(), kv_positions[n_kv - n_q:].long())))
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out ``[n, H, Dv]`` float32, logsumexp ``[n, H]``) of ``q`` ``[n, H, D]`` over ``k`` /
+    ``v`` ``[m, KVH, D]``; a causal call aligns query ``i`` with key ``i``. Query groups fold
+    into one longer query per KV head when unmasked, so KV is not copied per query head."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    if causal or group == 1:
+        if group > 1:
+            kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        qh = q.transpose(0, 1).unsqueeze(0)
+        o, lse = _FLASH_CPU(qh, kh, vh, 0.0, causal, scale=scale)
+        return o[0].transpose(0, 1).float(), lse[0].transpose(0, 1)
+    qg = q.reshape(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
+    o, lse = _FLASH_CPU(qg, kh, vh, 0.0, False, scale=scale)
+    o = o.reshape(kv_heads, group, n, -1).permute(2, 0, 1, 3).reshape(n, heads, -1)
+    return o.float(), lse.reshape(kv_heads, group, n).permute(2, 0, 1).reshape(n, heads)
+
+
+def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      out: torch.Tensor) -> torch.Tensor:
+    """The suffix case (see the module docstring); shapes as in :func:`subset_attention_ref`."""
+    n, prefix = q.shape[0], k.shape[0] - q.shape[0]
+    if prefix == 0:
+        return out.copy_(_flash(q, k, v, True, scale)[0])
+    if n == 1:                               # one query sees every key: no mask at all
+        return out.copy_(_flash(q, k, v, False, scale)[0])
+    o_old, lse_old = _flash(q, k[:prefix], v[:prefix], False, scale)
+    o_new, lse_new = _flash(q, k[prefix:], v[prefix:], True, scale)
+    top = torch.maximum(lse_old, lse_new)
+    w_old, w_new = (lse_old - top).exp_().unsqueeze(-1), (lse_new - top).exp_().unsqueeze(-1)
+    return out.copy_((o_old * w_old + o_new * w_new) / (w_old + w_new))
 
 
 def subset_attention_ref(
@@ -43,6 +100,8 @@ def subset_attention_ref(
         out = q.new_empty((n_q, n_q_heads, head_dim_v))
     if n_q == 0:
         return out
+    if _is_suffix(q_positions, kv_positions):
+        return _suffix_attention(q, k, v, scale, out)
 
     kv_pos, kv_order = _in_order(kv_positions.long())
     kf = (k if kv_order is None else k[kv_order]).float().transpose(0, 1)  # [H, n_kv, D]

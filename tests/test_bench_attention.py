@@ -1,0 +1,45 @@
+"""sgl-kvext-bench attention on tiny prompts: both backends served, the JSON it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.server
+def test_attention_bench_tiny(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "attention.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "attention", "--json", str(out),
+         "--lengths", "64,160", "--repeats", "1", "--model-path", str(model_path)],
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| backend | prompt tokens |" in result.stdout
+    data = json.loads(out.read_text())
+    assert sorted(data["backends"]) == ["kvext_cpu", "torch_native"]
+    for per_length in data["backends"].values():
+        for n in (64, 160):
+            row = per_length[str(n)]
+            assert row["cached_tokens"] == [n - 1]      # the second send reused all but one
+            assert row["cold_p50_s"] > 0 and row["cached_p50_s"] > 0
+    assert set(data["ratios"]) == {"64", "160"}
+    assert {"cached_speedup_vs_torch_native_cached", "cached_speedup_vs_cold",
+            "cold_time_vs_torch_native_cold"} <= set(data["ratios"]["160"])
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--backends", "torch_native,flash"], "flash"),
+    (["--lengths", "1024,x"], "--lengths"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_attention_bench_rejects_bad_options(tmp_path: Path, flags: list[str],
+                                             needle: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "attention", "--json",
+         str(tmp_path / "x.json"), *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
