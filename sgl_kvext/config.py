@@ -92,7 +92,7 @@ def _fail(obj: Any, section: str, name: str, message: str) -> None:
 class TierConfig:
     """Where evicted KV spills: host memory, then a local disk folder, then S3."""
 
-    page_tokens: int = _opt(64, "--kvext-page-tokens",
+    page_tokens: int = _opt(32, "--kvext-page-tokens",
                             "Tokens per tier page (a multiple of SGLang's --page-size).",
                             parse_int)
     host_size: int = _opt(4 * GiB, "--kvext-host-size",

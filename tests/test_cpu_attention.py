@@ -114,3 +114,18 @@ def test_registered_as_an_attention_backend_choice() -> None:
     cpu_attention.register()                  # idempotent: plugins load once per process
     assert ATTENTION_BACKEND_CHOICES.count("kvext_cpu") == 1
     assert ATTENTION_BACKENDS["kvext_cpu"] is cpu_attention.KVExtCPUAttnBackend
+
+
+def test_picking_kvext_cpu_turns_graph_capture_off() -> None:
+    from argparse import Namespace
+
+    from sgl_kvext.integration.cpu_attention import disable_graphs_for
+
+    args = Namespace(attention_backend="kvext_cpu", disable_cuda_graph=False)
+    assert disable_graphs_for(args) and args.disable_cuda_graph
+    other = Namespace(attention_backend="triton", decode_attention_backend=None,
+                      disable_cuda_graph=False)
+    assert not disable_graphs_for(other) and not other.disable_cuda_graph
+    split = Namespace(attention_backend=None, decode_attention_backend="kvext_cpu",
+                      disable_cuda_graph=False)
+    assert disable_graphs_for(split) and split.disable_cuda_graph

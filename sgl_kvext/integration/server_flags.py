@@ -7,7 +7,8 @@ SGLang has no API for adding flags, so two AROUND hooks wrap ``ServerArgs``:
   ``KVEXT_*`` variables), exits with a one-line error when it is invalid, selects the
   ``kvext`` radix-cache backend when ``--enable-hierarchical-kv`` is on, and exports the
   resolved config as JSON in the environment, which SGLang's spawned scheduler inherits
-  (``ServerArgs`` itself only carries its own dataclass fields).
+  (``ServerArgs`` itself only carries its own dataclass fields); it also turns graph capture
+  off for ``--attention-backend kvext_cpu``, as SGLang does for ``torch_native``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
             from sgl_kvext.integration import prewarm
 
             prewarm.add_routes()
+    from sgl_kvext.integration import cpu_attention
+
+    cpu_attention.disable_graphs_for(args)
     env.set_value(env.RESOLVED_CONFIG, config.to_json())
     return original(cls, args)
 
