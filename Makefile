@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine (Python 3.11 with venv, make):
 #   make demo   installs everything, prepares SmolLM2, serves it with --enable-hierarchical-kv
 #   make test   installs everything, prepares SmolLM2, runs the test suite
+#   make bench  installs everything, prepares SmolLM2, runs the RAG comparison (table + plot)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install model demo test
+.PHONY: install model demo test bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ model: install
 
 demo: model
 	$(BIN)/sgl-kvext demo
+
+bench: model
+	$(BIN)/sgl-kvext-bench rag --json results/rag.json
 
 test: model
 	$(BIN)/python -m pytest -q

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,6 +185,9 @@ def _rag(args: argparse.Namespace) -> int:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2
     args.json.write_text(json.dumps(results, indent=2) + "\n")
+    from sgl_kvext_bench.rag import write_csv
+
+    csv_path = write_csv(results, args.json.with_suffix(".csv"))
     print("\n| configuration | TTFT p50 (s) | TTFT p90 (s) | accuracy |")
     print("|---|---:|---:|---:|")
     for c in results["configs"]:
@@ -192,8 +196,21 @@ def _rag(args: argparse.Namespace) -> int:
     for key, value in results.items():
         if key.endswith("_vs_radix") or key.endswith("_vs_no_cache"):
             print(f"{key}: {value:.3f}")
-    print(f"\nJSON: {args.json}")
+    print(f"\nJSON: {args.json}\nCSV: {csv_path}")
+    _plot_or_say("rag", results, args.json.with_suffix(".png"))
     return 0
+
+
+def _plot_or_say(kind: str, results: dict[str, Any], path: Path) -> None:
+    """Write the PNG for ``kind``'s results and print its path; without matplotlib, say so."""
+    from sgl_kvext_bench import plot
+
+    try:
+        written = getattr(plot, f"plot_{kind}")(results, path)
+    except ValueError as exc:            # matplotlib missing
+        print(f"plot: skipped ({exc})")
+        return
+    print(f"plot: {written}")
 
 
 def _attention(args: argparse.Namespace) -> int:

@@ -46,3 +46,34 @@ def plot_blend(results: dict[str, Any], path: Path, target_speedup: float = 4.0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_rag(results: dict[str, Any], path: Path) -> Path:
+    """TTFT CDF per configuration (left) and accuracy / share of prompt tokens cached (right)
+    from ``run_rag``'s results, to ``path``."""
+    plt = _pyplot()
+    configs = results["configs"]
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    for c in configs:
+        ttfts = sorted(q["ttft_s"] for q in c["questions"])
+        cdf.step(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], where="post",
+                 label=f"{c['name']} (p50 {c['ttft_p50_s']:.2f}s)")
+    cdf.set(xlabel="time to first token (s)", ylabel="share of requests", ylim=(0, 1.02),
+            title="TTFT CDF")
+    cdf.legend(loc="lower right", fontsize=8)
+    names = [c["name"] for c in configs]
+    cached = [sum(q["cached_tokens"] for q in c["questions"])
+              / max(1, sum(q["prompt_tokens"] for q in c["questions"])) for c in configs]
+    xs = range(len(configs))
+    bars.bar([x - 0.2 for x in xs], [c["accuracy"] for c in configs], 0.4, label="accuracy")
+    bars.bar([x + 0.2 for x in xs], cached, 0.4, label="prompt tokens cached")
+    bars.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+    bars.set(ylim=(0, 1.05), title="Quality and reuse")
+    bars.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"RAG on {Path(results['model']).name}: {results['questions']} questions, "
+                 f"{results['documents']} documents")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -78,6 +78,23 @@ def run_config(model_path: Path, name: str, rag: RagSet, answer_tokens: int, log
             "wall_s": time.perf_counter() - started, "questions": rows}
 
 
+CSV_FIELDS = ("config", "question", "ttft_s", "correct", "prompt_tokens", "cached_tokens")
+
+
+def write_csv(results: dict[str, Any], path: Path) -> Path:
+    """One row per request of every configuration."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(CSV_FIELDS)
+        for c in results["configs"]:
+            for n, q in enumerate(c["questions"], 1):
+                out.writerow([c["name"], n, f"{q['ttft_s']:.4f}", int(q["correct"]),
+                              q["prompt_tokens"], q["cached_tokens"]])
+    return path
+
+
 def run_rag(model_path: Path, configs: Sequence[str] = DEFAULT_CONFIGS, questions: int = 16,
             documents: int = 24, sentences: int = 36, answer_tokens: int = 16, seed: int = 1,
             log_dir: Path = Path("results"),

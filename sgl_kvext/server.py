@@ -24,8 +24,10 @@ from typing import Any, NamedTuple
 HOST = "127.0.0.1"
 #: SGLang flags for its CPU engine; used when torch sees no CUDA device. ``kvext_cpu`` is
 #: sgl-kvext's prefix-aware CPU attention (``torch_native`` recomputes a cached prefix).
+#: ``--sleep-on-idle``: an idle scheduler otherwise spins in Python, holding one of two cores
+#: and the GIL its own background threads (fragment registration, tier flushes) need.
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "kvext_cpu",
-             "--sampling-backend", "pytorch", "--disable-cuda-graph")
+             "--sampling-backend", "pytorch", "--disable-cuda-graph", "--sleep-on-idle")
 
 #: The two user-facing entry points, taken from this interpreter's environment.
 LAUNCHERS = {"launch_server": (sys.executable, "-m", "sglang.launch_server"),

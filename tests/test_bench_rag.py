@@ -22,6 +22,11 @@ def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
         capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| configuration |" in result.stdout
+    assert f"plot: {out.with_suffix('.png')}" in result.stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0] == "config,question,ttft_s,correct,prompt_tokens,cached_tokens"
+    assert len(rows) == 1 + 2 * 2                  # two configurations x two questions
     data = json.loads(out.read_text())
     by_name = {c["name"]: c for c in data["configs"]}
     assert sorted(by_name) == ["hierarchical_blend", "radix"]
