@@ -72,6 +72,35 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--documents", type=int, default=24)
     rag.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
     rag.add_argument("--answer-tokens", type=int, default=16)
+    rag.add_argument("--export-trace", type=Path, default=None, metavar="JSONL",
+                     help="only write the workload as a replay trace (no server is started)")
+    rag.add_argument("--trace-interval-s", type=float, default=6.0,
+                     help="seconds between arrivals in the exported trace")
+    cd = sub.add_parser("code", help="code completion: a long file resent after successive "
+                                     "edits near its end (TTFT per edit)")
+    cd.add_argument("--json", type=Path, required=True, help="where to write the results")
+    cd.add_argument("--model-path", type=Path, default=None,
+                    help="checkpoint folder (default: the prepared SmolLM2)")
+    cd.add_argument("--configs", default="no_cache,radix,hierarchical",
+                    help="comma-separated subset of no_cache, radix, hierarchical, "
+                         "hierarchical_blend_auto")
+    cd.add_argument("--functions", type=int, default=64, help="functions in the file "
+                                                              "(~56 tokens each)")
+    cd.add_argument("--edits", type=int, default=8)
+    cd.add_argument("--answer-tokens", type=int, default=16)
+    rp = sub.add_parser("replay", help="replay a JSONL trace (arrival time, prompt or token "
+                                       "ids, output length, optional chunk marks), open loop")
+    rp.add_argument("trace", type=Path, help="the JSONL trace (see bench/replay.py)")
+    rp.add_argument("--json", type=Path, required=True, help="where to write the results")
+    rp.add_argument("--url", default=None,
+                    help="replay against this running SGLang server instead of starting one")
+    rp.add_argument("--model-path", type=Path, default=None,
+                    help="checkpoint folder (default: the prepared SmolLM2)")
+    rp.add_argument("--configs", default="radix,hierarchical",
+                    help="comma-separated subset of no_cache, radix, hierarchical, "
+                         "hierarchical_blend, hierarchical_blend_auto (ignored with --url)")
+    rp.add_argument("--speed", type=float, default=1.0,
+                    help="divide every arrival time by this (2 = twice as fast)")
     att = sub.add_parser("attention", help="CPU attention: cold and fully cached TTFT, "
                                            "torch_native vs kvext_cpu")
     att.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -101,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _rag(args)
     if args.command == "attention":
         return _attention(args)
+    if args.command == "replay":
+        return _replay(args)
+    if args.command == "code":
+        return _code(args)
     if args.objects < 1 or args.object_mib <= 0 or args.repeats < 1:
         print("sgl-kvext-bench: error: --objects, --object-mib and --repeats must be positive",
               file=sys.stderr)
@@ -176,6 +209,8 @@ def _rag(args: argparse.Namespace) -> int:
     if min(args.questions, args.documents, args.sentences, args.answer_tokens) < 1:
         print("sgl-kvext-bench: error: sizes must be >= 1", file=sys.stderr)
         return 2
+    if args.export_trace is not None:
+        return _export_rag_trace(args)
     model = args.model_path or prepare_smollm2().path
     args.json.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -198,6 +233,91 @@ def _rag(args: argparse.Namespace) -> int:
             print(f"{key}: {value:.3f}")
     print(f"\nJSON: {args.json}\nCSV: {csv_path}")
     _plot_or_say("rag", results, args.json.with_suffix(".png"))
+    return 0
+
+
+def _code(args: argparse.Namespace) -> int:
+    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext_bench.code import CodeWorkload, run_code
+
+    configs = _configs(args.configs, ("no_cache", "radix", "hierarchical",
+                                      "hierarchical_blend_auto"))
+    if configs is None:
+        return 2
+    if min(args.functions, args.edits, args.answer_tokens) < 1:
+        print("sgl-kvext-bench: error: --functions, --edits and --answer-tokens must be >= 1",
+              file=sys.stderr)
+        return 2
+    work = CodeWorkload(functions=args.functions, edits=args.edits,
+                        answer_tokens=args.answer_tokens)
+    model = args.model_path or prepare_smollm2().path
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    results = run_code(model, work, configs, args.json.parent)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| configuration | cold TTFT (s) | TTFT p50, edits >= 2 (s) | p90 (s) | cached |")
+    print("|---|---:|---:|---:|---:|")
+    for c in results["configs"]:
+        share = (sum(e["cached_tokens"] for e in c["edits"][1:])
+                 / max(1, sum(e["prompt_tokens"] for e in c["edits"][1:])))
+        print(f"| {c['name']} | {c['ttft_cold_s']:.3f} | {c['ttft_p50_s']:.3f} | "
+              f"{c['ttft_p90_s']:.3f} | {share:.0%} |")
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def _export_rag_trace(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.rag import prompt_text
+    from sgl_kvext_bench.rag_set import make_rag_set
+    from sgl_kvext_bench.replay import TraceRequest, write_trace
+
+    if args.trace_interval_s < 0:
+        print("sgl-kvext-bench: error: --trace-interval-s must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        rag = make_rag_set(args.documents, args.questions, (4, 8), args.sentences, 1)
+    except ValueError as exc:
+        print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
+        return 2
+    requests = [TraceRequest(i * args.trace_interval_s, prompt_text(rag, q), args.answer_tokens,
+                             tuple(rag.documents[d] for d in q.documents))
+                for i, q in enumerate(rag.questions)]
+    args.export_trace.parent.mkdir(parents=True, exist_ok=True)
+    print(f"trace: {write_trace(requests, args.export_trace)} ({len(requests)} requests)")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext_bench.rag import CONFIGS
+    from sgl_kvext_bench.replay import TraceError, load_trace, run_replay
+
+    configs = _configs(args.configs, CONFIGS)
+    if configs is None:
+        return 2
+    if not args.speed > 0:
+        print("sgl-kvext-bench: error: --speed must be > 0", file=sys.stderr)
+        return 2
+    try:
+        requests = load_trace(args.trace)
+    except TraceError as exc:
+        print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
+        return 2
+    model = None if args.url else (args.model_path or prepare_smollm2().path)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    results = run_replay(model, args.url, configs, requests, args.speed, args.json.parent)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| configuration | requests | errors | TTFT p50 (s) | p90 (s) | p99 (s) | "
+          "ITL p50 (s) | output tok/s | cached |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in results["configs"]:
+        if "ttft_p50_s" not in c:
+            print(f"| {c['name']} | {c['requests']} | {c['errors']} | - | - | - | - | - | - |")
+            continue
+        itl = "-" if c["itl_p50_s"] is None else f"{c['itl_p50_s']:.3f}"
+        print(f"| {c['name']} | {c['requests']} | {c['errors']} | {c['ttft_p50_s']:.3f} | "
+              f"{c['ttft_p90_s']:.3f} | {c['ttft_p99_s']:.3f} | {itl} | "
+              f"{c['output_tokens_per_s']:.1f} | {c['cached_token_share']:.0%} |")
+    print(f"\nJSON: {args.json}")
     return 0
 
 

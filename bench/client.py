@@ -17,6 +17,7 @@ class Timed(NamedTuple):
     prompt_tokens: int
     cached_tokens: int
     host_cached_tokens: int
+    completion_tokens: int = 0
 
 
 def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
@@ -49,4 +50,4 @@ def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
     return Timed(last.get("text", ""), stamps[0],
                  tuple(b - a for a, b in zip(stamps, stamps[1:], strict=False)),
                  int(meta.get("prompt_tokens", 0)), int(meta.get("cached_tokens", 0)),
-                 int(details.get("host", 0)))
+                 int(details.get("host", 0)), int(meta.get("completion_tokens", 0)))

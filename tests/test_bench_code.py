@@ -1,0 +1,50 @@
+"""sgl-kvext-bench code: edits land near the end of the file; a tiny run on a real server
+reuses the file up to each edit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgl_kvext_bench.code import CUE, CodeWorkload
+
+
+def test_each_edit_changes_one_line_near_the_end() -> None:
+    work = CodeWorkload(functions=40, edits=5, tail_share=0.1)
+    prompts = work.prompts()
+    assert len(prompts) == 5 and all(p.endswith(CUE) for p in prompts)
+    assert prompts == CodeWorkload(functions=40, edits=5, tail_share=0.1).prompts()  # seeded
+    before = "\n".join(work.file_lines()) + CUE
+    for old, new in zip([before, *prompts], prompts, strict=False):
+        shared = len(os.path.commonprefix([old, new]))
+        assert 0.85 * len(new) < shared < len(new)         # differs, and only in the tail
+        changed = [a != b for a, b in zip(old.splitlines(), new.splitlines(), strict=True)]
+        assert sum(changed) <= 1
+
+
+@pytest.mark.server
+def test_code_bench_tiny(tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "code.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json", str(out),
+         "--configs", "radix", "--functions", "12", "--edits", "3", "--answer-tokens", "4",
+         "--model-path", str(model_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| configuration | cold TTFT (s) |" in result.stdout
+    (radix,) = json.loads(out.read_text())["configs"]
+    assert radix["name"] == "radix" and len(radix["edits"]) == 3
+    assert radix["edits"][0]["cached_tokens"] < 0.2 * radix["edits"][0]["prompt_tokens"]
+    for e in radix["edits"][1:]:                  # the file up to the edit is in the tree
+        assert e["cached_tokens"] > 0.6 * e["prompt_tokens"], e
+
+
+def test_code_bench_rejects_bad_sizes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json",
+         str(tmp_path / "x.json"), "--edits", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--edits" in result.stderr
