@@ -196,6 +196,7 @@ def _multiturn(args: argparse.Namespace) -> int:
               f"{hit['ttft_host_s']:.3f}s ({hit['host_over_device']:.2f}x), cold "
               f"{hit['ttft_cold_s']:.3f}s")
     print(f"\nJSON: {args.json}")
+    _plot_or_say("multiturn", results, args.json.with_suffix(".png"))
     return 0
 
 

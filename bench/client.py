@@ -51,3 +51,32 @@ def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
                  tuple(b - a for a, b in zip(stamps, stamps[1:], strict=False)),
                  int(meta.get("prompt_tokens", 0)), int(meta.get("cached_tokens", 0)),
                  int(details.get("host", 0)), int(meta.get("completion_tokens", 0)))
+
+
+def kvext_counters(url: str, settle_s: float = 1.5, timeout_s: float = 30.0
+                   ) -> dict[str, dict[str, float]]:
+    """sgl-kvext's counters from a server's ``/metrics`` (needs ``--enable-metrics``), summed
+    over ranks: ``{"host": {"hits": .., "misses": .., "bytes_out": ..}, "disk": {..},
+    "flow": {"spilled_pages": ..}, "fragment": {"blends": ..}, "prefetch": {..}}``. Waits
+    ``settle_s`` first: the server copies its counters to ``/metrics`` once a second."""
+    time.sleep(settle_s)
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+        text = resp.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("kvext_") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        name, _, labels = sample.partition("{")
+        if not name.endswith("_total"):
+            continue                                 # _created timestamps, gauges
+        name = name[len("kvext_"):-len("_total")]
+        if name.startswith("tier_"):
+            group, name = labels.split('tier="', 1)[1].split('"', 1)[0], name[len("tier_"):]
+        elif name.startswith(("fragment_", "prefetch_")):
+            group, name = name.split("_", 1)
+        else:
+            group = "flow"
+        bucket = out.setdefault(group, {})
+        bucket[name] = bucket.get(name, 0.0) + float(value)
+    return out

@@ -24,7 +24,7 @@ from typing import Any
 
 from sgl_kvext.demo import build_context
 from sgl_kvext.server import SGLangServer
-from sgl_kvext_bench.client import stream_generate
+from sgl_kvext_bench.client import kvext_counters, stream_generate
 
 TOPICS = ("gardening", "sailing", "chess", "bread baking", "astronomy", "cycling", "pottery",
           "beekeeping", "photography", "birdwatching", "carpentry", "violin")
@@ -33,7 +33,7 @@ THINGS = ("tools", "mistakes", "habits", "techniques", "materials", "rules", "st
 CONFIGS: dict[str, tuple[str, ...]] = {
     "no_cache": ("--disable-radix-cache",),
     "radix": (),
-    "hierarchical": ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB"),
+    "hierarchical": ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB", "--enable-metrics"),
 }
 
 
@@ -145,7 +145,9 @@ def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_
         with SGLangServer(model_path, args, log_path=out_dir / f"multiturn-{name}.log") as srv:
             stream_generate(srv.url, "Hello", 1)        # warm-up
             samples = run_workload(srv.url, name, work, progress)
+            counters = kvext_counters(srv.url) if name == "hierarchical" else {}
         summary = summarize(name, samples, from_turn=min(5, work.turns))
+        summary["kvext_counters"] = counters
         summary["wall_s"] = time.perf_counter() - started
         results["configs"].append(summary)
     by_name = {c["name"]: c for c in results["configs"]}

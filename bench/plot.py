@@ -77,3 +77,39 @@ def plot_rag(results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_multiturn(results: dict[str, Any], path: Path) -> Path:
+    """TTFT (median over users) by turn per configuration (left) and the hierarchical server's
+    hits and misses per tier (right) from ``run_multiturn``'s results, to ``path``."""
+    plt = _pyplot()
+    fig, (turns, tiers) = plt.subplots(1, 2, figsize=(11, 4))
+    for c in results["configs"]:
+        by_turn: dict[int, list[float]] = {}
+        for r in c["requests"]:
+            by_turn.setdefault(r["turn"], []).append(r["ttft_s"])
+        xs = sorted(by_turn)
+        turns.plot(xs, [sorted(by_turn[t])[len(by_turn[t]) // 2] for t in xs], "o-",
+                   label=c["name"])
+    turns.set(xlabel="turn", ylabel="TTFT, median over users (s)", title="TTFT by turn")
+    turns.set_ylim(bottom=0)
+    turns.legend()
+    counters = next((c.get("kvext_counters") or {} for c in results["configs"]
+                     if c["name"] == "hierarchical"), {})
+    names = [t for t in ("host", "disk", "s3") if t in counters]
+    xs_t = range(len(names))
+    tiers.bar([x - 0.2 for x in xs_t], [counters[t].get("hits", 0) for t in names], 0.4,
+              label="hits")
+    tiers.bar([x + 0.2 for x in xs_t], [counters[t].get("misses", 0) for t in names], 0.4,
+              label="misses")
+    tiers.set_xticks(list(xs_t), names)
+    tiers.set(ylabel="pages", title="hierarchical: tier hits (pages)")
+    if names:
+        tiers.legend()
+    fig.suptitle(f"Multi-turn: {results['workload']['users']} users x "
+                 f"{results['workload']['turns']} turns, pool {results['pool_tokens']} tokens")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

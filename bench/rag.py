@@ -23,10 +23,10 @@ from typing import Any
 
 from sgl_kvext.prewarm_client import prewarm_corpus
 from sgl_kvext.server import SGLangServer
-from sgl_kvext_bench.client import stream_generate
+from sgl_kvext_bench.client import kvext_counters, stream_generate
 from sgl_kvext_bench.rag_set import RagQuestion, RagSet, is_correct, make_rag_set
 
-HIER = ("--enable-hierarchical-kv", "--kvext-host-size", "4GiB")
+HIER = ("--enable-hierarchical-kv", "--kvext-host-size", "4GiB", "--enable-metrics")
 BLEND = (*HIER, "--kvext-fragment-blend")
 CONFIGS: dict[str, tuple[str, ...]] = {
     "no_cache": ("--disable-radix-cache",),
@@ -72,10 +72,12 @@ def run_config(model_path: Path, name: str, rag: RagSet, answer_tokens: int, log
             progress(f"{name}: question {n}/{len(rag.questions)} ttft {r.ttft_s:.2f}s "
                      f"({r.cached_tokens}/{r.prompt_tokens} cached) "
                      f"{'correct' if ok else 'wrong'}")
+        counters = kvext_counters(srv.url) if name.startswith("hierarchical") else {}
     ttfts = [r["ttft_s"] for r in rows]
     return {"name": name, "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
             "accuracy": sum(r["correct"] for r in rows) / len(rows), "prewarm_s": prewarm_s,
-            "wall_s": time.perf_counter() - started, "questions": rows}
+            "wall_s": time.perf_counter() - started, "kvext_counters": counters,
+            "questions": rows}
 
 
 CSV_FIELDS = ("config", "question", "ttft_s", "correct", "prompt_tokens", "cached_tokens")

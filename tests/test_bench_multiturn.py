@@ -29,6 +29,11 @@ def test_multiturn_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert all(r["cached_tokens"] > 0 for r in turn2)   # the history came from the cache
     assert data["pool_tokens"] > 0 and "p50_speedup_vs_radix" in data
     assert "| hierarchical |" in result.stdout
+    assert f"plot: {out.with_suffix('.png')}" in result.stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    # The server's own counters came back from /metrics: pages were spilled to the host tier.
+    counters = data["configs"][2]["kvext_counters"]
+    assert counters["flow"]["spilled_pages"] > 0 and "hits" in counters["host"]
 
 
 def test_unknown_config_is_one_line() -> None:

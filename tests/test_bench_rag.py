@@ -37,6 +37,8 @@ def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     for q in by_name["hierarchical_blend"]["questions"]:
         assert q["cached_tokens"] >= 0.5 * q["prompt_tokens"], q
     assert by_name["hierarchical_blend"]["prewarm_s"] > 0
+    fragment = by_name["hierarchical_blend"]["kvext_counters"]["fragment"]   # from /metrics
+    assert fragment["blends"] >= 2 and fragment["blended_tokens"] > 0
     assert "hierarchical_blend_p50_speedup_vs_radix" in data
 
 
