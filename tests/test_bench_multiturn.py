@@ -33,7 +33,7 @@ def test_multiturn_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert out.with_suffix(".png").stat().st_size > 10_000
     # The server's own counters came back from /metrics: pages were spilled to the host tier.
     counters = data["configs"][2]["kvext_counters"]
-    assert counters["flow"]["spilled_pages"] > 0 and "hits" in counters["host"]
+    assert counters["flow"]["spilled_pages"] > 0 and counters["host"]
 
 
 def test_unknown_config_is_one_line() -> None:
