@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated subset of no_cache, radix, hierarchical")
     mt.add_argument("--no-host-hit", action="store_true",
                     help="skip the 4k-token host-hit vs device-hit measurement")
+    _trace_args(mt)
     bl = sub.add_parser("blend", help="CacheBlend: blended prefill at several recompute ratios "
                                       "vs full prefill (TTFT, accuracy, agreement, KL)")
     bl.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -72,10 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--documents", type=int, default=24)
     rag.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
     rag.add_argument("--answer-tokens", type=int, default=16)
-    rag.add_argument("--export-trace", type=Path, default=None, metavar="JSONL",
-                     help="only write the workload as a replay trace (no server is started)")
-    rag.add_argument("--trace-interval-s", type=float, default=6.0,
-                     help="seconds between arrivals in the exported trace")
+    _trace_args(rag)
     cd = sub.add_parser("code", help="code completion: a long file resent after successive "
                                      "edits near its end (TTFT per edit)")
     cd.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -88,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                                                               "(~56 tokens each)")
     cd.add_argument("--edits", type=int, default=8)
     cd.add_argument("--answer-tokens", type=int, default=16)
+    _trace_args(cd)
     rp = sub.add_parser("replay", help="replay a JSONL trace (arrival time, prompt or token "
                                        "ids, output length, optional chunk marks), open loop")
     rp.add_argument("trace", type=Path, help="the JSONL trace (see bench/replay.py)")
@@ -112,6 +111,24 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
     return parser
+
+
+def _trace_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export-trace", type=Path, default=None, metavar="JSONL",
+                        help="only write the workload as a replay trace (no server is started)")
+    parser.add_argument("--trace-interval-s", type=float, default=6.0,
+                        help="seconds between arrivals in the exported trace")
+
+
+def _write_trace(args: argparse.Namespace, requests: Sequence[Any]) -> int:
+    from sgl_kvext_bench.replay import write_trace
+
+    if args.trace_interval_s < 0:
+        print("sgl-kvext-bench: error: --trace-interval-s must be >= 0", file=sys.stderr)
+        return 2
+    args.export_trace.parent.mkdir(parents=True, exist_ok=True)
+    print(f"trace: {write_trace(requests, args.export_trace)} ({len(requests)} requests)")
+    return 0
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -176,6 +193,10 @@ def _multiturn(args: argparse.Namespace) -> int:
         return 2
     work = Workload(args.users, args.turns, args.system_words, args.question_words,
                     args.answer_tokens)
+    if args.export_trace is not None:
+        from sgl_kvext_bench.multiturn import trace_requests
+
+        return _write_trace(args, trace_requests(work, max(0.0, args.trace_interval_s)))
     model = args.model_path or prepare_smollm2().path
     out_dir = args.json.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +272,10 @@ def _code(args: argparse.Namespace) -> int:
         return 2
     work = CodeWorkload(functions=args.functions, edits=args.edits,
                         answer_tokens=args.answer_tokens)
+    if args.export_trace is not None:
+        from sgl_kvext_bench.code import trace_requests as code_trace
+
+        return _write_trace(args, code_trace(work, max(0.0, args.trace_interval_s)))
     model = args.model_path or prepare_smollm2().path
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results = run_code(model, work, configs, args.json.parent)
@@ -269,22 +294,18 @@ def _code(args: argparse.Namespace) -> int:
 def _export_rag_trace(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.rag import prompt_text
     from sgl_kvext_bench.rag_set import make_rag_set
-    from sgl_kvext_bench.replay import TraceRequest, write_trace
+    from sgl_kvext_bench.replay import TraceRequest
 
-    if args.trace_interval_s < 0:
-        print("sgl-kvext-bench: error: --trace-interval-s must be >= 0", file=sys.stderr)
-        return 2
     try:
         rag = make_rag_set(args.documents, args.questions, (4, 8), args.sentences, 1)
     except ValueError as exc:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2
-    requests = [TraceRequest(i * args.trace_interval_s, prompt_text(rag, q), args.answer_tokens,
-                             tuple(rag.documents[d] for d in q.documents))
-                for i, q in enumerate(rag.questions)]
-    args.export_trace.parent.mkdir(parents=True, exist_ok=True)
-    print(f"trace: {write_trace(requests, args.export_trace)} ({len(requests)} requests)")
-    return 0
+    step = max(0.0, args.trace_interval_s)
+    return _write_trace(args, [
+        TraceRequest(i * step, prompt_text(rag, q), args.answer_tokens,
+                     tuple(rag.documents[d] for d in q.documents))
+        for i, q in enumerate(rag.questions)])
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -61,6 +61,14 @@ class CodeWorkload:
         return out
 
 
+def trace_requests(work: CodeWorkload, interval_s: float) -> list[Any]:
+    """The edits as replay-trace requests, one every ``interval_s``."""
+    from sgl_kvext_bench.replay import TraceRequest
+
+    return [TraceRequest(k * interval_s, p, work.answer_tokens)
+            for k, p in enumerate(work.prompts())]
+
+
 def run_code(model_path: Path, work: CodeWorkload, configs: Sequence[str], log_dir: Path,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     """TTFT per edit for each configuration; p50 / p90 over edits 2.. (edit 1 is cold)."""

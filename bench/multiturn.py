@@ -88,6 +88,23 @@ def run_workload(url: str, config: str, work: Workload,
     return samples
 
 
+def trace_requests(work: Workload, interval_s: float) -> list[Any]:
+    """The workload as replay-trace requests, one every ``interval_s``. A trace is static, so
+    each turn's history holds a fixed stand-in answer of ``answer_tokens`` words instead of
+    what the model said."""
+    from sgl_kvext_bench.replay import TraceRequest
+
+    system, history = work.system_prompt(), [""] * work.users
+    out: list[Any] = []
+    for turn in range(1, work.turns + 1):
+        for user in range(work.users):
+            question = work.question(user, turn)
+            out.append(TraceRequest(len(out) * interval_s, system + history[user] + question,
+                                    work.answer_tokens))
+            history[user] += question + " " + " ".join(["noted"] * work.answer_tokens) + "\n"
+    return out
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]

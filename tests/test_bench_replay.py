@@ -59,6 +59,23 @@ def test_rag_export_trace_is_replayable(tmp_path: Path) -> None:
     assert all(r.chunks and all(c in r.prompt for c in r.chunks) for r in reqs)
 
 
+@pytest.mark.parametrize("command, sizes, n", [
+    ("multiturn", ["--users", "2", "--turns", "3", "--system-words", "20"], 6),
+    ("code", ["--functions", "10", "--edits", "4"], 4),
+])
+def test_workloads_export_replayable_traces(tmp_path: Path, command: str, sizes: list[str],
+                                            n: int) -> None:
+    out = tmp_path / f"{command}.jsonl"
+    result = _cli(command, "--json", str(tmp_path / "unused.json"), "--export-trace", str(out),
+                  "--trace-interval-s", "0.5", *sizes)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reqs = load_trace(out)
+    assert [r.arrival_s for r in reqs] == [0.5 * i for i in range(n)]
+    assert not (tmp_path / "unused.json").exists()          # nothing was run
+    if command == "multiturn":       # a user's later turn extends its earlier prompt
+        assert reqs[2].prompt.startswith(reqs[0].prompt)
+
+
 @pytest.mark.server
 def test_replay_tiny(tmp_path: Path, model_path: Path) -> None:
     story = "The lighthouse keeper counted ships every evening and wrote them down. " * 12
