@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from sgl_kvext_bench.progress import Progress
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,6 +134,16 @@ def _write_trace(args: argparse.Namespace, requests: Sequence[Any]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress() -> Iterator[Progress]:
+    """A progress sink on stderr, its status line ended before the results print."""
+    progress = Progress()
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # SystemExit unwinds the `with SGLangServer(...)` blocks, so started servers are stopped.
     sys.exit(128 + signum)
@@ -200,8 +213,9 @@ def _multiturn(args: argparse.Namespace) -> int:
     model = args.model_path or prepare_smollm2().path
     out_dir = args.json.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_multiturn(model, work, configs, out_dir, args.pool_fraction,
-                            with_host_hit=not args.no_host_hit)
+    with _progress() as progress:
+        results = run_multiturn(model, work, configs, out_dir, args.pool_fraction,
+                                with_host_hit=not args.no_host_hit, progress=progress)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | TTFT p50 (s), turn >= 5 | p90 | p50 all turns |")
     print("|---|---:|---:|---:|")
@@ -236,8 +250,9 @@ def _rag(args: argparse.Namespace) -> int:
     model = args.model_path or prepare_smollm2().path
     args.json.parent.mkdir(parents=True, exist_ok=True)
     try:
-        results = run_rag(model, configs, args.questions, args.documents, args.sentences,
-                          args.answer_tokens, log_dir=args.json.parent)
+        with _progress() as progress:
+            results = run_rag(model, configs, args.questions, args.documents, args.sentences,
+                              args.answer_tokens, log_dir=args.json.parent, progress=progress)
     except ValueError as exc:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2
@@ -278,7 +293,8 @@ def _code(args: argparse.Namespace) -> int:
         return _write_trace(args, code_trace(work, max(0.0, args.trace_interval_s)))
     model = args.model_path or prepare_smollm2().path
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results = run_code(model, work, configs, args.json.parent)
+    with _progress() as progress:
+        results = run_code(model, work, configs, args.json.parent, progress=progress)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | cold TTFT (s) | TTFT p50, edits >= 2 (s) | p90 (s) | cached |")
     print("|---|---:|---:|---:|---:|")
@@ -326,7 +342,9 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     model = None if args.url else (args.model_path or prepare_smollm2().path)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results = run_replay(model, args.url, configs, requests, args.speed, args.json.parent)
+    with _progress() as progress:
+        results = run_replay(model, args.url, configs, requests, args.speed, args.json.parent,
+                             progress=progress)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | requests | errors | TTFT p50 (s) | p90 (s) | p99 (s) | "
           "ITL p50 (s) | output tok/s | cached |")
@@ -372,7 +390,9 @@ def _attention(args: argparse.Namespace) -> int:
         return 2
     model = args.model_path or prepare_smollm2().path
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results = run_attention(model, lengths, backends, args.repeats, log_dir=args.json.parent)
+    with _progress() as progress:
+        results = run_attention(model, lengths, backends, args.repeats,
+                                log_dir=args.json.parent, progress=progress)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| backend | prompt tokens | cold TTFT p50 (s) | cached TTFT p50 (s) |")
     print("|---|---:|---:|---:|")
@@ -403,9 +423,11 @@ def _blend(args: argparse.Namespace) -> int:
         return 2
     model = args.model_path or prepare_smollm2().path
     try:
-        results = run_blend(model, ratios, args.questions, args.documents, args.sentences,
-                            args.answer_tokens, args.dtype, chunking=args.chunking,
-                            min_tokens=args.min_tokens)
+        with _progress() as progress:
+            results = run_blend(model, ratios, args.questions, args.documents,
+                                args.sentences, args.answer_tokens, args.dtype,
+                                chunking=args.chunking, min_tokens=args.min_tokens,
+                                progress=progress)
     except ValueError as exc:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2
