@@ -33,8 +33,8 @@ def prompt_ids(tokenizer: Any, n_tokens: int, index: int) -> list[int]:
 
 
 def run_attention(model_path: Path, lengths: Sequence[int], backends: Sequence[str],
-                  repeats: int, log_dir: Path,
-                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+                  repeats: int, log_dir: Path, progress: Callable[[str], None] = print,
+                  server_args: Sequence[str] = ()) -> dict[str, Any]:
     """Cold and cached TTFT per backend and prompt length; medians over ``repeats`` prompts."""
     from transformers import AutoTokenizer
 
@@ -44,7 +44,7 @@ def run_attention(model_path: Path, lengths: Sequence[int], backends: Sequence[s
     pool = max(lengths) * 2 + 512
     results: dict[str, Any] = {"lengths": list(lengths), "repeats": repeats, "backends": {}}
     for backend in backends:
-        args = ("--attention-backend", backend, "--max-total-tokens", str(pool))
+        args = ("--attention-backend", backend, "--max-total-tokens", str(pool), *server_args)
         per_length: dict[str, Any] = {}
         with SGLangServer(model_path, args, log_path=log_dir / f"attention-{backend}.log") as srv:
             stream_generate(srv.url, "Hello", 1)        # warm-up

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import signal
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     mt = sub.add_parser("multiturn", help="multi-turn chat TTFT: no cache vs SGLang's radix "
                                           "cache vs --enable-hierarchical-kv")
     mt.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _server_args(mt)
     mt.add_argument("--model-path", type=Path, default=None,
                     help="checkpoint folder (default: the prepared SmolLM2)")
     mt.add_argument("--users", type=int, default=4)
@@ -67,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     rag = sub.add_parser("rag", help="RAG serving: no cache vs radix vs hierarchical KV vs "
                                      "hierarchical KV + fragment blend (TTFT, accuracy)")
     rag.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _server_args(rag)
     rag.add_argument("--model-path", type=Path, default=None,
                      help="checkpoint folder (default: the prepared SmolLM2)")
     rag.add_argument("--configs", default="no_cache,radix,hierarchical,hierarchical_blend",
@@ -80,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     cd = sub.add_parser("code", help="code completion: a long file resent after successive "
                                      "edits near its end (TTFT per edit)")
     cd.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _server_args(cd)
     cd.add_argument("--model-path", type=Path, default=None,
                     help="checkpoint folder (default: the prepared SmolLM2)")
     cd.add_argument("--configs", default="no_cache,radix,hierarchical",
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "ids, output length, optional chunk marks), open loop")
     rp.add_argument("trace", type=Path, help="the JSONL trace (see bench/replay.py)")
     rp.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _server_args(rp)
     rp.add_argument("--url", default=None,
                     help="replay against this running SGLang server instead of starting one")
     rp.add_argument("--model-path", type=Path, default=None,
@@ -106,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     att = sub.add_parser("attention", help="CPU attention: cold and fully cached TTFT, "
                                            "torch_native vs kvext_cpu")
     att.add_argument("--json", type=Path, required=True, help="where to write the results")
+    _server_args(att)
     att.add_argument("--model-path", type=Path, default=None,
                      help="checkpoint folder (default: the prepared SmolLM2)")
     att.add_argument("--lengths", default="1024,2048,4096",
@@ -114,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
     return parser
+
+
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-args", default="", metavar="FLAGS",
+                        help="extra SGLang flags for every server started, one quoted string "
+                             "(e.g. \"--page-size 16 --mem-fraction-static 0.3\")")
 
 
 def _trace_args(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +164,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        shlex.split(getattr(args, "server_args", ""))
+    except ValueError as exc:
+        print(f"sgl-kvext-bench: error: --server-args: {exc}", file=sys.stderr)
+        return 2
     if args.command == "multiturn":
         return _multiturn(args)
     if args.command == "blend":
@@ -215,7 +232,8 @@ def _multiturn(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         results = run_multiturn(model, work, configs, out_dir, args.pool_fraction,
-                                with_host_hit=not args.no_host_hit, progress=progress)
+                                with_host_hit=not args.no_host_hit, progress=progress,
+                                server_args=shlex.split(args.server_args))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | TTFT p50 (s), turn >= 5 | p90 | p50 all turns |")
     print("|---|---:|---:|---:|")
@@ -252,7 +270,8 @@ def _rag(args: argparse.Namespace) -> int:
     try:
         with _progress() as progress:
             results = run_rag(model, configs, args.questions, args.documents, args.sentences,
-                              args.answer_tokens, log_dir=args.json.parent, progress=progress)
+                              args.answer_tokens, log_dir=args.json.parent, progress=progress,
+                              server_args=shlex.split(args.server_args))
     except ValueError as exc:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2
@@ -294,7 +313,8 @@ def _code(args: argparse.Namespace) -> int:
     model = args.model_path or prepare_smollm2().path
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
-        results = run_code(model, work, configs, args.json.parent, progress=progress)
+        results = run_code(model, work, configs, args.json.parent, progress=progress,
+                           server_args=shlex.split(args.server_args))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | cold TTFT (s) | TTFT p50, edits >= 2 (s) | p90 (s) | cached |")
     print("|---|---:|---:|---:|---:|")
@@ -344,7 +364,7 @@ def _replay(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         results = run_replay(model, args.url, configs, requests, args.speed, args.json.parent,
-                             progress=progress)
+                             progress=progress, server_args=shlex.split(args.server_args))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | requests | errors | TTFT p50 (s) | p90 (s) | p99 (s) | "
           "ITL p50 (s) | output tok/s | cached |")
@@ -392,7 +412,8 @@ def _attention(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         results = run_attention(model, lengths, backends, args.repeats,
-                                log_dir=args.json.parent, progress=progress)
+                                log_dir=args.json.parent, progress=progress,
+                                server_args=shlex.split(args.server_args))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| backend | prompt tokens | cold TTFT p50 (s) | cached TTFT p50 (s) |")
     print("|---|---:|---:|---:|")

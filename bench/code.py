@@ -70,7 +70,8 @@ def trace_requests(work: CodeWorkload, interval_s: float) -> list[Any]:
 
 
 def run_code(model_path: Path, work: CodeWorkload, configs: Sequence[str], log_dir: Path,
-             progress: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: Callable[[str], None] = print,
+             server_args: Sequence[str] = ()) -> dict[str, Any]:
     """TTFT per edit for each configuration; p50 / p90 over edits 2.. (edit 1 is cold)."""
     from sgl_kvext_bench.rag import CONFIGS
 
@@ -79,8 +80,8 @@ def run_code(model_path: Path, work: CodeWorkload, configs: Sequence[str], log_d
     for name in configs:
         started = time.perf_counter()
         rows = []
-        with SGLangServer(model_path, CONFIGS[name], log_path=log_dir / f"code-{name}.log") \
-                as srv:
+        with SGLangServer(model_path, (*CONFIGS[name], *server_args),
+                          log_path=log_dir / f"code-{name}.log") as srv:
             stream_generate(srv.url, "Hello", 1)                 # warm-up
             for k, prompt in enumerate(prompts, 1):
                 r = stream_generate(srv.url, prompt, work.answer_tokens)

@@ -127,12 +127,13 @@ def working_set_tokens(work: Workload, tokenizer: Any) -> tuple[int, int]:
     return system + work.users * work.turns * turn, longest
 
 
-def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int) -> dict[str, Any]:
+def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int,
+                server_args: Sequence[str] = ()) -> dict[str, Any]:
     """TTFT of a 4k-token prefix on device vs loaded back from the host tier."""
     context = build_context(170, seed=7)[0]
     fillers = [build_context(170, seed=s)[0] for s in (8, 9)]
     args = ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB", "--max-total-tokens",
-            "9000")
+            "9000", *server_args)
     with SGLangServer(model_path, args, log_path=log_dir / "host-hit-4k.log") as server:
         stream_generate(server.url, "Hello", 1)
         cold = stream_generate(server.url, context + "Question one?", answer_tokens)
@@ -148,7 +149,8 @@ def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int) -> dict[str
 
 def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_dir: Path,
                   pool_fraction: float = 0.25, with_host_hit: bool = True,
-                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+                  progress: Callable[[str], None] = print,
+                  server_args: Sequence[str] = ()) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -157,7 +159,7 @@ def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_
     results: dict[str, Any] = {"workload": asdict(work), "working_set_tokens": total,
                                "pool_tokens": pool, "configs": []}
     for name in configs:
-        args = ("--max-total-tokens", str(pool), *CONFIGS[name])
+        args = ("--max-total-tokens", str(pool), *CONFIGS[name], *server_args)
         started = time.perf_counter()
         with SGLangServer(model_path, args, log_path=out_dir / f"multiturn-{name}.log") as srv:
             stream_generate(srv.url, "Hello", 1)        # warm-up
@@ -174,5 +176,6 @@ def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_
             if other in by_name:
                 results[f"p50_speedup_vs_{other}"] = by_name[other]["ttft_p50_s"] / ours
     if with_host_hit:
-        results["host_hit_4k"] = host_hit_4k(model_path, out_dir, work.answer_tokens)
+        results["host_hit_4k"] = host_hit_4k(model_path, out_dir, work.answer_tokens,
+                                             server_args)
     return results

@@ -50,11 +50,13 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def run_config(model_path: Path, name: str, rag: RagSet, answer_tokens: int, log_dir: Path,
-               progress: Callable[[str], None]) -> dict[str, Any]:
+               progress: Callable[[str], None],
+               server_args: Sequence[str] = ()) -> dict[str, Any]:
     marked = name == "hierarchical_blend"
     rows = []
     started = time.perf_counter()
-    with SGLangServer(model_path, CONFIGS[name], log_path=log_dir / f"rag-{name}.log") as srv:
+    with SGLangServer(model_path, (*CONFIGS[name], *server_args),
+                      log_path=log_dir / f"rag-{name}.log") as srv:
         stream_generate(srv.url, "Hello", 1)                 # warm-up
         prewarm_s = 0.0
         if name.startswith("hierarchical_blend"):
@@ -99,8 +101,8 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
 
 def run_rag(model_path: Path, configs: Sequence[str] = DEFAULT_CONFIGS, questions: int = 16,
             documents: int = 24, sentences: int = 36, answer_tokens: int = 16, seed: int = 1,
-            log_dir: Path = Path("results"),
-            progress: Callable[[str], None] = print) -> dict[str, Any]:
+            log_dir: Path = Path("results"), progress: Callable[[str], None] = print,
+            server_args: Sequence[str] = ()) -> dict[str, Any]:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         raise ValueError(f"unknown configuration(s) {unknown}; allowed: {', '.join(CONFIGS)}")
@@ -109,7 +111,7 @@ def run_rag(model_path: Path, configs: Sequence[str] = DEFAULT_CONFIGS, question
                                "documents": documents, "configs": []}
     for name in configs:
         results["configs"].append(run_config(model_path, name, rag, answer_tokens, log_dir,
-                                             progress))
+                                             progress, server_args))
     by_name = {c["name"]: c for c in results["configs"]}
     for ours in ("hierarchical_blend", "hierarchical_blend_auto"):
         if ours in by_name and "radix" in by_name:

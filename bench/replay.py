@@ -153,7 +153,8 @@ def replay(url: str, requests: Sequence[TraceRequest], speed: float = 1.0,
 
 def run_replay(model_path: Path | None, url: str | None, configs: Sequence[str],
                requests: Sequence[TraceRequest], speed: float, log_dir: Path,
-               progress: Callable[[str], None] = print) -> dict[str, Any]:
+               progress: Callable[[str], None] = print,
+               server_args: Sequence[str] = ()) -> dict[str, Any]:
     """Replay against ``url``, or against each configuration (``rag.CONFIGS``) in turn."""
     from sgl_kvext_bench.rag import CONFIGS
 
@@ -164,8 +165,8 @@ def run_replay(model_path: Path | None, url: str | None, configs: Sequence[str],
         return results
     assert model_path is not None
     for name in configs:
-        with SGLangServer(model_path, CONFIGS[name], log_path=log_dir / f"replay-{name}.log") \
-                as srv:
+        with SGLangServer(model_path, (*CONFIGS[name], *server_args),
+                          log_path=log_dir / f"replay-{name}.log") as srv:
             stream_generate(srv.url, "Hello", 1)                 # warm-up
             results["configs"].append({"name": name, **replay(srv.url, requests, speed,
                                                               progress=progress)})

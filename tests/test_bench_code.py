@@ -33,9 +33,11 @@ def test_code_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json", str(out),
          "--configs", "radix", "--functions", "12", "--edits", "3", "--answer-tokens", "4",
-         "--model-path", str(model_path)], capture_output=True, text=True, timeout=900)
+         "--model-path", str(model_path), "--server-args", "--max-total-tokens 6000"],
+        capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| configuration | cold TTFT (s) |" in result.stdout
+    assert "'max_total_tokens': 6000" in (tmp_path / "code-radix.log").read_text()
     (radix,) = json.loads(out.read_text())["configs"]
     assert radix["name"] == "radix" and len(radix["edits"]) == 3
     assert radix["edits"][0]["cached_tokens"] < 0.2 * radix["edits"][0]["prompt_tokens"]
@@ -43,8 +45,11 @@ def test_code_bench_tiny(tmp_path: Path, model_path: Path) -> None:
         assert e["cached_tokens"] > 0.6 * e["prompt_tokens"], e
 
 
-def test_code_bench_rejects_bad_sizes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags, needle", [(["--edits", "0"], "--edits"),
+                                           (["--server-args", "--foo 'bar"], "--server-args")])
+def test_code_bench_rejects_bad_options(tmp_path: Path, flags: list[str], needle: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json",
-         str(tmp_path / "x.json"), "--edits", "0"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "--edits" in result.stderr
+         str(tmp_path / "x.json"), *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
