@@ -41,7 +41,7 @@ def test_launch_server_help_lists_the_flags() -> None:
     for flag in ("--enable-hierarchical-kv", "--kvext-host-size", "--kvext-disk-dir",
                  "--kvext-s3-url", "--kvext-eviction-policy", "--kvext-config"):
         assert flag in result.stdout
-    assert "intel_xpu,kvext_cpu}" in result.stdout      # the plugin's attention backend
+    assert ",kvext_cpu" in result.stdout      # the plugin's attention backend
 
 
 @pytest.mark.parametrize("launcher, args, needle", [
