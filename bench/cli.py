@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
     rag.add_argument("--answer-tokens", type=int, default=16)
     _trace_args(rag)
+    _url_arg(rag)
     cd = sub.add_parser("code", help="code completion: a long file resent after successive "
                                      "edits near its end (TTFT per edit)")
     cd.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     cd.add_argument("--edits", type=int, default=8)
     cd.add_argument("--answer-tokens", type=int, default=16)
     _trace_args(cd)
+    _url_arg(cd)
     rp = sub.add_parser("replay", help="replay a JSONL trace (arrival time, prompt or token "
                                        "ids, output length, optional chunk marks), open loop")
     rp.add_argument("trace", type=Path, help="the JSONL trace (see bench/replay.py)")
@@ -120,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
     return parser
+
+
+def _url_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None,
+                        help="measure this running SGLang server (e.g. http://127.0.0.1:30000) "
+                             "instead of starting the configurations; --configs is ignored")
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +171,16 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "url", None):
+        try:
+            return _dispatch(args)
+        except OSError as exc:       # URLError included: the server at --url is not answering
+            print(f"sgl-kvext-bench: error: --url {args.url}: {exc}", file=sys.stderr)
+            return 2
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         shlex.split(getattr(args, "server_args", ""))
@@ -265,13 +283,13 @@ def _rag(args: argparse.Namespace) -> int:
         return 2
     if args.export_trace is not None:
         return _export_rag_trace(args)
-    model = args.model_path or prepare_smollm2().path
+    model = None if args.url else (args.model_path or prepare_smollm2().path)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _progress() as progress:
             results = run_rag(model, configs, args.questions, args.documents, args.sentences,
                               args.answer_tokens, log_dir=args.json.parent, progress=progress,
-                              server_args=shlex.split(args.server_args))
+                              server_args=shlex.split(args.server_args), url=args.url)
     except ValueError as exc:
         print(f"sgl-kvext-bench: error: {exc}", file=sys.stderr)
         return 2
@@ -310,11 +328,11 @@ def _code(args: argparse.Namespace) -> int:
         from sgl_kvext_bench.code import trace_requests as code_trace
 
         return _write_trace(args, code_trace(work, max(0.0, args.trace_interval_s)))
-    model = args.model_path or prepare_smollm2().path
+    model = None if args.url else (args.model_path or prepare_smollm2().path)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         results = run_code(model, work, configs, args.json.parent, progress=progress,
-                           server_args=shlex.split(args.server_args))
+                           server_args=shlex.split(args.server_args), url=args.url)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| configuration | cold TTFT (s) | TTFT p50, edits >= 2 (s) | p90 (s) | cached |")
     print("|---|---:|---:|---:|---:|")

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sgl_kvext.prewarm_client import prewarm_corpus
-from sgl_kvext.server import SGLangServer
 from sgl_kvext_bench.client import kvext_counters, stream_generate
 from sgl_kvext_bench.rag_set import RagQuestion, RagSet, is_correct, make_rag_set
+from sgl_kvext_bench.serving import URL_CONFIG, served
 
 HIER = ("--enable-hierarchical-kv", "--kvext-host-size", "4GiB", "--enable-metrics")
 BLEND = (*HIER, "--kvext-fragment-blend")
@@ -49,24 +49,24 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_config(model_path: Path, name: str, rag: RagSet, answer_tokens: int, log_dir: Path,
-               progress: Callable[[str], None],
-               server_args: Sequence[str] = ()) -> dict[str, Any]:
+def run_config(model_path: Path | None, name: str, rag: RagSet, answer_tokens: int,
+               log_dir: Path, progress: Callable[[str], None],
+               server_args: Sequence[str] = (), url: str | None = None) -> dict[str, Any]:
+    """One configuration (``url``: the running server there, as is, unmarked prompts)."""
     marked = name == "hierarchical_blend"
     rows = []
     started = time.perf_counter()
-    with SGLangServer(model_path, (*CONFIGS[name], *server_args),
-                      log_path=log_dir / f"rag-{name}.log") as srv:
-        stream_generate(srv.url, "Hello", 1)                 # warm-up
+    with served(model_path, (*CONFIGS.get(name, ()), *server_args),
+                log_dir / f"rag-{name}.log", url) as base:
         prewarm_s = 0.0
         if name.startswith("hierarchical_blend"):
-            prewarm_s = prewarm_corpus(srv.url, list(rag.documents), timeout_s=1800).seconds
+            prewarm_s = prewarm_corpus(base, list(rag.documents), timeout_s=1800).seconds
             progress(f"{name}: corpus of {len(rag.documents)} documents pre-warmed in "
                      f"{prewarm_s:.1f}s")
         for n, q in enumerate(rag.questions, 1):
             custom = {"kvext_chunks": [rag.documents[d] for d in q.documents]} if marked \
                 else None
-            r = stream_generate(srv.url, prompt_text(rag, q), answer_tokens,
+            r = stream_generate(base, prompt_text(rag, q), answer_tokens,
                                 custom_params=custom)
             ok = is_correct(r.text, q.answer)
             rows.append({"ttft_s": r.ttft_s, "correct": ok, "prompt_tokens": r.prompt_tokens,
@@ -74,7 +74,7 @@ def run_config(model_path: Path, name: str, rag: RagSet, answer_tokens: int, log
             progress(f"{name}: question {n}/{len(rag.questions)} ttft {r.ttft_s:.2f}s "
                      f"({r.cached_tokens}/{r.prompt_tokens} cached) "
                      f"{'correct' if ok else 'wrong'}")
-        counters = kvext_counters(srv.url) if name.startswith("hierarchical") else {}
+        counters = kvext_counters(base) if name.startswith("hierarchical") else {}
     ttfts = [r["ttft_s"] for r in rows]
     return {"name": name, "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
             "accuracy": sum(r["correct"] for r in rows) / len(rows), "prewarm_s": prewarm_s,
@@ -99,19 +99,21 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_rag(model_path: Path, configs: Sequence[str] = DEFAULT_CONFIGS, questions: int = 16,
+def run_rag(model_path: Path | None, configs: Sequence[str] = DEFAULT_CONFIGS,
+            questions: int = 16,
             documents: int = 24, sentences: int = 36, answer_tokens: int = 16, seed: int = 1,
             log_dir: Path = Path("results"), progress: Callable[[str], None] = print,
-            server_args: Sequence[str] = ()) -> dict[str, Any]:
+            server_args: Sequence[str] = (), url: str | None = None) -> dict[str, Any]:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         raise ValueError(f"unknown configuration(s) {unknown}; allowed: {', '.join(CONFIGS)}")
     rag = make_rag_set(documents, questions, (4, 8), sentences, seed)
-    results: dict[str, Any] = {"model": str(model_path), "questions": questions,
+    results: dict[str, Any] = {"model": str(model_path) if url is None else url,
+                               "questions": questions,
                                "documents": documents, "configs": []}
-    for name in configs:
+    for name in [URL_CONFIG] if url is not None else configs:
         results["configs"].append(run_config(model_path, name, rag, answer_tokens, log_dir,
-                                             progress, server_args))
+                                             progress, server_args, url))
     by_name = {c["name"]: c for c in results["configs"]}
     for ours in ("hierarchical_blend", "hierarchical_blend_auto"):
         if ours in by_name and "radix" in by_name:

@@ -53,3 +53,38 @@ def test_code_bench_rejects_bad_options(tmp_path: Path, flags: list[str], needle
          str(tmp_path / "x.json"), *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_url_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
+    from sgl_kvext.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"            # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json",
+         str(tmp_path / "x.json"), "--url", url], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and f"--url {url}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.server
+def test_code_and_rag_measure_a_running_server(tmp_path: Path, model_path: Path) -> None:
+    from sgl_kvext.server import SGLangServer
+
+    with SGLangServer(model_path, [], log_path=tmp_path / "server.log") as server:
+        code = subprocess.run(
+            [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json",
+             str(tmp_path / "code.json"), "--url", server.url, "--functions", "12", "--edits",
+             "2", "--answer-tokens", "4"], capture_output=True, text=True, timeout=900)
+        rag = subprocess.run(
+            [sys.executable, "-m", "sgl_kvext_bench.cli", "rag", "--json",
+             str(tmp_path / "rag.json"), "--url", server.url, "--questions", "1",
+             "--documents", "8", "--sentences", "4", "--answer-tokens", "4"],
+            capture_output=True, text=True, timeout=900)
+    assert code.returncode == 0, code.stderr[-3000:]
+    assert rag.returncode == 0, rag.stderr[-3000:]
+    (url_code,) = json.loads((tmp_path / "code.json").read_text())["configs"]
+    assert url_code["name"] == "url"
+    assert url_code["edits"][1]["cached_tokens"] > 0.6 * url_code["edits"][1]["prompt_tokens"]
+    (url_rag,) = json.loads((tmp_path / "rag.json").read_text())["configs"]
+    assert url_rag["name"] == "url" and len(url_rag["questions"]) == 1
+    assert not list(tmp_path.glob("code-*.log")) and not list(tmp_path.glob("rag-*.log"))
