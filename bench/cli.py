@@ -18,8 +18,7 @@ from sgl_kvext_bench.progress import Progress
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgl-kvext-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tiers = sub.add_parser("tiers", help="each tier against its raw limit on the same bytes")
-    tiers.add_argument("--json", type=Path, required=True, help="where to write the results")
+    tiers = _command(sub, "tiers", "each tier against its raw limit on the same bytes")
     tiers.add_argument("--object-mib", type=float, default=4.0, help="object size (MiB)")
     tiers.add_argument("--objects", type=int, default=32, help="objects per measurement")
     tiers.add_argument("--repeats", type=int, default=3, help="median of this many runs")
@@ -29,12 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="use this S3 endpoint instead of starting SeaweedFS on loopback")
     tiers.add_argument("--skip", action="append", default=[], choices=["host", "disk", "s3",
                                                                          "codec"])
-    mt = sub.add_parser("multiturn", help="multi-turn chat TTFT: no cache vs SGLang's radix "
-                                          "cache vs --enable-hierarchical-kv")
-    mt.add_argument("--json", type=Path, required=True, help="where to write the results")
+    mt = _command(sub, "multiturn", "multi-turn chat TTFT: no cache vs SGLang's radix "
+                                    "cache vs --enable-hierarchical-kv")
     _server_args(mt)
-    mt.add_argument("--model-path", type=Path, default=None,
-                    help="checkpoint folder (default: the prepared SmolLM2)")
     mt.add_argument("--users", type=int, default=4)
     mt.add_argument("--turns", type=int, default=8)
     mt.add_argument("--system-words", type=int, default=300)
@@ -47,11 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     mt.add_argument("--no-host-hit", action="store_true",
                     help="skip the 4k-token host-hit vs device-hit measurement")
     _trace_args(mt)
-    bl = sub.add_parser("blend", help="CacheBlend: blended prefill at several recompute ratios "
-                                      "vs full prefill (TTFT, accuracy, agreement, KL)")
-    bl.add_argument("--json", type=Path, required=True, help="where to write the results")
-    bl.add_argument("--model-path", type=Path, default=None,
-                    help="checkpoint folder (default: the prepared SmolLM2)")
+    bl = _command(sub, "blend", "CacheBlend: blended prefill at several recompute ratios "
+                                "vs full prefill (TTFT, accuracy, agreement, KL)")
+    _model_arg(bl)
     bl.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0",
                     help="comma-separated recompute ratios in [0, 1]")
     bl.add_argument("--questions", type=int, default=12)
@@ -66,12 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="smallest automatic fragment (with --chunking auto)")
     bl.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of speed-up and quality per ratio (needs matplotlib)")
-    rag = sub.add_parser("rag", help="RAG serving: no cache vs radix vs hierarchical KV vs "
-                                     "hierarchical KV + fragment blend (TTFT, accuracy)")
-    rag.add_argument("--json", type=Path, required=True, help="where to write the results")
+    rag = _command(sub, "rag", "RAG serving: no cache vs radix vs hierarchical KV vs "
+                               "hierarchical KV + fragment blend (TTFT, accuracy)")
     _server_args(rag)
-    rag.add_argument("--model-path", type=Path, default=None,
-                     help="checkpoint folder (default: the prepared SmolLM2)")
     rag.add_argument("--configs", default="no_cache,radix,hierarchical,hierarchical_blend",
                      help="comma-separated subset of no_cache, radix, hierarchical, "
                           "hierarchical_blend, hierarchical_blend_auto")
@@ -81,12 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--answer-tokens", type=int, default=16)
     _trace_args(rag)
     _url_arg(rag)
-    cd = sub.add_parser("code", help="code completion: a long file resent after successive "
-                                     "edits near its end (TTFT per edit)")
-    cd.add_argument("--json", type=Path, required=True, help="where to write the results")
+    cd = _command(sub, "code", "code completion: a long file resent after successive "
+                               "edits near its end (TTFT per edit)")
     _server_args(cd)
-    cd.add_argument("--model-path", type=Path, default=None,
-                    help="checkpoint folder (default: the prepared SmolLM2)")
     cd.add_argument("--configs", default="no_cache,radix,hierarchical",
                     help="comma-separated subset of no_cache, radix, hierarchical, "
                          "hierarchical_blend_auto")
@@ -96,32 +84,38 @@ def _parser() -> argparse.ArgumentParser:
     cd.add_argument("--answer-tokens", type=int, default=16)
     _trace_args(cd)
     _url_arg(cd)
-    rp = sub.add_parser("replay", help="replay a JSONL trace (arrival time, prompt or token "
-                                       "ids, output length, optional chunk marks), open loop")
+    rp = _command(sub, "replay", "replay a JSONL trace (arrival time, prompt or token "
+                                 "ids, output length, optional chunk marks), open loop")
     rp.add_argument("trace", type=Path, help="the JSONL trace (see bench/replay.py)")
-    rp.add_argument("--json", type=Path, required=True, help="where to write the results")
     _server_args(rp)
     rp.add_argument("--url", default=None,
                     help="replay against this running SGLang server instead of starting one")
-    rp.add_argument("--model-path", type=Path, default=None,
-                    help="checkpoint folder (default: the prepared SmolLM2)")
     rp.add_argument("--configs", default="radix,hierarchical",
                     help="comma-separated subset of no_cache, radix, hierarchical, "
                          "hierarchical_blend, hierarchical_blend_auto (ignored with --url)")
     rp.add_argument("--speed", type=float, default=1.0,
                     help="divide every arrival time by this (2 = twice as fast)")
-    att = sub.add_parser("attention", help="CPU attention: cold and fully cached TTFT, "
-                                           "torch_native vs kvext_cpu")
-    att.add_argument("--json", type=Path, required=True, help="where to write the results")
+    att = _command(sub, "attention", "CPU attention: cold and fully cached TTFT, "
+                                     "torch_native vs kvext_cpu")
     _server_args(att)
-    att.add_argument("--model-path", type=Path, default=None,
-                     help="checkpoint folder (default: the prepared SmolLM2)")
     att.add_argument("--lengths", default="1024,2048,4096",
                      help="comma-separated prompt lengths in tokens")
     att.add_argument("--backends", default="torch_native,kvext_cpu",
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
     return parser
+
+
+def _command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the ``--json`` every subcommand writes."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
+    return parser
+
+
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="checkpoint folder (default: the prepared SmolLM2)")
 
 
 def _url_arg(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +125,8 @@ def _url_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a subcommand that starts servers: the model and extra SGLang flags."""
+    _model_arg(parser)
     parser.add_argument("--server-args", default="", metavar="FLAGS",
                         help="extra SGLang flags for every server started, one quoted string "
                              "(e.g. \"--page-size 16 --mem-fraction-static 0.3\")")

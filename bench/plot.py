@@ -16,6 +16,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write ``path`` (creating its folder) and free the figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_blend(results: dict[str, Any], path: Path, target_speedup: float = 4.0) -> Path:
     """Speed-up and quality per recompute ratio from ``run_blend``'s results, to ``path``.
 
@@ -41,11 +50,7 @@ def plot_blend(results: dict[str, Any], path: Path, target_speedup: float = 4.0)
     fig.suptitle(f"CacheBlend on {Path(results['model']).name}, {results['questions']} "
                  f"questions, {results['prompt_tokens_min']}-{results['prompt_tokens_max']} "
                  f"tokens, {results['dtype']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_rag(results: dict[str, Any], path: Path) -> Path:
@@ -72,11 +77,7 @@ def plot_rag(results: dict[str, Any], path: Path) -> Path:
     bars.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"RAG on {Path(results['model']).name}: {results['questions']} questions, "
                  f"{results['documents']} documents")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_multiturn(results: dict[str, Any], path: Path) -> Path:
@@ -108,8 +109,4 @@ def plot_multiturn(results: dict[str, Any], path: Path) -> Path:
         tiers.legend()
     fig.suptitle(f"Multi-turn: {results['workload']['users']} users x "
                  f"{results['workload']['turns']} turns, pool {results['pool_tokens']} tokens")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
