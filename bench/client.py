@@ -1,4 +1,6 @@
-"""A streaming /generate client that measures time to first token and inter-token latency."""
+"""Streaming clients that measure time to first token and inter-token latency: SGLang's
+``/generate`` here, OpenAI-compatible ``/v1/completions`` in ``openai_client``, one
+:class:`Endpoint` for both."""
 
 from __future__ import annotations
 
@@ -51,6 +53,44 @@ def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
                  tuple(b - a for a, b in zip(stamps, stamps[1:], strict=False)),
                  int(meta.get("prompt_tokens", 0)), int(meta.get("cached_tokens", 0)),
                  int(details.get("host", 0)), int(meta.get("completion_tokens", 0)))
+
+
+#: The request APIs a benchmark can speak to a server at ``--url``.
+APIS = ("sglang", "openai")
+
+
+class Endpoint(NamedTuple):
+    """Where a benchmark sends its requests: a base URL, the API it speaks there and, for the
+    OpenAI API, the model name. ``str(endpoint)`` is the URL."""
+
+    url: str
+    api: str = "sglang"
+    model: str = ""
+
+    def __str__(self) -> str:
+        return self.url
+
+    def generate(self, text: str | list[int], max_new_tokens: int, timeout_s: float = 600.0,
+                 custom_params: dict[str, Any] | None = None) -> Timed:
+        """One greedy streamed completion; ``custom_params`` (e.g. ``kvext_chunks``) reach the
+        server only through SGLang's API."""
+        if self.api == "openai":
+            from sgl_kvext_bench.openai_client import stream_completion
+
+            return stream_completion(self.url, self.model, text, max_new_tokens, timeout_s)
+        return stream_generate(self.url, text, max_new_tokens, timeout_s, custom_params)
+
+
+def endpoint(url: str, api: str = "sglang") -> Endpoint:
+    """The :class:`Endpoint` at ``url`` (for ``openai``, the model it serves is asked)."""
+    if api not in APIS:
+        raise ValueError(f"unknown API {api!r}; allowed: {', '.join(APIS)}")
+    url = url.rstrip("/")
+    if api == "openai":
+        from sgl_kvext_bench.openai_client import served_model
+
+        return Endpoint(url, api, served_model(url))
+    return Endpoint(url)
 
 
 def kvext_counters(url: str, settle_s: float = 1.5, timeout_s: float = 30.0

@@ -15,11 +15,9 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from sgl_kvext_bench.client import stream_generate
-from sgl_kvext_bench.serving import URL_CONFIG, served
+from sgl_kvext_bench.serving import Serving
 
 NOUNS = ("order", "invoice", "customer", "shipment", "ledger", "account", "payment", "route",
          "parcel", "warehouse", "supplier", "discount")
@@ -69,22 +67,20 @@ def trace_requests(work: CodeWorkload, interval_s: float) -> list[Any]:
             for k, p in enumerate(work.prompts())]
 
 
-def run_code(model_path: Path | None, work: CodeWorkload, configs: Sequence[str],
-             log_dir: Path, progress: Callable[[str], None] = print,
-             server_args: Sequence[str] = (), url: str | None = None) -> dict[str, Any]:
-    """TTFT per edit for each configuration (or for the running server at ``url``); p50 / p90
-    over edits 2.. (edit 1 is cold)."""
+def run_code(serving: Serving, work: CodeWorkload, configs: Sequence[str],
+             progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """TTFT per edit for each configuration (or for the running server ``serving`` names);
+    p50 / p90 over edits 2.. (edit 1 is cold)."""
     from sgl_kvext_bench.rag import CONFIGS
 
     prompts = work.prompts()
     results: dict[str, Any] = {"workload": asdict(work), "configs": []}
-    for name in [URL_CONFIG] if url is not None else configs:
+    for name in serving.configs(configs):
         started = time.perf_counter()
         rows = []
-        with served(model_path, (*CONFIGS.get(name, ()), *server_args),
-                    log_dir / f"code-{name}.log", url) as base:
+        with serving.serve("code", name, CONFIGS.get(name, ())) as target:
             for k, prompt in enumerate(prompts, 1):
-                r = stream_generate(base, prompt, work.answer_tokens)
+                r = target.generate(prompt, work.answer_tokens)
                 rows.append({"edit": k, "ttft_s": r.ttft_s, "prompt_tokens": r.prompt_tokens,
                              "cached_tokens": r.cached_tokens})
                 progress(f"{name}: edit {k}/{len(prompts)} ttft {r.ttft_s:.2f}s "

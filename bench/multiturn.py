@@ -8,7 +8,8 @@ device KV pool of about a quarter of the workload's working set:
 - ``hierarchical``: ``--enable-hierarchical-kv`` (what the pool evicts spills to host memory).
 
 Requests go one at a time, turn by turn, round-robin over users, and stream, so time to
-first token is measured without queueing. A separate run measures a 4k-token prefix served
+first token is measured without queueing; with ``--qps`` users run concurrently at that
+arrival rate instead. A separate run measures a 4k-token prefix served
 from the host tier against the same prefix still on device.
 """
 
@@ -16,15 +17,18 @@ from __future__ import annotations
 
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sgl_kvext.demo import build_context
 from sgl_kvext.server import SGLangServer
-from sgl_kvext_bench.client import kvext_counters, stream_generate
+from sgl_kvext_bench.client import Endpoint, kvext_counters, stream_generate
+from sgl_kvext_bench.serving import Serving
 
 TOPICS = ("gardening", "sailing", "chess", "bread baking", "astronomy", "cycling", "pottery",
           "beekeeping", "photography", "birdwatching", "carpentry", "violin")
@@ -69,23 +73,52 @@ class Sample:
     prompt_tokens: int
     cached_tokens: int
     host_cached_tokens: int
+    completion_tokens: int = 0
+    itl_s: tuple[float, ...] = ()
+    sent_s: float = 0.0             # when the request was sent, from the workload's start
 
 
-def run_workload(url: str, config: str, work: Workload,
-                 progress: Callable[[str], None]) -> list[Sample]:
+def run_workload(target: Endpoint, config: str, work: Workload,
+                 progress: Callable[[str], None], qps: float = 0.0) -> list[Sample]:
+    """Every user's turns in order, each sent after that user's previous answer is in.
+
+    ``qps == 0``: one request at a time, round-robin over users, so TTFT has no queueing.
+    ``qps > 0``: request ``k`` of that round-robin order is sent at ``k / qps`` seconds, or
+    when its user's previous answer is in if that is later; users run concurrently (the shape
+    of LMCache's multi-round QA benchmark)."""
     system = work.system_prompt()
-    history = [""] * work.users
-    samples = []
-    for turn in range(1, work.turns + 1):
-        for user in range(work.users):
-            prompt = system + history[user] + work.question(user, turn)
-            r = stream_generate(url, prompt, work.answer_tokens)
-            history[user] += work.question(user, turn) + r.text + "\n"
+    histories = [""] * work.users
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def send(user: int, turn: int) -> None:
+        question = work.question(user, turn)
+        sent = time.perf_counter() - start
+        r = target.generate(system + histories[user] + question, work.answer_tokens)
+        histories[user] += question + r.text + "\n"       # only this user's thread writes it
+        with lock:
             samples.append(Sample(config, user, turn, r.ttft_s, r.prompt_tokens,
-                                  r.cached_tokens, r.host_cached_tokens))
-            progress(f"{config}: turn {turn}/{work.turns} user {user + 1}/{work.users} "
-                     f"ttft {r.ttft_s:.2f}s ({r.cached_tokens}/{r.prompt_tokens} cached)")
-    return samples
+                                  r.cached_tokens, r.host_cached_tokens, r.completion_tokens,
+                                  r.itl_s, sent))
+            progress(f"{config}: {len(samples)}/{work.users * work.turns} requests, turn "
+                     f"{turn} user {user + 1} ttft {r.ttft_s:.2f}s "
+                     f"({r.cached_tokens}/{r.prompt_tokens} cached)")
+
+    def user_turns(user: int) -> None:
+        for turn in range(1, work.turns + 1):
+            due = ((turn - 1) * work.users + user) / qps
+            time.sleep(max(0.0, due - (time.perf_counter() - start)))
+            send(user, turn)
+
+    if qps > 0:
+        with ThreadPoolExecutor(max_workers=work.users) as pool:
+            list(pool.map(user_turns, range(work.users)))    # re-raises a user's error
+    else:
+        for turn in range(1, work.turns + 1):
+            for user in range(work.users):
+                send(user, turn)
+    return sorted(samples, key=lambda x: (x.turn, x.user))
 
 
 def trace_requests(work: Workload, interval_s: float) -> list[Any]:
@@ -110,12 +143,16 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summarize(config: str, samples: list[Sample], from_turn: int) -> dict[str, Any]:
+def summarize(config: str, samples: list[Sample], from_turn: int,
+              wall_s: float) -> dict[str, Any]:
     late = [s.ttft_s for s in samples if s.turn >= from_turn]
     every = [s.ttft_s for s in samples]
+    gaps = [g for s in samples for g in s.itl_s]
     return {"name": config, "ttft_p50_s": statistics.median(late), "ttft_p90_s": _pct(late, 0.9),
             "ttft_p50_s_all_turns": statistics.median(every),
             "ttft_p90_s_all_turns": _pct(every, 0.9), "from_turn": from_turn,
+            "itl_p50_s": statistics.median(gaps) if gaps else None,
+            "output_tokens_per_s": sum(s.completion_tokens for s in samples) / wall_s,
             "requests": [asdict(s) for s in samples]}
 
 
@@ -147,27 +184,29 @@ def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int,
             "host_over_device": host.ttft_s / device.ttft_s}
 
 
-def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_dir: Path,
+def run_multiturn(serving: Serving, work: Workload, configs: Sequence[str],
                   pool_fraction: float = 0.25, with_host_hit: bool = True,
-                  progress: Callable[[str], None] = print,
-                  server_args: Sequence[str] = ()) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+                  progress: Callable[[str], None] = print, qps: float = 0.0) -> dict[str, Any]:
+    """The workload on each configuration, each server's device pool ``pool_fraction`` of the
+    working set (or on the running server, as it is), then the 4k host-hit measurement."""
+    results: dict[str, Any] = {"workload": asdict(work), "qps": qps, "configs": []}
+    pool_args: tuple[str, ...] = ()
+    if serving.url is None:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    total, longest = working_set_tokens(work, tokenizer)
-    pool = max(int(total * pool_fraction), longest + 256)
-    results: dict[str, Any] = {"workload": asdict(work), "working_set_tokens": total,
-                               "pool_tokens": pool, "configs": []}
-    for name in configs:
-        args = ("--max-total-tokens", str(pool), *CONFIGS[name], *server_args)
-        started = time.perf_counter()
-        with SGLangServer(model_path, args, log_path=out_dir / f"multiturn-{name}.log") as srv:
-            stream_generate(srv.url, "Hello", 1)        # warm-up
-            samples = run_workload(srv.url, name, work, progress)
-            counters = kvext_counters(srv.url) if name == "hierarchical" else {}
-        summary = summarize(name, samples, from_turn=min(5, work.turns))
-        summary["kvext_counters"] = counters
-        summary["wall_s"] = time.perf_counter() - started
+        tokenizer = AutoTokenizer.from_pretrained(serving.model_path)
+        total, longest = working_set_tokens(work, tokenizer)
+        pool = max(int(total * pool_fraction), longest + 256)
+        results.update(working_set_tokens=total, pool_tokens=pool)
+        pool_args = ("--max-total-tokens", str(pool))
+    for name in serving.configs(configs):
+        with serving.serve("multiturn", name, (*pool_args, *CONFIGS.get(name, ()))) as target:
+            started = time.perf_counter()
+            samples = run_workload(target, name, work, progress, qps)
+            wall = time.perf_counter() - started
+            counters = kvext_counters(target.url) if name == "hierarchical" else {}
+        summary = summarize(name, samples, min(5, work.turns), wall)
+        summary.update(kvext_counters=counters, wall_s=wall)
         results["configs"].append(summary)
     by_name = {c["name"]: c for c in results["configs"]}
     if "hierarchical" in by_name:
@@ -175,7 +214,7 @@ def run_multiturn(model_path: Path, work: Workload, configs: Sequence[str], out_
         for other in ("radix", "no_cache"):
             if other in by_name:
                 results[f"p50_speedup_vs_{other}"] = by_name[other]["ttft_p50_s"] / ours
-    if with_host_hit:
-        results["host_hit_4k"] = host_hit_4k(model_path, out_dir, work.answer_tokens,
-                                             server_args)
+    if with_host_hit and serving.url is None and serving.model_path is not None:
+        results["host_hit_4k"] = host_hit_4k(serving.model_path, serving.log_dir,
+                                             work.answer_tokens, serving.server_args)
     return results

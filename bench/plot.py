@@ -107,6 +107,7 @@ def plot_multiturn(results: dict[str, Any], path: Path) -> Path:
     tiers.set(ylabel="pages", title="hierarchical: tier hits (pages)")
     if names:
         tiers.legend()
+    pool = f", pool {results['pool_tokens']} tokens" if "pool_tokens" in results else ""
     fig.suptitle(f"Multi-turn: {results['workload']['users']} users x "
-                 f"{results['workload']['turns']} turns, pool {results['pool_tokens']} tokens")
+                 f"{results['workload']['turns']} turns{pool}")
     return _save(plt, fig, path)

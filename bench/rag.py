@@ -18,13 +18,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sgl_kvext.prewarm_client import prewarm_corpus
-from sgl_kvext_bench.client import kvext_counters, stream_generate
-from sgl_kvext_bench.rag_set import RagQuestion, RagSet, is_correct, make_rag_set
-from sgl_kvext_bench.serving import URL_CONFIG, served
+from sgl_kvext_bench.client import kvext_counters
+from sgl_kvext_bench.rag_set import RagQuestion, RagSet, RagSpec, is_correct
+from sgl_kvext_bench.serving import Serving
 
 HIER = ("--enable-hierarchical-kv", "--kvext-host-size", "4GiB", "--enable-metrics")
 BLEND = (*HIER, "--kvext-fragment-blend")
@@ -44,37 +45,45 @@ def prompt_text(rag: RagSet, q: RagQuestion) -> str:
     return f"{HEAD}{docs}Question: {q.question}<|im_end|>\n<|im_start|>assistant\n{q.stem}"
 
 
+def trace_requests(spec: RagSpec, answer_tokens: int, interval_s: float) -> list[Any]:
+    """The questions as replay-trace requests, one every ``interval_s``, each marking its
+    documents as chunks."""
+    from sgl_kvext_bench.replay import TraceRequest
+
+    rag = spec.build()
+    return [TraceRequest(i * interval_s, prompt_text(rag, q), answer_tokens,
+                         tuple(rag.documents[d] for d in q.documents))
+            for i, q in enumerate(rag.questions)]
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_config(model_path: Path | None, name: str, rag: RagSet, answer_tokens: int,
-               log_dir: Path, progress: Callable[[str], None],
-               server_args: Sequence[str] = (), url: str | None = None) -> dict[str, Any]:
-    """One configuration (``url``: the running server there, as is, unmarked prompts)."""
+def run_config(serving: Serving, name: str, rag: RagSet, answer_tokens: int,
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """One configuration (``url``: the running server, as is, unmarked prompts)."""
     marked = name == "hierarchical_blend"
     rows = []
     started = time.perf_counter()
-    with served(model_path, (*CONFIGS.get(name, ()), *server_args),
-                log_dir / f"rag-{name}.log", url) as base:
+    with serving.serve("rag", name, CONFIGS.get(name, ())) as target:
         prewarm_s = 0.0
         if name.startswith("hierarchical_blend"):
-            prewarm_s = prewarm_corpus(base, list(rag.documents), timeout_s=1800).seconds
+            prewarm_s = prewarm_corpus(target.url, list(rag.documents), timeout_s=1800).seconds
             progress(f"{name}: corpus of {len(rag.documents)} documents pre-warmed in "
                      f"{prewarm_s:.1f}s")
         for n, q in enumerate(rag.questions, 1):
             custom = {"kvext_chunks": [rag.documents[d] for d in q.documents]} if marked \
                 else None
-            r = stream_generate(base, prompt_text(rag, q), answer_tokens,
-                                custom_params=custom)
+            r = target.generate(prompt_text(rag, q), answer_tokens, custom_params=custom)
             ok = is_correct(r.text, q.answer)
             rows.append({"ttft_s": r.ttft_s, "correct": ok, "prompt_tokens": r.prompt_tokens,
                          "cached_tokens": r.cached_tokens, "answer": r.text})
             progress(f"{name}: question {n}/{len(rag.questions)} ttft {r.ttft_s:.2f}s "
                      f"({r.cached_tokens}/{r.prompt_tokens} cached) "
                      f"{'correct' if ok else 'wrong'}")
-        counters = kvext_counters(base) if name.startswith("hierarchical") else {}
+        counters = kvext_counters(target.url) if name.startswith("hierarchical") else {}
     ttfts = [r["ttft_s"] for r in rows]
     return {"name": name, "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
             "accuracy": sum(r["correct"] for r in rows) / len(rows), "prewarm_s": prewarm_s,
@@ -99,21 +108,18 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_rag(model_path: Path | None, configs: Sequence[str] = DEFAULT_CONFIGS,
-            questions: int = 16,
-            documents: int = 24, sentences: int = 36, answer_tokens: int = 16, seed: int = 1,
-            log_dir: Path = Path("results"), progress: Callable[[str], None] = print,
-            server_args: Sequence[str] = (), url: str | None = None) -> dict[str, Any]:
+def run_rag(serving: Serving, spec: RagSpec, configs: Sequence[str] = DEFAULT_CONFIGS,
+            answer_tokens: int = 16, progress: Callable[[str], None] = print
+            ) -> dict[str, Any]:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         raise ValueError(f"unknown configuration(s) {unknown}; allowed: {', '.join(CONFIGS)}")
-    rag = make_rag_set(documents, questions, (4, 8), sentences, seed)
-    results: dict[str, Any] = {"model": str(model_path) if url is None else url,
-                               "questions": questions,
-                               "documents": documents, "configs": []}
-    for name in [URL_CONFIG] if url is not None else configs:
-        results["configs"].append(run_config(model_path, name, rag, answer_tokens, log_dir,
-                                             progress, server_args, url))
+    rag = spec.build()
+    results: dict[str, Any] = {"model": serving.url or str(serving.model_path),
+                               "questions": spec.questions, "documents": spec.documents,
+                               "workload": asdict(spec), "configs": []}
+    for name in serving.configs(configs):
+        results["configs"].append(run_config(serving, name, rag, answer_tokens, progress))
     by_name = {c["name"]: c for c in results["configs"]}
     for ours in ("hierarchical_blend", "hierarchical_blend_auto"):
         if ours in by_name and "radix" in by_name:

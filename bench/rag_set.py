@@ -66,31 +66,85 @@ def _fact(rng: random.Random, i: int) -> tuple[str, str, str, str]:
             f"{person} was born in the city of", city)
 
 
+@dataclass(frozen=True)
+class RagSpec:
+    """The knobs of a synthetic RAG set (``make_rag_set``); same spec, same set.
+
+    ``chunks``: documents per question (min, max); ``skew``: popularity skew, a Zipf exponent
+    over documents (0 = uniform; 1.2 = a few documents in most prompts); ``shuffle``: documents
+    in random order in each prompt (else in corpus order, so prompts share longer prefixes);
+    ``facts_per_document``: distinct facts, hence distinct questions, each document holds.
+    """
+
+    documents: int = 24
+    questions: int = 16
+    chunks: tuple[int, int] = (4, 8)
+    sentences: int = 36
+    seed: int = 1
+    skew: float = 0.0
+    shuffle: bool = True
+    facts_per_document: int = 1
+
+    def build(self) -> RagSet:
+        return make_rag_set(self.documents, self.questions, self.chunks, self.sentences,
+                            self.seed, skew=self.skew, shuffle=self.shuffle,
+                            facts_per_document=self.facts_per_document)
+
+
+def _weighted_sample(rng: random.Random, population: list[int], weights: list[float],
+                     k: int) -> list[int]:
+    """``k`` distinct items, each draw proportional to the remaining items' weights."""
+    pool, w, out = list(population), list(weights), []
+    for _ in range(k):
+        i = rng.choices(range(len(pool)), weights=w)[0]
+        out.append(pool.pop(i))
+        w.pop(i)
+    return out
+
+
 def make_rag_set(documents: int = 32, questions: int = 16, chunks: tuple[int, int] = (4, 8),
-                 sentences: int = 24, seed: int = 0) -> RagSet:
-    """``documents`` documents of ``sentences`` filler sentences plus one fact, ``questions``
-    questions each over ``chunks[0]..chunks[1]`` shuffled documents (one holds the answer)."""
+                 sentences: int = 24, seed: int = 0, *, skew: float = 0.0,
+                 shuffle: bool = True, facts_per_document: int = 1) -> RagSet:
+    """``documents`` documents of ``sentences`` filler sentences plus ``facts_per_document``
+    facts, ``questions`` questions each over ``chunks[0]..chunks[1]`` documents (one holds the
+    answer), shuffled unless ``shuffle`` is false, drawn with Zipf popularity ``skew``."""
     if documents < chunks[1] or not 1 <= chunks[0] <= chunks[1] or questions < 1:
         raise ValueError(f"need documents >= max chunks and 1 <= min chunks <= max chunks, got "
                          f"documents={documents}, chunks={chunks}, questions={questions}")
-    if documents > 2 * len(PROJECTS):
-        raise ValueError(f"documents must be <= {2 * len(PROJECTS)} (distinct facts)")
+    if not 1 <= facts_per_document <= sentences or skew < 0:
+        raise ValueError(f"need 1 <= facts per document <= sentences and skew >= 0, got "
+                         f"{facts_per_document} facts, {sentences} sentences, skew {skew}")
+    if documents * facts_per_document > 2 * len(PROJECTS):
+        raise ValueError(f"documents x facts per document must be <= {2 * len(PROJECTS)} "
+                         "(distinct facts)")
     rng = random.Random(seed)
     docs, facts = [], []
     for i in range(documents):
-        fact, question, stem, answer = _fact(rng, i)
+        own = [_fact(rng, i * facts_per_document + k) for k in range(facts_per_document)]
         body = [rng.choice(FILLER) for _ in range(sentences)]
-        body.insert(rng.randint(1, sentences - 1), fact)
+        for fact, *_ in own:
+            body.insert(rng.randint(1, len(body) - 1), fact)
         docs.append(f"Document {i + 1}. " + " ".join(body) + "\n\n")
-        facts.append((question, stem, answer))
+        facts.append([q for _, *q in own])
+    weights = [1.0 / (d + 1) ** skew for d in range(documents)]   # document 1 most popular
     qs = []
     for _ in range(questions):
-        answer_doc = rng.randrange(documents)
-        others = rng.sample([d for d in range(documents) if d != answer_doc],
-                            rng.randint(*chunks) - 1)
+        if skew == 0:
+            answer_doc = rng.randrange(documents)
+            others = rng.sample([d for d in range(documents) if d != answer_doc],
+                                rng.randint(*chunks) - 1)
+        else:
+            answer_doc = rng.choices(range(documents), weights=weights)[0]
+            rest = [d for d in range(documents) if d != answer_doc]
+            others = _weighted_sample(rng, rest, [weights[d] for d in rest],
+                                      rng.randint(*chunks) - 1)
         order = [answer_doc, *others]
-        rng.shuffle(order)
-        question, stem, answer = facts[answer_doc]
+        if shuffle:
+            rng.shuffle(order)
+        else:
+            order.sort()
+        k = rng.randrange(facts_per_document) if facts_per_document > 1 else 0
+        question, stem, answer = facts[answer_doc][k]
         qs.append(RagQuestion(tuple(order), answer_doc, question, stem, answer))
     return RagSet(tuple(docs), tuple(qs))
 

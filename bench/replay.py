@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sgl_kvext.server import SGLangServer
-from sgl_kvext_bench.client import Timed, stream_generate
+from sgl_kvext_bench.client import Endpoint, Timed
+from sgl_kvext_bench.serving import Serving
 
 
 class TraceRequest(NamedTuple):
@@ -107,7 +107,7 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def replay(url: str, requests: Sequence[TraceRequest], speed: float = 1.0,
+def replay(target: Endpoint, requests: Sequence[TraceRequest], speed: float = 1.0,
            timeout_s: float = 600.0, progress: Callable[[str], None] = print
            ) -> dict[str, Any]:
     """Send every request at ``arrival_s / speed`` and summarize the streamed answers."""
@@ -121,7 +121,7 @@ def replay(url: str, requests: Sequence[TraceRequest], speed: float = 1.0,
             time.sleep(delay)
         custom = {"kvext_chunks": list(r.chunks)} if r.chunks else None
         try:
-            result: Timed | str = stream_generate(url, r.prompt, r.output_tokens, timeout_s,
+            result: Timed | str = target.generate(r.prompt, r.output_tokens, timeout_s,
                                                   custom_params=custom)
         except Exception as exc:            # counted, not fatal: the replay goes on
             result = f"{type(exc).__name__}: {exc}"
@@ -151,23 +151,15 @@ def replay(url: str, requests: Sequence[TraceRequest], speed: float = 1.0,
     return summary
 
 
-def run_replay(model_path: Path | None, url: str | None, configs: Sequence[str],
-               requests: Sequence[TraceRequest], speed: float, log_dir: Path,
-               progress: Callable[[str], None] = print,
-               server_args: Sequence[str] = ()) -> dict[str, Any]:
-    """Replay against ``url``, or against each configuration (``rag.CONFIGS``) in turn."""
+def run_replay(serving: Serving, configs: Sequence[str], requests: Sequence[TraceRequest],
+               speed: float, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Replay against each configuration (``rag.CONFIGS``) in turn, or the running server."""
     from sgl_kvext_bench.rag import CONFIGS
 
     results: dict[str, Any] = {"requests": len(requests), "speed": speed, "configs": []}
-    if url is not None:
-        results["configs"].append({"name": "url", "url": url,
-                                   **replay(url, requests, speed, progress=progress)})
-        return results
-    assert model_path is not None
-    for name in configs:
-        with SGLangServer(model_path, (*CONFIGS[name], *server_args),
-                          log_path=log_dir / f"replay-{name}.log") as srv:
-            stream_generate(srv.url, "Hello", 1)                 # warm-up
-            results["configs"].append({"name": name, **replay(srv.url, requests, speed,
-                                                              progress=progress)})
+    for name in serving.configs(configs):
+        with serving.serve("replay", name, CONFIGS.get(name, ())) as target:
+            results["configs"].append({"name": name, **({"url": target.url} if serving.url
+                                                        else {}),
+                                       **replay(target, requests, speed, progress=progress)})
     return results

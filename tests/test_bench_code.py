@@ -67,24 +67,39 @@ def test_url_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.server
-def test_code_and_rag_measure_a_running_server(tmp_path: Path, model_path: Path) -> None:
+def test_code_rag_and_multiturn_measure_a_running_server(tmp_path: Path,
+                                                         model_path: Path) -> None:
     from sgl_kvext.server import SGLangServer
 
-    with SGLangServer(model_path, [], log_path=tmp_path / "server.log") as server:
-        code = subprocess.run(
-            [sys.executable, "-m", "sgl_kvext_bench.cli", "code", "--json",
-             str(tmp_path / "code.json"), "--url", server.url, "--functions", "12", "--edits",
-             "2", "--answer-tokens", "4"], capture_output=True, text=True, timeout=900)
-        rag = subprocess.run(
-            [sys.executable, "-m", "sgl_kvext_bench.cli", "rag", "--json",
-             str(tmp_path / "rag.json"), "--url", server.url, "--questions", "1",
-             "--documents", "8", "--sentences", "4", "--answer-tokens", "4"],
-            capture_output=True, text=True, timeout=900)
-    assert code.returncode == 0, code.stderr[-3000:]
-    assert rag.returncode == 0, rag.stderr[-3000:]
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", *args,
+                               "--answer-tokens", "4"], capture_output=True, text=True,
+                              timeout=900)
+
+    with SGLangServer(model_path, ["--enable-cache-report"],
+                      log_path=tmp_path / "server.log") as server:
+        code = bench("code", "--json", str(tmp_path / "code.json"), "--url", server.url,
+                     "--functions", "12", "--edits", "2")
+        rag = bench("rag", "--json", str(tmp_path / "rag.json"), "--url", server.url,
+                    "--questions", "1", "--documents", "8", "--sentences", "4")
+        # OpenAI-compatible /v1/completions, two users concurrently at a high arrival rate.
+        chat = bench("multiturn", "--json", str(tmp_path / "mt.json"), "--url", server.url,
+                     "--api", "openai", "--qps", "50", "--users", "2", "--turns", "2",
+                     "--system-words", "30", "--question-words", "10")
+    for run in (code, rag, chat):
+        assert run.returncode == 0, run.stderr[-3000:]
     (url_code,) = json.loads((tmp_path / "code.json").read_text())["configs"]
     assert url_code["name"] == "url"
     assert url_code["edits"][1]["cached_tokens"] > 0.6 * url_code["edits"][1]["prompt_tokens"]
+    assert len((tmp_path / "code.csv").read_text().splitlines()) == 1 + 2
     (url_rag,) = json.loads((tmp_path / "rag.json").read_text())["configs"]
     assert url_rag["name"] == "url" and len(url_rag["questions"]) == 1
+    (url_chat,) = json.loads((tmp_path / "mt.json").read_text())["configs"]
+    by = {(r["user"], r["turn"]): r for r in url_chat["requests"]}
+    assert len(by) == 4 and all(r["completion_tokens"] == 4 for r in by.values())
+    # Concurrent: user 2's first turn went out before user 1's first answer was complete.
+    first = by[(0, 1)]
+    assert by[(1, 1)]["sent_s"] < first["sent_s"] + first["ttft_s"] + sum(first["itl_s"])
+    assert by[(0, 2)]["cached_tokens"] > 0.5 * by[(0, 2)]["prompt_tokens"]   # usage report
+    assert "| url |" in chat.stdout and "host_hit" not in (tmp_path / "mt.json").read_text()
     assert not list(tmp_path.glob("code-*.log")) and not list(tmp_path.glob("rag-*.log"))
