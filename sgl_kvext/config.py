@@ -110,6 +110,9 @@ class TierConfig:
                                    "S3 endpoint URL, e.g. http://127.0.0.1:8333 (unset: AWS).",
                                    parse_optional_str)
     s3_region: str = _opt("us-east-1", "--kvext-s3-region", "S3 region name.", parse_str)
+    s3_timeout_s: float = _opt(5.0, "--kvext-s3-timeout",
+                               "Seconds one S3 batch call may take; later answers are misses, "
+                               "so a stalled S3 costs a request at most this.", parse_float)
     codec: str = _opt("zstd", "--kvext-codec", "Codec for KV written below host memory.",
                       choices=("none", "zstd"))
     eviction_policy: str = _opt("lru", "--kvext-eviction-policy", "Host-tier eviction policy.",
@@ -137,6 +140,8 @@ class TierConfig:
             problem = check_s3_url(self.s3_url)
             if problem:
                 _fail(self, "tiers", "s3_url", problem)
+        if not 0 < self.s3_timeout_s <= 600:
+            _fail(self, "tiers", "s3_timeout_s", "must be in (0, 600] seconds")
         if self.s3_endpoint is not None:
             problem = check_s3_endpoint(self.s3_endpoint)
             if problem:

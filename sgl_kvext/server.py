@@ -136,6 +136,14 @@ class SGLangServer:
                 continue
             break
 
+    def kill(self) -> None:
+        """SIGKILL the whole server (a crash, for fault tests); :meth:`stop` then reaps it."""
+        if self._proc is not None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def __enter__(self) -> SGLangServer:
         return self.start()
 

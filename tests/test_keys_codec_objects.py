@@ -105,6 +105,44 @@ def test_every_single_byte_flip_is_detected() -> None:
             decode_object(bytes(damaged), NS, PAGE.key)
 
 
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_every_byte_set_to_any_other_value_is_rejected(codec: str) -> None:
+    blob = encode_object(PAGE, NS, codec).join()
+    for pos in range(len(blob)):
+        for value in {0x00, 0xFF, blob[pos] ^ 0x80} - {blob[pos]}:
+            damaged = bytearray(blob)
+            damaged[pos] = value
+            with pytest.raises(CorruptObject):
+                decode_object(bytes(damaged), NS, PAGE.key)
+
+
+EDITS = st.lists(st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 1 << 16),
+                           st.integers(0, 255)), min_size=1, max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["none", "zstd"]), EDITS, st.binary(max_size=8))
+def test_mutated_objects_are_rejected_or_exact(codec: str, edits: list[tuple[str, int, int]],
+                                               tail: bytes) -> None:
+    """Any mix of byte edits, insertions, deletions and appended bytes: decoding either
+    refuses the object (CorruptObject, nothing else) or returns exactly the page."""
+    blob = bytearray(encode_object(PAGE, NS, codec).join())
+    for op, pos, value in edits:
+        at = pos % (len(blob) + 1)
+        if op == "set" and at < len(blob):
+            blob[at] = value
+        elif op == "insert":
+            blob.insert(at, value)
+        elif op == "delete" and at < len(blob):
+            del blob[at]
+    blob += tail
+    try:
+        got = decode_object(bytes(blob), NS, PAGE.key)
+    except CorruptObject:
+        return
+    assert bytes(got.data) == PAGE.data and (got.dtype, got.shape) == (PAGE.dtype, PAGE.shape)
+
+
 @pytest.mark.parametrize("cut", [0, 10, 36, 100, -1])
 def test_truncation_is_detected(cut: int) -> None:
     blob = encode_object(PAGE, NS, "zstd").join()

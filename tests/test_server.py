@@ -6,14 +6,17 @@ the two stacks round differently and greedy paths part after a few dozen tokens.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from sgl_kvext.seaweedfs import SeaweedFS
 from sgl_kvext.server import LAUNCHERS, SGLangServer, device_flags
 
 pytestmark = pytest.mark.server
@@ -27,11 +30,12 @@ CONTEXT = "".join(f"Note {i}: the {w} lamp in room {i * 7 % 31} was checked on d
 QUESTIONS = ["Which lamp was checked in room 14?", "On which day was the amber lamp checked?"]
 
 
-def _launch(launcher: str, model_path: Path, *args: str,
-            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def _launch(launcher: str, model_path: Path, *args: str, timeout: float = 180,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [*LAUNCHERS[launcher], "--model-path", str(model_path), "--host", "127.0.0.1",
            "--port", "1", *device_flags(), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_launch_server_help_lists_the_flags() -> None:
@@ -53,13 +57,31 @@ def test_launch_server_help_lists_the_flags() -> None:
     ("launch_server", ["--enable-hierarchical-kv", "--disable-radix-cache"],
      "--disable-radix-cache"),
     ("serve", ["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
+    ("launch_server", ["--enable-hierarchical-kv", "--kvext-disk-dir", "/proc/kvext-no"],
+     "not writable"),
+    ("launch_server", ["--enable-hierarchical-kv", "--kvext-s3-url", "s3://b",
+                       "--kvext-s3-timeout", "0"], "(0, 600]"),
+    ("launch_server", ["--enable-hierarchical-kv", "--kvext-no-such-option", "1"],
+     "unrecognized arguments"),
 ])
 def test_bad_settings_fail_at_start_with_one_line(launcher: str, args: list[str], needle: str,
                                                   model_path: Path) -> None:
     result = _launch(launcher, model_path, *args)
     assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+
+
+def test_s3_credentials_the_server_refuses_fail_at_start(model_path: Path,
+                                                         seaweed: SeaweedFS) -> None:
+    result = _launch("launch_server", model_path, "--enable-hierarchical-kv", "--kvext-s3-url",
+                     f"s3://kvext-e2e/{uuid.uuid4().hex}", "--kvext-s3-endpoint",
+                     seaweed.endpoint, env={"AWS_ACCESS_KEY_ID": "wrong",
+                                            "AWS_SECRET_ACCESS_KEY": "wrong-too"})
+    assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("sgl-kvext: error")]
-    assert len(errors) == 1 and needle in errors[0]
+    assert len(errors) == 1 and "refused this process's credentials" in errors[0], \
+        result.stderr[-2000:]
 
 
 def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int], list[list[int]]],

@@ -82,10 +82,21 @@ def test_marked_chunks_are_reused_whole(server: SGLangServer,
     assert out.cached_tokens >= whole
 
 
-def test_bad_fragment_options_are_refused(server: SGLangServer) -> None:
+HOSTILE = [{"kvext_exact": "yes"}, {"kvext_chunks": "one string"}, {"kvext_chunks": [""]},
+           {"kvext_chunks": [1, 2]}, {"kvext_chunk_spans": [5]},
+           {"kvext_chunk_spans": [9, 3]}, {"kvext_chunk_spans": [0, 2**40]},
+           {"kvext_chunk_spans": [0, 1] * 1025}, {"kvext_chunks": ["x"] * 1025},
+           {"kvext_chunk": ["typo"]}]
+
+
+def test_hostile_fragment_options_are_400_and_the_server_goes_on(
+        server: SGLangServer, expected: dict[str, list[int]]) -> None:
     import urllib.error
 
-    with pytest.raises(urllib.error.HTTPError) as err:
-        ask(server, UNSEEN, kvext_exact="yes")
-    assert err.value.code == 400
-    assert "kvext_exact" in err.value.read().decode()
+    for options in HOSTILE:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            ask(server, UNSEEN, **options)
+        assert err.value.code == 400, options
+        body = err.value.read().decode()
+        assert next(iter(options)).rstrip("_") in body or "custom_params" in body, body
+    assert ask(server, UNSEEN).output_ids == expected["unseen"]    # the scheduler is alive

@@ -129,6 +129,33 @@ def test_full_queue_applies_backpressure_then_drops() -> None:
     chain.close()
 
 
+class _FaultRaisingOnceTier(_BlockedTier):
+    """Fake for a fault: its first put raises an unexpected error, later ones store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.calls, self.stored = 0, set()
+
+    def put(self, pages):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("fault injected")
+        self.stored.update(p.key for p in pages)
+        return PutResult(tuple(p.key for p in pages))
+
+
+def test_a_raising_tier_drops_its_batch_and_the_writer_lives_on() -> None:
+    flaky = _FaultRaisingOnceTier()
+    chain = TierChain([HostTier(1 << 20), flaky], "write_through", put_timeout_s=0.2)
+    chain.put([page_of(0)])
+    chain.put([page_of(1)])
+    chain.flush(timeout_s=10)
+    assert chain.counters["dropped_pages"] == 1
+    assert flaky.stored == {key_of(1)}
+    chain.close()
+
+
 @settings(max_examples=25, stateful_step_count=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 class ChainModel(RuleBasedStateMachine):

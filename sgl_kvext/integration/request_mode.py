@@ -30,6 +30,10 @@ logger = logging.getLogger("sgl_kvext")
 _CREATE_REQ = "sglang.srt.managers.scheduler.Scheduler._create_generation_req"
 _TOKENIZE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object"
 EXACT, CHUNKS, SPANS = "kvext_exact", "kvext_chunks", "kvext_chunk_spans"
+#: Most chunks (or spans) one request may mark; more is refused, not truncated.
+MAX_MARKS = 1024
+#: Largest token position a span may name (2**31 - 1: no prompt is longer).
+MAX_POSITION = 2**31 - 1
 
 _registered = False
 
@@ -39,20 +43,29 @@ class FragmentOptions:
 
     def __init__(self, custom_params: Any) -> None:
         params = custom_params if isinstance(custom_params, dict) else {}
+        unknown = sorted(str(k) for k in params if str(k).startswith("kvext_")
+                         and k not in (EXACT, CHUNKS, SPANS))
+        if unknown:
+            raise ValueError(f"custom_params: unknown option(s) {unknown}; allowed: {EXACT}, "
+                             f"{CHUNKS}, {SPANS}")
         exact = params.get(EXACT, False)
         if not isinstance(exact, bool):
             raise ValueError(f"custom_params.{EXACT} must be true or false, got {exact!r}")
         chunks = params.get(CHUNKS, [])
-        if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
-            raise ValueError(f"custom_params.{CHUNKS} must be a list of strings")
+        if not isinstance(chunks, list) or not all(isinstance(c, str) and c for c in chunks):
+            raise ValueError(f"custom_params.{CHUNKS} must be a list of non-empty strings")
         spans = params.get(SPANS, [])
         if (not isinstance(spans, list) or len(spans) % 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in spans)):
             raise ValueError(f"custom_params.{SPANS} must be a flat list of ints "
                              "[start0, end0, start1, end1, ...]")
         pairs = list(zip(spans[::2], spans[1::2], strict=True))
-        if any(not 0 <= s < e for s, e in pairs):
-            raise ValueError(f"custom_params.{SPANS}: each span needs 0 <= start < end")
+        if any(not 0 <= s < e <= MAX_POSITION for s, e in pairs):
+            raise ValueError(f"custom_params.{SPANS}: each span needs 0 <= start < end "
+                             f"<= {MAX_POSITION}")
+        if max(len(chunks), len(pairs)) > MAX_MARKS:
+            raise ValueError(f"custom_params: at most {MAX_MARKS} {CHUNKS} and {MAX_MARKS} "
+                             f"spans per request, got {len(chunks)} and {len(pairs)}")
         self.exact: bool = exact
         self.chunks: list[str] = chunks
         self.spans: list[tuple[int, int]] = pairs

@@ -4,7 +4,8 @@ SGLang has no API for adding flags, so two AROUND hooks wrap ``ServerArgs``:
 
 - ``add_cli_args`` adds an "sgl-kvext" argument group generated from :mod:`sgl_kvext.config`;
 - ``from_cli_args`` builds and validates :class:`KVExtConfig` from those flags (over YAML and
-  ``KVEXT_*`` variables), exits with a one-line error when it is invalid, selects the
+  ``KVEXT_*`` variables), exits with a one-line error when it is invalid (or when the S3
+  server refuses the credentials: one HEAD of the bucket), selects the
   ``kvext`` radix-cache backend when ``--enable-hierarchical-kv`` is on, and exports the
   resolved config as JSON in the environment, which SGLang's spawned scheduler inherits
   (``ServerArgs`` itself only carries its own dataclass fields); it also turns graph capture
@@ -79,6 +80,7 @@ def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
                                   overrides=overrides)
         if config.enabled:
             _check_compatible(args)
+            _check_s3_access(config)
     except ConfigError as exc:
         sys.stderr.write(f"sgl-kvext: error: {exc}\n")
         raise SystemExit(2) from None
@@ -93,6 +95,19 @@ def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
     cpu_attention.disable_graphs_for(args)
     env.set_value(env.RESOLVED_CONFIG, config.to_json())
     return original(cls, args)
+
+
+def _check_s3_access(config: KVExtConfig) -> None:
+    """Refuse to start with S3 credentials the S3 server rejects (one HEAD of the bucket)."""
+    tiers = config.tiers
+    if tiers.s3_url is None:
+        return
+    from sgl_kvext.tiers.s3 import refused_access
+
+    problem = refused_access(tiers.s3_url, endpoint=tiers.s3_endpoint, region=tiers.s3_region,
+                             timeout_s=tiers.s3_timeout_s)
+    if problem:
+        raise ConfigError(f"--kvext-s3-url {tiers.s3_url}: {problem}")
 
 
 def _check_compatible(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 from sgl_kvext.tiers.base import Tier
 from sgl_kvext.tiers.objects import KVPage
+
+logger = logging.getLogger("sgl_kvext")
 
 WRITE_POLICIES = ("write_back", "write_through")
 
@@ -70,6 +73,11 @@ class _Writer:
                 if batch is None:
                     return
                 self.chain._store(self.index, batch)
+            except Exception:        # a tier that raises drops the batch; the writer lives on
+                logger.exception("sgl-kvext: tier %d write failed; %d pages dropped",
+                                 self.index, len(batch or ()))
+                with self.chain._lock:
+                    self.chain.counters["dropped_pages"] += len(batch or ())
             finally:
                 with self.lock:
                     for p in batch or ():

@@ -33,7 +33,9 @@ def build_tiers(config: TierConfig, namespace: bytes,
     if config.s3_url is not None:
         tiers.append(S3Tier(config.s3_url, namespace, endpoint=config.s3_endpoint,
                             region=config.s3_region, credentials=s3_credentials,
-                            codec=config.codec))
+                            codec=config.codec, op_timeout_s=config.s3_timeout_s,
+                            connect_timeout_s=min(1.0, config.s3_timeout_s),
+                            read_timeout_s=min(3.0, config.s3_timeout_s)))
     return [MeteredTier(t) for t in tiers]
 
 

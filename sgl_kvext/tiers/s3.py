@@ -218,3 +218,31 @@ class S3Tier(Tier):
         elif not answered:
             logger.warning("sgl-kvext s3 tier: bucket %s unreachable; reads miss until it "
                            "answers", self.bucket)
+
+
+_REFUSED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+            "InvalidToken", "ExpiredToken"}
+
+
+def refused_access(url: str, *, endpoint: str | None = None, region: str = "us-east-1",
+                   credentials: dict[str, str] | None = None,
+                   timeout_s: float = 5.0) -> str | None:
+    """Why the S3 server at ``endpoint`` refuses this process's credentials for ``url``'s
+    bucket (one line), or None. One ``HEAD`` of the bucket, made at server start-up; an
+    endpoint that does not answer is not a refusal (the tier misses until it answers)."""
+    bucket = urlsplit(url).netloc
+    config = Config(connect_timeout=min(1.0, timeout_s), read_timeout=timeout_s,
+                    retries={"total_max_attempts": 1}, s3={"addressing_style": "path"})
+    try:
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region,
+                                                config=config, **(credentials or {}))
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _REFUSED:
+            return (f"the S3 server refused this process's credentials for bucket {bucket!r} "
+                    f"({code}); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or another "
+                    "boto3 credential source")
+    except (BotoCoreError, OSError):
+        pass
+    return None

@@ -1,0 +1,73 @@
+"""Shared by the server tier tests (import as ``from tiers_common import ...``): a ~560-token
+context asked two ways, filler prompts that push it out of a tiny device pool, the server
+flags, and readers for ``/metrics``. float32 throughout (see test_server.py)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.demo import build_context
+from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.server import Completion, SGLangServer
+
+CONTEXT, QUESTIONS = build_context(24, seed=11)          # ~560 tokens
+PROMPTS = [CONTEXT + q + "\nAnswer: the depot shipped" for q in QUESTIONS[:2]]
+FILLERS = [build_context(45, seed=s)[0] + "Total crates:" for s in (21, 22, 23)]
+MAX_NEW = 12
+BASE = ["--dtype", "float32", "--max-total-tokens", "1400", "--kvext-page-tokens", "32",
+        "--enable-hierarchical-kv"]
+FROM_TIER = 400      # tokens the second request must get from a tier (the device keeps ~22)
+SMALL_HOST = ["--kvext-host-size", "40MiB"]   # holds the context; fillers push it further down
+
+
+def tier_server(model_path: Path, log_dir: Path, name: str, *args: str,
+           env: dict[str, str] | None = None) -> SGLangServer:
+    return SGLangServer(model_path, [*BASE, *args], log_path=log_dir / f"{name}.log", env=env)
+
+
+def evict_context(srv: SGLangServer) -> list[Completion]:
+    return [srv.generate(filler, max_new_tokens=2) for filler in FILLERS]
+
+
+def ask(srv: SGLangServer, i: int, salt: str | None = None) -> Completion:
+    """Prompt ``i``, greedy; ``salt`` is the request's ``cache_salt`` (its tenant)."""
+    if salt is None:
+        return srv.generate(PROMPTS[i], max_new_tokens=MAX_NEW)
+    payload: dict[str, Any] = {"text": PROMPTS[i], "cache_salt": salt, "sampling_params": {
+        "temperature": 0.0, "max_new_tokens": MAX_NEW}}
+    out = srv.post("/generate", payload)
+    meta = out.get("meta_info", {})
+    return Completion(out["text"], list(out.get("output_ids", [])),
+                      int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)), 0.0)
+
+
+def seaweed_env(seaweed: SeaweedFS) -> dict[str, str]:
+    creds = seaweed.credentials
+    return {"AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"]}
+
+
+def s3_args(seaweed: SeaweedFS, prefix: str | None = None) -> list[str]:
+    return ["--kvext-s3-url", f"s3://kvext-e2e/{prefix or uuid.uuid4().hex}",
+            "--kvext-s3-endpoint", seaweed.endpoint]
+
+
+def tier_args(tier: str, tmp_path: Path, seaweed: SeaweedFS) -> list[str]:
+    """Flags that make ``tier`` the one the evicted context comes back from."""
+    if tier == "host":
+        return ["--kvext-host-size", "512MiB"]
+    if tier == "disk":
+        return [*SMALL_HOST, "--kvext-disk-dir", str(tmp_path / "disk"), "--kvext-disk-size",
+                "1GiB"]
+    return [*SMALL_HOST, *s3_args(seaweed)]
+
+
+def metric(text: str, name: str, tier: str | None = None) -> float:
+    """Sum of a /metrics sample over its labels (optionally one tier)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and (tier is None or f'tier="{tier}"' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
