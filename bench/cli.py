@@ -113,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--backends", default="torch_native,kvext_cpu",
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
+    sk = _command(sub, "soak", "memory soak: RSS of every server process and host-tier bytes "
+                               "over a long mixed multi-turn + RAG run")
+    _server_args(sk)
+    sk.add_argument("--minutes", type=float, default=30.0, help="how long traffic runs")
+    sk.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples")
+    sk.add_argument("--warmup-share", type=float, default=0.2,
+                    help="share of the run before RSS is held to --tolerance")
+    sk.add_argument("--tolerance", type=float, default=0.05,
+                    help="allowed RSS growth after warm-up (0.05 = 5%%)")
+    sk.add_argument("--host-size", default="256MiB", help="host tier size")
     return parser
 
 

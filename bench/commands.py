@@ -290,9 +290,46 @@ def tiers(args: argparse.Namespace) -> int:
     return _finish(args, results, table, rows, extra=extra)
 
 
+def soak(args: argparse.Namespace) -> int:
+    from sgl_kvext.config import ConfigError
+    from sgl_kvext.config_values import parse_size
+    from sgl_kvext_bench.soak import SoakSpec, run_soak
+
+    if not (args.minutes > 0 and args.sample_s > 0 and 0 <= args.warmup_share < 1
+            and args.tolerance >= 0):
+        raise BadOption("need --minutes > 0, --sample-s > 0, --warmup-share in [0, 1) and "
+                        "--tolerance >= 0")
+    try:
+        parse_size(args.host_size)
+    except (ConfigError, ValueError) as exc:
+        raise BadOption(f"--host-size: {exc}") from None
+    spec = SoakSpec(minutes=args.minutes, sample_s=args.sample_s,
+                    warmup_share=args.warmup_share, host_size=args.host_size,
+                    tolerance=args.tolerance)
+    serving = _serving(args)
+    assert serving.model_path is not None
+    with _progress() as progress:
+        results = run_soak(serving.model_path, spec, serving.log_dir, progress,
+                           serving.server_args)
+    mib = 1 << 20
+    table = markdown(["process", "RSS at warm-up (MiB)", "max after (MiB)", "last (MiB)",
+                      "growth"],
+                     [[p["process"], p["rss_warm_bytes"] / mib, p["rss_max_after_bytes"] / mib,
+                       p["rss_last_bytes"] / mib, f"{p['growth'] - 1:+.1%}"]
+                      for p in results["processes"]])
+    extra = [f"{results.get('requests', 0)} requests, {results.get('errors', 0)} errors; host "
+             f"tier max {results['host_used_max_bytes'] / mib:.1f} MiB of "
+             f"{results['host_cap_bytes'] / mib:.0f} MiB; RSS flat within "
+             f"{spec.tolerance:.0%}: {results['rss_flat']}"]
+    rows = [{"t_s": smp["t_s"], "process": name, "rss_bytes": rss,
+             "host_used_bytes": smp["host_used_bytes"]}
+            for smp in results["samples"] for name, rss in smp["rss"].items()]
+    return _finish(args, results, table, rows, "soak", extra)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "multiturn": multiturn, "rag": rag, "code": code, "replay": replay,
-    "attention": attention, "blend": blend, "tiers": tiers}
+    "attention": attention, "blend": blend, "tiers": tiers, "soak": soak}
 
 
 def run(args: argparse.Namespace) -> int:

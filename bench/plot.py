@@ -111,3 +111,28 @@ def plot_multiturn(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"Multi-turn: {results['workload']['users']} users x "
                  f"{results['workload']['turns']} turns{pool}")
     return _save(plt, fig, path)
+
+
+def plot_soak(results: dict[str, Any], path: Path) -> Path:
+    """RSS of every server process (left) and the host tier's bytes against its cap (right)
+    over the run, from ``run_soak``'s results, to ``path``."""
+    plt = _pyplot()
+    fig, (rss, host) = plt.subplots(1, 2, figsize=(11, 4))
+    samples = results["samples"]
+    for name in sorted({n for s in samples for n in s["rss"]}):
+        points = [(s["t_s"] / 60, s["rss"][name] / (1 << 20)) for s in samples if name in s["rss"]]
+        rss.plot(*zip(*points, strict=True), label=name)
+    warm = results["spec"]["warmup_share"] * results["spec"]["minutes"]
+    rss.axvline(warm, color="grey", ls=":", label="end of warm-up")
+    rss.set(xlabel="minutes", ylabel="RSS (MiB)", title="Server processes")
+    rss.set_ylim(bottom=0)
+    rss.legend(fontsize=7)
+    host.plot([s["t_s"] / 60 for s in samples],
+              [s["host_used_bytes"] / (1 << 20) for s in samples], label="host tier bytes")
+    host.axhline(results["host_cap_bytes"] / (1 << 20), color="red", ls="--", label="cap")
+    host.set(xlabel="minutes", ylabel="MiB", title="Host tier")
+    host.set_ylim(bottom=0)
+    host.legend()
+    fig.suptitle(f"Soak: {results.get('requests', 0)} requests, "
+                 f"{results.get('errors', 0)} errors")
+    return _save(plt, fig, path)

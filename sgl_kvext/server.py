@@ -136,6 +136,13 @@ class SGLangServer:
                 continue
             break
 
+    @property
+    def pid(self) -> int:
+        """The server's process id, also its process group (every SGLang child is in it)."""
+        if self._proc is None:
+            raise RuntimeError("the server is not running")
+        return self._proc.pid
+
     def kill(self) -> None:
         """SIGKILL the whole server (a crash, for fault tests); :meth:`stop` then reaps it."""
         if self._proc is not None:

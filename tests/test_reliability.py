@@ -1,7 +1,8 @@
 """Faults on the real SGLang CPU server with --enable-hierarchical-kv, each checked token for
 token against transformers (greedy, float32): corrupt tier objects while traffic runs, S3
 stopped mid-trace and restarted, the server killed with SIGKILL while spilling, a full disk,
-and tenants (cache_salt) that must never see each other's KV on any tier.
+two servers sharing one disk folder and one S3 prefix, and tenants (cache_salt) that must
+never see each other's KV on any tier.
 
 The figures these tests print (``RELIABILITY {...}`` lines, shown with ``pytest -s``) are the
 ones docs/reliability.md records.
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -38,6 +40,8 @@ from tiers_common import (
 
 from sgl_kvext.demo import build_context
 from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.server import SGLangServer
+from sgl_kvext.tiers.objects import CorruptObject, decode_object, read_header
 
 pytestmark = pytest.mark.server
 
@@ -85,7 +89,10 @@ def test_corruption_while_traffic_runs_is_never_served(
                     pass
             listed = s3.list_objects_v2(Bucket="kvext-e2e", Prefix=f"{prefix}/objects/")
             for obj in listed.get("Contents", []):
-                blob = s3.get_object(Bucket="kvext-e2e", Key=obj["Key"])["Body"].read()
+                try:
+                    blob = s3.get_object(Bucket="kvext-e2e", Key=obj["Key"])["Body"].read()
+                except s3.exceptions.NoSuchKey:         # quarantined meanwhile
+                    continue
                 s3.put_object(Bucket="kvext-e2e", Key=obj["Key"], Body=_mutate(blob, rng))
                 mutated["s3"] += 1
 
@@ -102,6 +109,7 @@ def test_corruption_while_traffic_runs_is_never_served(
                     outputs.append((filler, done.output_ids))
                 i = round_ % 2
                 outputs.append((PROMPTS[i], ask(srv, i).output_ids))
+            alive = corrupter.is_alive()           # it corrupted until the traffic ended
         finally:
             stop.set()
             corrupter.join(timeout=60)
@@ -111,7 +119,7 @@ def test_corruption_while_traffic_runs_is_never_served(
     quarantined = {t: metric(metrics, "kvext_tier_quarantined_total", t) for t in ("disk", "s3")}
     _record("corruption_under_traffic", requests=len(outputs), objects_mutated=mutated,
             quarantined=quarantined, wrong_outputs=wrong)
-    assert wrong == 0
+    assert wrong == 0 and alive
     assert mutated["disk"] > 0 and mutated["s3"] > 0
     assert quarantined["disk"] > 0 and quarantined["s3"] > 0
 
@@ -224,6 +232,68 @@ def test_full_disk_drops_writes_and_serving_goes_on(model_path: Path, log_dir: P
     _record("disk_full", filesystem_bytes=12 << 20, requests=len(outputs),
             writes_dropped=rejected, wrong_outputs=wrong, temp_files_left=len(left))
     assert wrong == 0 and rejected > 0 and not left
+
+
+def _intact(blob: bytes) -> bool:
+    """Whether a stored object decodes under the namespace and key its header names."""
+    try:
+        header = read_header(blob)
+        decode_object(blob, bytes.fromhex(header.namespace), bytes.fromhex(header.key))
+    except CorruptObject:
+        return False
+    return True
+
+
+def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
+        model_path: Path, log_dir: Path, tmp_path: Path, seaweed: SeaweedFS,
+        expected: dict[str, list[int]]) -> None:
+    disk, prefix, cap = tmp_path / "shared", uuid.uuid4().hex, 40 << 20
+    args = ["--enable-metrics", *SMALL_HOST, "--kvext-disk-dir", str(disk), "--kvext-disk-size",
+            str(cap), *s3_args(seaweed, prefix)]
+    peak, stop = [0], threading.Event()
+
+    def watch_disk() -> None:
+        while not stop.wait(0.1):
+            total = 0
+            for path in (disk / "objects").rglob("*.kvx"):
+                try:
+                    total += path.stat().st_size
+                except FileNotFoundError:
+                    pass
+            peak[0] = max(peak[0], total)
+
+    def traffic(srv: SGLangServer, order: list[int]) -> list[tuple[str, list[int]]]:
+        out = []
+        for i in order:
+            out.append((PROMPTS[i], ask(srv, i).output_ids))
+            out += [(f, c.output_ids) for f, c in zip(FILLERS, evict_context(srv), strict=True)]
+        return out
+
+    watcher = threading.Thread(target=watch_disk, daemon=True)
+    with tier_server(model_path, log_dir, "shared-a", *args, env=seaweed_env(seaweed)) as one, \
+            tier_server(model_path, log_dir, "shared-b", *args, env=seaweed_env(seaweed)) as two:
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                runs = [pool.submit(traffic, one, [0, 1, 0]), pool.submit(traffic, two, [1, 0, 1])]
+                outputs = [o for run in runs for o in run.result(timeout=1500)]
+        finally:
+            stop.set()
+            watcher.join(timeout=30)
+    wrong = sum(got != expected[p] for p, got in outputs)
+    files = list((disk / "objects").rglob("*.kvx"))
+    torn_disk = sum(not _intact(f.read_bytes()) for f in files)
+    s3 = boto3.client("s3", endpoint_url=seaweed.endpoint, region_name="us-east-1",
+                      **seaweed.credentials)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="kvext-e2e", Prefix=f"{prefix}/objects/")
+            .get("Contents", [])]
+    torn_s3 = sum(not _intact(s3.get_object(Bucket="kvext-e2e", Key=k)["Body"].read())
+                  for k in keys)
+    _record("two_servers_shared", requests=len(outputs), wrong_outputs=wrong,
+            disk_cap_bytes=cap, disk_peak_bytes=peak[0], disk_objects=len(files),
+            s3_objects=len(keys), torn_objects=torn_disk + torn_s3)
+    assert wrong == 0 and torn_disk == 0 and torn_s3 == 0 and files and keys
+    assert peak[0] <= cap * 1.01
 
 
 @pytest.mark.parametrize("tier", ["host", "disk", "s3"])

@@ -59,7 +59,7 @@ def test_launch_server_help_lists_the_flags() -> None:
     ("serve", ["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
     ("launch_server", ["--enable-hierarchical-kv", "--kvext-disk-dir", "/proc/kvext-no"],
      "not writable"),
-    ("launch_server", ["--enable-hierarchical-kv", "--kvext-s3-url", "s3://b",
+    ("launch_server", ["--enable-hierarchical-kv", "--kvext-s3-url", "s3://kvext-bucket",
                        "--kvext-s3-timeout", "0"], "(0, 600]"),
     ("launch_server", ["--enable-hierarchical-kv", "--kvext-no-such-option", "1"],
      "unrecognized arguments"),

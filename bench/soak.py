@@ -1,0 +1,156 @@
+"""Memory soak: a long mixed multi-turn + RAG run on one hierarchical server.
+
+The server runs with a small device pool, a host tier of ``host_size``, a disk tier and
+fragment blend, so KV keeps spilling, loading back and being blended. Requests go one at a
+time, alternating a multi-turn chat (users whose sessions restart every few turns, so new KV
+keeps arriving) and a RAG question with marked documents. Every ``sample_s`` seconds the
+resident set size of every process of the server (its process group, from ``/proc``) and the
+host tier's bytes (``/metrics``) are sampled. After the warm-up share of the run, each
+process's RSS must stay within ``tolerance`` of its value at the end of warm-up, and host
+bytes never exceed the host tier's size.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.config_values import parse_size
+from sgl_kvext.server import SGLangServer
+from sgl_kvext_bench.client import stream_generate
+from sgl_kvext_bench.multiturn import Workload
+from sgl_kvext_bench.rag import prompt_text
+from sgl_kvext_bench.rag_set import RagSpec
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class SoakSpec:
+    minutes: float = 30.0
+    sample_s: float = 10.0
+    warmup_share: float = 0.2
+    host_size: str = "256MiB"
+    users: int = 8
+    session_turns: int = 6
+    answer_tokens: int = 8
+    tolerance: float = 0.05
+
+
+def group_rss(pgid: int) -> dict[str, int]:
+    """``{"pid name": resident bytes}`` for every live process in process group ``pgid``."""
+    out: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/statm") as f:
+                resident = int(f.read().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            continue                                   # exited meanwhile
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if int(fields.split()[2]) == pgid:             # field 5: process group
+            out[f"{entry} {name}"] = resident
+    return out
+
+
+def host_used_bytes(url: str) -> int:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("kvext_tier_used_bytes{") and 'tier="host"' in line))
+
+
+def _traffic(url: str, spec: SoakSpec, deadline: float, stop: threading.Event,
+             progress: Callable[[str], None]) -> dict[str, int]:
+    chat = Workload(users=spec.users, turns=spec.session_turns, system_words=200,
+                    question_words=30, answer_tokens=spec.answer_tokens)
+    rag = RagSpec(questions=64).build()
+    histories, turns, sessions = [""] * spec.users, [0] * spec.users, [0] * spec.users
+    counts = {"requests": 0, "errors": 0, "chat": 0, "rag": 0}
+    rng = random.Random(0)
+    i = 0
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            if i % 2 == 0:
+                user = (i // 2) % spec.users
+                if turns[user] == spec.session_turns:      # a new session, new KV
+                    histories[user], turns[user] = "", 0
+                    sessions[user] += 1
+                turns[user] += 1
+                question = chat.question(user + 1000 * sessions[user], turns[user])
+                r = stream_generate(url, chat.system_prompt() + histories[user] + question,
+                                    spec.answer_tokens)
+                histories[user] += question + r.text + "\n"
+                counts["chat"] += 1
+            else:
+                q = rag.questions[rng.randrange(len(rag.questions))]
+                stream_generate(url, prompt_text(rag, q), spec.answer_tokens, custom_params={
+                    "kvext_chunks": [rag.documents[d] for d in q.documents]})
+                counts["rag"] += 1
+        except OSError:
+            counts["errors"] += 1
+        counts["requests"] += 1
+        i += 1
+        progress(f"soak: {counts['requests']} requests, {counts['errors']} errors, "
+                 f"{max(0.0, deadline - time.monotonic()) / 60:.1f} min left")
+    return counts
+
+
+def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
+             progress: Callable[[str], None] = print,
+             server_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    host_cap = parse_size(spec.host_size)
+    samples: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kvext-soak-") as work:
+        args = ("--enable-hierarchical-kv", "--kvext-fragment-blend", "--enable-metrics",
+                "--max-total-tokens", "6000", "--kvext-host-size", spec.host_size,
+                "--kvext-disk-dir", str(Path(work) / "disk"), "--kvext-disk-size", "2GiB",
+                *server_args)
+        with SGLangServer(model_path, args, log_path=log_dir / "soak.log") as srv:
+            stream_generate(srv.url, "Hello", 1)
+            start = time.monotonic()
+            deadline = start + spec.minutes * 60
+            stop = threading.Event()
+            result: dict[str, dict[str, int]] = {}
+            worker = threading.Thread(target=lambda: result.update(counts=_traffic(
+                srv.url, spec, deadline, stop, progress)), daemon=True)
+            worker.start()
+            try:
+                while worker.is_alive():
+                    samples.append({"t_s": round(time.monotonic() - start, 1),
+                                    "rss": group_rss(srv.pid),
+                                    "host_used_bytes": host_used_bytes(srv.url)})
+                    worker.join(timeout=spec.sample_s)
+            finally:
+                stop.set()
+                worker.join(timeout=120)
+    return summarize(spec, samples, result.get("counts", {}), host_cap)
+
+
+def summarize(spec: SoakSpec, samples: list[dict[str, Any]], counts: dict[str, int],
+              host_cap: int) -> dict[str, Any]:
+    """Per process: RSS at the end of warm-up, the most after it, and their ratio."""
+    warm_t = spec.warmup_share * spec.minutes * 60
+    after = [s for s in samples if s["t_s"] >= warm_t] or samples[-1:]
+    processes = []
+    for name in sorted({n for s in after for n in s["rss"]}):
+        series = [s["rss"][name] for s in after if name in s["rss"]]
+        processes.append({"process": name, "rss_warm_bytes": series[0],
+                          "rss_max_after_bytes": max(series), "rss_last_bytes": series[-1],
+                          "growth": max(series) / series[0]})
+    host_max = max((s["host_used_bytes"] for s in samples), default=0)
+    return {"spec": asdict(spec), **counts, "samples": samples, "processes": processes,
+            "host_cap_bytes": host_cap, "host_used_max_bytes": host_max,
+            "rss_flat": all(p["growth"] <= 1 + spec.tolerance for p in processes),
+            "host_within_cap": host_max <= host_cap}
