@@ -34,11 +34,11 @@ def test_soak_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = subprocess.run(
         [sys.executable, "-m", "sgl_kvext_bench.cli", "soak", "--json", str(out),
-         "--minutes", "0.75", "--sample-s", "3", "--host-size", "64MiB",
+         "--minutes", "1", "--sample-s", "3", "--host-size", "64MiB",
          "--model-path", str(model_path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["requests"] > 2 and data["errors"] == 0 and data["chat"] and data["rag"]
+    assert data["errors"] == 0 and data["chat"] >= 1 and data["rag"] >= 1
     assert len(data["samples"]) >= 3 and len(data["processes"]) >= 2   # server + scheduler
     assert max(p["rss_warm_bytes"] for p in data["processes"]) > 200 << 20
     assert 0 < data["host_used_max_bytes"] <= data["host_cap_bytes"] == 64 << 20

@@ -10,6 +10,7 @@ ones docs/reliability.md records.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from tiers_common import (
 from sgl_kvext.demo import build_context
 from sgl_kvext.seaweedfs import SeaweedFS
 from sgl_kvext.server import SGLangServer
+from sgl_kvext.tiers.disk_ledger import scan_objects
 from sgl_kvext.tiers.objects import CorruptObject, decode_object, read_header
 
 pytestmark = pytest.mark.server
@@ -253,14 +255,17 @@ def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
     peak, stop = [0], threading.Event()
 
     def watch_disk() -> None:
+        # Under the folder's ledger lock no file is evicted, so a walk sees one state
+        # (files only appear, and those are already reserved within the cap).
         while not stop.wait(0.1):
-            total = 0
-            for path in (disk / "objects").rglob("*.kvx"):
-                try:
-                    total += path.stat().st_size
-                except FileNotFoundError:
-                    pass
-            peak[0] = max(peak[0], total)
+            if not (disk / ".lock").exists():
+                continue
+            fd = os.open(disk / ".lock", os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                peak[0] = max(peak[0], sum(f.size for f in scan_objects(disk / "objects")))
+            finally:
+                os.close(fd)                         # also drops the lock
 
     def traffic(srv: SGLangServer, order: list[int]) -> list[tuple[str, list[int]]]:
         out = []

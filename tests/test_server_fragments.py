@@ -82,6 +82,29 @@ def test_marked_chunks_are_reused_whole(server: SGLangServer,
     assert out.cached_tokens >= whole
 
 
+def _ask_as(server: SGLangServer, salt: str, text: str, chunks: list[str]) -> int:
+    """Tenant ``salt`` asks ``text`` marking ``chunks``; its cached prompt tokens."""
+    out = server.post("/generate", {"text": text, "cache_salt": salt, "sampling_params": {
+        "temperature": 0.0, "max_new_tokens": MAX_NEW, "custom_params": {
+            "kvext_chunks": chunks}}})
+    return int(out["meta_info"]["cached_tokens"])
+
+
+def test_tenants_never_share_fragments(server: SGLangServer) -> None:
+    docs = [DOCS[4], DOCS[6]]
+    registered = metric(server, "registered")
+    _ask_as(server, "tenant-a", prompt("Notes:\n", [4, 6], "Which project?"), docs)
+    wait_registered(server, registered + 1)
+    later = prompt("Other notes, in another order:\n", [6, 0, 4], "Who?")
+    hits, blended = metric(server, "fragment_hits"), metric(server, "blended_tokens")
+    b_cached = _ask_as(server, "tenant-b", later, docs)        # A's chunks: not for B
+    assert b_cached == 0
+    assert metric(server, "fragment_hits") == hits
+    assert metric(server, "blended_tokens") == blended
+    a_cached = _ask_as(server, "tenant-a", later, docs)        # ... but they are for A
+    assert metric(server, "blended_tokens") > blended and a_cached > 0
+
+
 HOSTILE = [{"kvext_exact": "yes"}, {"kvext_chunks": "one string"}, {"kvext_chunks": [""]},
            {"kvext_chunks": [1, 2]}, {"kvext_chunk_spans": [5]},
            {"kvext_chunk_spans": [9, 3]}, {"kvext_chunk_spans": [0, 2**40]},

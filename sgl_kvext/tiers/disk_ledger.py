@@ -7,7 +7,8 @@ its cap. When a reservation does not fit, the oldest files (by mtime, which read
 LRU across processes) are removed until the count is at the low watermark.
 
 A process that crashes after reserving leaves the count too high (space unused, never
-overrun); the next process to open the folder alone (checked with an exclusive lock on
+overrun; a write that cannot fit even after evicting every file is refused); the next process
+to open the folder alone (checked with an exclusive lock on
 ``ROOT/.alive``, which every open tier holds shared) recomputes it from the files.
 """
 
@@ -129,8 +130,12 @@ class DiskLedger:
                         break
                     before_evict(info.path)
                     used -= self._unlink(info.path) or 0
-                if used + nbytes > self.capacity_bytes:   # count leaked by a crashed writer
-                    used = sum(f.size for f in scan_objects(self.objects))
+                if used + nbytes > self.capacity_bytes:
+                    # What is left is in flight in other processes, or leaked by a crashed
+                    # writer (recounted when a process next opens the folder alone). Counting
+                    # files here would forget live reservations and overrun the cap: refuse.
+                    self.set_count(used)
+                    return False
             self.set_count(used + nbytes)
             return True
 
