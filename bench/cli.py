@@ -70,7 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--questions", type=int, default=16)
     rag.add_argument("--documents", type=int, default=24, help="corpus size")
     rag.add_argument("--sentences", type=int, default=36,
-                     help="filler sentences per document (~12 tokens each)")
+                     help="filler sentences per document (~13 tokens each; 36 = ~500 tokens)")
+    rag.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                     help="about N tokens per document (SmolLM2's tokenizer); sets "
+                          "--sentences from it")
     rag.add_argument("--chunks-per-query", default="4-8", metavar="N|MIN-MAX",
                      help="documents in each prompt")
     rag.add_argument("--skew", type=float, default=0.0,

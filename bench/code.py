@@ -77,10 +77,11 @@ def run_code(serving: Serving, work: CodeWorkload, configs: Sequence[str],
     results: dict[str, Any] = {"workload": asdict(work), "configs": []}
     for name in serving.configs(configs):
         started = time.perf_counter()
-        rows = []
+        rows, gaps = [], []
         with serving.serve("code", name, CONFIGS.get(name, ())) as target:
             for k, prompt in enumerate(prompts, 1):
                 r = target.generate(prompt, work.answer_tokens)
+                gaps += r.itl_s
                 rows.append({"edit": k, "ttft_s": r.ttft_s, "prompt_tokens": r.prompt_tokens,
                              "cached_tokens": r.cached_tokens})
                 progress(f"{name}: edit {k}/{len(prompts)} ttft {r.ttft_s:.2f}s "
@@ -91,5 +92,6 @@ def run_code(serving: Serving, work: CodeWorkload, configs: Sequence[str],
             "name": name, "ttft_p50_s": statistics.median(later),
             "ttft_p90_s": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
             "ttft_cold_s": rows[0]["ttft_s"], "wall_s": time.perf_counter() - started,
+            "itl_p50_s": statistics.median(gaps) if gaps else None,
             "edits": rows})
     return results

@@ -115,8 +115,12 @@ def multiturn(args: argparse.Namespace) -> int:
 
 
 def _rag_spec(args: argparse.Namespace) -> Any:
-    from sgl_kvext_bench.rag_set import RagSpec
+    from sgl_kvext_bench.rag_set import RagSpec, sentences_for
 
+    if args.chunk_tokens is not None:
+        if args.chunk_tokens < 30:
+            raise BadOption("--chunk-tokens must be >= 30 (a document is whole sentences)")
+        args.sentences = sentences_for(args.chunk_tokens)
     _positive(args, "questions", "documents", "sentences", "answer_tokens",
               "facts_per_document")
     low, _, high = args.chunks_per_query.partition("-")
@@ -146,9 +150,10 @@ def rag(args: argparse.Namespace) -> int:
                                                  args.trace_interval_s))
     with _progress() as progress:
         results = run_rag(_serving(args), spec, configs, args.answer_tokens, progress)
-    table = markdown(["configuration", "TTFT p50 (s)", "TTFT p90 (s)", "accuracy"],
-                     [[c["name"], c["ttft_p50_s"], c["ttft_p90_s"], c["accuracy"]]
-                      for c in results["configs"]])
+    table = markdown(["configuration", "TTFT p50 (s)", "TTFT p90 (s)", "ITL p50 (s)",
+                      "accuracy"],
+                     [[c["name"], c["ttft_p50_s"], c["ttft_p90_s"], c["itl_p50_s"],
+                       c["accuracy"]] for c in results["configs"]])
     extra = [f"{k}: {v:.3f}" for k, v in results.items()
              if k.endswith(("_vs_radix", "_vs_no_cache"))]
     rows = [{"config": c["name"], "question": n, **{k: q[k] for k in (
@@ -176,9 +181,9 @@ def code(args: argparse.Namespace) -> int:
         return f"{cached / max(1, sum(e['prompt_tokens'] for e in later)):.0%}"
 
     table = markdown(["configuration", "cold TTFT (s)", "TTFT p50, edits >= 2 (s)", "p90 (s)",
-                      "cached"],
-                     [[c["name"], c["ttft_cold_s"], c["ttft_p50_s"], c["ttft_p90_s"], share(c)]
-                      for c in results["configs"]])
+                      "ITL p50 (s)", "cached"],
+                     [[c["name"], c["ttft_cold_s"], c["ttft_p50_s"], c["ttft_p90_s"],
+                       c["itl_p50_s"], share(c)] for c in results["configs"]])
     rows = [{"config": c["name"], **e} for c in results["configs"] for e in c["edits"]]
     return _finish(args, results, table, rows)
 

@@ -19,7 +19,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from sgl_kvext.prewarm_client import prewarm_corpus
@@ -65,7 +64,7 @@ def run_config(serving: Serving, name: str, rag: RagSet, answer_tokens: int,
                progress: Callable[[str], None]) -> dict[str, Any]:
     """One configuration (``url``: the running server, as is, unmarked prompts)."""
     marked = name == "hierarchical_blend"
-    rows = []
+    rows, gaps = [], []
     started = time.perf_counter()
     with serving.serve("rag", name, CONFIGS.get(name, ())) as target:
         prewarm_s = 0.0
@@ -78,6 +77,7 @@ def run_config(serving: Serving, name: str, rag: RagSet, answer_tokens: int,
                 else None
             r = target.generate(prompt_text(rag, q), answer_tokens, custom_params=custom)
             ok = is_correct(r.text, q.answer)
+            gaps += r.itl_s
             rows.append({"ttft_s": r.ttft_s, "correct": ok, "prompt_tokens": r.prompt_tokens,
                          "cached_tokens": r.cached_tokens, "answer": r.text})
             progress(f"{name}: question {n}/{len(rag.questions)} ttft {r.ttft_s:.2f}s "
@@ -86,26 +86,10 @@ def run_config(serving: Serving, name: str, rag: RagSet, answer_tokens: int,
         counters = kvext_counters(target.url) if name.startswith("hierarchical") else {}
     ttfts = [r["ttft_s"] for r in rows]
     return {"name": name, "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
+            "itl_p50_s": statistics.median(gaps) if gaps else None,
             "accuracy": sum(r["correct"] for r in rows) / len(rows), "prewarm_s": prewarm_s,
             "wall_s": time.perf_counter() - started, "kvext_counters": counters,
             "questions": rows}
-
-
-CSV_FIELDS = ("config", "question", "ttft_s", "correct", "prompt_tokens", "cached_tokens")
-
-
-def write_csv(results: dict[str, Any], path: Path) -> Path:
-    """One row per request of every configuration."""
-    import csv
-
-    with path.open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(CSV_FIELDS)
-        for c in results["configs"]:
-            for n, q in enumerate(c["questions"], 1):
-                out.writerow([c["name"], n, f"{q['ttft_s']:.4f}", int(q["correct"]),
-                              q["prompt_tokens"], q["cached_tokens"]])
-    return path
 
 
 def run_rag(serving: Serving, spec: RagSpec, configs: Sequence[str] = DEFAULT_CONFIGS,

@@ -91,6 +91,15 @@ class RagSpec:
                             facts_per_document=self.facts_per_document)
 
 
+#: Measured with SmolLM2's tokenizer: a document is ~17 tokens plus ~13.3 per sentence.
+DOC_BASE_TOKENS, SENTENCE_TOKENS = 17, 13.3
+
+
+def sentences_for(chunk_tokens: int) -> int:
+    """Filler sentences that make a document of about ``chunk_tokens`` tokens."""
+    return max(2, round((chunk_tokens - DOC_BASE_TOKENS) / SENTENCE_TOKENS))
+
+
 def _weighted_sample(rng: random.Random, population: list[int], weights: list[float],
                      k: int) -> list[int]:
     """``k`` distinct items, each draw proportional to the remaining items' weights."""

@@ -8,11 +8,12 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from sgl_kvext_bench.rag_set import RagSpec
+from sgl_kvext_bench.rag_set import RagSpec, sentences_for
 
 
 def test_default_set_is_the_one_the_recorded_numbers_used() -> None:
@@ -45,11 +46,19 @@ def test_order_and_facts_per_document() -> None:
     assert len({q.question for q in rag.questions}) <= 24
 
 
+def test_chunk_tokens_sizes_documents(n_tokens: Callable[[str], int]) -> None:
+    for target in (100, 500):
+        rag = RagSpec(sentences=sentences_for(target)).build()
+        mean = sum(n_tokens(d) for d in rag.documents) / len(rag.documents)
+        assert 0.85 * target < mean < 1.15 * target
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--chunks-per-query", "4-x"], "--chunks-per-query"),
     (["--chunks-per-query", "9-12", "--documents", "8"], "documents >= max chunks"),
     (["--facts-per-document", "3", "--documents", "16"], "distinct facts"),
     (["--skew", "-1"], "skew"),
+    (["--chunk-tokens", "10"], "--chunk-tokens"),
 ])
 def test_rag_bench_rejects_bad_workloads_in_one_line(tmp_path: Path, flags: list[str],
                                                      needle: str) -> None:
