@@ -2,11 +2,12 @@
 #   make demo   installs everything, prepares SmolLM2, serves it with --enable-hierarchical-kv
 #   make test   installs everything, prepares SmolLM2, runs the test suite
 #   make bench  installs everything, prepares SmolLM2, runs the RAG comparison (table + plot)
+#   make soak   installs everything, prepares SmolLM2, runs the 30-minute memory soak
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install model demo test bench
+.PHONY: install model demo test bench soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: model
 
 bench: model
 	$(BIN)/sgl-kvext-bench rag --json results/rag.json
+
+soak: model
+	$(BIN)/sgl-kvext-bench soak --json results/soak.json
 
 test: model
 	$(BIN)/python -m pytest -q

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="skip the 4k-token host-hit vs device-hit measurement")
     mt.add_argument("--qps", type=float, default=0.0,
                     help="request arrival rate; users run concurrently, each turn after the "
-                         "user's previous answer (default 0: one request at a time)")
+                         "user's previous answer (default 0: one request at a time); with "
+                         "--export-trace, arrivals 1/QPS apart")
     _trace_args(mt)
     _url_arg(mt)
     bl = _command(sub, "blend", "CacheBlend: blended prefill at several recompute ratios "

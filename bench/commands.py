@@ -93,7 +93,8 @@ def multiturn(args: argparse.Namespace) -> int:
     work = Workload(args.users, args.turns, args.system_words, args.question_words,
                     args.answer_tokens)
     if args.export_trace is not None:
-        return _write_trace(args, trace_requests(work, args.trace_interval_s))
+        interval = 1 / args.qps if args.qps > 0 else args.trace_interval_s
+        return _write_trace(args, trace_requests(work, interval))
     with _progress() as progress:
         results = run_multiturn(_serving(args), work, configs, args.pool_fraction,
                                 with_host_hit=not args.no_host_hit, progress=progress,
