@@ -61,14 +61,11 @@ APIS = ("sglang", "openai")
 
 class Endpoint(NamedTuple):
     """Where a benchmark sends its requests: a base URL, the API it speaks there and, for the
-    OpenAI API, the model name. ``str(endpoint)`` is the URL."""
+    OpenAI API, the model name."""
 
     url: str
     api: str = "sglang"
     model: str = ""
-
-    def __str__(self) -> str:
-        return self.url
 
     def generate(self, text: str | list[int], max_new_tokens: int, timeout_s: float = 600.0,
                  custom_params: dict[str, Any] | None = None) -> Timed:

@@ -190,14 +190,18 @@ class SGLangServer:
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
                  timeout_s: float = 300.0,
-                 custom_params: dict[str, Any] | None = None) -> Completion:
+                 custom_params: dict[str, Any] | None = None,
+                 cache_salt: str | None = None) -> Completion:
         """Greedy completion of ``prompt`` (text or token ids); ``custom_params`` go into the
-        sampling parameters (e.g. sgl-kvext's ``kvext_exact``)."""
+        sampling parameters (e.g. sgl-kvext's ``kvext_exact``); ``cache_salt`` is the
+        request's tenant (SGLang keeps salted KV apart)."""
         key = "text" if isinstance(prompt, str) else "input_ids"
         sampling: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
         if custom_params:
             sampling["custom_params"] = custom_params
-        payload = {key: prompt, "sampling_params": sampling}
+        payload: dict[str, Any] = {key: prompt, "sampling_params": sampling}
+        if cache_salt is not None:
+            payload["cache_salt"] = cache_salt
         start = time.perf_counter()
         out = self.post("/generate", payload, timeout_s)
         seconds = time.perf_counter() - start

@@ -16,3 +16,9 @@ def run_python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``sgl-kvext-bench ARGS`` (as ``python -m sgl_kvext_bench.cli``), output captured."""
+    return subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)

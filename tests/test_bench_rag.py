@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import bench_cli
 
 from sgl_kvext_bench.rag_set import RagSpec, sentences_for
 
@@ -62,9 +63,7 @@ def test_chunk_tokens_sizes_documents(n_tokens: Callable[[str], int]) -> None:
 ])
 def test_rag_bench_rejects_bad_workloads_in_one_line(tmp_path: Path, flags: list[str],
                                                      needle: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sgl_kvext_bench.cli", "rag", "--json",
-         str(tmp_path / "x.json"), *flags], capture_output=True, text=True, timeout=300)
+    result = bench_cli("rag", "--json", str(tmp_path / "x.json"), *flags)
     assert result.returncode == 2 and needle in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

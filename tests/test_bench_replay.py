@@ -4,18 +4,12 @@ against a real server; rag --export-trace writes a trace replay accepts."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_cli
 
 from sgl_kvext_bench.replay import TraceError, TraceRequest, load_trace, write_trace
-
-
-def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", *args],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_trace_round_trip_in_arrival_order(tmp_path: Path) -> None:
@@ -43,14 +37,14 @@ def test_bad_trace_lines_are_named(tmp_path: Path, line: str, needle: str) -> No
 
 
 def test_replay_cli_refuses_a_bad_trace_in_one_line(tmp_path: Path) -> None:
-    missing = _cli("replay", str(tmp_path / "none.jsonl"), "--json", str(tmp_path / "x.json"))
+    missing = bench_cli("replay", str(tmp_path / "none.jsonl"), "--json", str(tmp_path / "x.json"))
     assert missing.returncode == 2 and "cannot read trace" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_rag_export_trace_is_replayable(tmp_path: Path) -> None:
     out = tmp_path / "rag.jsonl"
-    result = _cli("rag", "--json", str(tmp_path / "unused.json"), "--export-trace", str(out),
+    result = bench_cli("rag", "--json", str(tmp_path / "unused.json"), "--export-trace", str(out),
                   "--questions", "3", "--documents", "8", "--sentences", "4",
                   "--trace-interval-s", "2")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -66,7 +60,7 @@ def test_rag_export_trace_is_replayable(tmp_path: Path) -> None:
 def test_workloads_export_replayable_traces(tmp_path: Path, command: str, sizes: list[str],
                                             n: int) -> None:
     out = tmp_path / f"{command}.jsonl"
-    result = _cli(command, "--json", str(tmp_path / "unused.json"), "--export-trace", str(out),
+    result = bench_cli(command, "--json", str(tmp_path / "unused.json"), "--export-trace", str(out),
                   "--trace-interval-s", "0.5", *sizes)
     assert result.returncode == 0, result.stderr[-2000:]
     reqs = load_trace(out)
@@ -83,7 +77,7 @@ def test_replay_tiny(tmp_path: Path, model_path: Path) -> None:
                          TraceRequest(0.1, "List three colors:", 6),
                          TraceRequest(6.0, story + "Who counted?", 6)], tmp_path / "t.jsonl")
     out = tmp_path / "replay.json"
-    result = _cli("replay", str(trace), "--json", str(out), "--configs", "radix",
+    result = bench_cli("replay", str(trace), "--json", str(out), "--configs", "radix",
                   "--model-path", str(model_path), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| configuration | requests |" in result.stdout

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_cli
 
 from sgl_kvext_bench.soak import SoakSpec, group_rss, summarize
 
@@ -32,10 +31,8 @@ def test_summary_flags_growth_after_warm_up() -> None:
 @pytest.mark.server
 def test_soak_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "soak.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "sgl_kvext_bench.cli", "soak", "--json", str(out),
-         "--minutes", "1", "--sample-s", "3", "--host-size", "64MiB",
-         "--model-path", str(model_path)], capture_output=True, text=True, timeout=900)
+    result = bench_cli("soak", "--json", str(out), "--minutes", "1", "--sample-s", "3",
+                       "--host-size", "64MiB", "--model-path", str(model_path), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == 0 and data["chat"] >= 1 and data["rag"] >= 1

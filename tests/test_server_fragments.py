@@ -84,10 +84,8 @@ def test_marked_chunks_are_reused_whole(server: SGLangServer,
 
 def _ask_as(server: SGLangServer, salt: str, text: str, chunks: list[str]) -> int:
     """Tenant ``salt`` asks ``text`` marking ``chunks``; its cached prompt tokens."""
-    out = server.post("/generate", {"text": text, "cache_salt": salt, "sampling_params": {
-        "temperature": 0.0, "max_new_tokens": MAX_NEW, "custom_params": {
-            "kvext_chunks": chunks}}})
-    return int(out["meta_info"]["cached_tokens"])
+    return server.generate(text, MAX_NEW, custom_params={"kvext_chunks": chunks},
+                           cache_salt=salt).cached_tokens
 
 
 def test_tenants_never_share_fragments(server: SGLangServer) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
 
 from sgl_kvext.demo import build_context
 from sgl_kvext.seaweedfs import SeaweedFS
@@ -33,14 +32,7 @@ def evict_context(srv: SGLangServer) -> list[Completion]:
 
 def ask(srv: SGLangServer, i: int, salt: str | None = None) -> Completion:
     """Prompt ``i``, greedy; ``salt`` is the request's ``cache_salt`` (its tenant)."""
-    if salt is None:
-        return srv.generate(PROMPTS[i], max_new_tokens=MAX_NEW)
-    payload: dict[str, Any] = {"text": PROMPTS[i], "cache_salt": salt, "sampling_params": {
-        "temperature": 0.0, "max_new_tokens": MAX_NEW}}
-    out = srv.post("/generate", payload)
-    meta = out.get("meta_info", {})
-    return Completion(out["text"], list(out.get("output_ids", [])),
-                      int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)), 0.0)
+    return srv.generate(PROMPTS[i], max_new_tokens=MAX_NEW, cache_salt=salt)
 
 
 def seaweed_env(seaweed: SeaweedFS) -> dict[str, str]:

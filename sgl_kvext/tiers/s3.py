@@ -68,12 +68,8 @@ class S3Tier(Tier):
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
         self.namespace, self.codec, self.level = namespace, codec, level
         self.op_timeout_s = op_timeout_s
-        config = Config(max_pool_connections=connections, connect_timeout=connect_timeout_s,
-                        read_timeout=read_timeout_s, s3={"addressing_style": "path"},
-                        retries={"total_max_attempts": retries + 1, "mode": "standard"})
-        self._client = boto3.session.Session().client("s3", endpoint_url=endpoint,
-                                                       region_name=region, config=config,
-                                                       **(credentials or {}))
+        self._client = _client(endpoint, region, credentials, connect_timeout_s,
+                               read_timeout_s, retries, connections)
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                         multipart_chunksize=max(multipart_threshold // 4, 5 << 20),
                                         max_concurrency=4)
@@ -220,6 +216,17 @@ class S3Tier(Tier):
                            "answers", self.bucket)
 
 
+def _client(endpoint: str | None, region: str, credentials: dict[str, str] | None,
+            connect_timeout_s: float, read_timeout_s: float, retries: int,
+            connections: int = 10) -> Any:
+    """A boto3 S3 client with path-style addressing, bounded timeouts and retries."""
+    config = Config(max_pool_connections=connections, connect_timeout=connect_timeout_s,
+                    read_timeout=read_timeout_s, s3={"addressing_style": "path"},
+                    retries={"total_max_attempts": retries + 1, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region,
+                                          config=config, **(credentials or {}))
+
+
 _REFUSED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
             "InvalidToken", "ExpiredToken"}
 
@@ -231,12 +238,9 @@ def refused_access(url: str, *, endpoint: str | None = None, region: str = "us-e
     bucket (one line), or None. One ``HEAD`` of the bucket, made at server start-up; an
     endpoint that does not answer is not a refusal (the tier misses until it answers)."""
     bucket = urlsplit(url).netloc
-    config = Config(connect_timeout=min(1.0, timeout_s), read_timeout=timeout_s,
-                    retries={"total_max_attempts": 1}, s3={"addressing_style": "path"})
     try:
-        client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region,
-                                                config=config, **(credentials or {}))
-        client.head_bucket(Bucket=bucket)
+        _client(endpoint, region, credentials, min(1.0, timeout_s), timeout_s,
+                retries=0).head_bucket(Bucket=bucket)
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _REFUSED:
