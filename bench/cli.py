@@ -125,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     sk.add_argument("--warmup-share", type=float, default=0.2,
                     help="share of the run before RSS is held to --tolerance")
     sk.add_argument("--tolerance", type=float, default=0.05,
-                    help="allowed RSS growth after warm-up (0.05 = 5%%)")
+                    help="allowed growth of a window's floor (least RSS at rest) over the "
+                         "first window's (0.05 = 5%%)")
+    sk.add_argument("--windows", type=int, default=4,
+                    help="windows the run after warm-up is cut into (their floors compared)")
     sk.add_argument("--host-size", default="256MiB", help="host tier size")
     return parser
 

@@ -302,26 +302,27 @@ def soak(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.soak import SoakSpec, run_soak
 
     if not (args.minutes > 0 and args.sample_s > 0 and 0 <= args.warmup_share < 1
-            and args.tolerance >= 0):
-        raise BadOption("need --minutes > 0, --sample-s > 0, --warmup-share in [0, 1) and "
-                        "--tolerance >= 0")
+            and args.tolerance >= 0 and args.windows >= 1):
+        raise BadOption("need --minutes > 0, --sample-s > 0, --warmup-share in [0, 1), "
+                        "--tolerance >= 0 and --windows >= 1")
     try:
         parse_size(args.host_size)
     except (ConfigError, ValueError) as exc:
         raise BadOption(f"--host-size: {exc}") from None
     spec = SoakSpec(minutes=args.minutes, sample_s=args.sample_s,
                     warmup_share=args.warmup_share, host_size=args.host_size,
-                    tolerance=args.tolerance)
+                    tolerance=args.tolerance, windows=args.windows)
     serving = _serving(args)
     assert serving.model_path is not None
     with _progress() as progress:
         results = run_soak(serving.model_path, spec, serving.log_dir, progress,
                            serving.server_args)
     mib = 1 << 20
-    table = markdown(["process", "RSS at warm-up (MiB)", "max after (MiB)", "last (MiB)",
-                      "growth"],
-                     [[p["process"], p["rss_warm_bytes"] / mib, p["rss_max_after_bytes"] / mib,
-                       p["rss_last_bytes"] / mib, f"{p['growth'] - 1:+.1%}"]
+    table = markdown(["process", "floor, first window (MiB)", "floor, last window (MiB)",
+                      "peak (MiB)", "growth (floors)", "peak over first floor"],
+                     [[p["process"], p["rss_window_floors_bytes"][0] / mib,
+                       p["rss_window_floors_bytes"][-1] / mib, p["rss_peak_bytes"] / mib,
+                       f"{p['growth'] - 1:+.1%}", f"{p['peak_over_floor'] - 1:+.1%}"]
                       for p in results["processes"]])
     extra = [f"{results.get('requests', 0)} requests, {results.get('errors', 0)} errors; host "
              f"tier max {results['host_used_max_bytes'] / mib:.1f} MiB of "

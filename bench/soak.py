@@ -3,15 +3,22 @@
 The server runs with a small device pool, a host tier of ``host_size``, a disk tier and
 fragment blend, so KV keeps spilling, loading back and being blended. Requests go one at a
 time, alternating a multi-turn chat (users whose sessions restart every few turns, so new KV
-keeps arriving) and a RAG question with marked documents. Every ``sample_s`` seconds the
-resident set size of every process of the server (its process group, from ``/proc``) and the
-host tier's bytes (``/metrics``) are sampled. After the warm-up share of the run, each
-process's RSS must stay within ``tolerance`` of its value at the end of warm-up, and host
-bytes never exceed the host tier's size.
+keeps arriving) and a RAG question with marked documents. The RAG corpus is pre-warmed
+before the clock starts (registering it is a one-time cost, not the steady state). Every
+``sample_s`` seconds the resident set size of every process of the server (its process
+group, from ``/proc``) and the host tier's bytes (``/metrics``) are sampled.
+
+RSS is also read at rest, right after each request (one runs at a time). Flat means: the
+at-rest samples after the warm-up share of the run, cut into ``windows`` equal windows,
+have floors (least RSS of the window) within ``tolerance`` of the first window's floor. A
+sample inside a prefill holds its activations (hundreds of MiB, gone after it), so peaks
+are reported beside the floors, but only a leak lifts the floor. Host bytes must never
+exceed the host tier's size.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import tempfile
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sgl_kvext.config_values import parse_size
+from sgl_kvext.prewarm_client import prewarm_corpus
 from sgl_kvext.server import SGLangServer
 from sgl_kvext_bench.client import stream_generate
 from sgl_kvext_bench.multiturn import Workload
@@ -31,6 +39,7 @@ from sgl_kvext_bench.rag import prompt_text
 from sgl_kvext_bench.rag_set import RagSpec
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+_RAG = RagSpec(questions=64)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class SoakSpec:
     session_turns: int = 6
     answer_tokens: int = 8
     tolerance: float = 0.05
+    windows: int = 4
 
 
 def group_rss(pgid: int) -> dict[str, int]:
@@ -72,10 +82,10 @@ def host_used_bytes(url: str) -> int:
 
 
 def _traffic(url: str, spec: SoakSpec, deadline: float, stop: threading.Event,
-             progress: Callable[[str], None]) -> dict[str, int]:
+             progress: Callable[[str], None], at_rest: Callable[[], None]) -> dict[str, int]:
     chat = Workload(users=spec.users, turns=spec.session_turns, system_words=200,
                     question_words=30, answer_tokens=spec.answer_tokens)
-    rag = RagSpec(questions=64).build()
+    rag = _RAG.build()
     histories, turns, sessions = [""] * spec.users, [0] * spec.users, [0] * spec.users
     counts = {"requests": 0, "errors": 0, "chat": 0, "rag": 0}
     rng = random.Random(0)
@@ -102,6 +112,7 @@ def _traffic(url: str, spec: SoakSpec, deadline: float, stop: threading.Event,
             counts["errors"] += 1
         counts["requests"] += 1
         i += 1
+        at_rest()
         progress(f"soak: {counts['requests']} requests, {counts['errors']} errors, "
                  f"{max(0.0, deadline - time.monotonic()) / 60:.1f} min left")
     return counts
@@ -112,6 +123,7 @@ def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
              server_args: tuple[str, ...] = ()) -> dict[str, Any]:
     host_cap = parse_size(spec.host_size)
     samples: list[dict[str, Any]] = []
+    rest: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kvext-soak-") as work:
         args = ("--enable-hierarchical-kv", "--kvext-fragment-blend", "--enable-metrics",
                 "--max-total-tokens", "6000", "--kvext-host-size", spec.host_size,
@@ -119,12 +131,19 @@ def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
                 *server_args)
         with SGLangServer(model_path, args, log_path=log_dir / "soak.log") as srv:
             stream_generate(srv.url, "Hello", 1)
+            progress("soak: pre-warming the RAG corpus")
+            prewarm_corpus(srv.url, list(_RAG.build().documents), timeout_s=1800)
             start = time.monotonic()
             deadline = start + spec.minutes * 60
             stop = threading.Event()
             result: dict[str, dict[str, int]] = {}
+
+            def at_rest() -> None:           # one request at a time: the server is idle now
+                rest.append({"t_s": round(time.monotonic() - start, 1),
+                             "rss": group_rss(srv.pid)})
+
             worker = threading.Thread(target=lambda: result.update(counts=_traffic(
-                srv.url, spec, deadline, stop, progress)), daemon=True)
+                srv.url, spec, deadline, stop, progress, at_rest)), daemon=True)
             worker.start()
             try:
                 while worker.is_alive():
@@ -135,22 +154,34 @@ def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
             finally:
                 stop.set()
                 worker.join(timeout=120)
-    return summarize(spec, samples, result.get("counts", {}), host_cap)
+    return summarize(spec, samples, rest, result.get("counts", {}), host_cap)
 
 
-def summarize(spec: SoakSpec, samples: list[dict[str, Any]], counts: dict[str, int],
-              host_cap: int) -> dict[str, Any]:
-    """Per process: RSS at the end of warm-up, the most after it, and their ratio."""
+def summarize(spec: SoakSpec, samples: list[dict[str, Any]], rest: list[dict[str, Any]],
+              counts: dict[str, int], host_cap: int) -> dict[str, Any]:
+    """Per process after warm-up: the floor (least RSS at rest) of each window, the growth of
+    the highest floor over the first, and the peak of the periodic samples."""
     warm_t = spec.warmup_share * spec.minutes * 60
     after = [s for s in samples if s["t_s"] >= warm_t] or samples[-1:]
+    rest_after = [s for s in rest if s["t_s"] >= warm_t] or rest[-1:] or after
     processes = []
-    for name in sorted({n for s in after for n in s["rss"]}):
-        series = [s["rss"][name] for s in after if name in s["rss"]]
-        processes.append({"process": name, "rss_warm_bytes": series[0],
-                          "rss_max_after_bytes": max(series), "rss_last_bytes": series[-1],
-                          "growth": max(series) / series[0]})
+    for name in sorted({n for s in rest_after for n in s["rss"]}):
+        series = [s["rss"][name] for s in rest_after if name in s["rss"]]
+        floors = [min(w) for w in _windows(series, spec.windows)]
+        peak = max([s["rss"][name] for s in after if name in s["rss"]] + series)
+        processes.append({"process": name, "rss_window_floors_bytes": floors,
+                          "rss_peak_bytes": peak, "growth": max(floors) / floors[0],
+                          "peak_over_floor": peak / floors[0]})
     host_max = max((s["host_used_bytes"] for s in samples), default=0)
-    return {"spec": asdict(spec), **counts, "samples": samples, "processes": processes,
-            "host_cap_bytes": host_cap, "host_used_max_bytes": host_max,
+    return {"spec": asdict(spec), **counts, "samples": samples, "at_rest": rest,
+            "processes": processes, "host_cap_bytes": host_cap,
+            "host_used_max_bytes": host_max,
             "rss_flat": all(p["growth"] <= 1 + spec.tolerance for p in processes),
             "host_within_cap": host_max <= host_cap}
+
+
+def _windows(series: list[int], n: int) -> list[list[int]]:
+    """``series`` cut into at most ``n`` consecutive, non-empty, near-equal windows."""
+    n = max(1, min(n, len(series)))
+    bounds = [round(i * len(series) / n) for i in range(n + 1)]
+    return [series[a:b] for a, b in itertools.pairwise(bounds) if b > a]

@@ -8,15 +8,17 @@ blended prefill over them, and register new fragments in the background (torch o
 - :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
   are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
   prefix's KV. The result is approximate by design; the caller keeps it apart from exact KV.
-- Registration runs on one worker thread: a fragment some tier already holds (stored by
-  another instance sharing the disk folder or S3 prefix, or before a restart) is only added
-  to the index; otherwise it is computed on its own (positions ``0..n-1``, nothing
-  prepended) and stored. A full queue drops work (counted) rather than blocking a request.
+- Registration runs on one worker thread at the lowest CPU priority: a fragment some tier
+  already holds (stored by another instance sharing the disk folder or S3 prefix, or before
+  a restart) is only added to the index; otherwise it is computed on its own (positions
+  ``0..n-1``, nothing prepended) and stored. A full queue drops work (counted) rather than
+  blocking a request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import typing
@@ -61,6 +63,18 @@ class BlendOutput(NamedTuple):
     v: torch.Tensor
     reused_tokens: int
     recomputed_tokens: int
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (and the math threads it starts) the lowest CPU priority.
+
+    Registration computes whole fragments on the CPU the scheduler serves from; at equal
+    priority it halved serving's matmul speed on a 2-core machine; at nice 19 it takes the
+    cycles serving leaves idle. Threads it starts later (its math pool) inherit the value."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:         # not permitted here: registration runs at normal priority
+        logger.warning("sgl-kvext: could not lower the fragment registration priority")
 
 
 class FragmentBlender:
@@ -206,6 +220,7 @@ class FragmentBlender:
             self.counters["registered"] += 1
 
     def _register_loop(self) -> None:
+        _lower_priority()
         while True:
             item = self._queue.get()
             if item is _STOP:

@@ -82,6 +82,26 @@ def test_marked_chunks_are_reused_whole(server: SGLangServer,
     assert out.cached_tokens >= whole
 
 
+def _thread_nice_values(pgid: int) -> list[int]:
+    """The nice value of every thread of every process in process group ``pgid``."""
+    nices = []
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                                    # exited meanwhile
+        if int(fields[2]) == pgid:                      # stat fields 5 (pgrp) and 19 (nice)
+            nices.append(int(fields[16]))
+    return nices
+
+
+def test_registration_thread_yields_the_cpu_to_serving(server: SGLangServer) -> None:
+    # Fragment registration computes on the CPU serving uses; it runs at nice 19 so serving
+    # keeps its speed (bench: an equal-priority registration thread halved prefill speed).
+    nices = _thread_nice_values(server.pid)
+    assert 19 in nices and 0 in nices
+
+
 def _ask_as(server: SGLangServer, salt: str, text: str, chunks: list[str]) -> int:
     """Tenant ``salt`` asks ``text`` marking ``chunks``; its cached prompt tokens."""
     return server.generate(text, MAX_NEW, custom_params={"kvext_chunks": chunks},

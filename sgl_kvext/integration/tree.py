@@ -45,6 +45,7 @@ from sgl_kvext import env
 from sgl_kvext.blend import PrefixKV
 from sgl_kvext.config import KVExtConfig
 from sgl_kvext.fragment_blend import BlendPlan, FragmentBlender
+from sgl_kvext.heap_trim import HeapTrimmer
 from sgl_kvext.kv_tiering import KVTiering, LoadPlan
 
 logger = logging.getLogger("sgl_kvext")
@@ -97,6 +98,7 @@ class HierarchicalRadixCache(RadixCache):
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: dict[Any, float] = {}
         self._victims: list[tuple[str, list[int], torch.Tensor, int]] | None = None
+        self._heap = HeapTrimmer()
         super().__init__(params)
 
     # ----------------------------------------------------------------- evict
@@ -305,6 +307,7 @@ class HierarchicalRadixCache(RadixCache):
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._pending.pop(req.cache_request_handle, None)
         self._deadlines.pop(req.cache_request_handle, None)
+        self._heap.maybe_trim()        # between forward passes: RSS stays flat (heap_trim.py)
 
     def release_host_resources(self) -> None:
         for close in self._closers:
