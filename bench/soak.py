@@ -36,7 +36,7 @@ from sgl_kvext.server import SGLangServer
 from sgl_kvext_bench.client import stream_generate
 from sgl_kvext_bench.multiturn import Workload
 from sgl_kvext_bench.rag import prompt_text
-from sgl_kvext_bench.rag_set import RagSpec
+from sgl_kvext_bench.rag_set import RagSet, RagSpec
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _RAG = RagSpec(questions=64)
@@ -81,11 +81,10 @@ def host_used_bytes(url: str) -> int:
                    if line.startswith("kvext_tier_used_bytes{") and 'tier="host"' in line))
 
 
-def _traffic(url: str, spec: SoakSpec, deadline: float, stop: threading.Event,
+def _traffic(url: str, spec: SoakSpec, rag: RagSet, deadline: float, stop: threading.Event,
              progress: Callable[[str], None], at_rest: Callable[[], None]) -> dict[str, int]:
     chat = Workload(users=spec.users, turns=spec.session_turns, system_words=200,
                     question_words=30, answer_tokens=spec.answer_tokens)
-    rag = _RAG.build()
     histories, turns, sessions = [""] * spec.users, [0] * spec.users, [0] * spec.users
     counts = {"requests": 0, "errors": 0, "chat": 0, "rag": 0}
     rng = random.Random(0)
@@ -124,6 +123,7 @@ def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
     host_cap = parse_size(spec.host_size)
     samples: list[dict[str, Any]] = []
     rest: list[dict[str, Any]] = []
+    rag = _RAG.build()
     with tempfile.TemporaryDirectory(prefix="kvext-soak-") as work:
         args = ("--enable-hierarchical-kv", "--kvext-fragment-blend", "--enable-metrics",
                 "--max-total-tokens", "6000", "--kvext-host-size", spec.host_size,
@@ -132,7 +132,7 @@ def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
         with SGLangServer(model_path, args, log_path=log_dir / "soak.log") as srv:
             stream_generate(srv.url, "Hello", 1)
             progress("soak: pre-warming the RAG corpus")
-            prewarm_corpus(srv.url, list(_RAG.build().documents), timeout_s=1800)
+            prewarm_corpus(srv.url, list(rag.documents), timeout_s=1800)
             start = time.monotonic()
             deadline = start + spec.minutes * 60
             stop = threading.Event()
@@ -143,7 +143,7 @@ def run_soak(model_path: Path, spec: SoakSpec, log_dir: Path,
                              "rss": group_rss(srv.pid)})
 
             worker = threading.Thread(target=lambda: result.update(counts=_traffic(
-                srv.url, spec, deadline, stop, progress, at_rest)), daemon=True)
+                srv.url, spec, rag, deadline, stop, progress, at_rest)), daemon=True)
             worker.start()
             try:
                 while worker.is_alive():
