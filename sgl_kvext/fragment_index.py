@@ -9,14 +9,13 @@ knows nothing of namespaces or tiers.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from sgl_kvext.chunking import fragments
+from sgl_kvext.recent_keys import RecentKeys
 
 CHUNKING_MODES = ("explicit", "auto", "both")
 
@@ -49,8 +48,7 @@ class FragmentIndex:
         if min_tokens < 1 or capacity < 1:
             raise ValueError("min_tokens and capacity must be >= 1")
         self.min_tokens, self.chunking, self.capacity = min_tokens, chunking, capacity
-        self._known: OrderedDict[bytes, None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._known = RecentKeys(capacity)
 
     def find(self, key_of: Callable[[np.ndarray], bytes], tokens: Sequence[int] | np.ndarray,
              explicit: Sequence[tuple[int, int]] = (), from_token: int = 0
@@ -83,27 +81,17 @@ class FragmentIndex:
         return [FragmentMatch(s, e, key_of(ids[s:e])) for s, e in spans]
 
     def known(self, key: bytes) -> bool:
-        with self._lock:
-            if key in self._known:
-                self._known.move_to_end(key)
-                return True
-            return False
+        return self._known.seen(key)
 
     def add(self, key: bytes) -> None:
-        with self._lock:
-            self._known[key] = None
-            self._known.move_to_end(key)
-            while len(self._known) > self.capacity:
-                self._known.popitem(last=False)
+        self._known.add((key,))
 
     def discard(self, key: bytes) -> None:
         """Forget a key whose KV turned out missing (evicted, corrupt)."""
-        with self._lock:
-            self._known.pop(key, None)
+        self._known.discard(key)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._known)
+        return len(self._known)
 
 
 def marked_core(chunk: Sequence[int] | np.ndarray) -> np.ndarray:

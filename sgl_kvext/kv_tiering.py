@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from sgl_kvext.cost_model import CostModel
 from sgl_kvext.keys import ModelIdentity, Namespace, page_keys
 from sgl_kvext.kv_pages import PagedKV
 from sgl_kvext.prefetch import Prefetcher
+from sgl_kvext.recent_keys import RecentKeys
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
 
@@ -70,7 +70,7 @@ class KVTiering:
         self.tokens = pool.tokens
         self.cost = CostModel([t.name for t in chain.tiers], pool.device.type)
         self.prefetcher = Prefetcher(chain, prefetch_threads, cost=self.cost)
-        self._known: OrderedDict[bytes, None] = OrderedDict()   # recently stored keys
+        self._known = RecentKeys(_KNOWN_KEYS)   # recently stored keys
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
@@ -99,7 +99,7 @@ class KVTiering:
         """
         keys = self.keys_for(salt, tokens)
         first = from_token // self.tokens
-        todo = [p for p in range(first, len(keys)) if not self._seen(keys[p])]
+        todo = [p for p in range(first, len(keys)) if not self._known.seen(keys[p])]
         if not todo:
             return 0
         index = torch.tensor(todo, dtype=torch.int64)
@@ -109,20 +109,10 @@ class KVTiering:
         pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
                  for i, p in enumerate(todo)]
         self.chain.put(pages)
+        self._known.add(keys[p] for p in todo)
         with self._lock:
-            for p in todo:
-                self._known[keys[p]] = None
-            while len(self._known) > _KNOWN_KEYS:
-                self._known.popitem(last=False)
             self.counters["spilled_pages"] += len(pages)
         return len(pages)
-
-    def _seen(self, key: bytes) -> bool:
-        with self._lock:
-            if key in self._known:
-                self._known.move_to_end(key)
-                return True
-        return False
 
     # ------------------------------------------------------------------- load
     def plan(self, salt: str, tokens: Sequence[int], device_len: int,
