@@ -31,6 +31,9 @@ from sgl_kvext.tiers.objects import KVPage
 
 logger = logging.getLogger("sgl_kvext")
 _KNOWN_KEYS = 1 << 16
+# Loads go through one reused staging buffer of at most this size, in batches of pages: a
+# buffer sized to the largest load would keep up to the whole pool's bytes resident.
+_STAGING_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,30 +140,44 @@ class KVTiering:
         return LoadPlan(tuple(rest[:run]), first, device_len, end)
 
     def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
-        """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss."""
+        """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.
+
+        Pages are read and scattered in batches that fit the staging buffer; after a miss the
+        slots may hold part of the KV and must be freed by the caller, never used.
+        """
         if slots.numel() != plan.tokens:
             raise ValueError(f"{slots.numel()} slots for {plan.tokens} tokens")
-        staging = self._staging_for(len(plan.keys))
-        views = [staging[i].numpy().data for i in range(len(plan.keys))]
-        done = self.chain.tiers[0].read_into(list(plan.keys), views)
-        if not all(done):
-            with self._lock:
-                self.counters["failed_loads"] += 1
-            return False
-        pages = staging.view(self.pool.dtype).view(len(plan.keys), *self.pool.page_shape)
-        skip = plan.start - plan.first_page * self.tokens
-        self.pool.scatter_tokens(slots, pages, skip=skip)
+        staging = self._staging_buffer()
+        base = plan.first_page * self.tokens   # token index of the first page's first token
+        for lo_page in range(0, len(plan.keys), staging.shape[0]):
+            keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
+            views = [staging[i].numpy().data for i in range(len(keys))]
+            if not all(self.chain.tiers[0].read_into(keys, views)):
+                with self._lock:
+                    self.counters["failed_loads"] += 1
+                return False
+            first_token = base + lo_page * self.tokens
+            lo = max(plan.start, first_token)
+            hi = min(plan.end, first_token + len(keys) * self.tokens)
+            pages = staging[:len(keys)].view(self.pool.dtype).view(len(keys),
+                                                                   *self.pool.page_shape)
+            self.pool.scatter_tokens(slots[lo - plan.start:hi - plan.start], pages,
+                                     skip=lo - first_token)
         with self._lock:
             self.counters["loaded_pages"] += len(plan.keys)
         return True
 
-    def _staging_for(self, pages: int) -> torch.Tensor:
-        """A reused (pages, page_nbytes) buffer: fresh memory would cost page faults per load."""
-        if self._staging is None or self._staging.shape[0] < pages:
-            self._staging = torch.empty((max(pages, 16), self.pool.page_nbytes),
-                                        dtype=torch.uint8,
+    def _staging_buffer(self) -> torch.Tensor:
+        """The reused (pages, page_nbytes) load buffer: fresh memory costs page faults per load.
+
+        Allocated once at its full size, so the resident set does not step up with the
+        largest load seen so far.
+        """
+        if self._staging is None:
+            pages = max(1, _STAGING_BYTES // self.pool.page_nbytes)
+            self._staging = torch.empty((pages, self.pool.page_nbytes), dtype=torch.uint8,
                                         pin_memory=self.pool.device.type == "cuda")
-        return self._staging[:pages]
+        return self._staging
 
     @property
     def bytes_per_token(self) -> float:
