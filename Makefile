@@ -26,8 +26,10 @@ demo: model
 bench: model
 	$(BIN)/sgl-kvext-bench rag --json results/rag.json
 
+# float32: on CPUs without bf16 matmul units (AVX2 only) bf16 prefill is ~7x slower, and
+# the soak should spend its 30 minutes serving, not waiting on one prefill.
 soak: model
-	$(BIN)/sgl-kvext-bench soak --json results/soak.json
+	$(BIN)/sgl-kvext-bench soak --json results/soak.json --server-args "--dtype float32"
 
 test: model
 	$(BIN)/python -m pytest -q
