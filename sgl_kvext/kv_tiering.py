@@ -163,6 +163,8 @@ class KVTiering:
                                                                    *self.pool.page_shape)
             self.pool.scatter_tokens(slots[lo - plan.start:hi - plan.start], pages,
                                      skip=lo - first_token)
+            if self.pool.device.type == "cuda":   # the copy out of pinned staging is async:
+                torch.cuda.current_stream(self.pool.device).synchronize()   # finish it first
         with self._lock:
             self.counters["loaded_pages"] += len(plan.keys)
         return True
