@@ -149,9 +149,7 @@ class FragmentBlender:
         spans = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
                  for m in plan.fragments]
         found = self.store.get(salt, spans)
-        for i, m in enumerate(plan.fragments):
-            if i not in found:
-                self.index.discard(m.key)
+        self.index.discard(m.key for i, m in enumerate(plan.fragments) if i not in found)
         with self._lock:
             self.counters["fragment_hits"] += len(found)
             self.counters["fragment_misses"] += len(plan.fragments) - len(found)

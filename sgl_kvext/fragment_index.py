@@ -9,7 +9,7 @@ knows nothing of namespaces or tiers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -86,9 +86,9 @@ class FragmentIndex:
     def add(self, key: bytes) -> None:
         self._known.add((key,))
 
-    def discard(self, key: bytes) -> None:
-        """Forget a key whose KV turned out missing (evicted, corrupt)."""
-        self._known.discard(key)
+    def discard(self, keys: Iterable[bytes]) -> None:
+        """Forget keys whose KV turned out missing (evicted, corrupt)."""
+        self._known.discard(keys)
 
     def __len__(self) -> int:
         return len(self._known)

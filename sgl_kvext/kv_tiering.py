@@ -73,7 +73,9 @@ class KVTiering:
         self.tokens = pool.tokens
         self.cost = CostModel([t.name for t in chain.tiers], pool.device.type)
         self.prefetcher = Prefetcher(chain, prefetch_threads, cost=self.cost)
-        self._known = RecentKeys(_KNOWN_KEYS)   # recently stored keys
+        # Keys stored and not seen lost since: spilling them again is skipped.
+        self._known = RecentKeys(_KNOWN_KEYS)
+        chain.on_loss(self._known.discard)
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
@@ -111,8 +113,8 @@ class KVTiering:
         raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
         pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
                  for i, p in enumerate(todo)]
+        self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
         self.chain.put(pages)
-        self._known.add(keys[p] for p in todo)
         with self._lock:
             self.counters["spilled_pages"] += len(pages)
         return len(pages)
@@ -132,6 +134,8 @@ class KVTiering:
             return None
         held = self.chain.tiers[0].exists(rest)
         run = next((i for i, h in enumerate(held) if not h), len(rest))
+        if run < len(rest) and len(self.chain.tiers) == 1:
+            self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
         if run < len(rest) and prefetch_id is not None and len(self.chain.tiers) > 1:
             self.prefetcher.request(prefetch_id, rest[run:])
         end = (first + run) * self.tokens
@@ -152,7 +156,9 @@ class KVTiering:
         for lo_page in range(0, len(plan.keys), staging.shape[0]):
             keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
             views = [staging[i].numpy().data for i in range(len(keys))]
-            if not all(self.chain.tiers[0].read_into(keys, views)):
+            read = self.chain.tiers[0].read_into(keys, views)
+            if not all(read):
+                self._known.discard(k for k, ok in zip(keys, read, strict=True) if not ok)
                 with self._lock:
                     self.counters["failed_loads"] += 1
                 return False

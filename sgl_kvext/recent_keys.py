@@ -39,9 +39,11 @@ class RecentKeys:
             while len(self._keys) > self.capacity:
                 self._keys.popitem(last=False)
 
-    def discard(self, key: bytes) -> None:
+    def discard(self, keys: Iterable[bytes]) -> None:
+        """Forget ``keys`` (those not remembered are ignored)."""
         with self._lock:
-            self._keys.pop(key, None)
+            for key in keys:
+                self._keys.pop(key, None)
 
     def __len__(self) -> int:
         with self._lock:

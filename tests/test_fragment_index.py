@@ -51,7 +51,7 @@ def test_known_keys_are_a_bounded_lru() -> None:
     assert index.known(b"a")          # touches a: b is now the oldest
     index.add(b"c")
     assert index.known(b"a") and index.known(b"c") and not index.known(b"b")
-    index.discard(b"a")
+    index.discard([b"a"])
     assert not index.known(b"a") and len(index) == 1
 
 

@@ -51,3 +51,34 @@ def test_a_page_missing_in_a_later_batch_is_a_miss(tiering):
     tiering.chain.tiers[0].delete([plan.keys[7]])         # third batch
     assert not tiering.load(plan, torch.arange(100, 140))
     assert tiering.counters == {"spilled_pages": 10, "loaded_pages": 0, "failed_loads": 1}
+
+
+def _tiering_over(chain):
+    gen = torch.Generator().manual_seed(1)
+    k = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
+    v = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
+    return KVTiering(PagedKV(k, v, T), chain, IDENTITY, prefetch_threads=1)
+
+
+def test_a_page_the_chain_dropped_is_spilled_again():
+    tiering = _tiering_over(TierChain([HostTier(4 * 1024, block_bytes=1024)]))  # 4 pages
+    first = list(range(3000, 3008))                          # 2 pages
+    assert tiering.spill("", first, torch.arange(8), 0) == 2
+    assert tiering.spill("", first, torch.arange(8), 0) == 0  # stored: skipped
+    assert tiering.spill("", list(range(4000, 4016)), torch.arange(16, 32), 0) == 4
+    assert not any(tiering.chain.tiers[0].exists(tiering.keys_for("", first)))  # evicted
+    assert tiering.spill("", first, torch.arange(8), 0) == 2  # so stored again
+    plan = tiering.plan("", first, 0)
+    assert plan is not None and tiering.load(plan, torch.arange(100, 108))
+    assert torch.equal(_kv(tiering, torch.arange(100, 108)), _kv(tiering, torch.arange(8)))
+    tiering.close()
+
+
+def test_a_page_found_missing_on_load_is_spilled_again(tiering):
+    tokens = list(range(5000, 5040))
+    tiering.spill("", tokens, torch.arange(40), 0)
+    plan = tiering.plan("", tokens, 0)
+    tiering.chain.tiers[0].delete([plan.keys[7]])   # as a quarantine or another process would
+    assert not tiering.load(plan, torch.arange(100, 140))
+    assert tiering.spill("", tokens, torch.arange(40), 0) == 1
+    assert tiering.load(tiering.plan("", tokens, 0), torch.arange(100, 140))

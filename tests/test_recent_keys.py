@@ -23,8 +23,7 @@ def test_re_adding_refreshes_and_discard_forgets():
     keys.add([b"a"])
     keys.add([b"c"])
     assert keys.seen(b"a") and not keys.seen(b"b")
-    keys.discard(b"a")
-    keys.discard(b"missing")
+    keys.discard([b"a", b"missing"])
     assert not keys.seen(b"a") and len(keys) == 1
 
 

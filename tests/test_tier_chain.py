@@ -202,3 +202,40 @@ class ChainModel(RuleBasedStateMachine):
 
 
 TestChainModel = ChainModel.TestCase
+
+
+def test_loss_listeners_hear_every_page_that_leaves(tmp_path: Path) -> None:
+    heard: list[bytes] = []
+    host_only = TierChain([HostTier(2 * PAGE, "lru", block_bytes=PAGE)])
+    host_only.on_loss(heard.extend)
+    host_only.put([page_of(i) for i in range(3)])          # the last tier evicts page 0
+    assert heard == [key_of(0)]
+    assert host_only.lookup([key_of(1), key_of(9), key_of(2)]).run == 1
+    assert heard == [key_of(0), key_of(9)]                  # the first key held nowhere
+    host_only.close()
+
+    chain = small_chain(tmp_path, host_pages=2)
+    chain.on_loss(heard.extend)
+    heard.clear()
+    chain.put([page_of(i) for i in range(4)])               # demoted to disk, not lost
+    chain.flush(timeout_s=10)
+    assert heard == [] and chain.lookup([key_of(i) for i in range(4)]).run == 4
+    chain.close()
+
+
+def test_a_dropped_batch_is_reported_and_a_failing_listener_is_contained() -> None:
+    stuck = _BlockedTier()
+    chain = TierChain([HostTier(1 << 20), stuck], "write_through", queue_batches=1,
+                      put_timeout_s=0.2)
+    heard: list[bytes] = []
+
+    def broken(keys: object) -> None:
+        raise RuntimeError("listener bug")
+
+    chain.on_loss(broken)
+    chain.on_loss(heard.extend)
+    for i in range(4):
+        chain.put([page_of(i)])
+    assert len(heard) == chain.counters["dropped_pages"] >= 1
+    stuck.release.set()
+    chain.close()

@@ -93,6 +93,7 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     frag = config.fragments
     index = FragmentIndex(frag.min_tokens, frag.chunking)
+    chain.on_loss(index.discard)        # a fragment dropped by the tiers is registered anew
     blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
                               config.blend.recompute_ratio, config.blend.check_layer)
     logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "

@@ -8,6 +8,8 @@
   batch is dropped and counted. Queued pages stay readable until written.
 - ``lookup`` answers, for consecutive page keys, the longest run held from the start and the
   tier of each page; ``get`` loads that run and promotes pages found below into the first tier.
+- Loss listeners (``on_loss``) hear of every page this process sees leave the chain, so a
+  caller that remembers what it stored can store it again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sgl_kvext.tiers.base import Tier
@@ -24,6 +26,7 @@ from sgl_kvext.tiers.objects import KVPage
 logger = logging.getLogger("sgl_kvext")
 
 WRITE_POLICIES = ("write_back", "write_through")
+LossListener = Callable[[Sequence[bytes]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ class _Writer:
                                  self.index, len(batch or ()))
                 with self.chain._lock:
                     self.chain.counters["dropped_pages"] += len(batch or ())
+                self.chain._lost([p.key for p in batch or ()])
             finally:
                 with self.lock:
                     for p in batch or ():
@@ -112,7 +116,19 @@ class TierChain:
         self.write_policy, self.put_timeout_s = write_policy, put_timeout_s
         self._writers = {i: _Writer(self, i, queue_batches) for i in range(1, len(self.tiers))}
         self._lock = threading.Lock()
+        self._loss_listeners: list[LossListener] = []
         self.counters = {"dropped_pages": 0, "demoted_pages": 0, "promoted_pages": 0}
+
+    def on_loss(self, listener: LossListener) -> None:
+        """Call ``listener(keys)`` whenever pages may have left the chain.
+
+        Reported (on the thread that saw it, so ``listener`` must be quick and thread-safe):
+        pages the last tier evicts or rejects, batches dropped from a full queue or by a
+        failed write (under write-through an upper copy may remain), and the first key a
+        ``lookup`` or ``get`` finds in no tier. Drops made by other processes sharing a tier
+        are only seen by the latter.
+        """
+        self._loss_listeners.append(listener)
 
     def put(self, pages: Sequence[KVPage]) -> None:
         """Store ``pages`` in the first tier (and below, per the write policy)."""
@@ -131,6 +147,8 @@ class TierChain:
                 if held:
                     holder[i] = t
         run = next((i for i, h in enumerate(holder) if h is None), len(keys))
+        if run < len(keys):
+            self._lost(keys[run:run + 1])
         return ChainLookup(run, tuple(int(h) for h in holder[:run] if h is not None))
 
     def get(self, keys: Sequence[bytes]) -> ChainGet:
@@ -147,6 +165,7 @@ class TierChain:
         tiers: list[int] = []
         for key in keys[:found.run]:      # a page lost since the lookup ends the run there
             if key not in loaded:
+                self._lost([key])
                 break
             pages.append(loaded[key][0])
             tiers.append(loaded[key][1])
@@ -192,11 +211,21 @@ class TierChain:
             with self._lock:
                 self.counters["demoted_pages"] += len(result.evicted)
             self._enqueue(index + 1, overflow)
+        elif overflow:                    # evicted from, or refused by, the last tier
+            self._lost([p.key for p in overflow])
 
     def _enqueue(self, index: int, pages: list[KVPage]) -> None:
         if not self._writers[index].submit(pages, self.put_timeout_s):
             with self._lock:
                 self.counters["dropped_pages"] += len(pages)
+            self._lost([p.key for p in pages])
+
+    def _lost(self, keys: Sequence[bytes]) -> None:
+        for listener in self._loss_listeners:
+            try:
+                listener(keys)
+            except Exception:      # a listener's bug must not break a write or a read
+                logger.exception("sgl-kvext: a tier-chain loss listener failed")
 
     def _exists(self, index: int, keys: list[bytes]) -> list[bool]:
         writer = self._writers.get(index)
