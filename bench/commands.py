@@ -55,13 +55,23 @@ def _serving(args: argparse.Namespace) -> Serving:
         from sgl_kvext.model_prep import prepare_smollm2
 
         model = args.model_path or prepare_smollm2().path
-    return Serving(model, args.json.parent, tuple(shlex.split(args.server_args)), url,
-                   getattr(args, "api", "sglang"))
+    flags = tuple(shlex.split(args.server_args))
+    if url is None:
+        from sgl_kvext.server import dtype_flags
+
+        flags = (*dtype_flags(flags), *flags)
+        if flags[:1] == ("--dtype",):
+            print(f"sgl-kvext-bench: servers run in {flags[1]} on this CPU (pass --server-args "
+                  "\"--dtype ...\" to choose)", file=sys.stderr)
+    args.resolved_server_args = flags          # recorded in the results by _finish
+    return Serving(model, args.json.parent, flags, url, getattr(args, "api", "sglang"))
 
 
 def _finish(args: argparse.Namespace, results: dict[str, Any], table: str,
             rows: Sequence[dict[str, Any]], plot: str | None = None,
             extra: Sequence[str] = ()) -> int:
+    if getattr(args, "resolved_server_args", None) is not None:
+        results = {**results, "server_args": list(args.resolved_server_args)}
     write_json(results, args.json)
     csv_path = write_csv(rows, args.json.with_suffix(".csv"))
     print("\n" + table)

@@ -3,7 +3,7 @@
 Every prompt is a system line, 4-8 documents of the synthetic RAG set in shuffled order, the
 question and the answer's stem (``rag_set.py``); answers are greedy and scored against the
 gold value. Requests go one at a time and stream, so TTFT has no queueing. Set-ups, one server
-each, one after another, at the server's default dtype:
+each, one after another, in the CPU's fast dtype (``sgl_kvext.server.dtype_flags``):
 
 - ``no_cache``: ``--disable-radix-cache``;
 - ``radix``: SGLang's default radix cache (only the shared system line is a prefix);

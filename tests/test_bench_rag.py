@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import bench_cli
 
+from sgl_kvext.server import dtype_flags
 from sgl_kvext_bench.rag_set import RagSpec, sentences_for
 
 
@@ -96,6 +97,7 @@ def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     fragment = by_name["hierarchical_blend"]["kvext_counters"]["fragment"]   # from /metrics
     assert fragment["blends"] >= 2 and fragment["blended_tokens"] > 0
     assert "hierarchical_blend_p50_speedup_vs_radix" in data
+    assert data["server_args"] == list(dtype_flags(()))   # the CPU's fast dtype, recorded
 
 
 def test_rag_bench_rejects_unknown_configs(tmp_path: Path) -> None:
