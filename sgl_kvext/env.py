@@ -21,7 +21,14 @@ RESOLVED_CONFIG = PREFIX + "RESOLVED_CONFIG"
 #: Folder that holds prepared model checkpoints (default: ~/.cache/sgl_kvext).
 CACHE_DIR = PREFIX + "CACHE_DIR"
 
-_RESERVED = frozenset({CONFIG_FILE, RESOLVED_CONFIG, CACHE_DIR})
+#: The ASGI app the user's SGLang HTTP workers would import, wrapped by the plugin's own.
+WRAPPED_HTTP_APP = PREFIX + "WRAPPED_HTTP_APP"
+#: SGLang's: the ``module:attr`` of the ASGI app its HTTP workers import when
+#: ``--tokenizer-worker-num > 1`` (they are fresh processes that load no plugins).
+SGLANG_HTTP_APP = "SGLANG_HTTP_SERVER_APP_PATH"
+SGLANG_HTTP_APP_DEFAULT = "sglang.srt.entrypoints.http_server:app"
+
+_RESERVED = frozenset({CONFIG_FILE, RESOLVED_CONFIG, CACHE_DIR, WRAPPED_HTTP_APP})
 
 
 def option_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:

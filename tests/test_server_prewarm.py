@@ -47,3 +47,31 @@ def test_prewarmed_corpus_is_hit_by_another_instance_through_s3(
         assert again.cached_tokens >= 0.9 * sum(n_tokens(d) for d in corpus)
     with pytest.raises(ValueError, match="texts"):
         prewarm_corpus("http://127.0.0.1:9", [])
+
+
+def test_prewarm_is_served_by_every_http_worker(model_path: Path, tmp_path: Path) -> None:
+    # SGLang's extra HTTP workers load no plugins; before the plugin pointed them at its own
+    # app, every /kvext/* request to a 2-worker server was a 404.
+    args = [*ARGS, "--tokenizer-worker-num", "2"]
+    with SGLangServer(model_path, args, log_path=tmp_path / "workers.log") as server:
+        first = prewarm_corpus(server.url, [DOCS[5]], timeout_s=300)
+        assert first.fragments >= 1
+        for _ in range(6):        # fresh connections, spread over the workers; all answer
+            assert prewarm_corpus(server.url, [DOCS[5]], timeout_s=60).fragments == \
+                first.fragments
+
+
+def test_http_workers_import_the_wrapped_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_kvext import env
+    from sgl_kvext.integration import prewarm
+
+    monkeypatch.delenv(env.SGLANG_HTTP_APP, raising=False)
+    monkeypatch.delenv(env.WRAPPED_HTTP_APP, raising=False)
+    prewarm.route_http_workers()
+    assert env.get(env.SGLANG_HTTP_APP) == prewarm.HTTP_APP
+    assert env.get(env.WRAPPED_HTTP_APP) == env.SGLANG_HTTP_APP_DEFAULT
+    monkeypatch.setenv(env.SGLANG_HTTP_APP, "my_gateway:asgi")     # a user's own app
+    prewarm.route_http_workers()
+    prewarm.route_http_workers()                                     # idempotent
+    assert env.get(env.SGLANG_HTTP_APP) == prewarm.HTTP_APP
+    assert env.get(env.WRAPPED_HTTP_APP) == "my_gateway:asgi"

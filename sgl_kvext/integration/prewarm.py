@@ -23,11 +23,13 @@ from fastapi import Request  # module level: FastAPI resolves the string annotat
 from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from sgl_kvext import env
 from sgl_kvext.integration.tree import BLEND_NAMESPACE
 
 logger = logging.getLogger("sgl_kvext")
 _HANDLE = "sglang.srt.managers.scheduler.Scheduler.handle_dumper_control"
 PREFIX = "kvext."
+HTTP_APP = "sgl_kvext.integration.http_app:app"
 MAX_TEXTS = 4096
 
 _registered = False
@@ -99,8 +101,19 @@ def _handle_control(original: Any, self: Any, recv_req: Any) -> Any:
     return None
 
 
-def add_routes() -> None:
-    """Add the two routes to SGLang's app (launcher process, once)."""
+def route_http_workers() -> None:
+    """Make SGLang's extra HTTP workers (``--tokenizer-worker-num > 1``) serve the routes too:
+    they import the app named by ``SGLANG_HTTP_SERVER_APP_PATH``, which becomes
+    :mod:`sgl_kvext.integration.http_app` (SGLang's app, or the one the user named there,
+    plus the routes). Launcher process, before the server starts."""
+    wrapped = env.get(env.SGLANG_HTTP_APP) or env.SGLANG_HTTP_APP_DEFAULT
+    if wrapped != HTTP_APP:
+        env.set_value(env.WRAPPED_HTTP_APP, wrapped)
+        env.set_value(env.SGLANG_HTTP_APP, HTTP_APP)
+
+
+def add_routes(app: Any = None) -> None:
+    """Add the two routes to ``app`` (default: SGLang's), once per process."""
     global _routes_added
     if _routes_added:
         return
@@ -129,6 +142,7 @@ def add_routes() -> None:
     async def fragments(request: Request) -> Any:
         return await control("fragments", request)
 
-    http_server.app.add_api_route("/kvext/prewarm", prewarm, methods=["POST"])
-    http_server.app.add_api_route("/kvext/fragments", fragments, methods=["POST"])
+    target = http_server.app if app is None else app
+    target.add_api_route("/kvext/prewarm", prewarm, methods=["POST"])
+    target.add_api_route("/kvext/fragments", fragments, methods=["POST"])
     _routes_added = True

@@ -90,6 +90,8 @@ def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
             from sgl_kvext.integration import prewarm
 
             prewarm.add_routes()
+            if (getattr(args, "tokenizer_worker_num", 1) or 1) > 1:
+                prewarm.route_http_workers()
     from sgl_kvext.integration import cpu_attention
 
     cpu_attention.disable_graphs_for(args)
