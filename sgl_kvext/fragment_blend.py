@@ -36,7 +36,8 @@ from sgl_kvext.blend import (
     compute_chunk_kv,
 )
 from sgl_kvext.chunking import fragments
-from sgl_kvext.fragment_index import FragmentIndex, FragmentMatch, marked_core
+from sgl_kvext.fragment_index import DroppedMark, FragmentIndex, FragmentMatch, marked_core
+from sgl_kvext.fragment_report import BlendReport, Outcome
 from sgl_kvext.fragment_store import FragmentStore
 from sgl_kvext_kernels import RopeConfig
 
@@ -45,24 +46,31 @@ _STOP = object()
 
 
 class BlendPlan(NamedTuple):
-    """Blend tokens ``[start, end)``; ``fragments`` (absolute positions) lie inside."""
+    """Blend tokens ``[start, end)``. Each fragment (absolute positions, the whole stored run)
+    overlaps the span; only its part inside the span is reused. ``report`` so far."""
 
     start: int
     end: int
     fragments: tuple[FragmentMatch, ...]
+    report: BlendReport
 
     @property
     def tokens(self) -> int:
         return self.end - self.start
 
 
+class NoBlend(NamedTuple):
+    """Nothing is blended; the report says why."""
+
+    report: BlendReport
+
+
 class BlendOutput(NamedTuple):
-    """KV of the span, k / v [L, T, H, D], and what the blend reused and recomputed."""
+    """KV of the span, k / v [L, T, H, D], and the finished report."""
 
     k: torch.Tensor
     v: torch.Tensor
-    reused_tokens: int
-    recomputed_tokens: int
+    report: BlendReport
 
 
 def _lower_priority() -> None:
@@ -118,52 +126,73 @@ class FragmentBlender:
     # ------------------------------------------------------------------ plan
     def plan(self, salt: str, tokens: Sequence[int] | np.ndarray, start: int,
              explicit: Sequence[tuple[int, int]] = (), page_size: int = 1
-             ) -> BlendPlan | None:
-        """The blend after ``start`` cached tokens, or None when nothing is worth blending.
+             ) -> BlendPlan | NoBlend:
+        """The blend after ``start`` cached tokens, or why there is none.
 
-        The span ends at the last known fragment, rounded down to ``page_size``; at least one
-        token of the prompt is always left for the engine (it computes the logits)."""
+        The span ends at the last known fragment, cut to the prompt's last token (the engine
+        computes it: it yields the logits) and rounded down to ``page_size``; fragments are
+        reused for their part inside the span, so a marked chunk whose head is in the cached
+        prefix still gives the rest of its KV."""
         ids = np.asarray(tokens, dtype=np.int64)
-        matches = self.index.find(lambda t: self.store.key(salt, t), ids, explicit, start)
-        held = [self.index.known(m.key) for m in matches]
-        known = [m for m, h in zip(matches, held, strict=True) if h and m.end < ids.size]
-        self._enqueue(salt, ids, [m for m, h in zip(matches, held, strict=True) if not h])
-        if not known:
-            return None
-        end = known[-1].end // page_size * page_size
-        known = [m for m in known if m.end <= end]
-        covered = sum(m.end - m.start for m in known)
-        if end <= start or not known or covered < self.min_reuse_share * (end - start):
-            return None
-        return BlendPlan(start, end, tuple(known))
+        found = self.index.find(lambda t: self.store.key(salt, t), ids, explicit, start)
+        held = [self.index.known(m.key) for m in found.matches]
+        self._enqueue(salt, ids, [m for m, h in zip(found.matches, held, strict=True) if not h])
+        known = [m for m, h in zip(found.matches, held, strict=True) if h]
+        dropped = [*found.dropped,
+                   *(DroppedMark(m.start, m.end, "not stored yet (queued for registration)")
+                     for m, h in zip(found.matches, held, strict=True) if m.marked and not h)]
+        end = min(max((m.end for m in known), default=start), ids.size - 1)
+        end = end // page_size * page_size
+        used = tuple(m for m in known if max(m.start, start) < min(m.end, end))
+        dropped += [DroppedMark(m.start, m.end, "after the span's page-aligned end")
+                    for m in known if m.marked and m not in used]
+        marked = [m for m in used if m.marked]
+        report = BlendReport(
+            Outcome.NOTHING_STORED, start, max(start, end), marked_used=len(marked),
+            marked_partial=sum(m.start < start for m in marked),
+            marked_in_prefix=found.marked_in_prefix, marked_dropped=tuple(dropped),
+            auto_used=len(used) - len(marked))
+        if not used:
+            return NoBlend(report)
+        covered = sum(min(m.end, end) - max(m.start, start) for m in used)
+        if covered < self.min_reuse_share * (end - start):
+            return NoBlend(report.but(outcome=Outcome.LITTLE_REUSE))
+        return BlendPlan(start, end, used, report)
 
     # ------------------------------------------------------------------- run
     def run(self, salt: str, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
-            prefix: PrefixKV) -> BlendOutput | None:
+            prefix: PrefixKV) -> BlendOutput | NoBlend:
         """KV for ``tokens[plan.start:plan.end]`` after ``prefix`` (``plan.start`` tokens), or
-        None when no fragment's KV could be fetched (the caller recomputes)."""
+        NoBlend when no fragment's KV could be fetched (the caller recomputes)."""
         if len(prefix) != plan.start:
             raise ValueError(f"prefix holds {len(prefix)} tokens, the plan starts at "
                              f"{plan.start}")
         ids = torch.as_tensor(np.asarray(tokens[plan.start:plan.end], dtype=np.int64))
-        spans = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
+        whole = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
                  for m in plan.fragments]
-        found = self.store.get(salt, spans)
+        found = self.store.get(salt, whole)
+        missing = len(plan.fragments) - len(found)
         self.index.discard(m.key for i, m in enumerate(plan.fragments) if i not in found)
         with self._lock:
             self.counters["fragment_hits"] += len(found)
-            self.counters["fragment_misses"] += len(plan.fragments) - len(found)
+            self.counters["fragment_misses"] += missing
         if not found:
-            return None
-        chunks = [ReusedChunk(plan.fragments[i].start - plan.start, kv)
-                  for i, kv in sorted(found.items())]
+            return NoBlend(plan.report.but(outcome=Outcome.FRAGMENTS_MISSING,
+                                           fragments_missing=missing))
+        chunks = []
+        for i, kv in sorted(found.items()):
+            m = plan.fragments[i]
+            a, b = max(m.start, plan.start), min(m.end, plan.end)
+            chunks.append(ReusedChunk(a - plan.start, kv.part(a - m.start, b - m.start)))
         result = blended_prefill(self.ops, ids, chunks, self.rope, prefix=prefix,
                                  ratio=self.ratio, check_layer=self.check_layer)
         with self._lock:
             self.counters["blends"] += 1
             self.counters["blended_tokens"] += result.reused_tokens
             self.counters["recomputed_tokens"] += result.recomputed_tokens
-        return BlendOutput(result.k, result.v, result.reused_tokens, result.recomputed_tokens)
+        return BlendOutput(result.k, result.v, plan.report.but(
+            outcome=Outcome.BLENDED, fragments_missing=missing,
+            reused_tokens=result.reused_tokens, recomputed_tokens=result.recomputed_tokens))
 
     # -------------------------------------------------------------- register
     def prewarm_async(self, salt: str, texts: Sequence[Sequence[int] | np.ndarray]

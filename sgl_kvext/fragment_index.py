@@ -21,11 +21,32 @@ CHUNKING_MODES = ("explicit", "auto", "both")
 
 
 class FragmentMatch(NamedTuple):
-    """Tokens ``[start, end)`` of the prompt form a fragment whose key is ``key``."""
+    """Tokens ``[start, end)`` of the prompt form a fragment whose key is ``key``.
+
+    ``marked``: a span the request marked (else an automatic chunk). A marked fragment may
+    start inside the cached prefix; the caller then reuses only its part after the prefix."""
 
     start: int
     end: int
     key: bytes
+    marked: bool = False
+
+
+class DroppedMark(NamedTuple):
+    """A marked span ``[start, end)`` that yields no fragment, and why (a short phrase)."""
+
+    start: int
+    end: int
+    reason: str
+
+
+class PromptFragments(NamedTuple):
+    """What :meth:`FragmentIndex.find` found: fragments in prompt order, marked spans it
+    could not use, and how many marked spans lie wholly inside the cached prefix."""
+
+    matches: list[FragmentMatch]
+    dropped: list[DroppedMark]
+    marked_in_prefix: int
 
 
 class FragmentIndex:
@@ -51,9 +72,8 @@ class FragmentIndex:
         self._known = RecentKeys(capacity)
 
     def find(self, key_of: Callable[[np.ndarray], bytes], tokens: Sequence[int] | np.ndarray,
-             explicit: Sequence[tuple[int, int]] = (), from_token: int = 0
-             ) -> list[FragmentMatch]:
-        """Non-overlapping fragments of ``tokens`` starting at or after ``from_token``.
+             explicit: Sequence[tuple[int, int]] = (), from_token: int = 0) -> PromptFragments:
+        """Non-overlapping fragments of ``tokens`` that end after ``from_token``.
 
         Parameters
         ----------
@@ -62,23 +82,36 @@ class FragmentIndex:
         tokens : (n,) ints
             The whole prompt (automatic cuts need the tokens before ``from_token`` too).
         explicit
-            Marked ``(start, end)`` spans; ones out of range or overlapping an earlier one are
-            ignored.
+            Marked ``(start, end)`` spans. A marked span that starts before ``from_token``
+            and ends after it is kept whole (its key is its whole token run; the caller
+            reuses the part after ``from_token``). Spans out of range, shorter than 2 tokens
+            or overlapping an earlier one are dropped, with the reason. Automatic chunks never
+            overlap a marked span, used or not: they never stand in for one.
+        from_token
+            Tokens before it are cached already (the device prefix).
         """
         ids = np.asarray(tokens, dtype=np.int64)
-        spans: list[tuple[int, int]] = []
+        marks: list[tuple[int, int]] = []
+        dropped: list[DroppedMark] = []
         if self.chunking in ("explicit", "both"):
-            for start, end in sorted(explicit):
-                if from_token <= start and end - start >= 2 and end <= ids.size and \
-                        (not spans or start >= spans[-1][1]):
-                    spans.append((start, end))
+            for start, end in sorted(set(explicit)):
+                reason = ("shorter than 2 tokens" if end - start < 2 else
+                          "past the end of the prompt" if end > ids.size else
+                          "overlaps an earlier marked span" if marks and start < marks[-1][1]
+                          else "")
+                if reason:
+                    dropped.append(DroppedMark(start, end, reason))
+                else:
+                    marks.append((start, end))
+        in_prefix = sum(end <= from_token for _, end in marks)
+        found = [FragmentMatch(s, e, key_of(ids[s:e]), True) for s, e in marks if e > from_token]
         if self.chunking in ("auto", "both"):
-            marked = list(spans)
-            for f in fragments(ids, self.min_tokens):
-                if f.start >= from_token and not any(f.start < e and s < f.end for s, e in marked):
-                    spans.append((f.start, f.end))
-        spans.sort()
-        return [FragmentMatch(s, e, key_of(ids[s:e])) for s, e in spans]
+            found += [FragmentMatch(f.start, f.end, key_of(ids[f.start:f.end]))
+                      for f in fragments(ids, self.min_tokens)
+                      if f.start >= from_token
+                      and not any(f.start < e and s < f.end for s, e in marks)]
+        found.sort()
+        return PromptFragments(found, dropped, in_prefix)
 
     def known(self, key: bytes) -> bool:
         return self._known.seen(key)

@@ -39,13 +39,15 @@ class ServerStartError(RuntimeError):
 
 
 class Completion(NamedTuple):
-    """One /generate answer: the text, its token ids and the time to the first token."""
+    """One /generate answer: the text, its token ids, the request's wall time and the
+    response's whole ``meta_info``."""
 
     text: str
     output_ids: list[int]
     cached_tokens: int
     prompt_tokens: int
     seconds: float
+    meta: dict[str, Any]
 
 
 def device_flags() -> tuple[str, ...]:
@@ -234,7 +236,7 @@ class SGLangServer:
         meta = out.get("meta_info", {})
         return Completion(out["text"], list(out.get("output_ids", [])),
                           int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)),
-                          seconds)
+                          seconds, meta)
 
 
 def _body(resp: Any) -> Any:

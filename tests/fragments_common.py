@@ -12,7 +12,7 @@ RAG = make_rag_set(documents=10, questions=4, chunks=(4, 4), sentences=24, seed=
 DOCS = RAG.documents
 MAX_NEW = 8
 ARGS = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blend",
-        "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "512MiB", "--enable-metrics",
+        "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "2GiB", "--enable-metrics",
         "--max-total-tokens", "32768"]   # bounded: the default pool takes most of the RAM
 METRICS_SYNC_S = 1.5      # the exporter copies counters to /metrics once a second
 

@@ -66,6 +66,15 @@ try:
     full_prefill(ops, ids[p:], positions=torch.arange(len(ids) - p), prefix=prefix)
 except ValueError as exc:
     out["overlap_error"] = str(exc)
+# A chunk's tail (its head in a cached prefix) re-rotates from where it sat in the chunk.
+from sgl_kvext.blend.prefill import _place_chunks
+pos, n = torch.arange(len(ids)), len(a)
+wk, wv, _ = _place_chunks(ops, ids, pos + 3, [chunks[0]], rope)
+pk, pv, pr = _place_chunks(ops, ids, pos + 3, [ReusedChunk(sa + 5, chunks[0].kv.part(5, n))],
+                           rope)
+out["part"] = {"k_diff": float((wk[:, sa + 5:sa + n] - pk[:, sa + 5:sa + n]).abs().max()),
+               "v_diff": float((wv[:, sa + 5:sa + n] - pv[:, sa + 5:sa + n]).abs().max()),
+               "reused": int(pr.sum()), "expected": n - 5}
 out["ids"] = ids.tolist()
 print("RESULT " + json.dumps(out))
 '''
@@ -115,6 +124,13 @@ def test_blend_after_a_prefix_recomputes_a_share_and_refuses_overlap(
     r = blend_run["prefix/0.15"]
     assert r["recomputed"] < r["tokens"] and r["k_diff"] > 0
     assert "inside the" in blend_run["overlap_error"]
+
+
+def test_a_chunk_part_is_placed_as_the_whole_chunk_would_be(
+        blend_run: dict) -> None:  # type: ignore[type-arg]
+    r = blend_run["part"]
+    assert r["reused"] == r["expected"]
+    assert r["k_diff"] < 1e-5 and r["v_diff"] == 0, r
 
 
 def test_full_prefill_matches_transformers(

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from sgl_kvext.fragment_index import FragmentIndex, locate_chunks, marked_core
+from sgl_kvext.fragment_index import FragmentIndex, FragmentMatch, locate_chunks, marked_core
 
 
 def key_of(tokens: np.ndarray) -> bytes:
@@ -21,7 +21,7 @@ def prompt(seed: int = 0) -> np.ndarray:
 
 def test_marked_spans_win_and_nothing_overlaps() -> None:
     ids = prompt()
-    found = FragmentIndex(16).find(key_of, ids, explicit=[(500, 900), (100, 300)])
+    found = FragmentIndex(16).find(key_of, ids, explicit=[(500, 900), (100, 300)]).matches
     spans = [(m.start, m.end) for m in found]
     assert (100, 300) in spans and (500, 900) in spans
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
@@ -29,19 +29,41 @@ def test_marked_spans_win_and_nothing_overlaps() -> None:
     assert all(m.key == key_of(ids[m.start:m.end]) for m in found)
 
 
+def spans_of(found: list[FragmentMatch]) -> list[tuple[int, int]]:
+    return [(m.start, m.end) for m in found]
+
+
 def test_modes_and_the_start_bound() -> None:
     ids = prompt(1)
     marked = [(200, 400)]
-    assert [(m.start, m.end) for m in FragmentIndex(16, "explicit").find(key_of, ids, marked)] \
+    assert spans_of(FragmentIndex(16, "explicit").find(key_of, ids, marked).matches) \
         == [(200, 400)]
-    auto = FragmentIndex(16, "auto").find(key_of, ids, marked)
-    assert (200, 400) not in [(m.start, m.end) for m in auto] and auto
+    auto = FragmentIndex(16, "auto").find(key_of, ids, marked).matches
+    assert (200, 400) not in spans_of(auto) and auto and not any(m.marked for m in auto)
     later = FragmentIndex(16).find(key_of, ids, marked, from_token=1000)
-    assert later and all(m.start >= 1000 for m in later)
-    # Out of range, too short or overlapping marks are ignored.
+    assert later.matches and all(m.start >= 1000 for m in later.matches)
+    assert later.marked_in_prefix == 1
+    # Out of range, too short or overlapping marks are dropped, each with its reason.
     odd = [(2990, 3100), (50, 51), (60, 200), (100, 150)]
-    assert [(m.start, m.end) for m in FragmentIndex(16, "explicit").find(key_of, ids, odd)] \
-        == [(60, 200)]
+    found = FragmentIndex(16, "explicit").find(key_of, ids, odd)
+    assert spans_of(found.matches) == [(60, 200)]
+    assert sorted(d.reason for d in found.dropped) == [
+        "overlaps an earlier marked span", "past the end of the prompt", "shorter than 2 tokens"]
+
+
+def test_a_marked_span_straddling_the_cached_prefix_is_kept_whole() -> None:
+    # The device prefix ends inside a marked document (its first tokens are shared with an
+    # earlier prompt): the mark is kept under its whole key, and automatic chunks never
+    # stand in for any part of it.
+    ids = prompt(3)
+    found = FragmentIndex(16).find(key_of, ids, [(300, 700), (900, 1200)], from_token=310)
+    marked = [m for m in found.matches if m.marked]
+    assert spans_of(marked) == [(300, 700), (900, 1200)]
+    assert marked[0].key == key_of(ids[300:700])
+    auto = [m for m in found.matches if not m.marked]
+    assert auto and all(m.start >= 310 for m in auto)
+    assert not any(m.start < 700 and 300 < m.end for m in auto)
+    assert not found.dropped and found.marked_in_prefix == 0
 
 
 def test_known_keys_are_a_bounded_lru() -> None:

@@ -141,3 +141,39 @@ def test_hostile_fragment_options_are_400_and_the_server_goes_on(
         body = err.value.read().decode()
         assert next(iter(options)).rstrip("_") in body or "custom_params" in body, body
     assert ask(server, UNSEEN).output_ids == expected["unseen"]    # the scheduler is alive
+
+
+def test_marked_chunk_partly_in_the_cached_prefix_is_still_reused(
+        server: SGLangServer, n_tokens: Callable[[str], int]) -> None:
+    # Two prompts with the same head: the second one's cached prefix (the head plus the
+    # first tokens its first document shares with the first prompt's, "Document") ends
+    # inside its first marked document. That document's stored KV is still reused, whole
+    # but for the tokens the prefix already holds.
+    from sgl_kvext import prewarm_corpus
+
+    head = "Answer from these documents only.\n"
+    prewarm_corpus(server.url, [DOCS[2], DOCS[7]], timeout_s=300)
+    ask(server, prompt(head, [0, 1], "Which project?"), kvext_chunks=[DOCS[0], DOCS[1]])
+    before = metric(server, "blended_tokens")
+    out = ask(server, prompt(head, [7, 2], "Who?"), kvext_chunks=[DOCS[7], DOCS[2]])
+    reused = metric(server, "blended_tokens") - before
+    whole = n_tokens(DOCS[7]) + n_tokens(DOCS[2])
+    assert reused >= whole - 12, (reused, whole)      # each marked core, less the shared head
+    assert out.cached_tokens >= reused
+    # The response says what happened.
+    report = out.meta["kvext_blend"][0]
+    assert report["outcome"] == "blended" and report["marked_dropped"] == []
+    assert report["marked_used"] == 2 and report["marked_partial"] == 1
+    assert report["auto_used"] == 0 and report["reused_tokens"] == reused
+    assert 0 < report["recomputed_tokens"] < report["end"] - report["start"]
+
+
+def test_every_blend_namespace_request_reports_its_blend(server: SGLangServer) -> None:
+    text = prompt("A prompt whose marks are not stored yet.\n", [6, 9], "Which city?")
+    spans = [0, 1, 3, 2]                       # too short; reversed (refused with 400 first)
+    out = ask(server, text, kvext_chunks=[DOCS[6]], kvext_chunk_spans=spans[:2])
+    report = out.meta["kvext_blend"][0]
+    assert report["outcome"] in ("nothing_stored", "little_reuse", "blended")
+    reasons = {d[2] for d in report["marked_dropped"]}
+    assert "shorter than 2 tokens" in reasons
+    assert "kvext_blend" not in ask(server, text, kvext_exact=True).meta   # exact: no blend

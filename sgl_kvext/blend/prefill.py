@@ -36,7 +36,11 @@ from sgl_kvext_kernels import (
 
 @dataclass(frozen=True, eq=False)
 class ChunkKV:
-    """A chunk's KV computed alone at positions ``0..n-1`` (K rotated there).
+    """A chunk's KV computed alone, K rotated at positions ``position..position+n-1``.
+
+    A chunk computed on its own starts at ``position`` 0; :meth:`part` keeps a slice of it
+    (for a fragment whose head is already in the cached prefix, or whose tail is cut off) and
+    remembers where the slice sat, so re-rotation starts from the right angle.
 
     Attributes
     ----------
@@ -44,14 +48,24 @@ class ChunkKV:
         [n] int64.
     k, v
         [L, n, H, D].
+    position
+        Position of the first token when the KV was computed.
     """
 
     token_ids: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    position: int = 0
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def part(self, start: int, end: int) -> ChunkKV:
+        """Tokens ``[start, end)`` of the chunk (views, no copy)."""
+        if not 0 <= start < end <= len(self):
+            raise ValueError(f"part [{start}, {end}) of a {len(self)}-token chunk")
+        return ChunkKV(self.token_ids[start:end], self.k[:, start:end], self.v[:, start:end],
+                       self.position + start)
 
 
 class ReusedChunk(NamedTuple):
@@ -170,7 +184,8 @@ def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.
         if tuple(chunk.kv.k.shape) != (ops.num_layers, n, ops.kv_heads, ops.head_dim):
             raise ValueError(f"chunk at {s}: KV shape {tuple(chunk.kv.k.shape)} does not fit "
                              f"the model ({ops.num_layers}, n, {ops.kv_heads}, {ops.head_dim})")
-        old, new = torch.arange(n), positions[s:s + n]
+        old = torch.arange(chunk.kv.position, chunk.kv.position + n)
+        new = positions[s:s + n]
         for layer in range(ops.num_layers):
             cached_k[layer, s:s + n] = rerotate_k(chunk.kv.k[layer].contiguous(), old, new, rope)
         cached_v[:, s:s + n] = chunk.kv.v

@@ -44,7 +44,8 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from sgl_kvext import env
 from sgl_kvext.blend import PrefixKV
 from sgl_kvext.config import KVExtConfig
-from sgl_kvext.fragment_blend import BlendPlan, FragmentBlender
+from sgl_kvext.fragment_blend import BlendPlan, FragmentBlender, NoBlend
+from sgl_kvext.fragment_report import BlendReport, Outcome
 from sgl_kvext.heap_trim import HeapTrimmer
 from sgl_kvext.kv_tiering import KVTiering, LoadPlan
 
@@ -53,6 +54,9 @@ logger = logging.getLogger("sgl_kvext")
 WAIT_CAP_S = 30.0
 #: Appended to the extra key of requests that may receive blended (approximate) KV.
 BLEND_NAMESPACE = "\x00kvext-blend"
+#: The response's ``meta_info`` key holding ``[BlendReport.as_dict()]`` (SGLang's
+#: ``customized_info`` channel: a list with one entry, sent with the first output token).
+REPORT_KEY = "kvext_blend"
 
 
 def salt_of(key: RadixKey) -> str:
@@ -179,7 +183,7 @@ class HierarchicalRadixCache(RadixCache):
             return base._replace(host_hit_length=hit)
         if plan is None:
             blend = self._plan_blend(req, key, tokens, device_len)
-            if blend is None:
+            if not isinstance(blend, BlendPlan):
                 self._pending.pop(handle, None)
                 return base
             self._pending[handle] = _Pending(None, base.last_device_node,
@@ -190,15 +194,19 @@ class HierarchicalRadixCache(RadixCache):
         return base._replace(host_hit_length=plan.tokens)
 
     def _plan_blend(self, req: Any, key: RadixKey, tokens: list[int],
-                    device_len: int) -> BlendPlan | None:
+                    device_len: int) -> BlendPlan | NoBlend | None:
+        """The request's blend (None outside the blend namespace); its report is attached
+        to the request (the last match before admission is the one the response carries)."""
         if self.blender is None or not (key.extra_key or "").endswith(BLEND_NAMESPACE):
             return None
         try:
-            return self.blender.plan(salt_of(key), tokens, device_len,
-                                     getattr(req, "kvext_chunk_spans", ()), self.page_size)
+            blend = self.blender.plan(salt_of(key), tokens, device_len,
+                                      getattr(req, "kvext_chunk_spans", ()), self.page_size)
         except Exception:
             logger.exception("sgl-kvext: fragment lookup failed; computing the prompt in full")
-            return None
+            blend = NoBlend(BlendReport(Outcome.FAILED, device_len, device_len))
+        _report(req, blend.report)
+        return blend
 
     def _holding(self, handle: Any, n_tokens: int, plan: LoadPlan | None,
                  device_len: int) -> bool:
@@ -226,9 +234,11 @@ class HierarchicalRadixCache(RadixCache):
         if (pending is None or pending.key is None or self.tiering is None
                 or pending.node is not node
                 or pending.key.child_key(self.page_size) in node.children):   # tree grew
+            if pending is not None and pending.blend is not None:
+                _report(req, pending.blend.report.but(outcome=Outcome.DECLINED))
             return 0, node
         if pending.blend is not None and pending.blend.tokens == params.host_hit_length:
-            return self._load_blend(node, pending)
+            return self._load_blend(req, node, pending)
         if pending.plan is None or pending.plan.tokens != params.host_hit_length:
             return 0, node
         n = pending.plan.tokens
@@ -260,30 +270,38 @@ class HierarchicalRadixCache(RadixCache):
         slots: torch.Tensor | None = allocator.alloc(n)
         return slots
 
-    def _load_blend(self, node: TreeNode, pending: _Pending) -> tuple[int, Any]:
+    def _load_blend(self, req: Any, node: TreeNode, pending: _Pending) -> tuple[int, Any]:
         assert self.tiering is not None and self.blender is not None
         assert pending.blend is not None and pending.key is not None
         plan, pool = pending.blend, self.tiering.pool
+        slots = None
         try:
             prefix_slots = self.path_device_indices(node).to(torch.int64)
             if prefix_slots.numel() != plan.start:
+                _report(req, plan.report.but(outcome=Outcome.DECLINED))
                 return 0, node
             prefix = PrefixKV(torch.stack([b[prefix_slots] for b in pool.k]),
                               torch.stack([b[prefix_slots] for b in pool.v]))
             out = self.blender.run(salt_of(pending.key), plan, pending.tokens, prefix)
+            _report(req, out.report)
+            if isinstance(out, NoBlend):
+                return 0, node
+            logger.debug("sgl-kvext: blended %d tokens after %d (%d reused, %d recomputed)",
+                         plan.tokens, plan.start, out.report.reused_tokens,
+                         out.report.recomputed_tokens)
+            slots = self._alloc(node, plan.tokens)
+            if slots is None:
+                _report(req, plan.report.but(outcome=Outcome.DECLINED))
+                return 0, node
+            for layer in range(pool.layers):
+                pool.k[layer][slots] = out.k[layer].to(pool.dtype)
+                pool.v[layer][slots] = out.v[layer].to(pool.dtype)
         except Exception:
             logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
+            _report(req, plan.report.but(outcome=Outcome.FAILED))
+            if slots is not None:
+                self.token_to_kv_pool_allocator.free(slots)
             return 0, node
-        if out is None:
-            return 0, node
-        logger.debug("sgl-kvext: blended %d tokens after %d (%d reused, %d recomputed)",
-                     plan.tokens, plan.start, out.reused_tokens, out.recomputed_tokens)
-        slots = self._alloc(node, plan.tokens)
-        if slots is None:
-            return 0, node
-        for layer in range(pool.layers):
-            pool.k[layer][slots] = out.k[layer].to(pool.dtype)
-            pool.v[layer][slots] = out.v[layer].to(pool.dtype)
         return plan.tokens, self._attach(node, pending.key, slots)
 
     def _attach(self, node: TreeNode, key: RadixKey, slots: torch.Tensor) -> TreeNode:
@@ -319,6 +337,12 @@ class HierarchicalRadixCache(RadixCache):
         if self.tiering is not None:
             self.tiering.close()
             self.tiering = None
+
+
+def _report(req: Any, report: BlendReport) -> None:
+    """Put ``report`` in the request's response (``meta_info[REPORT_KEY]``)."""
+    if req is not None:
+        req.customized_info = {**(req.customized_info or {}), REPORT_KEY: [report.as_dict()]}
 
 
 def process_config() -> KVExtConfig | None:
