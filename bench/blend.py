@@ -1,54 +1,75 @@
-"""CacheBlend quality and speed: blended prefill at several recompute ratios vs full prefill.
+"""Blend quality and speed offline: every blend method at several recompute ratios against
+the exact (full) prefill of the same prompts.
 
 Runs in-process on SGLang's own model (loaded once, CPU). Each document's KV is computed alone
-once and put into a host-memory tier under its fragment key (not timed). For every question the
-prompt's KV is produced by a full prefill and, per ratio, by fetching the documents' KV from the
-tier and a blended prefill; ``ttft_s`` is that time up to the first token's logits (no HTTP, no
-scheduling). One untimed full prefill warms the allocator first. Answers are decoded greedily
-from each KV and scored against the gold value.
+once and put into a host-memory tier under its fragment key (not timed). For every question
+the exact prefill runs once (its logits and greedy answer are the reference); then, per
+method and ratio, the documents' KV is fetched from the tier and blended; ``ttft_s`` is that
+time up to the first token's logits (no HTTP, no scheduling). One untimed prefill warms the
+allocator first. Quality per (method, ratio) comes from :mod:`sgl_kvext_bench.quality`.
+
+Methods (:data:`METHODS`) are :class:`~sgl_kvext.blend.BlendSettings` variants (the ratio
+comes from ``--ratios``) plus how a chunk's KV is computed alone: ``context`` ``none``
+(positions ``0..n-1``, nothing before) or ``head`` (after the prompt's system head, stored
+without it, re-rotated like any chunk).
 """
 
 from __future__ import annotations
 
-import math
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from sgl_kvext_bench.rag_set import RagQuestion, RagSet, is_correct, make_rag_set
+from sgl_kvext_bench.quality import Pair, describe, kl_full, summarize
+from sgl_kvext_bench.rag_set import RagQuestion, RagSpec, is_correct
 
-RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 HEAD = "<|im_start|>system\nAnswer the question from the documents.<|im_end|>\n<|im_start|>user\n"
+RATIOS = (0.0, 0.05, 0.15, 0.3)
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(p || q) of the softmax distributions."""
-    p = torch.log_softmax(p_logits.double(), -1)
-    q = torch.log_softmax(q_logits.double(), -1)
-    return float((p.exp() * (p - q)).sum())
+class Method(NamedTuple):
+    """A named blend method: settings (ratio set per run) and chunk context."""
+
+    settings: dict[str, Any]
+    context: str = "none"
 
 
-def run_blend(model_path: Path, ratios: Sequence[float] = RATIOS, questions: int = 12,
-              documents: int = 24, sentences: int = 36, answer_tokens: int = 32,
-              dtype: str = "float32", seed: int = 0, chunking: str = "explicit",
-              min_tokens: int = 16,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Full vs blended prefill per ratio (see the module doc).
+METHODS: dict[str, Method] = {
+    "cacheblend": Method({}),
+    "check2": Method({"check_layer": 2}),
+    "check4": Method({"check_layer": 4}),
+    "per_chunk": Method({"spread": "chunk"}),
+    "sinks4": Method({"sink_tokens": 4}),
+    "gradual2": Method({"gradual": 2.0}),
+    "query_half": Method({"query_share": 0.5}),
+    "query_all": Method({"query_share": 1.0}),
+    "head_context": Method({}, "head"),
+    "head_query_half": Method({"query_share": 0.5}, "head"),
+}
 
-    ``chunking`` ``explicit`` reuses each document whole (a request marking its chunks);
-    ``auto`` reuses the content-defined fragments (``min_tokens``) lying inside documents,
-    each computed on its own the first time a prompt holds it (not timed), as a server
-    registers them."""
+
+def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheblend",),
+              ratios: Sequence[float] = RATIOS, answer_tokens: int = 8,
+              dtype: str = "float32", progress: Callable[[str], None] = print
+              ) -> dict[str, Any]:
+    """Exact vs blended prefill per method and ratio (see the module doc)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from sgl_kvext.blend import LlamaLayerOps, ReusedChunk, blended_prefill, full_prefill
+    from sgl_kvext.blend import (
+        BlendSettings,
+        LlamaLayerOps,
+        ReusedChunk,
+        blended_prefill,
+        full_prefill,
+    )
     from sgl_kvext.blend.decode import greedy_continue
-    from sgl_kvext.blend.prefill import compute_chunk_kv
-    from sgl_kvext.chunking import fragments
+    from sgl_kvext.blend.prefill import ChunkKV, PrefixKV
     from sgl_kvext.fragment_store import FragmentStore, KVLayout
     from sgl_kvext.integration.offline_model import load_offline_model
     from sgl_kvext.keys import ModelIdentity
@@ -56,102 +77,111 @@ def run_blend(model_path: Path, ratios: Sequence[float] = RATIOS, questions: int
     from sgl_kvext.tiers.host import HostTier
     from sgl_kvext_kernels import RopeConfig
 
-    rag: RagSet = make_rag_set(documents, questions, (4, 8), sentences, seed)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+    rag = spec.build()
     tok = AutoTokenizer.from_pretrained(model_path)
     ops = LlamaLayerOps(load_offline_model(model_path, dtype))
     rope = RopeConfig.from_hf_config(AutoConfig.from_pretrained(model_path))
     stop_tokens: list[Any] = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-    stop = frozenset(int(t) for t in stop_tokens if isinstance(t, int))
+    stop = frozenset(int(t) for t in stop_tokens if isinstance(t, int)) | frozenset(
+        i for t, i in tok.get_vocab().items() if "." in t)      # scoring reads up to a period
 
     def enc(text: str) -> torch.Tensor:
         return torch.tensor(tok(text, add_special_tokens=False).input_ids)
 
+    head = enc(HEAD)
+    head_kv = full_prefill(ops, head)
     doc_ids = [enc(d) for d in rag.documents]
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     token_bytes = 2 * ops.num_layers * ops.kv_heads * ops.head_dim * ops.dtype.itemsize
-    host = HostTier(sum(len(d) for d in doc_ids) * token_bytes * 3, block_bytes=1 << 20)
-    identity = ModelIdentity(str(model_path), "bench", dtype, 1, f"mha:layers={ops.num_layers},"
-                             f"kv_heads={ops.kv_heads},head_dim={ops.head_dim}")
-    store = FragmentStore(TierChain([host]), identity, layout)
+    contexts = sorted({METHODS[m].context for m in methods})
+    host = HostTier(sum(len(d) for d in doc_ids) * token_bytes * (len(contexts) + 1),
+                    block_bytes=1 << 20)
+    stores = {}
     started = time.perf_counter()
-    for ids in doc_ids:
-        store.put("", compute_chunk_kv(ops, ids))
-    progress(f"chunk KV for {len(doc_ids)} documents: {time.perf_counter() - started:.1f}s")
-    head = enc(HEAD)
+    for context in contexts:
+        identity = ModelIdentity(str(model_path), f"bench-{context}", dtype, 1,
+                                 f"mha:layers={ops.num_layers},kv_heads={ops.kv_heads},"
+                                 f"head_dim={ops.head_dim}")
+        stores[context] = store = FragmentStore(TierChain([host]), identity, layout)
+        for ids in doc_ids:
+            if context == "head":       # computed after the head, stored without it
+                r = full_prefill(ops, ids, prefix=PrefixKV(head_kv.k, head_kv.v))
+                store.put("", ChunkKV(ids, r.k, r.v, position=len(head)))
+            else:
+                r = full_prefill(ops, ids)
+                store.put("", ChunkKV(ids.clone(), r.k, r.v))
+    progress(f"chunk KV for {len(doc_ids)} documents x {len(contexts)} context(s): "
+             f"{time.perf_counter() - started:.1f}s")
 
-    def prompt(q: RagQuestion) -> tuple[torch.Tensor, list[int]]:
-        parts, starts, at = [head], [], len(head)
+    def prompt(q: RagQuestion) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        parts, spans, at = [head], [], len(head)
         for d in q.documents:
-            starts.append(at)
+            spans.append((at, at + len(doc_ids[d])))
             parts.append(doc_ids[d])
             at += len(doc_ids[d])
         parts.append(enc(f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n{q.stem}"))
-        return torch.cat(parts), starts
+        return torch.cat(parts), spans
 
-    def spans_of(q: RagQuestion, ids: torch.Tensor, starts: list[int]) -> list[tuple[int, int]]:
-        docs = [(at, at + len(doc_ids[d])) for at, d in zip(starts, q.documents, strict=True)]
-        if chunking == "explicit":
-            return docs
-        inside = [(f.start, f.end) for f in fragments(ids.numpy(), min_tokens)
-                  if any(a <= f.start and f.end <= b for a, b in docs)]
-        parts = [ids[a:b] for a, b in inside]
-        for part, held in zip(parts, store.exists("", parts), strict=True):
-            if not held:                      # registered once, as a server would
-                store.put("", compute_chunk_kv(ops, part))
-        return inside
-
-    def fetch(ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[ReusedChunk]:
-        found = store.get("", [ids[a:b] for a, b in spans])
+    def fetch(context: str, ids: torch.Tensor, spans: list[tuple[int, int]]
+              ) -> list[ReusedChunk]:
+        found = stores[context].get("", [ids[a:b] for a, b in spans])
         if len(found) != len(spans):
             raise RuntimeError("the host tier lost a chunk's KV; it is sized to hold all")
-        return [ReusedChunk(a, found[i]) for i, (a, _) in enumerate(spans)]
+        # The stored KV keeps the position it was computed at (0, or after the head).
+        return [ReusedChunk(a, ChunkKV(found[i].token_ids, found[i].k, found[i].v,
+                                       len(head) if context == "head" else 0))
+                for i, (a, _) in enumerate(spans)]
 
     full_prefill(ops, prompt(rag.questions[0])[0])      # warm-up, not measured
-
-    rows: dict[float, list[dict[str, Any]]] = {r: [] for r in ratios}
-    full_rows: list[dict[str, Any]] = []
-    for n, q in enumerate(rag.questions, 1):
-        ids, starts = prompt(q)
-        spans = spans_of(q, ids, starts)
+    runs = [(m, r) for m in methods for r in ratios]
+    pairs: dict[tuple[str, float], list[Pair]] = {run: [] for run in runs}
+    ttfts: dict[tuple[str, float], list[float]] = {run: [] for run in runs}
+    rows: list[dict[str, Any]] = []
+    full_ttfts, lengths = [], []
+    for n, q in enumerate(rag.questions):
+        ids, spans = prompt(q)
+        lengths.append(len(ids))
         t0 = time.perf_counter()
         full = full_prefill(ops, ids)
-        full_ttft = time.perf_counter() - t0
-        full_tokens = greedy_continue(ops, full, len(ids), answer_tokens, stop)
-        full_ok = is_correct(tok.decode(full_tokens), q.answer)
-        full_rows.append({"ttft_s": full_ttft, "correct": full_ok, "prompt_tokens": len(ids)})
-        for ratio in ratios:
+        full_ttfts.append(time.perf_counter() - t0)
+        exact_answer = tok.decode(greedy_continue(ops, full, len(ids), answer_tokens, stop))
+        exact_ok = is_correct(exact_answer, q.answer)
+        for method, ratio in runs:
+            how = METHODS[method]
+            settings = replace(BlendSettings(), ratio=ratio, **how.settings)
             t0 = time.perf_counter()
-            blended = blended_prefill(ops, ids, fetch(ids, spans), rope, ratio=ratio)
+            blended = blended_prefill(ops, ids, fetch(how.context, ids, spans), rope,
+                                      settings=settings)
             ttft = time.perf_counter() - t0
-            tokens = greedy_continue(ops, blended, len(ids), answer_tokens, stop)
-            same = sum(a == b for a, b in zip(tokens, full_tokens, strict=False))
-            rows[ratio].append({
-                "ttft_s": ttft, "correct": is_correct(tok.decode(tokens), q.answer),
-                "agreement_32": same / max(len(full_tokens), 1),
-                "kl_first_token": _kl(full.last_logits, blended.last_logits),
-                "recomputed_tokens": blended.recomputed_tokens,
-                "reused_tokens": blended.reused_tokens})
-        progress(f"question {n}/{len(rag.questions)}: {len(ids)} tokens, full "
-                 f"{full_ttft:.2f}s, " + ", ".join(
-                     f"r={r}: {rows[r][-1]['ttft_s']:.2f}s" for r in ratios))
-    full_ttft_p50 = statistics.median(r["ttft_s"] for r in full_rows)
-    full_acc = sum(r["correct"] for r in full_rows) / len(full_rows)
+            answer = tok.decode(greedy_continue(ops, blended, len(ids), answer_tokens, stop))
+            pair = Pair(n, exact_ok, is_correct(answer, q.answer),
+                        kl_full(full.last_logits, blended.last_logits),
+                        int(full.last_logits.argmax()) == int(blended.last_logits.argmax()))
+            pairs[method, ratio].append(pair)
+            ttfts[method, ratio].append(ttft)
+            rows.append({"method": method, "ratio": ratio, **pair._asdict(), "ttft_s": ttft,
+                         "full_ttft_s": full_ttfts[-1], "prompt_tokens": len(ids),
+                         "recomputed_tokens": blended.recomputed_tokens,
+                         "reused_tokens": blended.reused_tokens, "gold": q.answer,
+                         "exact_answer": exact_answer, "blend_answer": answer})
+        progress(f"question {n + 1}/{len(rag.questions)}: {len(ids)} tokens, full "
+                 f"{full_ttfts[-1]:.2f}s")
+    full_p50 = statistics.median(full_ttfts)
     entries = []
-    for ratio in ratios:
-        rs = rows[ratio]
-        ttft = statistics.median(r["ttft_s"] for r in rs)
-        entries.append({
-            "ratio": ratio, "ttft_s": ttft, "full_prefill_ttft_s": full_ttft_p50,
-            "speedup": full_ttft_p50 / ttft,
-            "accuracy": sum(r["correct"] for r in rs) / len(rs),
-            "full_prefill_accuracy": full_acc,
-            "agreement_32": statistics.mean(r["agreement_32"] for r in rs),
-            "kl_first_token": statistics.mean(r["kl_first_token"] for r in rs),
-            "reused_tokens": statistics.mean(r["reused_tokens"] for r in rs),
-            "questions": rs})
-    tokens = [r["prompt_tokens"] for r in full_rows]
-    return {"model": str(model_path), "dtype": dtype, "questions": len(full_rows),
-            "chunking": chunking, "min_tokens": min_tokens,
-            "prompt_tokens_min": min(tokens), "prompt_tokens_max": max(tokens),
-            "accuracy_stderr": math.sqrt(max(full_acc * (1 - full_acc), 1e-9) / len(full_rows)),
-            "full_prefill": full_rows, "ratios": entries}
+    for method, ratio in runs:
+        summary = summarize(pairs[method, ratio])
+        p50 = statistics.median(ttfts[method, ratio])
+        entries.append({"method": method, "ratio": ratio, "context": METHODS[method].context,
+                        "settings": {**asdict(BlendSettings()), **METHODS[method].settings,
+                                     "ratio": ratio},
+                        "ttft_p50_s": p50, "speedup": full_p50 / p50, **summary})
+        progress(f"{method} @ {ratio}: {describe(summary)}")
+    return {"model": str(model_path), "dtype": dtype, "workload": asdict(spec),
+            "python": platform.python_version(), "questions": len(rag.questions),
+            "answer_tokens": answer_tokens,
+            "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
+            "prompt_tokens_mean": statistics.mean(lengths),
+            "full_prefill_ttft_p50_s": full_p50, "runs": entries, "rows": rows}

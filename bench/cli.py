@@ -45,45 +45,29 @@ def _parser() -> argparse.ArgumentParser:
                          "--export-trace, arrivals 1/QPS apart")
     _trace_args(mt)
     _url_arg(mt)
-    bl = _command(sub, "blend", "CacheBlend: blended prefill at several recompute ratios "
-                                "vs full prefill (TTFT, accuracy, agreement, KL)")
+    bl = _command(sub, "blend", "blend methods at several recompute ratios vs the exact "
+                                "prefill of the same prompts, offline (TTFT, accuracy, KL, "
+                                "top-1 agreement)")
     _model_arg(bl)
-    bl.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0",
+    bl.add_argument("--methods", default="cacheblend",
+                    help="comma-separated blend methods (see bench/blend.py METHODS)")
+    bl.add_argument("--ratios", default="0,0.05,0.15,0.3",
                     help="comma-separated recompute ratios in [0, 1]")
-    bl.add_argument("--questions", type=int, default=12)
-    bl.add_argument("--documents", type=int, default=24)
-    bl.add_argument("--sentences", type=int, default=36, help="filler sentences per document")
-    bl.add_argument("--answer-tokens", type=int, default=32)
-    bl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    bl.add_argument("--chunking", default="explicit", choices=["explicit", "auto"],
-                    help="reuse whole documents (marked chunks) or the content-defined "
-                         "fragments inside them")
-    bl.add_argument("--min-tokens", type=int, default=16,
-                    help="smallest automatic fragment (with --chunking auto)")
+    _rag_set_args(bl, questions=200, documents=200)
+    bl.add_argument("--answer-tokens", type=int, default=8)
+    bl.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="default: the CPU's fast dtype (bfloat16 with bf16 matrix "
+                         "instructions, else float32)")
     bl.add_argument("--plot", type=Path, default=None,
-                    help="also write a PNG of speed-up and quality per ratio (needs matplotlib)")
+                    help="also write a PNG of quality against TTFT per method (needs "
+                         "matplotlib)")
     rag = _command(sub, "rag", "RAG serving: no cache vs radix vs hierarchical KV vs "
                                "hierarchical KV + fragment blend (TTFT, accuracy)")
     _server_args(rag)
     rag.add_argument("--configs", default="no_cache,radix,hierarchical,hierarchical_blend",
                      help="comma-separated subset of no_cache, radix, hierarchical, "
                           "hierarchical_blend, hierarchical_blend_auto")
-    rag.add_argument("--questions", type=int, default=16)
-    rag.add_argument("--documents", type=int, default=24, help="corpus size")
-    rag.add_argument("--sentences", type=int, default=36,
-                     help="filler sentences per document (~13 tokens each; 36 = ~500 tokens)")
-    rag.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
-                     help="about N tokens per document (SmolLM2's tokenizer); sets "
-                          "--sentences from it")
-    rag.add_argument("--chunks-per-query", default="4-8", metavar="N|MIN-MAX",
-                     help="documents in each prompt")
-    rag.add_argument("--skew", type=float, default=0.0,
-                     help="popularity skew: Zipf exponent over documents (0 = uniform)")
-    rag.add_argument("--no-shuffle", action="store_true",
-                     help="documents in corpus order in every prompt (default: shuffled)")
-    rag.add_argument("--facts-per-document", type=int, default=1,
-                     help="distinct facts, hence questions, per document")
-    rag.add_argument("--seed", type=int, default=1)
+    _rag_set_args(rag, questions=16, documents=24)
     rag.add_argument("--answer-tokens", type=int, default=16)
     _trace_args(rag)
     _url_arg(rag)
@@ -138,6 +122,30 @@ def _command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     return parser
+
+
+def _rag_set_args(parser: argparse.ArgumentParser, questions: int, documents: int) -> None:
+    """The RAG set's knobs (``RagSpec``), shared by ``rag`` and ``blend``."""
+    parser.add_argument("--corpus", default="synthetic", choices=["synthetic", "prose"],
+                        help="filler sentences around one fact, or Python's help topics "
+                             "(documents of ~200-800 tokens) with one inserted fact")
+    parser.add_argument("--questions", type=int, default=questions)
+    parser.add_argument("--documents", type=int, default=documents, help="corpus size")
+    parser.add_argument("--sentences", type=int, default=36,
+                        help="synthetic: filler sentences per document (~13 tokens each; "
+                             "36 = ~500 tokens)")
+    parser.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                        help="synthetic: about N tokens per document (SmolLM2's tokenizer); "
+                             "sets --sentences from it")
+    parser.add_argument("--chunks-per-query", default="4-8", metavar="N|MIN-MAX",
+                        help="documents in each prompt")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="popularity skew: Zipf exponent over documents (0 = uniform)")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="documents in corpus order in every prompt (default: shuffled)")
+    parser.add_argument("--facts-per-document", type=int, default=1,
+                        help="synthetic: distinct facts, hence questions, per document")
+    parser.add_argument("--seed", type=int, default=1)
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:

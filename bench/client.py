@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 
@@ -20,19 +22,21 @@ class Timed(NamedTuple):
     cached_tokens: int
     host_cached_tokens: int
     completion_tokens: int = 0
+    meta: Mapping[str, Any] = MappingProxyType({})     # the last chunk's meta_info
 
 
 def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
                     timeout_s: float = 600.0,
-                    custom_params: dict[str, Any] | None = None) -> Timed:
+                    custom_params: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Timed:
     """Greedy ``/generate`` with ``stream: true`` against an SGLang server at ``url``; ``text``
     is a prompt string or its token ids (``custom_params`` go into the sampling parameters,
-    e.g. ``kvext_chunks``)."""
+    e.g. ``kvext_chunks``; ``extra`` into the request, e.g. ``return_logprob``)."""
     sampling: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
     if custom_params:
         sampling["custom_params"] = custom_params
     payload = {"text" if isinstance(text, str) else "input_ids": text, "stream": True,
-               "sampling_params": sampling}
+               "sampling_params": sampling, **(extra or {})}
     req = urllib.request.Request(url.rstrip("/") + "/generate", data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -52,7 +56,7 @@ def stream_generate(url: str, text: str | list[int], max_new_tokens: int,
     return Timed(last.get("text", ""), stamps[0],
                  tuple(b - a for a, b in zip(stamps, stamps[1:], strict=False)),
                  int(meta.get("prompt_tokens", 0)), int(meta.get("cached_tokens", 0)),
-                 int(details.get("host", 0)), int(meta.get("completion_tokens", 0)))
+                 int(details.get("host", 0)), int(meta.get("completion_tokens", 0)), meta)
 
 
 #: The request APIs a benchmark can speak to a server at ``--url``.
@@ -68,14 +72,15 @@ class Endpoint(NamedTuple):
     model: str = ""
 
     def generate(self, text: str | list[int], max_new_tokens: int, timeout_s: float = 600.0,
-                 custom_params: dict[str, Any] | None = None) -> Timed:
-        """One greedy streamed completion; ``custom_params`` (e.g. ``kvext_chunks``) reach the
-        server only through SGLang's API."""
+                 custom_params: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> Timed:
+        """One greedy streamed completion; ``custom_params`` (e.g. ``kvext_chunks``) and
+        ``extra`` request fields reach the server only through SGLang's API."""
         if self.api == "openai":
             from sgl_kvext_bench.openai_client import stream_completion
 
             return stream_completion(self.url, self.model, text, max_new_tokens, timeout_s)
-        return stream_generate(self.url, text, max_new_tokens, timeout_s, custom_params)
+        return stream_generate(self.url, text, max_new_tokens, timeout_s, custom_params, extra)
 
 
 def endpoint(url: str, api: str = "sglang") -> Endpoint:
@@ -117,3 +122,13 @@ def kvext_counters(url: str, settle_s: float = 1.5, timeout_s: float = 30.0
         bucket = out.setdefault(group, {})
         bucket[name] = bucket.get(name, 0.0) + float(value)
     return out
+
+
+def post_json(url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0
+              ) -> dict[str, Any]:
+    """POST ``payload`` to ``url + path``; the JSON answer."""
+    req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+    return answer

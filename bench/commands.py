@@ -141,7 +141,7 @@ def _rag_spec(args: argparse.Namespace) -> Any:
         raise BadOption(f"--chunks-per-query {args.chunks_per_query!r}: need N or "
                         "MIN-MAX") from None
     spec = RagSpec(args.documents, args.questions, chunks, args.sentences, args.seed,
-                   args.skew, not args.no_shuffle, args.facts_per_document)
+                   args.skew, not args.no_shuffle, args.facts_per_document, args.corpus)
     try:
         spec.build()
     except ValueError as exc:
@@ -162,15 +162,38 @@ def rag(args: argparse.Namespace) -> int:
     with _progress() as progress:
         results = run_rag(_serving(args), spec, configs, args.answer_tokens, progress)
     table = markdown(["configuration", "TTFT p50 (s)", "TTFT p90 (s)", "ITL p50 (s)",
-                      "accuracy"],
+                      "accuracy", "exact acc. (same prompts)", "blend - exact ± se",
+                      "KL median / mean", "top-1"],
                      [[c["name"], c["ttft_p50_s"], c["ttft_p90_s"], c["itl_p50_s"],
-                       c["accuracy"]] for c in results["configs"]])
+                       c["accuracy"], *_quality_cells(c.get("quality"))]
+                      for c in results["configs"]])
     extra = [f"{k}: {v:.3f}" for k, v in results.items()
              if k.endswith(("_vs_radix", "_vs_no_cache"))]
-    rows = [{"config": c["name"], "question": n, **{k: q[k] for k in (
-        "ttft_s", "correct", "prompt_tokens", "cached_tokens")}}
-            for c in results["configs"] for n, q in enumerate(c["questions"], 1)]
+    for c in results["configs"]:
+        if c.get("quality"):
+            from sgl_kvext_bench.quality import describe
+
+            reports = c["blend_reports"]
+            extra += [f"{c['name']}: {describe(c['quality'])}",
+                      f"{c['name']}: blends {reports.get('outcomes')}, marked used "
+                      f"{reports.get('marked_used')} (partial {reports.get('marked_partial')}),"
+                      f" dropped {reports.get('marked_dropped')}, automatic "
+                      f"{reports.get('auto_used')}; per request "
+                      f"{reports.get('reused_tokens_mean', 0):.0f} tokens reused, "
+                      f"{reports.get('recomputed_tokens_mean', 0):.0f} recomputed"]
+    rows = [{"config": c["name"], "question": n, **{k: q.get(k) for k in (
+        "ttft_s", "correct", "prompt_tokens", "cached_tokens", "exact_correct", "kl",
+        "top1_agree")}} for c in results["configs"] for n, q in enumerate(c["questions"], 1)]
     return _finish(args, results, table, rows, "rag", extra)
+
+
+def _quality_cells(quality: dict[str, Any] | None) -> list[Any]:
+    """The rag table's quality columns: exact accuracy, the paired delta, KL, top-1."""
+    if not quality:
+        return [None, None, None, None]
+    return [quality["exact_accuracy"],
+            f"{quality['accuracy_delta']:+.3f} ± {quality['delta_stderr']:.3f}",
+            f"{quality['kl_median']:.4f} / {quality['kl_mean']:.4f}", quality["top1_agreement"]]
 
 
 def code(args: argparse.Namespace) -> int:
@@ -252,33 +275,36 @@ def attention(args: argparse.Namespace) -> int:
 
 def blend(args: argparse.Namespace) -> int:
     from sgl_kvext.model_prep import prepare_smollm2
-    from sgl_kvext_bench.blend import run_blend
+    from sgl_kvext.server import fast_cpu_dtype
+    from sgl_kvext_bench.blend import METHODS, run_blend
 
+    methods = _configs(args.methods, METHODS, "--methods")
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     except ValueError:
         ratios = []
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
         raise BadOption(f"--ratios {args.ratios!r}: need numbers in [0, 1]")
-    _positive(args, "questions", "documents", "sentences", "answer_tokens", "min_tokens")
+    spec = _rag_spec(args)
     model = args.model_path or prepare_smollm2().path
+    dtype = args.dtype or fast_cpu_dtype()
     try:
         with _progress() as progress:
-            results = run_blend(model, ratios, args.questions, args.documents,
-                                args.sentences, args.answer_tokens, args.dtype,
-                                chunking=args.chunking, min_tokens=args.min_tokens,
+            results = run_blend(model, spec, methods, ratios, args.answer_tokens, dtype,
                                 progress=progress)
     except ValueError as exc:
         raise BadOption(str(exc)) from None
-    entries = results["ratios"]
-    table = markdown(["ratio", "TTFT (s)", "full (s)", "speedup", "accuracy", "full acc.",
-                      "agreement 32", "KL"],
-                     [[e["ratio"], e["ttft_s"], e["full_prefill_ttft_s"], f"{e['speedup']:.1f}x",
-                       e["accuracy"], e["full_prefill_accuracy"], e["agreement_32"],
-                       f"{e['kl_first_token']:.4f}"] for e in entries])
-    head = (f"{results['questions']} questions, prompts {results['prompt_tokens_min']}-"
-            f"{results['prompt_tokens_max']} tokens, {results['dtype']}")
-    rows = [{k: v for k, v in e.items() if not isinstance(v, list | dict)} for e in entries]
+    table = markdown(["method", "ratio", "TTFT p50 (s)", "speed-up", "exact acc.", "blend acc.",
+                      "delta ± se", "KL mean", "KL median", "top-1"],
+                     [[e["method"], e["ratio"], e["ttft_p50_s"], f"{e['speedup']:.1f}x",
+                       e["exact_accuracy"], e["blend_accuracy"],
+                       f"{e['accuracy_delta']:+.3f} ± {e['delta_stderr']:.3f}",
+                       f"{e['kl_mean']:.4f}", f"{e['kl_median']:.4f}", e["top1_agreement"]]
+                      for e in results["runs"]])
+    head = (f"{results['questions']} questions ({spec.corpus}), prompts "
+            f"{results['prompt_tokens_min']}-{results['prompt_tokens_max']} tokens, "
+            f"{results['dtype']}; full prefill p50 {results['full_prefill_ttft_p50_s']:.2f}s")
+    rows = results.pop("rows")
     return _finish(args, results, head + "\n" + table, rows,
                    "blend" if args.plot is not None else None)
 

@@ -25,31 +25,34 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_blend(results: dict[str, Any], path: Path, target_speedup: float = 4.0) -> Path:
-    """Speed-up and quality per recompute ratio from ``run_blend``'s results, to ``path``.
-
-    Left: TTFT speed-up over full prefill (with the target). Right: answer accuracy (full
-    prefill's as a dashed line) and 32-token agreement with full prefill."""
+def plot_blend(results: dict[str, Any], path: Path) -> Path:
+    """Quality against TTFT per blend method from ``run_blend``'s results, to ``path``: one
+    line per method over its ratios. Left: median first-token KL against the exact prefill;
+    right: answer accuracy (exact prefill's as a dashed line, at its own TTFT)."""
     plt = _pyplot()
-    entries = sorted(results["ratios"], key=lambda e: e["ratio"])
-    ratios = [e["ratio"] for e in entries]
-    fig, (speed, quality) = plt.subplots(1, 2, figsize=(10, 4))
-    speed.plot(ratios, [e["speedup"] for e in entries], "o-", label="blended prefill")
-    speed.axhline(target_speedup, color="grey", ls=":", label=f"target {target_speedup:g}x")
-    speed.axhline(1.0, color="black", lw=0.8)
-    speed.set(xlabel="recompute ratio", ylabel="TTFT speed-up vs full prefill (x)",
-              title="Speed")
-    speed.legend()
-    quality.plot(ratios, [e["accuracy"] for e in entries], "o-", label="answer accuracy")
-    quality.plot(ratios, [e["agreement_32"] for e in entries], "s-",
-                 label="32-token agreement with full")
-    quality.axhline(entries[0]["full_prefill_accuracy"], color="grey", ls="--",
-                    label="full prefill accuracy")
-    quality.set(xlabel="recompute ratio", ylim=(0, 1.05), title="Quality")
-    quality.legend(loc="lower right")
-    fig.suptitle(f"CacheBlend on {Path(results['model']).name}, {results['questions']} "
-                 f"questions, {results['prompt_tokens_min']}-{results['prompt_tokens_max']} "
-                 f"tokens, {results['dtype']}")
+    fig, (kl, acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for e in results["runs"]:
+        methods.setdefault(e["method"], []).append(e)
+    for name, entries in methods.items():
+        entries.sort(key=lambda e: e["ttft_p50_s"])
+        x = [e["ttft_p50_s"] for e in entries]
+        kl.plot(x, [max(e["kl_median"], 1e-5) for e in entries], "o-", label=name)
+        acc.errorbar(x, [e["blend_accuracy"] for e in entries],
+                     yerr=[e["blend_stderr"] for e in entries], fmt="o-", capsize=2, label=name)
+    full_x = results["full_prefill_ttft_p50_s"]
+    exact = results["runs"][0]["exact_accuracy"]
+    kl.axhline(0.02, color="grey", ls=":", label="goal: median 0.02")
+    kl.set(xlabel="TTFT p50 (s)", ylabel="median first-token KL vs exact", yscale="log",
+           title="Distribution")
+    acc.axhline(exact, color="grey", ls="--", label=f"exact prefill ({full_x:.2f}s)")
+    acc.set(xlabel="TTFT p50 (s)", ylabel="answer accuracy", title="Answers")
+    kl.legend(fontsize=7)
+    acc.legend(fontsize=7, loc="lower right")
+    workload = results["workload"]
+    fig.suptitle(f"Blend methods on {Path(results['model']).name}, {results['questions']} "
+                 f"questions ({workload['corpus']}), {results['prompt_tokens_min']}-"
+                 f"{results['prompt_tokens_max']} tokens, {results['dtype']}")
     return _save(plt, fig, path)
 
 

@@ -10,6 +10,7 @@ small otherwise restates the question). Same seed, same set, on every machine.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 FILLER = (
@@ -35,6 +36,12 @@ PEOPLE = ("Mira Kovacs", "Tomas Lind", "Asha Patel", "Jonas Weber", "Lena Novak"
           "Clara Duarte", "Pavel Marek", "Ines Costa", "Felix Brandt")
 CITIES = ("Tallinn", "Porto", "Krakow", "Ghent", "Bergen", "Valencia", "Turin", "Lyon", "Graz",
           "Utrecht", "Bilbao", "Aarhus", "Brno", "Split", "Cork", "Basel")
+#: Second words for project names past the first 16 ("Orion Delta").
+PROJECT_SUFFIXES = ("Delta", "North", "Prime", "Blue", "Echo", "Gate", "Line", "Point",
+                    "Ridge", "Stone", "Vale", "Wave", "Forge", "Field", "Crest")
+#: Distinct facts :func:`fact` can make: 16 projects and 16 people, then 240 of each built
+#: from two names.
+MAX_FACTS = 2 * (len(PROJECTS) + len(PROJECTS) * len(PROJECT_SUFFIXES))
 
 
 @dataclass(frozen=True)
@@ -54,22 +61,44 @@ class RagSet:
     questions: tuple[RagQuestion, ...]
 
 
-def _fact(rng: random.Random, i: int) -> tuple[str, str, str, str]:
-    """(fact sentence, question, answer stem, gold answer) for document ``i``."""
+def _name(i: int, names: tuple[str, ...], second: list[str]) -> str:
+    """The ``i``-th distinct name: ``names`` alone, then ``names`` x ``second`` (skipping
+    pairs that rebuild a first-round name)."""
+    if i < len(names):
+        return names[i]
+    j = i - len(names)
+    first, k = names[j % len(names)], j // len(names)
+    pool = [w for w in second if w not in first]
+    return f"{first.split()[0]} {pool[k % len(pool)]}"
+
+
+def fact(rng: random.Random, i: int) -> tuple[str, str, str, str]:
+    """(fact sentence, question, answer stem, gold answer) number ``i`` (< MAX_FACTS):
+    even ``i`` an access code, odd ``i`` a birthplace; no two share a stem."""
+    if not 0 <= i < MAX_FACTS:
+        raise ValueError(f"fact {i}: at most {MAX_FACTS} distinct facts")
     if i % 2 == 0:
-        project, code = PROJECTS[(i // 2) % len(PROJECTS)], str(rng.randint(1000, 9999))
+        project = _name(i // 2, PROJECTS, list(PROJECT_SUFFIXES))
+        code = str(rng.randint(1000, 9999))
         return (f"The access code for the {project} project is {code}.",
                 f"What is the access code for the {project} project?",
                 f"The access code for the {project} project is", code)
-    person, city = PEOPLE[(i // 2) % len(PEOPLE)], rng.choice(CITIES)
+    person = _name(i // 2, PEOPLE, [p.split()[1] for p in PEOPLE])
+    city = rng.choice(CITIES)
     return (f"{person} was born in the city of {city}.", f"In which city was {person} born?",
             f"{person} was born in the city of", city)
 
 
+CORPORA = ("synthetic", "prose")
+
+
 @dataclass(frozen=True)
 class RagSpec:
-    """The knobs of a synthetic RAG set (``make_rag_set``); same spec, same set.
+    """The knobs of a RAG set; same spec, same set.
 
+    ``corpus``: ``synthetic`` (filler sentences, :func:`make_rag_set`) or ``prose`` (Python's
+    help topics, :func:`sgl_kvext_bench.prose_set.make_prose_set`, documents of
+    ``doc_tokens`` tokens; ``sentences`` and ``facts_per_document`` do not apply).
     ``chunks``: documents per question (min, max); ``skew``: popularity skew, a Zipf exponent
     over documents (0 = uniform; 1.2 = a few documents in most prompts); ``shuffle``: documents
     in random order in each prompt (else in corpus order, so prompts share longer prefixes);
@@ -84,8 +113,18 @@ class RagSpec:
     skew: float = 0.0
     shuffle: bool = True
     facts_per_document: int = 1
+    corpus: str = "synthetic"
+    doc_tokens: tuple[int, int] = (200, 800)
 
     def build(self) -> RagSet:
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus {self.corpus!r}: allowed {', '.join(CORPORA)}")
+        if self.corpus == "prose":
+            from sgl_kvext_bench.prose_set import make_prose_set
+
+            return make_prose_set(self.documents, self.questions, self.chunks, self.seed,
+                                  min_tokens=self.doc_tokens[0], max_tokens=self.doc_tokens[1],
+                                  skew=self.skew, shuffle=self.shuffle)
         return make_rag_set(self.documents, self.questions, self.chunks, self.sentences,
                             self.seed, skew=self.skew, shuffle=self.shuffle,
                             facts_per_document=self.facts_per_document)
@@ -123,18 +162,28 @@ def make_rag_set(documents: int = 32, questions: int = 16, chunks: tuple[int, in
     if not 1 <= facts_per_document <= sentences or skew < 0:
         raise ValueError(f"need 1 <= facts per document <= sentences and skew >= 0, got "
                          f"{facts_per_document} facts, {sentences} sentences, skew {skew}")
-    if documents * facts_per_document > 2 * len(PROJECTS):
-        raise ValueError(f"documents x facts per document must be <= {2 * len(PROJECTS)} "
+    if documents * facts_per_document > MAX_FACTS:
+        raise ValueError(f"documents x facts per document must be <= {MAX_FACTS} "
                          "(distinct facts)")
     rng = random.Random(seed)
     docs, facts = [], []
     for i in range(documents):
-        own = [_fact(rng, i * facts_per_document + k) for k in range(facts_per_document)]
+        own = [fact(rng, i * facts_per_document + k) for k in range(facts_per_document)]
         body = [rng.choice(FILLER) for _ in range(sentences)]
-        for fact, *_ in own:
-            body.insert(rng.randint(1, len(body) - 1), fact)
+        for sentence, *_ in own:
+            body.insert(rng.randint(1, len(body) - 1), sentence)
         docs.append(f"Document {i + 1}. " + " ".join(body) + "\n\n")
-        facts.append([q for _, *q in own])
+        facts.append([(q, stem, answer) for _, q, stem, answer in own])
+    return RagSet(tuple(docs), tuple(draw_questions(rng, documents, questions, chunks, facts,
+                                                    skew, shuffle)))
+
+
+def draw_questions(rng: random.Random, documents: int, questions: int, chunks: tuple[int, int],
+                   facts: Sequence[Sequence[tuple[str, str, str]]], skew: float = 0.0,
+                   shuffle: bool = True) -> list[RagQuestion]:
+    """``questions`` questions over ``documents`` documents whose ``facts[d]`` are
+    (question, stem, answer) triples: an answer document drawn with Zipf ``skew`` and
+    distractors to make ``chunks[0]..chunks[1]`` documents, shuffled unless not ``shuffle``."""
     weights = [1.0 / (d + 1) ** skew for d in range(documents)]   # document 1 most popular
     qs = []
     for _ in range(questions):
@@ -152,10 +201,10 @@ def make_rag_set(documents: int = 32, questions: int = 16, chunks: tuple[int, in
             rng.shuffle(order)
         else:
             order.sort()
-        k = rng.randrange(facts_per_document) if facts_per_document > 1 else 0
-        question, stem, answer = facts[answer_doc][k]
+        own = facts[answer_doc]
+        question, stem, answer = own[rng.randrange(len(own))] if len(own) > 1 else own[0]
         qs.append(RagQuestion(tuple(order), answer_doc, question, stem, answer))
-    return RagSet(tuple(docs), tuple(qs))
+    return qs
 
 
 def is_correct(answer_text: str, gold: str) -> bool:

@@ -2,8 +2,9 @@
 blended prefill over them, and register new fragments in the background (torch only).
 
 - :meth:`FragmentBlender.plan` (cheap, no tier I/O): after the cached prefix, the fragments
-  of the prompt whose keys the index knows; the blend span ends at the last of them. A span
-  whose known fragments cover less than ``min_reuse_share`` of it is not worth blending.
+  of the prompt whose keys the index knows; the blend span runs to the prompt's last token.
+  A span whose known fragments cover less than ``min_reuse_share`` of it is not worth
+  blending.
   Fragments the index does not know are queued for registration.
 - :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
   are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 
 from sgl_kvext.blend import (
+    DEFAULT_SETTINGS,
+    BlendSettings,
     LlamaLayerOps,
     PrefixKV,
     ReusedChunk,
@@ -96,8 +99,8 @@ class FragmentBlender:
         The model's RoPE, to re-rotate stored K.
     store, index
         Where fragment KV lives and which keys are known.
-    ratio, check_layer
-        CacheBlend recompute share and selection layer.
+    settings
+        How the blended prefill chooses what to recompute (ratio, check layer, ...).
     min_reuse_share
         Least share of a span the known fragments must cover for a blend.
     queue_size
@@ -106,12 +109,12 @@ class FragmentBlender:
     """
 
     def __init__(self, ops: LlamaLayerOps, rope: RopeConfig, store: FragmentStore,
-                 index: FragmentIndex, ratio: float = 0.15, check_layer: int = 1,
+                 index: FragmentIndex, settings: BlendSettings = DEFAULT_SETTINGS,
                  min_reuse_share: float = 0.25, queue_size: int = 256) -> None:
         if not 0.0 <= min_reuse_share <= 1.0:
             raise ValueError(f"min_reuse_share {min_reuse_share} must be in [0, 1]")
         self.ops, self.rope, self.store, self.index = ops, rope, store, index
-        self.ratio, self.check_layer, self.min_reuse_share = ratio, check_layer, min_reuse_share
+        self.settings, self.min_reuse_share = settings, min_reuse_share
         self.queue_size = queue_size
         self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
         self._queued: set[bytes] = set()
@@ -129,10 +132,11 @@ class FragmentBlender:
              ) -> BlendPlan | NoBlend:
         """The blend after ``start`` cached tokens, or why there is none.
 
-        The span ends at the last known fragment, cut to the prompt's last token (the engine
-        computes it: it yields the logits) and rounded down to ``page_size``; fragments are
-        reused for their part inside the span, so a marked chunk whose head is in the cached
-        prefix still gives the rest of its KV."""
+        The span runs to the prompt's last token (the engine computes that one: it yields the
+        logits), rounded down to ``page_size``: the tokens after the last fragment (the
+        question) are computed inside the blend, where the choice of what to recompute can
+        see what they attend to. Fragments are reused for their part inside the span, so a
+        marked chunk whose head is in the cached prefix still gives the rest of its KV."""
         ids = np.asarray(tokens, dtype=np.int64)
         found = self.index.find(lambda t: self.store.key(salt, t), ids, explicit, start)
         held = [self.index.known(m.key) for m in found.matches]
@@ -141,8 +145,8 @@ class FragmentBlender:
         dropped = [*found.dropped,
                    *(DroppedMark(m.start, m.end, "not stored yet (queued for registration)")
                      for m, h in zip(found.matches, held, strict=True) if m.marked and not h)]
-        end = min(max((m.end for m in known), default=start), ids.size - 1)
-        end = end // page_size * page_size
+        end = (ids.size - 1) // page_size * page_size
+
         used = tuple(m for m in known if max(m.start, start) < min(m.end, end))
         dropped += [DroppedMark(m.start, m.end, "after the span's page-aligned end")
                     for m in known if m.marked and m not in used]
@@ -185,7 +189,7 @@ class FragmentBlender:
             a, b = max(m.start, plan.start), min(m.end, plan.end)
             chunks.append(ReusedChunk(a - plan.start, kv.part(a - m.start, b - m.start)))
         result = blended_prefill(self.ops, ids, chunks, self.rope, prefix=prefix,
-                                 ratio=self.ratio, check_layer=self.check_layer)
+                                 settings=self.settings)
         with self._lock:
             self.counters["blends"] += 1
             self.counters["blended_tokens"] += result.reused_tokens

@@ -19,8 +19,8 @@ import json, sys
 import torch
 from transformers import AutoConfig, AutoTokenizer
 from sgl_kvext.integration.offline_model import load_offline_model
-from sgl_kvext.blend import (LlamaLayerOps, PrefixKV, ReusedChunk, blended_prefill,
-                             compute_chunk_kv, full_prefill)
+from sgl_kvext.blend import (BlendSettings, LlamaLayerOps, PrefixKV, ReusedChunk,
+                             blended_prefill, compute_chunk_kv, full_prefill)
 from sgl_kvext_kernels import RopeConfig
 
 path = sys.argv[1]
@@ -40,7 +40,8 @@ for offset in (0, 7):
     pos = torch.arange(len(ids)) + offset
     full = full_prefill(ops, ids, pos)
     for ratio in (0.0, 0.15, 1.0):
-        r = blended_prefill(ops, ids, chunks, rope, positions=pos, ratio=ratio)
+        r = blended_prefill(ops, ids, chunks, rope, positions=pos,
+                            settings=BlendSettings(ratio))
         out[f"{offset}/{ratio}"] = {
             "logit_diff": float((r.last_logits - full.last_logits).abs().max()),
             "k_diff": float((r.k - full.k).abs().max()),
@@ -55,9 +56,9 @@ prefix = PrefixKV(whole.k[:, :p], whole.v[:, :p])
 span_chunks = [ReusedChunk(c.start - p, c.kv) for c in chunks]
 for name, r in (("prefix/full", full_prefill(ops, ids[p:], prefix=prefix)),
                 ("prefix/1.0", blended_prefill(ops, ids[p:], span_chunks, rope, prefix=prefix,
-                                               ratio=1.0)),
+                                               settings=BlendSettings(1.0))),
                 ("prefix/0.15", blended_prefill(ops, ids[p:], span_chunks, rope, prefix=prefix,
-                                                ratio=0.15))):
+                                                settings=BlendSettings(0.15)))):
     out[name] = {"logit_diff": float((r.last_logits - whole.last_logits).abs().max()),
                  "k_diff": float((r.k - whole.k[:, p:]).abs().max()),
                  "v_diff": float((r.v - whole.v[:, p:]).abs().max()),
@@ -69,8 +70,8 @@ except ValueError as exc:
 # A chunk's tail (its head in a cached prefix) re-rotates from where it sat in the chunk.
 from sgl_kvext.blend.prefill import _place_chunks
 pos, n = torch.arange(len(ids)), len(a)
-wk, wv, _ = _place_chunks(ops, ids, pos + 3, [chunks[0]], rope)
-pk, pv, pr = _place_chunks(ops, ids, pos + 3, [ReusedChunk(sa + 5, chunks[0].kv.part(5, n))],
+wk, wv, _, _ = _place_chunks(ops, ids, pos + 3, [chunks[0]], rope)
+pk, pv, pr, _ = _place_chunks(ops, ids, pos + 3, [ReusedChunk(sa + 5, chunks[0].kv.part(5, n))],
                            rope)
 out["part"] = {"k_diff": float((wk[:, sa + 5:sa + n] - pk[:, sa + 5:sa + n]).abs().max()),
                "v_diff": float((wv[:, sa + 5:sa + n] - pv[:, sa + 5:sa + n]).abs().max()),

@@ -10,6 +10,7 @@ from sgl_kvext.blend.prefill import (
     compute_chunk_kv,
     full_prefill,
 )
+from sgl_kvext.blend.selection import DEFAULT_SETTINGS, BlendSettings
 
-__all__ = ["ChunkKV", "LlamaLayerOps", "PrefillResult", "PrefixKV", "ReusedChunk",
-           "blended_prefill", "compute_chunk_kv", "full_prefill"]
+__all__ = ["DEFAULT_SETTINGS", "BlendSettings", "ChunkKV", "LlamaLayerOps", "PrefillResult",
+           "PrefixKV", "ReusedChunk", "blended_prefill", "compute_chunk_kv", "full_prefill"]

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from sgl_kvext.blend.model_ops import LlamaLayerOps
-from sgl_kvext_kernels import (
-    RopeConfig,
-    kv_deviation,
-    rerotate_k,
-    select_top_deviation,
-    subset_attention,
+from sgl_kvext.blend.selection import (
+    DEFAULT_SETTINGS,
+    BlendSettings,
+    choose,
+    tail_attention,
+    top_indices,
 )
+from sgl_kvext_kernels import RopeConfig, kv_deviation, rerotate_k, subset_attention
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,14 +167,16 @@ def compute_chunk_kv(ops: LlamaLayerOps, token_ids: torch.Tensor) -> ChunkKV:
 
 def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.Tensor,
                   chunks: Sequence[ReusedChunk], rope: RopeConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cached K (re-rotated) / V [L, T, H, D] and the reuse mask [T] for the span."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached K (re-rotated) / V [L, T, H, D], the reuse mask [T] and each token's chunk
+    (its index in start order, -1 outside every chunk) for the span."""
     t = int(input_ids.shape[0])
     shape = (ops.num_layers, t, ops.kv_heads, ops.head_dim)
     cached_k = torch.zeros(shape, dtype=ops.dtype)
     cached_v = torch.zeros(shape, dtype=ops.dtype)
     reused = torch.zeros(t, dtype=torch.bool)
-    for chunk in sorted(chunks, key=lambda c: c.start):
+    chunk_of = torch.full((t,), -1, dtype=torch.int64)
+    for i, chunk in enumerate(sorted(chunks, key=lambda c: c.start)):
         n, s = len(chunk.kv), chunk.start
         if s < 0 or s + n > t:
             raise ValueError(f"chunk at {s} of {n} tokens does not fit a span of {t} tokens")
@@ -190,14 +193,15 @@ def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.
             cached_k[layer, s:s + n] = rerotate_k(chunk.kv.k[layer].contiguous(), old, new, rope)
         cached_v[:, s:s + n] = chunk.kv.v
         reused[s:s + n] = True
-    return cached_k, cached_v, reused
+        chunk_of[s:s + n] = i
+    return cached_k, cached_v, reused, chunk_of
 
 
 @torch.no_grad()
 def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequence[ReusedChunk],
                     rope: RopeConfig, *, positions: torch.Tensor | None = None,
-                    prefix: PrefixKV | None = None, ratio: float = 0.15,
-                    check_layer: int = 1, min_tokens: int = 1) -> PrefillResult:
+                    prefix: PrefixKV | None = None,
+                    settings: BlendSettings = DEFAULT_SETTINGS) -> PrefillResult:
     """CacheBlend prefill of ``input_ids`` [T] reusing ``chunks``' KV.
 
     Parameters
@@ -215,43 +219,78 @@ def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequenc
         prefix).
     prefix
         KV of ``P`` tokens before the span (positions ``0..P-1``): attended to, not recomputed.
-    ratio
-        Fraction of reused tokens recomputed after the check layer, in [0, 1].
-    check_layer
-        Layer at which tokens are selected; earlier layers are computed in full.
-    min_tokens
-        At least this many reused tokens are recomputed (when there are that many).
+    settings
+        Recompute ratio, check layer and how tokens are chosen (:mod:`.selection`). Layers
+        before the check layer are computed in full.
     """
     pos = _span_positions(ops, input_ids, positions, prefix)
-    if not 0 <= check_layer < ops.num_layers:
-        raise ValueError(f"check_layer {check_layer} must be in [0, {ops.num_layers})")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio {ratio} must be in [0, 1]")
-    cached_k, cached_v, reused = _place_chunks(ops, input_ids, pos, chunks, rope)
+    check = settings.check_layer
+    if check >= ops.num_layers:
+        raise ValueError(f"check_layer {check} must be in [0, {ops.num_layers})")
+    cached_k, cached_v, reused, chunk_of = _place_chunks(ops, input_ids, pos, chunks, rope)
     t = int(input_ids.shape[0])
+    reuse_idx = reused.nonzero().flatten()
+    sinks = _sinks(chunk_of, settings.sink_tokens)[reuse_idx]
+    tail = (~reused).nonzero().flatten()
+    tail = tail[tail > int(reuse_idx.max())] if reuse_idx.numel() else tail[:0]
     active = torch.arange(t)                    # tokens whose hidden state is carried
     h = ops.embed(input_ids)
     ks, vs = [], []
     for layer in range(ops.num_layers):
         q, k, v = ops.qkv(layer, h, pos[active])
-        if layer < check_layer:
+        if layer <= check:
             k_all, v_all = k, v
-        elif layer == check_layer:
-            # Every token was computed here: select by K deviation, keep the fresh KV.
-            reuse_idx = reused.nonzero().flatten()
+        else:
+            if layer - check <= settings.narrow_layers and settings.gradual > 1:
+                keep = _narrow(settings, cached_k[layer], k, active, reused, reuse_idx.numel(),
+                               layer - check)
+                k_all, v_all = cached_k[layer], cached_v[layer]
+                k_all[active], v_all[active] = k, v   # every computed row is fresh here
+                active, q, h = active[keep], q[keep], h[keep]
+            else:
+                k_all, v_all = cached_k[layer], cached_v[layer]
+                k_all[active], v_all[active] = k, v
+        if layer == check:
+            # Every token was computed here: choose by deviation (and what the tail attends).
             deviation = kv_deviation(cached_k[layer, reuse_idx], k[reuse_idx])
-            chosen = select_top_deviation(deviation, ratio, min_tokens=min_tokens)
+            attention = tail_attention(q, k, tail, ops.scale)[reuse_idx] \
+                if settings.query_share > 0 and tail.numel() else None
+            count = settings.narrowed(reuse_idx.numel(), 0)
+            chosen = choose(settings, deviation, chunk_of[reuse_idx], sinks, attention, count)
             keep = ~reused
-            keep[reuse_idx[chosen.indices]] = True
+            keep[reuse_idx[chosen]] = True
             keep[t - 1] = True                  # the caller needs the last token's logits
             active = keep.nonzero().flatten()
-            k_all, v_all = k, v
             q, h = q[active], h[active]
-        else:
-            k_all, v_all = cached_k[layer], cached_v[layer]
-            k_all[active], v_all[active] = k, v
         h = ops.finish(layer, h, _attend(ops, q, pos[active], k_all, v_all, pos, prefix, layer))
         ks.append(k_all)
         vs.append(v_all)
     return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0],
                          int(active.shape[0]), int(reused.sum()))
+
+
+def _sinks(chunk_of: torch.Tensor, n: int) -> torch.Tensor:
+    """[T] bool: the first ``n`` tokens of each reused chunk (``chunk_of`` -1 outside)."""
+    sink = torch.zeros(chunk_of.numel(), dtype=torch.bool)
+    if n:
+        before = torch.cat((torch.full((1,), -2, dtype=torch.int64), chunk_of[:-1]))
+        for s in ((chunk_of >= 0) & (chunk_of != before)).nonzero().flatten().tolist():
+            sink[s:s + n] = chunk_of[s:s + n] == chunk_of[s]
+    return sink
+
+
+def _narrow(settings: BlendSettings, cached_k: torch.Tensor, fresh_k: torch.Tensor,
+            active: torch.Tensor, reused: torch.Tensor, n_reused: int,
+            after_check: int) -> torch.Tensor:
+    """Rows of ``active`` to keep computing after this layer (gradual filtering): every row
+    outside a reused chunk, the last one, and the reused rows that deviate most here."""
+    rows = reused[active].nonzero().flatten()
+    target = settings.narrowed(n_reused, after_check)
+    keep = ~reused[active]
+    keep[-1] = True
+    if rows.numel() <= target:
+        keep[rows] = True
+        return keep.nonzero().flatten()
+    deviation = kv_deviation(cached_k[active[rows]], fresh_k[rows])
+    keep[rows[top_indices(deviation, target)]] = True
+    return keep.nonzero().flatten()

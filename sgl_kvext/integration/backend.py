@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.registry import (
     registered_radix_cache_backends,
 )
 
-from sgl_kvext.blend import LlamaLayerOps
+from sgl_kvext.blend import BlendSettings, LlamaLayerOps
 from sgl_kvext.config import KVExtConfig, TierConfig
 from sgl_kvext.config_values import format_size
 from sgl_kvext.fragment_blend import FragmentBlender
@@ -95,7 +95,8 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
     index = FragmentIndex(frag.min_tokens, frag.chunking)
     chain.on_loss(index.discard)        # a fragment dropped by the tiers is registered anew
     blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
-                              config.blend.recompute_ratio, config.blend.check_layer)
+                              BlendSettings(config.blend.recompute_ratio,
+                                            config.blend.check_layer))
     logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "
                 "ratio %.2f at layer %d", frag.chunking, frag.min_tokens,
                 config.blend.recompute_ratio, config.blend.check_layer)

@@ -1,0 +1,93 @@
+"""One quality harness for blended answers, offline and on a server.
+
+For every question the blended answer stands beside the exact answer of the same prompt (a
+full prefill, or the server's exact mode). :func:`summarize` reports the accuracy of both with
+standard errors, the paired difference with its standard error, first-token KL (mean and
+median) and top-1 agreement of the blended distribution against the exact one, and the
+questions whose answer flipped.
+
+First-token KL is exact offline (whole logit vectors). A server returns log-probabilities of
+chosen tokens only: :func:`kl_top` takes the exact answer's top-K tokens plus one bucket for
+the rest of the mass, and the blended answer's log-probabilities of those same tokens
+(SGLang's ``token_ids_logprob``). Grouping outcomes can only lower a KL divergence, so that
+figure is a lower bound, tight when the top K hold nearly all the mass.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Pair(NamedTuple):
+    """One question answered exactly and blended."""
+
+    question: int
+    exact_correct: bool
+    blend_correct: bool
+    kl: float
+    top1_agree: bool
+
+
+def kl_full(exact_logits: torch.Tensor, blend_logits: torch.Tensor) -> float:
+    """KL(exact || blend) of the two softmax distributions ([vocab] logits each)."""
+    p = torch.log_softmax(exact_logits.double(), -1)
+    q = torch.log_softmax(blend_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def kl_top(exact: Mapping[int, float], blend: Mapping[int, float]) -> float:
+    """KL(exact || blend) over the tokens of ``exact`` (token -> log-probability: the exact
+    answer's top K) and one bucket for every other token; ``blend`` holds the blended
+    log-probabilities of the same tokens. A lower bound of the full KL (module doc)."""
+    if not exact or set(exact) - set(blend):
+        raise ValueError("blend needs a log-probability for every token of exact")
+    kl, p_rest, q_rest = 0.0, 1.0, 1.0
+    for token, lp in exact.items():
+        p, lq = math.exp(lp), blend[token]
+        kl += p * (lp - lq)
+        p_rest -= p
+        q_rest -= math.exp(lq)
+    p_rest, q_rest = max(p_rest, 0.0), max(q_rest, 1e-12)
+    if p_rest > 1e-12:
+        kl += p_rest * math.log(p_rest / q_rest)
+    return max(kl, 0.0)
+
+
+def _stderr(values: Sequence[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def summarize(pairs: Sequence[Pair]) -> dict[str, Any]:
+    """Accuracy of both with standard errors, the paired difference (blend - exact) and its
+    standard error, KL mean / median, top-1 agreement, and the flipped questions."""
+    if not pairs:
+        raise ValueError("no questions to summarize")
+    exact = [float(p.exact_correct) for p in pairs]
+    blend = [float(p.blend_correct) for p in pairs]
+    delta = [b - e for b, e in zip(blend, exact, strict=True)]
+    kls = [p.kl for p in pairs]
+    return {
+        "questions": len(pairs),
+        "exact_accuracy": statistics.mean(exact), "exact_stderr": _stderr(exact),
+        "blend_accuracy": statistics.mean(blend), "blend_stderr": _stderr(blend),
+        "accuracy_delta": statistics.mean(delta), "delta_stderr": _stderr(delta),
+        "kl_mean": statistics.mean(kls), "kl_median": statistics.median(kls),
+        "top1_agreement": statistics.mean(float(p.top1_agree) for p in pairs),
+        "flipped_to_wrong": [p.question for p in pairs if p.exact_correct and not p.blend_correct],
+        "flipped_to_right": [p.question for p in pairs if p.blend_correct and not p.exact_correct],
+    }
+
+
+def describe(summary: Mapping[str, Any]) -> str:
+    """One line: accuracies with standard errors, the delta, KL, top-1."""
+    s = summary
+    return (f"{s['questions']} questions: exact {s['exact_accuracy']:.3f} ± "
+            f"{s['exact_stderr']:.3f}, blend {s['blend_accuracy']:.3f} ± {s['blend_stderr']:.3f} "
+            f"(delta {s['accuracy_delta']:+.3f} ± {s['delta_stderr']:.3f}); first-token KL "
+            f"mean {s['kl_mean']:.4f} median {s['kl_median']:.4f}; top-1 agreement "
+            f"{s['top1_agreement']:.3f}")

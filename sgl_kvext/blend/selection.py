@@ -1,0 +1,136 @@
+"""Which reused tokens a blended prefill recomputes: the settings and the choice.
+
+Plain CacheBlend ranks every reused token by how far its fresh K at the check layer is from
+its re-rotated cached K and recomputes the top ``ratio``. :class:`BlendSettings` adds what
+the quality sweep (docs/cacheblend.md) tried beside it, each off by default:
+
+- ``spread="chunk"``: the budget is split over the chunks by length, top deviation within
+  each (plain: one ranking over the whole prompt);
+- ``query_share``: that share of the budget goes to the reused tokens the prompt's tail (the
+  tokens after the last reused chunk: the question) attends to most at the check layer;
+- ``sink_tokens``: each chunk's first tokens are always recomputed (EPIC; computed alone,
+  a chunk's first token is an attention sink);
+- ``gradual``: the check layer selects ``gradual`` times the budget and the next
+  ``narrow_layers`` layers narrow it to the budget by their own K deviation (the CacheBlend
+  paper's gradual filtering).
+
+Every count is taken from the budget ``ceil(ratio * reused)``, so settings compare at equal
+recompute cost (``gradual`` spends more on its narrowing layers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SPREADS = ("prompt", "chunk")
+
+
+@dataclass(frozen=True, slots=True)
+class BlendSettings:
+    """How a blended prefill chooses the reused tokens it recomputes (see the module doc)."""
+
+    ratio: float = 0.15
+    check_layer: int = 1
+    spread: str = "prompt"
+    query_share: float = 0.0
+    sink_tokens: int = 0
+    gradual: float = 1.0
+    narrow_layers: int = 2
+    min_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio {self.ratio} must be in [0, 1]")
+        if self.check_layer < 0 or self.min_tokens < 0 or self.sink_tokens < 0:
+            raise ValueError("check_layer, min_tokens and sink_tokens must be >= 0")
+        if self.spread not in SPREADS:
+            raise ValueError(f"spread {self.spread!r}: allowed {', '.join(SPREADS)}")
+        if not 0.0 <= self.query_share <= 1.0:
+            raise ValueError(f"query_share {self.query_share} must be in [0, 1]")
+        if self.gradual < 1.0 or self.narrow_layers < 1:
+            raise ValueError("gradual must be >= 1 and narrow_layers >= 1")
+
+    def budget(self, reused: int) -> int:
+        """Reused tokens recomputed after narrowing: ``ceil(ratio * reused)``, at least
+        ``min_tokens`` (at most ``reused``)."""
+        k = math.ceil(self.ratio * reused - 1e-6)
+        return min(reused, max(k, self.min_tokens))
+
+    def narrowed(self, reused: int, layers_after_check: int) -> int:
+        """How many reused tokens stay active ``layers_after_check`` layers after the check
+        layer (0 = at the check layer): from ``gradual`` times the budget down to the budget
+        over ``narrow_layers`` layers, linearly."""
+        final = self.budget(reused)
+        first = min(reused, math.ceil(final * self.gradual))
+        step = min(layers_after_check, self.narrow_layers) / self.narrow_layers
+        return max(final, round(first - (first - final) * step))
+
+
+#: Plain CacheBlend at ratio 0.15, check layer 1.
+DEFAULT_SETTINGS = BlendSettings()
+
+
+def tail_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Mean attention weight the ``queries`` rows pay to every key: q [T, Hq, D] and k
+    [T, H, D] of one layer (grouped heads), ``queries`` [S] row indices, every key before or
+    at each query -> [T] float32 (0 for keys after a query)."""
+    group = q.shape[1] // k.shape[1]
+    qs = q[queries].float().transpose(0, 1)                       # [Hq, S, D]
+    ks = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, T, D]
+    scores = qs @ ks.transpose(1, 2) * scale                       # [Hq, S, T]
+    future = torch.arange(k.shape[0]).unsqueeze(0) > queries.unsqueeze(1)
+    scores.masked_fill_(future.unsqueeze(0), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+
+
+def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores (NaN first: a corrupt entry is recomputed)."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    score = torch.nan_to_num(score.float(), nan=float("inf"))
+    return torch.topk(score, min(k, score.numel())).indices
+
+
+def choose(settings: BlendSettings, deviation: torch.Tensor, chunk_of: torch.Tensor,
+           is_sink: torch.Tensor, attention: torch.Tensor | None, count: int) -> torch.Tensor:
+    """``count`` of the reused tokens to recompute, as indices into them.
+
+    Parameters
+    ----------
+    deviation : [R]
+        Check-layer K deviation of each reused token.
+    chunk_of : [R] int64
+        The chunk each reused token belongs to.
+    is_sink : [R] bool
+        The token is one of its chunk's first ``sink_tokens``.
+    attention : [R] or None
+        What the prompt's tail pays each token (``query_share`` > 0 needs it).
+    """
+    n = deviation.numel()
+    taken = torch.zeros(n, dtype=torch.bool)
+    taken[is_sink] = True
+    left = count - int(taken.sum())
+    if attention is not None and settings.query_share > 0 and left > 0:
+        by_attention = attention.clone()
+        by_attention[taken] = float("-inf")
+        taken[top_indices(by_attention, round(left * settings.query_share))] = True
+        left = count - int(taken.sum())
+    if left > 0:
+        score = deviation.float().clone()
+        score[taken] = float("-inf")
+        if settings.spread == "prompt":
+            taken[top_indices(score, left)] = True
+        else:
+            chunks, sizes = torch.unique(chunk_of, return_counts=True)
+            share = sizes.float() / sizes.sum() * left
+            quota = share.floor().long()
+            extra = left - int(quota.sum())               # largest remainders get one more
+            quota[top_indices(share - quota, extra)] += 1
+            for chunk, q in zip(chunks.tolist(), quota.tolist(), strict=True):
+                rows = (chunk_of == chunk).nonzero().flatten()
+                taken[rows[top_indices(score[rows], q)]] = True
+    return taken.nonzero().flatten()
