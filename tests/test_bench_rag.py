@@ -58,7 +58,7 @@ def test_chunk_tokens_sizes_documents(n_tokens: Callable[[str], int]) -> None:
 @pytest.mark.parametrize("flags, needle", [
     (["--chunks-per-query", "4-x"], "--chunks-per-query"),
     (["--chunks-per-query", "9-12", "--documents", "8"], "documents >= max chunks"),
-    (["--facts-per-document", "3", "--documents", "16"], "distinct facts"),
+    (["--facts-per-document", "3", "--documents", "200"], "distinct facts"),
     (["--skew", "-1"], "skew"),
     (["--chunk-tokens", "10"], "--chunk-tokens"),
 ])
@@ -82,7 +82,8 @@ def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert f"plot: {out.with_suffix('.png')}" in result.stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
     rows = out.with_suffix(".csv").read_text().splitlines()
-    assert rows[0] == "config,question,ttft_s,correct,prompt_tokens,cached_tokens"
+    assert rows[0] == ("config,question,ttft_s,correct,prompt_tokens,cached_tokens,"
+                       "exact_correct,kl,top1_agree")
     assert len(rows) == 1 + 2 * 2                  # two configurations x two questions
     data = json.loads(out.read_text())
     by_name = {c["name"]: c for c in data["configs"]}
@@ -96,6 +97,14 @@ def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert by_name["hierarchical_blend"]["prewarm_s"] > 0
     fragment = by_name["hierarchical_blend"]["kvext_counters"]["fragment"]   # from /metrics
     assert fragment["blends"] >= 2 and fragment["blended_tokens"] > 0
+    # Each blended answer beside the exact answer of its prompt, and what each blend did.
+    quality = by_name["hierarchical_blend"]["quality"]
+    assert quality["questions"] == 2 and quality["kl_mean"] >= 0
+    assert quality["top1_agreement"] in (0.0, 0.5, 1.0)
+    assert "quality" not in by_name["radix"]
+    reports = by_name["hierarchical_blend"]["blend_reports"]
+    assert reports["outcomes"] == {"blended": 2} and reports["marked_used"] >= 8
+    assert reports["reused_tokens_mean"] > reports["recomputed_tokens_mean"] > 0
     assert "hierarchical_blend_p50_speedup_vs_radix" in data
     assert data["server_args"] == list(dtype_flags(()))   # the CPU's fast dtype, recorded
 
