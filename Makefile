@@ -1,13 +1,15 @@
 # Two entry points for a fresh machine (Python 3.11 with venv, make):
 #   make demo   installs everything, prepares SmolLM2, serves it with --enable-hierarchical-kv
-#   make test   installs everything, prepares SmolLM2, runs the test suite
+#   make test   installs everything, prepares SmolLM2, runs the test suite (all tiers but the
+#               `extended` variants: what CI runs)
+#   make test-all  the same with every test
 #   make bench  installs everything, prepares SmolLM2, runs the RAG comparison (table + plot)
 #   make soak   installs everything, prepares SmolLM2, runs the 30-minute memory soak
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install model demo test bench soak
+.PHONY: install model demo test test-all bench soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,4 +34,7 @@ soak: model
 	$(BIN)/sgl-kvext-bench soak --json results/soak.json --server-args "--dtype float32"
 
 test: model
+	$(BIN)/python -m pytest -q -m "not extended"
+
+test-all: model
 	$(BIN)/python -m pytest -q

@@ -1,11 +1,43 @@
-"""Shared fixtures: the prepared SmolLM2 checkpoint, transformers reference outputs, logs."""
+"""Shared fixtures (the prepared SmolLM2 checkpoint, transformers reference outputs, logs, a
+real SeaweedFS, the session's server pool) and the test tiers.
+
+Every test belongs to one tier, a marker: ``unit`` (no model, no server; given to every test
+without another tier), ``kernel`` (``tests/kernels``), ``e2e`` (a real model or SGLang
+server), ``fault`` (a real server under an injected fault), ``bench`` (a benchmark command
+end to end), ``soak``. ``extended`` marks what only ``make test-all`` runs (longer variants of
+what ``make test`` already covers). Tests that share a pool server say which
+(``uses_server``) and run next to each other.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "kernel", "e2e", "fault", "bench", "soak")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kernels" in item.path.parts:
+            item.add_marker("kernel")
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker("unit")
+
+    def shared(item: pytest.Item) -> str:
+        marker = item.get_closest_marker("uses_server")
+        return str(marker.args[0]) if marker else ""
+
+    # Stable: tests keep their order within a module; those on a pool server move to the
+    # position of the first test using it, so each pool server starts about once.
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(shared(item), i)
+    order = {id(item): (first[shared(item)] if shared(item) else i, i)
+             for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +54,7 @@ def _no_triton_interpreter(request: pytest.FixtureRequest):  # type: ignore[no-u
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The embedded SmolLM2 checkpoint (bf16), prepared once per cache folder."""
-    from sgl_kvext.model_prep import prepare_smollm2
+    from sgl_kvext.harness.model_prep import prepare_smollm2
 
     return prepare_smollm2().path
 
@@ -64,7 +96,7 @@ def log_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One real SeaweedFS S3 server on loopback for the session."""
-    from sgl_kvext.seaweedfs import SeaweedFS
+    from sgl_kvext.harness.seaweedfs import SeaweedFS
 
     root = tmp_path_factory.mktemp("seaweed")
     with SeaweedFS(root / "data", log_path=root / "weed.log") as server:
@@ -77,3 +109,25 @@ def n_tokens(model_path: Path) -> Callable[[str], int]:
 
     tok = AutoTokenizer.from_pretrained(model_path)
     return lambda text: len(tok(text, add_special_tokens=False).input_ids)
+
+
+@pytest.fixture(scope="session")
+def servers(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The session's :class:`server_pool.ServerPool` (at most two servers alive)."""
+    from server_pool import ServerPool
+
+    pool = ServerPool(model_path, tmp_path_factory.mktemp("pool-logs"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def chain(seaweed, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The shared every-tier server's disk folder and S3 prefix (``tiers_common.Chain``)."""
+    import uuid
+
+    from tiers_common import Chain
+
+    return Chain(tmp_path_factory.mktemp("chain-disk"), uuid.uuid4().hex, seaweed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sgl_kvext.server import Completion, SGLangServer
+from sgl_kvext.harness.server import Completion, SGLangServer
 from sgl_kvext_bench.rag_set import make_rag_set
 
 RAG = make_rag_set(documents=10, questions=4, chunks=(4, 4), sentences=24, seed=5)  # ~340 tokens
@@ -15,6 +15,12 @@ ARGS = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blen
         "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "2GiB", "--enable-metrics",
         "--max-total-tokens", "32768"]   # bounded: the default pool takes most of the RAM
 METRICS_SYNC_S = 1.5      # the exporter copies counters to /metrics once a second
+
+
+def fragment_args(s3_prefix: str, endpoint: str) -> list[str]:
+    """The shared fragment server's flags: ARGS with an S3 tier other instances read."""
+    return [*ARGS, "--kvext-s3-url", f"s3://kvext-e2e/{s3_prefix}", "--kvext-s3-endpoint",
+            endpoint]
 
 
 def prompt(head: str, docs: list[int], question: str) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.server
+@pytest.mark.bench
+@pytest.mark.extended
 def test_attention_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "attention.json"
     result = subprocess.run(

@@ -63,6 +63,8 @@ def test_scoring_reads_the_answer_before_the_first_period() -> None:
     assert not is_correct(" 1234. Not 4821.", "4821")
 
 
+@pytest.mark.bench
+@pytest.mark.extended
 def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "blend.json"
     result = subprocess.run(

@@ -27,7 +27,8 @@ def test_each_edit_changes_one_line_near_the_end() -> None:
         assert sum(changed) <= 1
 
 
-@pytest.mark.server
+@pytest.mark.bench
+@pytest.mark.extended
 def test_code_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "code.json"
     result = subprocess.run(
@@ -56,7 +57,7 @@ def test_code_bench_rejects_bad_options(tmp_path: Path, flags: list[str], needle
 
 
 def test_url_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
-    from sgl_kvext.server import free_port
+    from sgl_kvext.harness.server import free_port
 
     url = f"http://127.0.0.1:{free_port()}"            # nothing listens there
     result = subprocess.run(
@@ -66,10 +67,10 @@ def test_url_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.server
+@pytest.mark.e2e
 def test_code_rag_and_multiturn_measure_a_running_server(tmp_path: Path,
                                                          model_path: Path) -> None:
-    from sgl_kvext.server import SGLangServer
+    from sgl_kvext.harness.server import SGLangServer
 
     def bench(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", *args,

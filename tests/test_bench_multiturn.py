@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.server
 
-
+@pytest.mark.bench
+@pytest.mark.extended
 def test_multiturn_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "mt.json"
     result = subprocess.run(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import bench_cli
 
-from sgl_kvext.server import dtype_flags
+from sgl_kvext.harness.server import dtype_flags
 from sgl_kvext_bench.rag_set import RagSpec, sentences_for
 
 
@@ -69,7 +69,8 @@ def test_rag_bench_rejects_bad_workloads_in_one_line(tmp_path: Path, flags: list
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.server
+@pytest.mark.bench
+@pytest.mark.extended
 def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "rag.json"
     result = subprocess.run(

@@ -70,7 +70,8 @@ def test_workloads_export_replayable_traces(tmp_path: Path, command: str, sizes:
         assert reqs[2].prompt.startswith(reqs[0].prompt)
 
 
-@pytest.mark.server
+@pytest.mark.bench
+@pytest.mark.extended
 def test_replay_tiny(tmp_path: Path, model_path: Path) -> None:
     story = "The lighthouse keeper counted ships every evening and wrote them down. " * 12
     trace = write_trace([TraceRequest(0.0, story + "How many?", 6),

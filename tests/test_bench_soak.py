@@ -47,7 +47,8 @@ def test_summary_holds_floors_to_the_tolerance_and_reports_peaks() -> None:
     assert not summarize(spec, busy, leak, {}, 1)["rss_flat"]
 
 
-@pytest.mark.server
+@pytest.mark.soak
+@pytest.mark.extended
 def test_soak_tiny(tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = bench_cli("soak", "--json", str(out), "--minutes", "1", "--sample-s", "3",

@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 from helpers import run_python
 
+pytestmark = pytest.mark.e2e
+
 SCRIPT = r'''
 import json, sys
 import torch
 from transformers import AutoConfig, AutoTokenizer
-from sgl_kvext.integration.offline_model import load_offline_model
-from sgl_kvext.blend import (BlendSettings, LlamaLayerOps, PrefixKV, ReusedChunk,
+from sgl_kvext.sglang_plugin.offline_model import load_offline_model
+from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
+from sgl_kvext.blend import (BlendSettings, PrefixKV, ReusedChunk,
                              blended_prefill, compute_chunk_kv, full_prefill)
 from sgl_kvext_kernels import RopeConfig
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sgl_kvext.chunking import WINDOW, boundaries, fragments, window_hashes
+from sgl_kvext.fragments.chunking import WINDOW, boundaries, fragments, window_hashes
 
 
 def tokens(rng: np.random.Generator, n: int) -> np.ndarray:

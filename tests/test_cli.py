@@ -11,8 +11,9 @@ from pathlib import Path
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "sgl_kvext.cli", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "sgl_kvext.harness.cli", *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
 def test_config_show_resolves_sources(tmp_path: Path) -> None:

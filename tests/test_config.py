@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sgl_kvext import BlendConfig, ConfigError, FragmentConfig, KVExtConfig, TierConfig
-from sgl_kvext.config import options
-from sgl_kvext.config_values import GiB, MiB, format_size, parse_size
+from sgl_kvext.config.settings import options
+from sgl_kvext.config.values import GiB, MiB, format_size, parse_size
 
 
 def test_defaults_are_valid_and_frozen() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sgl_kvext.cost_model import CostModel
+from sgl_kvext.pages.cost_model import CostModel
 
 
 def test_first_observation_replaces_the_guess_then_averages() -> None:

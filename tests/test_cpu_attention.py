@@ -40,7 +40,7 @@ def _inputs(prefixes: list[int], new: list[int], heads: int, kv_heads: int, dim:
 def _backends() -> tuple[type, type]:
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-    from sgl_kvext.integration.cpu_attention import KVExtCPUAttnBackend
+    from sgl_kvext.sglang_plugin.cpu_attention import KVExtCPUAttnBackend
 
     return TorchNativeAttnBackend, KVExtCPUAttnBackend
 
@@ -93,7 +93,7 @@ def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int],
 
 
 def test_contiguous_slots_are_read_without_a_copy() -> None:
-    from sgl_kvext.integration.cpu_attention import _rows
+    from sgl_kvext.sglang_plugin.cpu_attention import _rows
 
     cache = torch.randn(50, 3, 8)
     run = _rows(cache, torch.arange(10, 30, dtype=torch.int32))
@@ -108,7 +108,7 @@ def test_registered_as_an_attention_backend_choice() -> None:
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
-    from sgl_kvext.integration import cpu_attention
+    from sgl_kvext.sglang_plugin import cpu_attention
 
     cpu_attention.register()
     cpu_attention.register()                  # idempotent: plugins load once per process
@@ -119,7 +119,7 @@ def test_registered_as_an_attention_backend_choice() -> None:
 def test_picking_kvext_cpu_turns_graph_capture_off() -> None:
     from argparse import Namespace
 
-    from sgl_kvext.integration.cpu_attention import disable_graphs_for
+    from sgl_kvext.sglang_plugin.cpu_attention import disable_graphs_for
 
     args = Namespace(attention_backend="kvext_cpu", disable_cuda_graph=False)
     assert disable_graphs_for(args) and args.disable_cuda_graph

@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
-from sgl_kvext.demo import run_demo
-from sgl_kvext.server import fast_cpu_dtype
+import pytest
+
+from sgl_kvext.harness.demo import run_demo
+from sgl_kvext.harness.server import fast_cpu_dtype
 
 
+@pytest.mark.e2e
 def test_demo_brings_the_context_back_from_the_host_tier(model_path: Path,
                                                         tmp_path: Path) -> None:
     rows = run_demo(model_path, tmp_path, records=16, questions=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers import ROOT
 
-from sgl_kvext.config import options
+from sgl_kvext.config.settings import options
 
 
 def test_configuration_doc_lists_every_option() -> None:

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from sgl_kvext.fragment_index import FragmentIndex, FragmentMatch, locate_chunks, marked_core
+from sgl_kvext.fragments.index import FragmentIndex, FragmentMatch, locate_chunks, marked_core
 
 
 def key_of(tokens: np.ndarray) -> bytes:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sgl_kvext.blend.prefill import ChunkKV
-from sgl_kvext.fragment_store import FragmentStore, KVLayout
-from sgl_kvext.keys import ModelIdentity, Namespace, fragment_key, page_keys
-from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.fragments.store import FragmentStore, KVLayout
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, fragment_key, page_keys
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier

@@ -7,7 +7,7 @@ import ctypes
 
 import pytest
 
-from sgl_kvext.heap_trim import HeapTrimmer
+from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
 
 
 def _rss_bytes() -> int:

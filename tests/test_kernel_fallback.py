@@ -10,14 +10,14 @@ import pytest
 import torch
 from helpers import run_python
 
-from sgl_kvext.kernel_fallback import SHIM_DIR
+from sgl_kvext.sglang_plugin.kernel_fallback import SHIM_DIR
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="on a CUDA machine the real sgl_kernel is used")
 
 PROBE = """
 import json, multiprocessing as mp, os, sys
-from sgl_kvext.kernel_fallback import ensure_sgl_kernel
+from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
 
 def child_sees_fallback(q):
     import sgl_kernel
@@ -70,7 +70,7 @@ def test_a_working_sgl_kernel_is_never_shadowed(tmp_path: Path) -> None:
     (fake / "__init__.py").write_text("WORKING = True\n")
     code = """
 import json, os, sys
-from sgl_kvext.kernel_fallback import ensure_sgl_kernel
+from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
 status = ensure_sgl_kernel()
 import sgl_kernel
 print(json.dumps([status.source.value, getattr(sgl_kernel, "WORKING", False),

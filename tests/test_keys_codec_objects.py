@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgl_kvext.keys import ModelIdentity, Namespace, page_keys
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, page_keys
 from sgl_kvext.tiers.codec import CodecError, make_codec, shuffle, unshuffle
 from sgl_kvext.tiers.objects import CorruptObject, KVPage, decode_object, encode_object
 
@@ -45,7 +45,8 @@ def test_tenants_never_share_keys() -> None:
 
 
 def test_keys_are_stable_across_processes_and_hash_seeds() -> None:
-    code = ("from sgl_kvext.keys import *; m = ModelIdentity('cfg', 'weights', 'bfloat16', 4, "
+    code = ("from sgl_kvext.pages.keys import *; "
+            "m = ModelIdentity('cfg', 'weights', 'bfloat16', 4, "
             "'mha:layers=30,kv_heads=3,head_dim=64'); "
             "print(page_keys(Namespace(m, 'x'), list(range(12)))[-1].hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sgl_kvext import kv_tiering
-from sgl_kvext.keys import ModelIdentity
-from sgl_kvext.kv_pages import PagedKV
-from sgl_kvext.kv_tiering import KVTiering
+from sgl_kvext.pages import tiering as kv_tiering
+from sgl_kvext.pages.keys import ModelIdentity
+from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.host import HostTier
 

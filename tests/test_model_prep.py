@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sgl_kvext.model_prep import (
+from sgl_kvext.harness.model_prep import (
     EXPECTED_CONFIG,
     ModelPrepError,
     default_model_dir,
@@ -45,6 +45,7 @@ def _linked_cache(src_model: Path, cache: Path) -> Path:
     return dest
 
 
+@pytest.mark.e2e
 def test_tampering_is_detected_and_repaired(model_path: Path, tmp_path: Path) -> None:
     dest = _linked_cache(model_path, tmp_path)
     assert verify_checkpoint(dest) is None

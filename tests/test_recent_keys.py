@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from sgl_kvext.recent_keys import RecentKeys
+from sgl_kvext.pages.recent_keys import RecentKeys
 
 
 def test_forgets_the_least_recently_used_beyond_capacity():

@@ -24,28 +24,31 @@ from pathlib import Path
 
 import boto3
 import pytest
+from server_pool import ServerPool, salt
 from tiers_common import (
     FILLERS,
     FROM_TIER,
     MAX_NEW,
     PROMPTS,
     SMALL_HOST,
+    Chain,
     ask,
     evict_context,
     metric,
+    metrics,
     s3_args,
     seaweed_env,
     tier_args,
     tier_server,
 )
 
-from sgl_kvext.demo import build_context
-from sgl_kvext.seaweedfs import SeaweedFS
-from sgl_kvext.server import SGLangServer
+from sgl_kvext.harness.demo import build_context
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.harness.server import SGLangServer
 from sgl_kvext.tiers.disk_ledger import scan_objects
 from sgl_kvext.tiers.objects import CorruptObject, decode_object, read_header
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.fault
 
 
 # Other long prompts, never sent before the kill test: they make the server spill.
@@ -246,6 +249,7 @@ def _intact(blob: bytes) -> bool:
     return True
 
 
+@pytest.mark.extended
 def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
         model_path: Path, log_dir: Path, tmp_path: Path, seaweed: SeaweedFS,
         expected: dict[str, list[int]]) -> None:
@@ -301,6 +305,29 @@ def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
     assert peak[0] <= cap * 1.01
 
 
+@pytest.mark.uses_server("chain")
+def test_tenants_never_share_kv_on_any_tier(servers: ServerPool, chain: Chain,
+                                            expected: dict[str, list[int]]) -> None:
+    srv = chain.server(servers)
+    a, b, c = salt(), salt(), salt()
+    a_first = ask(srv, 0, salt=a)
+    c_device = ask(srv, 0, salt=c)                   # A's KV is on device: not for C
+    evict_context(srv)
+    hits = metric(metrics(srv), "kvext_tier_hits_total")
+    b_tier = ask(srv, 1, salt=b)                     # A's and C's KV is in the tiers: not for B
+    b_hits = metric(metrics(srv), "kvext_tier_hits_total") - hits
+    evict_context(srv)
+    a_again = ask(srv, 1, salt=a)                    # ... but it is for A
+    _record("tenants_every_tier", other_tenant_cached_tokens=[c_device.cached_tokens,
+                                                               b_tier.cached_tokens],
+            other_tenant_tier_hits=b_hits, own_cached_tokens=a_again.cached_tokens)
+    assert a_first.output_ids == c_device.output_ids == expected[PROMPTS[0]]
+    assert b_tier.output_ids == a_again.output_ids == expected[PROMPTS[1]]
+    assert c_device.cached_tokens == 0 and b_tier.cached_tokens == 0 and b_hits == 0
+    assert a_again.cached_tokens >= FROM_TIER
+
+
+@pytest.mark.extended
 @pytest.mark.parametrize("tier", ["host", "disk", "s3"])
 def test_tenants_never_share_kv(tier: str, model_path: Path, log_dir: Path, tmp_path: Path,
                                 seaweed: SeaweedFS, expected: dict[str, list[int]]) -> None:

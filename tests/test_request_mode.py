@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgl_kvext.fragment_index import locate_chunks, marked_core
-from sgl_kvext.integration.request_mode import MAX_MARKS, MAX_POSITION, FragmentOptions
+from sgl_kvext.fragments.index import locate_chunks, marked_core
+from sgl_kvext.sglang_plugin.request_mode import MAX_MARKS, MAX_POSITION, FragmentOptions
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=6)

@@ -6,6 +6,7 @@ the two stacks round differently and greedy paths part after a few dozen tokens.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from sgl_kvext.seaweedfs import SeaweedFS
-from sgl_kvext.server import LAUNCHERS, SGLangServer, device_flags
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.harness.server import LAUNCHERS, SGLangServer, device_flags
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.e2e
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a small village,", "List three primary colors:"]
@@ -48,40 +49,73 @@ def test_launch_server_help_lists_the_flags() -> None:
     assert ",kvext_cpu" in result.stdout      # the plugin's attention backend
 
 
-@pytest.mark.parametrize("launcher, args, needle", [
-    ("launch_server", ["--enable-hierarchical-kv", "--kvext-eviction-policy", "mru"],
-     "lru, lfu, s3fifo"),
-    ("serve", ["--enable-hierarchical-kv", "--kvext-host-size=-1GiB"], "--kvext-host-size"),
-    ("launch_server", ["--enable-hierarchical-kv", "--kvext-s3-url", "https://bucket"],
-     "s3://bucket"),
-    ("launch_server", ["--enable-hierarchical-kv", "--disable-radix-cache"],
-     "--disable-radix-cache"),
-    ("serve", ["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
-    ("launch_server", ["--enable-hierarchical-kv", "--kvext-disk-dir", "/proc/kvext-no"],
-     "not writable"),
-    ("launch_server", ["--enable-hierarchical-kv", "--kvext-s3-url", "s3://kvext-bucket",
-                       "--kvext-s3-timeout", "0"], "(0, 600]"),
-    ("launch_server", ["--enable-hierarchical-kv", "--kvext-no-such-option", "1"],
-     "unrecognized arguments"),
-])
-def test_bad_settings_fail_at_start_with_one_line(launcher: str, args: list[str], needle: str,
-                                                  model_path: Path) -> None:
-    result = _launch(launcher, model_path, *args)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+#: Bad settings and the text their one-line error must hold.
+BAD_SETTINGS = [
+    (["--enable-hierarchical-kv", "--kvext-eviction-policy", "mru"], "lru, lfu, s3fifo"),
+    (["--enable-hierarchical-kv", "--kvext-host-size=-1GiB"], "--kvext-host-size"),
+    (["--enable-hierarchical-kv", "--kvext-s3-url", "https://bucket"], "s3://bucket"),
+    (["--enable-hierarchical-kv", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
+    (["--enable-hierarchical-kv", "--kvext-disk-dir", "/proc/kvext-no"], "not writable"),
+    (["--enable-hierarchical-kv", "--kvext-s3-url", "s3://kvext-bucket", "--kvext-s3-timeout",
+      "0"], "(0, 600]"),
+    (["--enable-hierarchical-kv", "--kvext-no-such-option", "1"], "unrecognized arguments"),
+]
+
+# SGLang's own argument parsing with the plugin loaded, as both launchers run it, once per
+# case in one process (a launcher process per case costs ~12 s of imports each).
+PARSE = r"""
+import contextlib, io, json, os, sys
+from sglang.srt.plugins import load_plugins
+from sglang.srt.server_args import prepare_server_args
+load_plugins()
+out = []
+for argv, env in json.loads(sys.argv[1]):
+    os.environ.update(env)
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err):
+        try:
+            prepare_server_args(argv)
+        except SystemExit as exc:
+            code = exc.code
+    out.append([code, err.getvalue()])
+print("RESULT " + json.dumps(out))
+"""
 
 
-def test_s3_credentials_the_server_refuses_fail_at_start(model_path: Path,
-                                                         seaweed: SeaweedFS) -> None:
-    result = _launch("launch_server", model_path, "--enable-hierarchical-kv", "--kvext-s3-url",
-                     f"s3://kvext-e2e/{uuid.uuid4().hex}", "--kvext-s3-endpoint",
-                     seaweed.endpoint, env={"AWS_ACCESS_KEY_ID": "wrong",
-                                            "AWS_SECRET_ACCESS_KEY": "wrong-too"})
+def _parse_all(model_path: Path, cases: list[tuple[list[str], dict[str, str]]]
+               ) -> list[tuple[int, str]]:
+    argvs = [[["--model-path", str(model_path), *device_flags(), *args], env]
+             for args, env in cases]
+    proc = subprocess.run([sys.executable, "-c", PARSE, json.dumps(argvs)],
+                          capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return [(int(c), e) for c, e in json.loads(lines[-1][len("RESULT "):])]
+
+
+def _one_error(stderr: str, start: str = "") -> list[str]:
+    return [line for line in stderr.splitlines() if "error:" in line and line.startswith(start)]
+
+
+def test_bad_settings_fail_at_start_with_one_line(model_path: Path, seaweed: SeaweedFS) -> None:
+    refused = ["--enable-hierarchical-kv", "--kvext-s3-url", f"s3://kvext-e2e/{uuid.uuid4().hex}",
+               "--kvext-s3-endpoint", seaweed.endpoint]
+    wrong = {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong-too"}
+    cases = [(args, {}) for args, _ in BAD_SETTINGS] + [(refused, wrong)]
+    needles = [n for _, n in BAD_SETTINGS] + ["refused this process's credentials"]
+    for (code, stderr), needle in zip(_parse_all(model_path, cases), needles, strict=True):
+        errors = _one_error(stderr)
+        assert code == 2 and len(errors) == 1 and needle in errors[0], (needle, stderr[-2000:])
+
+
+def test_a_real_launch_with_a_bad_setting_exits_2_with_one_line(model_path: Path) -> None:
+    # The parser hooks above, through the recommended entry point's real process.
+    result = _launch("serve", model_path, "--enable-hierarchical-kv", "--kvext-host-size=-1GiB")
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("sgl-kvext: error")]
-    assert len(errors) == 1 and "refused this process's credentials" in errors[0], \
-        result.stderr[-2000:]
+    errors = _one_error(result.stderr)
+    assert len(errors) == 1 and "--kvext-host-size" in errors[0], result.stderr[-2000:]
 
 
 def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int], list[list[int]]],
@@ -107,8 +141,10 @@ def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int],
 
 
 @pytest.mark.parametrize("launcher, flags, tree", [
-    ("launch_server", ["--attention-backend", "torch_native"], "UnifiedRadixCache"),
-    ("launch_server", ["--chunked-prefill-size", "64"], "UnifiedRadixCache"),
+    pytest.param("launch_server", ["--attention-backend", "torch_native"], "UnifiedRadixCache",
+                 marks=pytest.mark.extended),
+    pytest.param("launch_server", ["--chunked-prefill-size", "64"], "UnifiedRadixCache",
+                 marks=pytest.mark.extended),
     ("serve", ["--enable-hierarchical-kv"], "HierarchicalRadixCache"),
 ])
 def test_greedy_output_equals_transformers(launcher: str, flags: list[str], tree: str,

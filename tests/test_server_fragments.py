@@ -12,28 +12,31 @@ from pathlib import Path
 
 import pytest
 from fragments_common import (
-    ARGS,
     DOCS,
     FIRST,
     MAX_NEW,
     SECOND,
     UNSEEN,
     ask,
+    fragment_args,
     metric,
     prompt,
     wait_registered,
 )
+from server_pool import ServerPool
+from tiers_common import Chain, seaweed_env
 
-from sgl_kvext.server import SGLangServer
+from sgl_kvext.harness.server import SGLangServer
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.e2e, pytest.mark.uses_server("fragments")]
 
 
-@pytest.fixture(scope="module")
-def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    log = tmp_path_factory.mktemp("fragments") / "server.log"
-    with SGLangServer(model_path, ARGS, log_path=log) as srv:
-        yield srv
+@pytest.fixture
+def server(servers: ServerPool, chain: Chain) -> SGLangServer:
+    """The session's fragment server (its S3 tier is the chain's bucket, another prefix)."""
+    return servers.get("fragments", fragment_args(chain.s3_prefix + "-fragments",
+                                                  chain.seaweed.endpoint),
+                       seaweed_env(chain.seaweed))
 
 
 @pytest.fixture(scope="module")

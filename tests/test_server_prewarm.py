@@ -1,54 +1,52 @@
 """A corpus pre-warmed into one server (sgl_kvext.prewarm_corpus) is found in S3 (SeaweedFS
-on loopback) and blended by a second server that computes none of it. Its own module: one
-server at a time (two CPU servers at once exhaust this machine's memory)."""
+on loopback) and blended by a second server that computes none of it; every HTTP worker
+serves the pre-warm routes. The first server is the session's shared fragment server."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fragments_common import ARGS, DOCS, ask, metric, prompt
+from fragments_common import ARGS, DOCS, ask, fragment_args, metric, prompt
+from server_pool import ServerPool
+from tiers_common import Chain, seaweed_env
 
 from sgl_kvext import prewarm_corpus
-from sgl_kvext.seaweedfs import SeaweedFS
-from sgl_kvext.server import SGLangServer
+from sgl_kvext.harness.server import SGLangServer
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.uses_server("fragments")
 def test_prewarmed_corpus_is_hit_by_another_instance_through_s3(
-        model_path: Path, tmp_path: Path, seaweed: SeaweedFS,
-        n_tokens: Callable[[str], int]) -> None:
-    creds = seaweed.credentials
-    env = {"AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
-           "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"]}
-    s3 = ["--kvext-s3-url", f"s3://kvext-e2e/{uuid.uuid4().hex}",
-          "--kvext-s3-endpoint", seaweed.endpoint]
+        servers: ServerPool, chain: Chain, n_tokens: Callable[[str], int]) -> None:
+    args = fragment_args(chain.s3_prefix + "-fragments", chain.seaweed.endpoint)
+    env = seaweed_env(chain.seaweed)
+    a = servers.get("fragments", args, env)
     corpus = [DOCS[7], DOCS[3]]
-    with SGLangServer(model_path, [*ARGS, *s3], log_path=tmp_path / "a.log", env=env) as a:
-        result = prewarm_corpus(a.url, corpus, timeout_s=300)
-        assert result.fragments >= 2
-        assert metric(a, "registered") >= result.fragments     # computed in A
+    result = prewarm_corpus(a.url, corpus, timeout_s=300)
+    assert result.fragments >= 2
+    assert metric(a, "registered") + metric(a, "found_stored") >= result.fragments
     question = prompt("Context for the question below.\n", [3, 7], "Which code?")
-    with SGLangServer(model_path, [*ARGS, *s3], log_path=tmp_path / "b.log", env=env) as b:
-        ask(b, question, kvext_chunks=corpus)          # B finds them in S3, computes none
-        deadline = time.monotonic() + 60
-        while metric(b, "found_stored") < 2 and time.monotonic() < deadline:
-            pass
-        assert metric(b, "found_stored") >= 2 and metric(b, "registered") == 0
-        # Another prompt with the same chunks (the first one's KV is in the radix tree).
-        again = ask(b, prompt("Different notes to read:\n", [7, 3], "Which code?"),
-                     kvext_chunks=corpus)
-        assert metric(b, "blends") >= 1   # the first may blend too once the lookup is back
-        assert metric(b, "blended_tokens") >= 0.9 * sum(n_tokens(d) for d in corpus)
-        assert again.cached_tokens >= 0.9 * sum(n_tokens(d) for d in corpus)
+    b = servers.get("fragments-b", args, env)      # a fresh instance on the same S3 prefix
+    ask(b, question, kvext_chunks=corpus)          # B finds them in S3, computes none
+    deadline = time.monotonic() + 60
+    while metric(b, "found_stored") < 2 and time.monotonic() < deadline:
+        pass
+    assert metric(b, "found_stored") >= 2 and metric(b, "registered") == 0
+    # Another prompt with the same chunks (the first one's KV is in the radix tree).
+    again = ask(b, prompt("Different notes to read:\n", [7, 3], "Which code?"),
+                kvext_chunks=corpus)
+    assert metric(b, "blends") >= 1   # the first may blend too once the lookup is back
+    assert metric(b, "blended_tokens") >= 0.9 * sum(n_tokens(d) for d in corpus)
+    assert again.cached_tokens >= 0.9 * sum(n_tokens(d) for d in corpus)
     with pytest.raises(ValueError, match="texts"):
         prewarm_corpus("http://127.0.0.1:9", [])
 
 
+@pytest.mark.extended
 def test_prewarm_is_served_by_every_http_worker(model_path: Path, tmp_path: Path) -> None:
     # SGLang's extra HTTP workers load no plugins; before the plugin pointed them at its own
     # app, every /kvext/* request to a 2-worker server was a 404.
@@ -62,14 +60,15 @@ def test_prewarm_is_served_by_every_http_worker(model_path: Path, tmp_path: Path
 
 
 def test_http_workers_import_the_wrapped_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sgl_kvext import env
-    from sgl_kvext.integration import prewarm
+    from sgl_kvext.config import env
+    from sgl_kvext.sglang_plugin import prewarm
+    from sgl_kvext.sglang_plugin.surface import HTTP_APP_DEFAULT
 
     monkeypatch.delenv(env.SGLANG_HTTP_APP, raising=False)
     monkeypatch.delenv(env.WRAPPED_HTTP_APP, raising=False)
     prewarm.route_http_workers()
     assert env.get(env.SGLANG_HTTP_APP) == prewarm.HTTP_APP
-    assert env.get(env.WRAPPED_HTTP_APP) == env.SGLANG_HTTP_APP_DEFAULT
+    assert env.get(env.WRAPPED_HTTP_APP) == HTTP_APP_DEFAULT
     monkeypatch.setenv(env.SGLANG_HTTP_APP, "my_gateway:asgi")     # a user's own app
     prewarm.route_http_workers()
     prewarm.route_http_workers()                                     # idempotent

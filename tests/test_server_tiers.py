@@ -1,38 +1,42 @@
 """The real SGLang CPU server with --enable-hierarchical-kv: a prefix evicted from the
-device pool comes back from each tier (host, disk, S3 on SeaweedFS) with greedy output
-identical to transformers; corrupt tier objects mean recompute; restarts and other
-instances hit what was written; concurrent requests stay exact.
+device pool comes back from the tiers (host, disk, S3 on SeaweedFS) with greedy output
+identical to transformers; another instance sharing the S3 prefix, and one on the same disk
+folder (a restart), hit what was written; concurrent requests stay exact; corrupt tier
+objects mean recompute.
 
-float32 throughout (see test_server.py). The device pool is tiny (--max-total-tokens) so
-the filler prompts evict the context.
+Most tests share the session's every-tier server (``chain``), each under its own tenant;
+the ``extended`` ones start a server per tier. float32 throughout (see test_server.py). The
+device pool is tiny (--max-total-tokens) so the filler prompts evict the context.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from server_pool import ServerPool, salt
 from tiers_common import (
     FILLERS,
     FROM_TIER,
     MAX_NEW,
     PROMPTS,
+    Chain,
     ask,
     evict_context,
     metric,
+    metrics,
     seaweed_env,
     tier_args,
     tier_server,
 )
 
-from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.harness.seaweedfs import SeaweedFS
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,54 @@ def expected(hf_greedy: Callable[..., list[list[int]]]) -> list[list[int]]:
     return hf_greedy(PROMPTS, MAX_NEW)
 
 
+@pytest.mark.uses_server("chain")
+def test_evicted_prefix_comes_back_exact_from_the_tiers(servers: ServerPool, chain: Chain,
+                                                       expected: list[list[int]]) -> None:
+    srv, tenant = chain.server(servers), salt()
+    before = metrics(srv)
+    first = ask(srv, 0, tenant)
+    evict_context(srv)
+    second = ask(srv, 1, tenant)
+    after = metrics(srv)
+    assert first.output_ids == expected[0]
+    assert second.output_ids == expected[1]
+    assert second.cached_tokens >= FROM_TIER, second
+    loaded = metric(after, "kvext_loaded_pages_total") - metric(before, "kvext_loaded_pages_total")
+    hits = metric(after, "kvext_tier_hits_total") - metric(before, "kvext_tier_hits_total")
+    assert loaded >= FROM_TIER // 32 and hits > 0
+
+
+@pytest.mark.uses_server("chain")
+def test_concurrent_requests_while_the_prefix_is_evicted(servers: ServerPool, chain: Chain,
+                                                         expected: list[list[int]]) -> None:
+    srv, tenant = chain.server(servers), salt()
+    assert ask(srv, 0, tenant).output_ids == expected[0]
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        fillers = [pool.submit(srv.generate, f, 2) for f in FILLERS]
+        asks = [pool.submit(ask, srv, i, tenant) for i in (0, 1)]
+        results = [a.result(timeout=600) for a in asks]
+        for f in fillers:
+            f.result(timeout=600)
+    again = ask(srv, 1, tenant)
+    assert [r.output_ids for r in results] == expected
+    assert again.output_ids == expected[1] and again.cached_tokens >= FROM_TIER
+
+
+@pytest.mark.uses_server("chain")
+def test_another_instance_and_a_restart_hit_what_was_written(servers: ServerPool, chain: Chain,
+                                                             expected: list[list[int]]) -> None:
+    # Last of the chain server's users: the readers below take the pool's places.
+    tenant = salt()
+    assert ask(chain.server(servers), 0, tenant).output_ids == expected[0]   # written through
+    # A second instance, running at the same time, shares only the S3 prefix.
+    shared = ask(chain.s3_reader(servers), 1, tenant)
+    assert shared.output_ids == expected[1] and shared.cached_tokens >= FROM_TIER
+    # A fresh instance on the same disk folder (no S3) warm-starts from it.
+    warm = ask(chain.disk_reader(servers), 1, tenant)
+    assert warm.output_ids == expected[1] and warm.cached_tokens >= FROM_TIER
+
+
+@pytest.mark.extended
 @pytest.mark.parametrize("tier", ["host", "disk", "s3"])
 def test_evicted_prefix_comes_back_exact(tier: str, model_path: Path, log_dir: Path,
                                          tmp_path: Path, seaweed: SeaweedFS,
@@ -62,6 +114,7 @@ def test_evicted_prefix_comes_back_exact(tier: str, model_path: Path, log_dir: P
         assert metric(metrics, "kvext_prefetch_promoted_pages_total") > 0
 
 
+@pytest.mark.extended
 def test_corrupt_disk_objects_mean_recompute(model_path: Path, log_dir: Path, tmp_path: Path,
                                              expected: list[list[int]]) -> None:
     disk = tmp_path / "disk"
@@ -81,6 +134,7 @@ def test_corrupt_disk_objects_mean_recompute(model_path: Path, log_dir: Path, tm
     assert any((disk / "quarantine").iterdir())
 
 
+@pytest.mark.extended
 def test_restart_and_second_instance_hit(model_path: Path, log_dir: Path, tmp_path: Path,
                                          seaweed: SeaweedFS, expected: list[list[int]]) -> None:
     disk = tmp_path / "shared-disk"
@@ -99,19 +153,3 @@ def test_restart_and_second_instance_hit(model_path: Path, log_dir: Path, tmp_pa
     with tier_server(model_path, log_dir, "restart", "--kvext-disk-dir", str(disk)) as restarted:
         warm = ask(restarted, 1)
     assert warm.output_ids == expected[1] and warm.cached_tokens >= FROM_TIER
-
-
-def test_concurrent_requests_while_the_prefix_is_evicted(model_path: Path, log_dir: Path,
-                                                         expected: list[list[int]]) -> None:
-    with tier_server(model_path, log_dir, "concurrent", "--kvext-host-size", "512MiB") as server:
-        assert ask(server, 0).output_ids == expected[0]
-        with concurrent.futures.ThreadPoolExecutor(5) as pool:
-            fillers = [pool.submit(server.generate, f, 2) for f in FILLERS]
-            asks = [pool.submit(ask, server, i) for i in (0, 1)]
-            results = [a.result(timeout=600) for a in asks]
-            for f in fillers:
-                f.result(timeout=600)
-        again = ask(server, 1)
-    assert [r.output_ids for r in results] == expected
-    assert again.output_ids == expected[1]
-    assert json.dumps([r.cached_tokens for r in results])

@@ -11,8 +11,8 @@ from helpers import run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgl_kvext.kernel_fallback import SHIM_DIR
-from sgl_kvext.sgl_kernel_ops import (
+from sgl_kvext.sglang_plugin.kernel_fallback import SHIM_DIR
+from sgl_kvext.sglang_plugin.sgl_kernel_ops import (
     NOT_PROVIDED,
     assign_req_to_token_pool_cpu,
     copy_all_layer_kv_cache_cpu,
@@ -143,7 +143,7 @@ print(json.dumps([sgl_kernel.KVEXT_FALLBACK, called, unknown]))
 
 SGLANG_CALLERS = """
 import json, torch
-from sgl_kvext.kernel_fallback import ensure_sgl_kernel
+from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
 status = ensure_sgl_kernel()
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.allocation import assign_req_to_token_pool_func
@@ -170,6 +170,7 @@ print(json.dumps([status.source.value, getattr(sgl_kernel, "KVEXT_FALLBACK", Fal
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback only acts without CUDA")
+@pytest.mark.e2e
 def test_sglang_cpu_engine_callers_use_the_fallback() -> None:
     """SGLang's own pool and allocator code, run on its CPU engine, through the shim."""
     result = run_python(SGLANG_CALLERS)

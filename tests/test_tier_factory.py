@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tier_contract import assert_same, key_of, page_of
 
-from sgl_kvext.config import TierConfig
-from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.config.settings import TierConfig
+from sgl_kvext.harness.seaweedfs import SeaweedFS
 from sgl_kvext.tiers.factory import build_chain
 
 NS = bytes(range(32))

@@ -12,7 +12,7 @@ import pytest
 from helpers import run_python
 from tier_contract import TierContract, assert_same, key_of, page_of
 
-from sgl_kvext.seaweedfs import SeaweedFS
+from sgl_kvext.harness.seaweedfs import SeaweedFS
 from sgl_kvext.tiers.breaker import BreakerState, CircuitBreaker
 from sgl_kvext.tiers.s3 import S3Tier
 

@@ -27,11 +27,11 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from sgl_kvext.config import KVExtConfig, TierConfig
-from sgl_kvext.integration.tree import HierarchicalRadixCache
-from sgl_kvext.keys import ModelIdentity
-from sgl_kvext.kv_pages import PagedKV
-from sgl_kvext.kv_tiering import KVTiering
+from sgl_kvext.config.settings import KVExtConfig, TierConfig
+from sgl_kvext.pages.keys import ModelIdentity
+from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier

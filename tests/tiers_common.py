@@ -4,12 +4,16 @@ flags, and readers for ``/metrics``. float32 throughout (see test_server.py)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
-from sgl_kvext.demo import build_context
-from sgl_kvext.seaweedfs import SeaweedFS
-from sgl_kvext.server import Completion, SGLangServer
+from server_pool import ServerPool
+
+from sgl_kvext.harness.demo import build_context
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.harness.server import Completion, SGLangServer
 
 CONTEXT, QUESTIONS = build_context(24, seed=11)          # ~560 tokens
 PROMPTS = [CONTEXT + q + "\nAnswer: the depot shipped" for q in QUESTIONS[:2]]
@@ -21,13 +25,47 @@ FROM_TIER = 400      # tokens the second request must get from a tier (the devic
 SMALL_HOST = ["--kvext-host-size", "40MiB"]   # holds the context; fillers push it further down
 
 
+class Chain(NamedTuple):
+    """The session's shared server with every tier: a small host tier, a disk folder and an
+    S3 prefix, both also read by the other instances the tests start (``s3_reader``,
+    ``disk_reader``)."""
+
+    disk: Path
+    s3_prefix: str
+    seaweed: SeaweedFS
+
+    def args(self) -> list[str]:
+        return [*BASE, "--enable-metrics", *SMALL_HOST, "--kvext-disk-dir", str(self.disk),
+                *s3_args(self.seaweed, self.s3_prefix)]
+
+    def server(self, pool: ServerPool) -> SGLangServer:
+        return pool.get("chain", self.args(), seaweed_env(self.seaweed))
+
+    def s3_reader(self, pool: ServerPool) -> SGLangServer:
+        """Another instance sharing only the S3 prefix."""
+        return pool.get("s3-reader", [*BASE, *s3_args(self.seaweed, self.s3_prefix)],
+                        seaweed_env(self.seaweed))
+
+    def disk_reader(self, pool: ServerPool) -> SGLangServer:
+        """Another instance on the same disk folder (a restart, as far as KV goes)."""
+        return pool.get("disk-reader", [*BASE, "--kvext-disk-dir", str(self.disk)])
+
+
 def tier_server(model_path: Path, log_dir: Path, name: str, *args: str,
            env: dict[str, str] | None = None) -> SGLangServer:
     return SGLangServer(model_path, [*BASE, *args], log_path=log_dir / f"{name}.log", env=env)
 
 
 def evict_context(srv: SGLangServer) -> list[Completion]:
+    """The fillers, one after another: they push the context out of the device pool (its
+    pages spill to the tiers)."""
     return [srv.generate(filler, max_new_tokens=2) for filler in FILLERS]
+
+
+def metrics(srv: SGLangServer) -> str:
+    """``/metrics`` once the exporter has copied the counters (once a second)."""
+    time.sleep(2.5)
+    return srv.get_text("/metrics")
 
 
 def ask(srv: SGLangServer, i: int, salt: str | None = None) -> Completion:

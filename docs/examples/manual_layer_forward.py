@@ -18,8 +18,8 @@ from pathlib import Path
 T_START = time.perf_counter()
 
 # 1. sgl_kernel shim + SGLANG_USE_CPU_ENGINE=1, before any sglang.srt import.
-from sgl_kvext.integration.offline_model import load_offline_model  # noqa: E402
-from sgl_kvext.kernel_fallback import ensure_sgl_kernel  # noqa: E402
+from sgl_kvext.sglang_plugin.offline_model import load_offline_model  # noqa: E402
+from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel  # noqa: E402
 
 KERNEL = ensure_sgl_kernel()
 

@@ -1,6 +1,6 @@
 """CacheBlend: a prefill that reuses chunk KV at any position (torch path on CPU)."""
 
-from sgl_kvext.blend.model_ops import LlamaLayerOps
+from sgl_kvext.blend.layer_ops import QKV, LayerOps
 from sgl_kvext.blend.prefill import (
     ChunkKV,
     PrefillResult,
@@ -12,5 +12,5 @@ from sgl_kvext.blend.prefill import (
 )
 from sgl_kvext.blend.selection import DEFAULT_SETTINGS, BlendSettings
 
-__all__ = ["DEFAULT_SETTINGS", "BlendSettings", "ChunkKV", "LlamaLayerOps", "PrefillResult",
-           "PrefixKV", "ReusedChunk", "blended_prefill", "compute_chunk_kv", "full_prefill"]
+__all__ = ["DEFAULT_SETTINGS", "BlendSettings", "ChunkKV", "LayerOps", "PrefillResult",
+           "PrefixKV", "QKV", "ReusedChunk", "blended_prefill", "compute_chunk_kv", "full_prefill"]

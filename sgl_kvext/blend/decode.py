@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from sgl_kvext.blend.model_ops import LlamaLayerOps
+from sgl_kvext.blend.layer_ops import LayerOps
 from sgl_kvext.blend.prefill import PrefillResult
 from sgl_kvext_kernels import subset_attention
 
 
 @torch.no_grad()
-def greedy_continue(ops: LlamaLayerOps, prefill: PrefillResult, next_position: int,
+def greedy_continue(ops: LayerOps, prefill: PrefillResult, next_position: int,
                     max_new_tokens: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:
     """Greedy tokens after ``prefill`` (KV [L, T, H, D], last logits), at most
     ``max_new_tokens``, stopping after a token in ``stop_ids``. The span's positions are

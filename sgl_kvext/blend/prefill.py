@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sgl_kvext.blend.model_ops import LlamaLayerOps
+from sgl_kvext.blend.layer_ops import LayerOps
 from sgl_kvext.blend.selection import (
     DEFAULT_SETTINGS,
     BlendSettings,
@@ -99,7 +99,7 @@ class PrefillResult(NamedTuple):
     reused_tokens: int
 
 
-def _attend(ops: LlamaLayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
+def _attend(ops: LayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
             v: torch.Tensor, kv_pos: torch.Tensor, prefix: PrefixKV | None = None,
             layer: int = 0) -> torch.Tensor:
     """q [A, Hq, D] over (prefix +) k / v [T, H, D], position-causal mask -> [A, Hq, D]."""
@@ -118,7 +118,7 @@ def _attend(ops: LlamaLayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.T
     return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
 
 
-def _span_positions(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.Tensor | None,
+def _span_positions(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tensor | None,
                     prefix: PrefixKV | None) -> torch.Tensor:
     """The span's positions (default right after the prefix), checked."""
     if input_ids.dim() != 1 or input_ids.shape[0] == 0:
@@ -142,7 +142,7 @@ def _span_positions(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torc
 
 
 @torch.no_grad()
-def full_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor,
+def full_prefill(ops: LayerOps, input_ids: torch.Tensor,
                  positions: torch.Tensor | None = None,
                  prefix: PrefixKV | None = None) -> PrefillResult:
     """Ordinary causal prefill of ``input_ids`` [T] at ``positions`` [T] (default 0..T-1, or
@@ -159,13 +159,13 @@ def full_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor,
     return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0], n, 0)
 
 
-def compute_chunk_kv(ops: LlamaLayerOps, token_ids: torch.Tensor) -> ChunkKV:
+def compute_chunk_kv(ops: LayerOps, token_ids: torch.Tensor) -> ChunkKV:
     """A chunk's KV computed on its own, at positions ``0..n-1`` with nothing prepended."""
     result = full_prefill(ops, token_ids)
     return ChunkKV(token_ids.clone(), result.k, result.v)
 
 
-def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.Tensor,
+def _place_chunks(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tensor,
                   chunks: Sequence[ReusedChunk], rope: RopeConfig
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cached K (re-rotated) / V [L, T, H, D], the reuse mask [T] and each token's chunk
@@ -198,7 +198,7 @@ def _place_chunks(ops: LlamaLayerOps, input_ids: torch.Tensor, positions: torch.
 
 
 @torch.no_grad()
-def blended_prefill(ops: LlamaLayerOps, input_ids: torch.Tensor, chunks: Sequence[ReusedChunk],
+def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[ReusedChunk],
                     rope: RopeConfig, *, positions: torch.Tensor | None = None,
                     prefix: PrefixKV | None = None,
                     settings: BlendSettings = DEFAULT_SETTINGS) -> PrefillResult:

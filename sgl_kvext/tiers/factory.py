@@ -7,7 +7,7 @@ wrapped in :class:`MeteredTier` so the chain reports per-tier metrics.
 
 from __future__ import annotations
 
-from sgl_kvext.config import TierConfig
+from sgl_kvext.config.settings import TierConfig
 from sgl_kvext.tiers.base import Tier
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier

@@ -1,0 +1,220 @@
+"""Multi-turn chat benchmark: users x turns over a shared system prompt and growing histories.
+
+Three server configurations run the same seeded workload one after another, each with a
+device KV pool of about a quarter of the workload's working set:
+
+- ``no_cache``: ``--disable-radix-cache`` (every prompt computed in full);
+- ``radix``: SGLang's default radix cache (what the small pool evicts is recomputed);
+- ``hierarchical``: ``--enable-hierarchical-kv`` (what the pool evicts spills to host memory).
+
+Requests go one at a time, turn by turn, round-robin over users, and stream, so time to
+first token is measured without queueing; with ``--qps`` users run concurrently at that
+arrival rate instead. A separate run measures a 4k-token prefix served
+from the host tier against the same prefix still on device.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.harness.demo import build_context
+from sgl_kvext.harness.server import SGLangServer
+from sgl_kvext_bench.client import Endpoint, kvext_counters, stream_generate
+from sgl_kvext_bench.serving import Serving
+
+TOPICS = ("gardening", "sailing", "chess", "bread baking", "astronomy", "cycling", "pottery",
+          "beekeeping", "photography", "birdwatching", "carpentry", "violin")
+VERBS = ("explain", "compare", "list", "describe", "summarize", "suggest")
+THINGS = ("tools", "mistakes", "habits", "techniques", "materials", "rules", "steps", "risks")
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "no_cache": ("--disable-radix-cache",),
+    "radix": (),
+    "hierarchical": ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB", "--enable-metrics"),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    users: int = 4
+    turns: int = 8
+    system_words: int = 300
+    question_words: int = 45
+    answer_tokens: int = 24
+    seed: int = 0
+
+    def system_prompt(self) -> str:
+        rng = random.Random(self.seed)
+        words = [rng.choice(TOPICS + THINGS + VERBS) for _ in range(self.system_words)]
+        return ("System: You are a patient assistant. House notes follow. "
+                + " ".join(words) + "\n")
+
+    def question(self, user: int, turn: int) -> str:
+        rng = random.Random(f"{self.seed}-{user}-{turn}")
+        topic = TOPICS[user % len(TOPICS)]
+        filler = " ".join(rng.choice(THINGS + VERBS) for _ in range(self.question_words - 8))
+        return (f"User: Please {rng.choice(VERBS)} the {rng.choice(THINGS)} of {topic}, "
+                f"considering {filler}.\nAssistant:")
+
+
+@dataclass(frozen=True)
+class Sample:
+    config: str
+    user: int
+    turn: int
+    ttft_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    host_cached_tokens: int
+    completion_tokens: int = 0
+    itl_s: tuple[float, ...] = ()
+    sent_s: float = 0.0             # when the request was sent, from the workload's start
+
+
+def run_workload(target: Endpoint, config: str, work: Workload,
+                 progress: Callable[[str], None], qps: float = 0.0) -> list[Sample]:
+    """Every user's turns in order, each sent after that user's previous answer is in.
+
+    ``qps == 0``: one request at a time, round-robin over users, so TTFT has no queueing.
+    ``qps > 0``: request ``k`` of that round-robin order is sent at ``k / qps`` seconds, or
+    when its user's previous answer is in if that is later; users run concurrently (the shape
+    of LMCache's multi-round QA benchmark)."""
+    system = work.system_prompt()
+    histories = [""] * work.users
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def send(user: int, turn: int) -> None:
+        question = work.question(user, turn)
+        sent = time.perf_counter() - start
+        r = target.generate(system + histories[user] + question, work.answer_tokens)
+        histories[user] += question + r.text + "\n"       # only this user's thread writes it
+        with lock:
+            samples.append(Sample(config, user, turn, r.ttft_s, r.prompt_tokens,
+                                  r.cached_tokens, r.host_cached_tokens, r.completion_tokens,
+                                  r.itl_s, sent))
+            progress(f"{config}: {len(samples)}/{work.users * work.turns} requests, turn "
+                     f"{turn} user {user + 1} ttft {r.ttft_s:.2f}s "
+                     f"({r.cached_tokens}/{r.prompt_tokens} cached)")
+
+    def user_turns(user: int) -> None:
+        for turn in range(1, work.turns + 1):
+            due = ((turn - 1) * work.users + user) / qps
+            time.sleep(max(0.0, due - (time.perf_counter() - start)))
+            send(user, turn)
+
+    if qps > 0:
+        with ThreadPoolExecutor(max_workers=work.users) as pool:
+            list(pool.map(user_turns, range(work.users)))    # re-raises a user's error
+    else:
+        for turn in range(1, work.turns + 1):
+            for user in range(work.users):
+                send(user, turn)
+    return sorted(samples, key=lambda x: (x.turn, x.user))
+
+
+def trace_requests(work: Workload, interval_s: float) -> list[Any]:
+    """The workload as replay-trace requests, one every ``interval_s``. A trace is static, so
+    each turn's history holds a fixed stand-in answer of ``answer_tokens`` words instead of
+    what the model said."""
+    from sgl_kvext_bench.replay import TraceRequest
+
+    system, history = work.system_prompt(), [""] * work.users
+    out: list[Any] = []
+    for turn in range(1, work.turns + 1):
+        for user in range(work.users):
+            question = work.question(user, turn)
+            out.append(TraceRequest(len(out) * interval_s, system + history[user] + question,
+                                    work.answer_tokens))
+            history[user] += question + " " + " ".join(["noted"] * work.answer_tokens) + "\n"
+    return out
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(config: str, samples: list[Sample], from_turn: int,
+              wall_s: float) -> dict[str, Any]:
+    late = [s.ttft_s for s in samples if s.turn >= from_turn]
+    every = [s.ttft_s for s in samples]
+    gaps = [g for s in samples for g in s.itl_s]
+    return {"name": config, "ttft_p50_s": statistics.median(late), "ttft_p90_s": _pct(late, 0.9),
+            "ttft_p50_s_all_turns": statistics.median(every),
+            "ttft_p90_s_all_turns": _pct(every, 0.9), "from_turn": from_turn,
+            "itl_p50_s": statistics.median(gaps) if gaps else None,
+            "output_tokens_per_s": sum(s.completion_tokens for s in samples) / wall_s,
+            "requests": [asdict(s) for s in samples]}
+
+
+def working_set_tokens(work: Workload, tokenizer: Any) -> tuple[int, int]:
+    """(tokens of all users' final histories, tokens of the longest single request)."""
+    system = len(tokenizer(work.system_prompt()).input_ids)
+    turn = len(tokenizer(work.question(0, 1)).input_ids) + work.answer_tokens + 2
+    longest = system + work.turns * turn
+    return system + work.users * work.turns * turn, longest
+
+
+def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int,
+                server_args: Sequence[str] = ()) -> dict[str, Any]:
+    """TTFT of a 4k-token prefix on device vs loaded back from the host tier."""
+    context = build_context(170, seed=7)[0]
+    fillers = [build_context(170, seed=s)[0] for s in (8, 9)]
+    args = ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB", "--max-total-tokens",
+            "9000", *server_args)
+    with SGLangServer(model_path, args, log_path=log_dir / "host-hit-4k.log") as server:
+        stream_generate(server.url, "Hello", 1)
+        cold = stream_generate(server.url, context + "Question one?", answer_tokens)
+        device = stream_generate(server.url, context + "Question two?", answer_tokens)
+        for filler in fillers:                      # push the context out of the device pool
+            stream_generate(server.url, filler + "Go on.", 2)
+        host = stream_generate(server.url, context + "Question three?", answer_tokens)
+    return {"prompt_tokens": host.prompt_tokens, "ttft_cold_s": cold.ttft_s,
+            "ttft_device_s": device.ttft_s, "device_cached_tokens": device.cached_tokens,
+            "ttft_host_s": host.ttft_s, "host_cached_tokens": host.host_cached_tokens,
+            "host_over_device": host.ttft_s / device.ttft_s}
+
+
+def run_multiturn(serving: Serving, work: Workload, configs: Sequence[str],
+                  pool_fraction: float = 0.25, with_host_hit: bool = True,
+                  progress: Callable[[str], None] = print, qps: float = 0.0) -> dict[str, Any]:
+    """The workload on each configuration, each server's device pool ``pool_fraction`` of the
+    working set (or on the running server, as it is), then the 4k host-hit measurement."""
+    results: dict[str, Any] = {"workload": asdict(work), "qps": qps, "configs": []}
+    pool_args: tuple[str, ...] = ()
+    if serving.url is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(serving.model_path)
+        total, longest = working_set_tokens(work, tokenizer)
+        pool = max(int(total * pool_fraction), longest + 256)
+        results.update(working_set_tokens=total, pool_tokens=pool)
+        pool_args = ("--max-total-tokens", str(pool))
+    for name in serving.configs(configs):
+        with serving.serve("multiturn", name, (*pool_args, *CONFIGS.get(name, ()))) as target:
+            started = time.perf_counter()
+            samples = run_workload(target, name, work, progress, qps)
+            wall = time.perf_counter() - started
+            counters = kvext_counters(target.url) if name == "hierarchical" else {}
+        summary = summarize(name, samples, min(5, work.turns), wall)
+        summary.update(kvext_counters=counters, wall_s=wall)
+        results["configs"].append(summary)
+    by_name = {c["name"]: c for c in results["configs"]}
+    if "hierarchical" in by_name:
+        ours = by_name["hierarchical"]["ttft_p50_s"]
+        for other in ("radix", "no_cache"):
+            if other in by_name:
+                results[f"p50_speedup_vs_{other}"] = by_name[other]["ttft_p50_s"] / ours
+    if with_host_hit and serving.url is None and serving.model_path is not None:
+        results["host_hit_4k"] = host_hit_4k(serving.model_path, serving.log_dir,
+                                             work.answer_tokens, serving.server_args)
+    return results

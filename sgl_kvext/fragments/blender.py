@@ -1,0 +1,272 @@
+"""Fragment reuse for a serving engine: plan which stored fragments a prompt can reuse, run the
+blended prefill over them, and register new fragments in the background (torch only).
+
+- :meth:`FragmentBlender.plan` (cheap, no tier I/O): after the cached prefix, the fragments
+  of the prompt whose keys the index knows; the blend span runs to the prompt's last token.
+  A span whose known fragments cover less than ``min_reuse_share`` of it is not worth
+  blending.
+  Fragments the index does not know are queued for registration.
+- :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
+  are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
+  prefix's KV. The result is approximate by design; the caller keeps it apart from exact KV.
+- Registration runs on one worker thread at the lowest CPU priority: a fragment some tier
+  already holds (stored by another instance sharing the disk folder or S3 prefix, or before
+  a restart) is only added to the index; otherwise it is computed on its own (positions
+  ``0..n-1``, nothing prepended) and stored. A full queue drops work (counted) rather than
+  blocking a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import typing
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from sgl_kvext.blend import (
+    DEFAULT_SETTINGS,
+    BlendSettings,
+    LayerOps,
+    PrefixKV,
+    ReusedChunk,
+    blended_prefill,
+    compute_chunk_kv,
+)
+from sgl_kvext.fragments.chunking import fragments
+from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch, marked_core
+from sgl_kvext.fragments.report import BlendReport, Outcome
+from sgl_kvext.fragments.store import FragmentStore
+from sgl_kvext_kernels import RopeConfig
+
+logger = logging.getLogger("sgl_kvext")
+_STOP = object()
+
+
+class BlendPlan(NamedTuple):
+    """Blend tokens ``[start, end)``. Each fragment (absolute positions, the whole stored run)
+    overlaps the span; only its part inside the span is reused. ``report`` so far."""
+
+    start: int
+    end: int
+    fragments: tuple[FragmentMatch, ...]
+    report: BlendReport
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+class NoBlend(NamedTuple):
+    """Nothing is blended; the report says why."""
+
+    report: BlendReport
+
+
+class BlendOutput(NamedTuple):
+    """KV of the span, k / v [L, T, H, D], and the finished report."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    report: BlendReport
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (and the math threads it starts) the lowest CPU priority.
+
+    Registration computes whole fragments on the CPU the scheduler serves from; at equal
+    priority it halved serving's matmul speed on a 2-core machine; at nice 19 it takes the
+    cycles serving leaves idle. Threads it starts later (its math pool) inherit the value."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:         # not permitted here: registration runs at normal priority
+        logger.warning("sgl-kvext: could not lower the fragment registration priority")
+
+
+class FragmentBlender:
+    """Plans, runs and registers fragment reuse for one model.
+
+    Parameters
+    ----------
+    ops
+        The model's layers (the serving engine's own modules).
+    rope
+        The model's RoPE, to re-rotate stored K.
+    store, index
+        Where fragment KV lives and which keys are known.
+    settings
+        How the blended prefill chooses what to recompute (ratio, check layer, ...).
+    min_reuse_share
+        Least share of a span the known fragments must cover for a blend.
+    queue_size
+        Fragments from requests waiting for registration at most (pre-warm items are not
+        bounded: a corpus is loaded whole).
+    """
+
+    def __init__(self, ops: LayerOps, rope: RopeConfig, store: FragmentStore,
+                 index: FragmentIndex, settings: BlendSettings = DEFAULT_SETTINGS,
+                 min_reuse_share: float = 0.25, queue_size: int = 256) -> None:
+        if not 0.0 <= min_reuse_share <= 1.0:
+            raise ValueError(f"min_reuse_share {min_reuse_share} must be in [0, 1]")
+        self.ops, self.rope, self.store, self.index = ops, rope, store, index
+        self.settings, self.min_reuse_share = settings, min_reuse_share
+        self.queue_size = queue_size
+        self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
+        self._queued: set[bytes] = set()
+        self._lock = threading.Lock()
+        self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
+                         "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
+                         "found_stored": 0, "register_dropped": 0, "register_failed": 0}
+        self._worker = threading.Thread(target=self._register_loop, name="kvext-fragments",
+                                        daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, salt: str, tokens: Sequence[int] | np.ndarray, start: int,
+             explicit: Sequence[tuple[int, int]] = (), page_size: int = 1
+             ) -> BlendPlan | NoBlend:
+        """The blend after ``start`` cached tokens, or why there is none.
+
+        The span runs to the prompt's last token (the engine computes that one: it yields the
+        logits), rounded down to ``page_size``: the tokens after the last fragment (the
+        question) are computed inside the blend, where the choice of what to recompute can
+        see what they attend to. Fragments are reused for their part inside the span, so a
+        marked chunk whose head is in the cached prefix still gives the rest of its KV."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        found = self.index.find(lambda t: self.store.key(salt, t), ids, explicit, start)
+        held = [self.index.known(m.key) for m in found.matches]
+        self._enqueue(salt, ids, [m for m, h in zip(found.matches, held, strict=True) if not h])
+        known = [m for m, h in zip(found.matches, held, strict=True) if h]
+        dropped = [*found.dropped,
+                   *(DroppedMark(m.start, m.end, "not stored yet (queued for registration)")
+                     for m, h in zip(found.matches, held, strict=True) if m.marked and not h)]
+        end = (ids.size - 1) // page_size * page_size
+
+        used = tuple(m for m in known if max(m.start, start) < min(m.end, end))
+        dropped += [DroppedMark(m.start, m.end, "after the span's page-aligned end")
+                    for m in known if m.marked and m not in used]
+        marked = [m for m in used if m.marked]
+        report = BlendReport(
+            Outcome.NOTHING_STORED, start, max(start, end), marked_used=len(marked),
+            marked_partial=sum(m.start < start for m in marked),
+            marked_in_prefix=found.marked_in_prefix, marked_dropped=tuple(dropped),
+            auto_used=len(used) - len(marked))
+        if not used:
+            return NoBlend(report)
+        covered = sum(min(m.end, end) - max(m.start, start) for m in used)
+        if covered < self.min_reuse_share * (end - start):
+            return NoBlend(report.but(outcome=Outcome.LITTLE_REUSE))
+        return BlendPlan(start, end, used, report)
+
+    # ------------------------------------------------------------------- run
+    def run(self, salt: str, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
+            prefix: PrefixKV) -> BlendOutput | NoBlend:
+        """KV for ``tokens[plan.start:plan.end]`` after ``prefix`` (``plan.start`` tokens), or
+        NoBlend when no fragment's KV could be fetched (the caller recomputes)."""
+        if len(prefix) != plan.start:
+            raise ValueError(f"prefix holds {len(prefix)} tokens, the plan starts at "
+                             f"{plan.start}")
+        ids = torch.as_tensor(np.asarray(tokens[plan.start:plan.end], dtype=np.int64))
+        whole = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
+                 for m in plan.fragments]
+        found = self.store.get(salt, whole)
+        missing = len(plan.fragments) - len(found)
+        self.index.discard(m.key for i, m in enumerate(plan.fragments) if i not in found)
+        with self._lock:
+            self.counters["fragment_hits"] += len(found)
+            self.counters["fragment_misses"] += missing
+        if not found:
+            return NoBlend(plan.report.but(outcome=Outcome.FRAGMENTS_MISSING,
+                                           fragments_missing=missing))
+        chunks = []
+        for i, kv in sorted(found.items()):
+            m = plan.fragments[i]
+            a, b = max(m.start, plan.start), min(m.end, plan.end)
+            chunks.append(ReusedChunk(a - plan.start, kv.part(a - m.start, b - m.start)))
+        result = blended_prefill(self.ops, ids, chunks, self.rope, prefix=prefix,
+                                 settings=self.settings)
+        with self._lock:
+            self.counters["blends"] += 1
+            self.counters["blended_tokens"] += result.reused_tokens
+            self.counters["recomputed_tokens"] += result.recomputed_tokens
+        return BlendOutput(result.k, result.v, plan.report.but(
+            outcome=Outcome.BLENDED, fragments_missing=missing,
+            reused_tokens=result.reused_tokens, recomputed_tokens=result.recomputed_tokens))
+
+    # -------------------------------------------------------------- register
+    def prewarm_async(self, salt: str, texts: Sequence[Sequence[int] | np.ndarray]
+                      ) -> tuple[list[bytes], int]:
+        """Queue each text's marked core (``marked_core``: what a request marking the text
+        reuses) as a fragment, plus its automatic fragments when the index chunks
+        automatically; returns (every key, how many were queued). Pre-warm items are never
+        dropped, and each is written through the whole tier chain before it counts as known
+        (so another instance sharing the tiers finds it)."""
+        keys: list[bytes] = []
+        queued = 0
+        for text in texts:
+            ids = np.asarray(text, dtype=np.int64)
+            spans = [(1, int(ids.size) - 1)] if marked_core(ids).size else []
+            if self.index.chunking != "explicit":
+                spans += [(f.start, f.end) for f in fragments(ids, self.index.min_tokens)
+                          if (f.start, f.end) != (1, int(ids.size) - 1)]
+            for start, end in spans:
+                key = self.store.key(salt, ids[start:end])
+                keys.append(key)
+                queued += self._put(salt, ids[start:end], key, durable=True)
+        return keys, queued
+
+    def _enqueue(self, salt: str, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
+        for m in matches:
+            if self._queue.qsize() >= self.queue_size:
+                with self._lock:
+                    self.counters["register_dropped"] += 1
+                continue
+            self._put(salt, ids[m.start:m.end], m.key, durable=False)
+
+    def _put(self, salt: str, ids: np.ndarray, key: bytes, durable: bool) -> int:
+        with self._lock:
+            if key in self._queued or self.index.known(key):
+                return 0
+            self._queued.add(key)
+        self._queue.put((salt, ids.copy(), key, durable))
+        return 1
+
+    def _register(self, salt: str, ids: np.ndarray, key: bytes, durable: bool) -> None:
+        if self.store.exists(salt, [ids])[0]:
+            self.index.add(key)
+            with self._lock:
+                self.counters["found_stored"] += 1
+            return
+        kv = compute_chunk_kv(self.ops, torch.as_tensor(ids))
+        self.store.put(salt, kv)
+        if durable:
+            self.store.chain.flush(timeout_s=120.0)
+        self.index.add(key)
+        with self._lock:
+            self.counters["registered"] += 1
+
+    def _register_loop(self) -> None:
+        _lower_priority()
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            salt, ids, key, durable = typing.cast(tuple[str, np.ndarray, bytes, bool], item)
+            try:
+                self._register(salt, ids, key, durable)
+            except Exception:   # a failed registration only costs a future reuse
+                logger.exception("sgl-kvext: registering a %d-token fragment failed", len(ids))
+                with self._lock:
+                    self.counters["register_failed"] += 1
+            finally:
+                with self._lock:
+                    self._queued.discard(key)
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._worker.join(timeout=30.0)

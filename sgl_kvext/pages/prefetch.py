@@ -1,0 +1,75 @@
+"""Background promotion of pages from slow tiers (disk, S3) into the fastest one.
+
+A request's prefetch starts the first time the tree sees it waiting; the scheduler never
+waits on it. Requests are keyed by an id (the request handle): a repeated request for the same
+id is ignored while one is running. At most ``max_pending`` prefetches queue up; beyond
+that new ones are dropped (and counted), so a burst cannot build an unbounded backlog.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from sgl_kvext.pages.cost_model import CostModel
+from sgl_kvext.tiers.chain import TierChain
+
+
+class Prefetcher:
+    def __init__(self, chain: TierChain, threads: int = 2, max_pending: int = 256,
+                 cost: CostModel | None = None) -> None:
+        self.chain, self.cost = chain, cost
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-prefetch")
+        self._running: dict[Hashable, Future[int]] = {}
+        self._lock = threading.Lock()
+        self.counters = {"started": 0, "dropped": 0, "promoted_pages": 0, "seconds_x1000": 0}
+
+    def request(self, request_id: Hashable, keys: Sequence[bytes]) -> None:
+        """Bring the longest held run of ``keys`` up to tier 0, in the background."""
+        with self._lock:
+            if request_id in self._running and not self._running[request_id].done():
+                return
+            if sum(not f.done() for f in self._running.values()) >= self.max_pending:
+                self.counters["dropped"] += 1
+                return
+            self.counters["started"] += 1
+            self._running[request_id] = self._pool.submit(self._fetch, list(keys))
+            for rid in [r for r, f in self._running.items() if f.done()][:64]:
+                del self._running[rid]          # forget finished ones as we go
+
+    def pending(self, request_id: Hashable) -> bool:
+        with self._lock:
+            future = self._running.get(request_id)
+        return future is not None and not future.done()
+
+    def wait(self, request_id: Hashable, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a running prefetch; True when none is left running."""
+        with self._lock:
+            future = self._running.get(request_id)
+        if future is None:
+            return True
+        try:
+            future.result(timeout=timeout_s)
+        except Exception:   # a failed prefetch is only a miss
+            return future.done()
+        return True
+
+    def _fetch(self, keys: list[bytes]) -> int:
+        start = time.perf_counter()
+        got = self.chain.get(keys)        # loads the held run; pages below tier 0 are promoted
+        seconds = time.perf_counter() - start
+        below = [(p, t) for p, t in zip(got.pages, got.tiers, strict=True) if t > 0]
+        promoted = len(below)
+        if below and self.cost is not None:   # attributed to the slowest tier involved
+            self.cost.observe_load(max(t for _, t in below), sum(p.nbytes for p, _ in below),
+                                   seconds)
+        with self._lock:
+            self.counters["promoted_pages"] += promoted
+            self.counters["seconds_x1000"] += int(seconds * 1000)
+        return promoted
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

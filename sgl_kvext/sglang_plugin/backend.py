@@ -1,0 +1,117 @@
+"""The ``kvext`` radix-cache backend: checks the model and pool, builds tiers and the tree.
+
+SGLang's scheduler calls :func:`build_tree_cache` (``--radix-cache-backend kvext``, which
+``--enable-hierarchical-kv`` selects). Unsupported set-ups fail here with one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sgl_kvext.blend import BlendSettings
+from sgl_kvext.config.settings import KVExtConfig, TierConfig
+from sgl_kvext.config.values import format_size
+from sgl_kvext.fragments.blender import FragmentBlender
+from sgl_kvext.fragments.index import FragmentIndex
+from sgl_kvext.fragments.store import FragmentStore, KVLayout
+from sgl_kvext.pages.keys import ModelIdentity
+from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.sglang_plugin.identity import model_identity
+from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
+from sgl_kvext.sglang_plugin.surface import (
+    TreeCacheBuildContext,
+    register_radix_cache_backend,
+    registered_radix_cache_backends,
+)
+from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache, scheduler_config
+from sgl_kvext.tiers.chain import TierChain
+from sgl_kvext.tiers.factory import build_chain
+from sgl_kvext_kernels import RopeConfig
+
+logger = logging.getLogger("sgl_kvext")
+
+
+def _check_supported(ctx: TreeCacheBuildContext, config: KVExtConfig) -> None:
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa:
+        raise ValueError("--enable-hierarchical-kv supports full-attention models only; this "
+                         "model has sliding-window, state-space or sparse-attention layers")
+    if ctx.params.is_eagle:
+        raise ValueError("--enable-hierarchical-kv does not support EAGLE speculative decoding")
+    if config.tiers.page_tokens % ctx.params.page_size:
+        raise ValueError(f"--kvext-page-tokens ({config.tiers.page_tokens}) must be a multiple "
+                         f"of --page-size ({ctx.params.page_size})")
+
+
+def _paged_kv(ctx: TreeCacheBuildContext, page_tokens: int) -> PagedKV:
+    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
+    if not isinstance(k, list) or not isinstance(v, list) or getattr(pool, "use_hnd", False):
+        raise ValueError(f"--enable-hierarchical-kv needs an MHA KV pool in token-major layout; "
+                         f"got {type(pool).__name__}")
+    if getattr(pool, "store_dtype", None) != getattr(pool, "dtype", None):
+        raise ValueError("--enable-hierarchical-kv does not support quantized KV caches "
+                         "(--kv-cache-dtype fp8...)")
+    return PagedKV(k, v, page_tokens)
+
+
+def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
+    """Radix-cache factory SGLang's scheduler calls."""
+    config = scheduler_config()
+    _check_supported(ctx, config)
+    if ctx.params.disable:
+        return HierarchicalRadixCache(ctx.params, config)
+    tiers = config.tiers
+    paged = _paged_kv(ctx, tiers.page_tokens)
+    identity = model_identity(ctx.model_config, str(paged.dtype).removeprefix("torch."),
+                              tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
+                              ctx.tp_rank, ctx.tp_size)
+    chain = build_chain(tiers, identity.digest(), page_bytes=paged.page_nbytes)
+    tiering = KVTiering(paged, chain, identity)
+    logger.info("sgl-kvext: HierarchicalRadixCache active (tp %d/%d): pages of %d tokens "
+                "(%s each); tiers %s; write policy %s", ctx.tp_rank, ctx.tp_size,
+                tiers.page_tokens, format_size(paged.page_nbytes),
+                " -> ".join(_describe(t.name, tiers) for t in chain.tiers), tiers.write_policy)
+    blender = _fragment_blender(ctx, config, chain, identity) if config.fragments.enabled \
+        else None
+    closers = []
+    if ctx.params.enable_metrics:
+        from sgl_kvext.sglang_plugin.metrics_export import MetricsExporter
+
+        closers.append(MetricsExporter(tiering, ctx.tp_rank, blender).close)
+    return HierarchicalRadixCache(ctx.params, config, tiering, closers, blender)
+
+
+def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: TierChain,
+                      identity: ModelIdentity) -> FragmentBlender:
+    """The fragment index, store and blender over the scheduler's own model."""
+    if ctx.tp_size > 1:
+        raise ValueError("--kvext-fragment-blend supports tensor parallelism 1 only "
+                         f"(got --tp {ctx.tp_size})")
+    ops = LlamaLayerOps(ctx.tp_worker.model_runner.model)
+    rope = RopeConfig.from_hf_config(ctx.model_config.hf_config)
+    layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
+    frag = config.fragments
+    index = FragmentIndex(frag.min_tokens, frag.chunking)
+    chain.on_loss(index.discard)        # a fragment dropped by the tiers is registered anew
+    blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
+                              BlendSettings(config.blend.recompute_ratio,
+                                            config.blend.check_layer))
+    logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "
+                "ratio %.2f at layer %d", frag.chunking, frag.min_tokens,
+                config.blend.recompute_ratio, config.blend.check_layer)
+    return blender
+
+
+def _describe(name: str, tiers: TierConfig) -> str:
+    if name == "host":
+        return f"host {format_size(tiers.host_size)} ({tiers.eviction_policy})"
+    if name == "disk":
+        return f"disk {tiers.disk_dir} cap {format_size(tiers.disk_size)} ({tiers.codec})"
+    return f"s3 {tiers.s3_url} at {tiers.s3_endpoint or 'AWS'} ({tiers.codec})"
+
+
+def register_backend(name: str) -> None:
+    """Register :func:`build_tree_cache` under ``name`` (once per process)."""
+    if name not in registered_radix_cache_backends():
+        register_radix_cache_backend(name, build_tree_cache)

@@ -1,0 +1,107 @@
+"""Per-request fragment options, read once when the scheduler creates a request.
+
+Clients pass them in ``custom_params`` (inside ``sampling_params`` for ``/generate``; a
+top-level field for the OpenAI routes), flat values only, as SGLang's transport requires:
+
+- ``kvext_exact`` (bool): never give this request blended (approximate) KV;
+- ``kvext_chunks`` (list of strings): the request's RAG chunks as texts, found in the prompt;
+- ``kvext_chunk_spans`` (flat list of ints ``[start0, end0, start1, end1, ...]``): chunks as
+  token spans of the prompt.
+
+With ``--kvext-fragment-blend`` on, a request that is not exact gets :data:`BLEND_NAMESPACE`
+appended to its extra key (one tree namespace for KV that may be approximate), and its marked
+chunks as ``req.kvext_chunk_spans``. An AROUND hook on ``Scheduler._create_generation_req``
+(SGLang's extension point for request-local state) does both, before any prefix match. A
+BEFORE hook on the tokenizer manager refuses malformed options with HTTP 400 first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from sgl_kvext.fragments.index import locate_chunks
+from sgl_kvext.sglang_plugin.surface import HOOK_CREATE_REQ, HOOK_TOKENIZE, HookRegistry, HookType
+from sgl_kvext.sglang_plugin.tree import BLEND_NAMESPACE, process_config
+
+logger = logging.getLogger("sgl_kvext")
+EXACT, CHUNKS, SPANS = "kvext_exact", "kvext_chunks", "kvext_chunk_spans"
+#: Most chunks (or spans) one request may mark; more is refused, not truncated.
+MAX_MARKS = 1024
+#: Largest token position a span may name (2**31 - 1: no prompt is longer).
+MAX_POSITION = 2**31 - 1
+
+_registered = False
+
+
+class FragmentOptions:
+    """A request's parsed options (see the module doc); ``ValueError`` names a bad one."""
+
+    def __init__(self, custom_params: Any) -> None:
+        params = custom_params if isinstance(custom_params, dict) else {}
+        unknown = sorted(str(k) for k in params if str(k).startswith("kvext_")
+                         and k not in (EXACT, CHUNKS, SPANS))
+        if unknown:
+            raise ValueError(f"custom_params: unknown option(s) {unknown}; allowed: {EXACT}, "
+                             f"{CHUNKS}, {SPANS}")
+        exact = params.get(EXACT, False)
+        if not isinstance(exact, bool):
+            raise ValueError(f"custom_params.{EXACT} must be true or false, got {exact!r}")
+        chunks = params.get(CHUNKS, [])
+        if not isinstance(chunks, list) or not all(isinstance(c, str) and c for c in chunks):
+            raise ValueError(f"custom_params.{CHUNKS} must be a list of non-empty strings")
+        spans = params.get(SPANS, [])
+        if (not isinstance(spans, list) or len(spans) % 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in spans)):
+            raise ValueError(f"custom_params.{SPANS} must be a flat list of ints "
+                             "[start0, end0, start1, end1, ...]")
+        pairs = list(zip(spans[::2], spans[1::2], strict=True))
+        if any(not 0 <= s < e <= MAX_POSITION for s, e in pairs):
+            raise ValueError(f"custom_params.{SPANS}: each span needs 0 <= start < end "
+                             f"<= {MAX_POSITION}")
+        if max(len(chunks), len(pairs)) > MAX_MARKS:
+            raise ValueError(f"custom_params: at most {MAX_MARKS} {CHUNKS} and {MAX_MARKS} "
+                             f"spans per request, got {len(chunks)} and {len(pairs)}")
+        self.exact: bool = exact
+        self.chunks: list[str] = chunks
+        self.spans: list[tuple[int, int]] = pairs
+
+
+def register_hooks() -> None:
+    global _registered
+    if not _registered:
+        HookRegistry.register(HOOK_CREATE_REQ, _create_generation_req, HookType.AROUND)
+        HookRegistry.register(HOOK_TOKENIZE, _check_options, HookType.BEFORE)
+        _registered = True
+
+
+def _check_options(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
+    """Refuse bad options in the HTTP process (a ValueError there is a 400 naming them)."""
+    params = getattr(obj, "sampling_params", None)
+    if isinstance(params, dict) and isinstance(params.get("custom_params"), dict):
+        FragmentOptions(params["custom_params"])
+
+
+def _create_generation_req(original: Any, self: Any, recv_req: Any, *args: Any,
+                           **kwargs: Any) -> Any:
+    req = original(self, recv_req, *args, **kwargs)
+    config = process_config()
+    if config is None or not config.enabled or not config.fragments.enabled:
+        return req
+    try:
+        options = FragmentOptions(getattr(req.sampling_params, "custom_params", None))
+    except ValueError as exc:
+        # The tokenizer-side check refuses these first; here they only fall back to exact.
+        logger.warning("sgl-kvext: request %s: %s; serving it exactly", req.rid, exc)
+        return req
+    if options.exact:
+        return req
+    req.extra_key = (req.extra_key or "") + BLEND_NAMESPACE
+    spans = list(options.spans)
+    if options.chunks and getattr(self, "tokenizer", None) is not None:
+        encoded = [self.tokenizer.encode(c, add_special_tokens=False) for c in options.chunks]
+        spans += locate_chunks(np.asarray(req.origin_input_ids, dtype=np.int64), encoded)
+    req.kvext_chunk_spans = sorted(spans)
+    return req
