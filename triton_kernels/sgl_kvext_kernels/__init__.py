@@ -7,10 +7,8 @@ Triton on CUDA tensors and torch elsewhere.
 """
 
 from sgl_kvext_kernels.deviation import DeviationSelection, kv_deviation, select_top_deviation
-from sgl_kvext_kernels.paged_kv import gather_kv, scatter_kv
 from sgl_kvext_kernels.rope import Llama3RopeScaling, RopeConfig, inv_freq, rerotate_k
 from sgl_kvext_kernels.subset_attention import subset_attention
 
-__all__ = ["DeviationSelection", "Llama3RopeScaling", "RopeConfig", "gather_kv", "inv_freq",
-           "kv_deviation", "rerotate_k", "scatter_kv", "select_top_deviation",
-           "subset_attention"]
+__all__ = ["DeviationSelection", "Llama3RopeScaling", "RopeConfig", "inv_freq", "kv_deviation",
+           "rerotate_k", "select_top_deviation", "subset_attention"]
