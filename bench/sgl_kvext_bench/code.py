@@ -5,7 +5,7 @@ the file with edits ``1..k`` applied, then a completion cue; edit ``k`` rewrites
 last ``tail_share`` of the file, so request ``k`` shares the file up to that line with request
 ``k - 1`` and differs after it. A radix cache reuses the shared prefix; the rest, including
 the unchanged tail after the edit, is recomputed. Configurations as in the RAG benchmark
-(``rag.CONFIGS``), one server each, one after another; greedy answers, streamed TTFT.
+(``configs.CONFIGS``), one server each, one after another; greedy answers, streamed TTFT.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sgl_kvext_bench.configs import CONFIGS
 from sgl_kvext_bench.serving import Serving
 
 NOUNS = ("order", "invoice", "customer", "shipment", "ledger", "account", "payment", "route",
@@ -71,7 +72,6 @@ def run_code(serving: Serving, work: CodeWorkload, configs: Sequence[str],
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     """TTFT per edit for each configuration (or for the running server ``serving`` names);
     p50 / p90 over edits 2.. (edit 1 is cold)."""
-    from sgl_kvext_bench.rag import CONFIGS
 
     prompts = work.prompts()
     results: dict[str, Any] = {"workload": asdict(work), "configs": []}

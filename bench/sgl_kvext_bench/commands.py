@@ -94,9 +94,9 @@ def _write_trace(args: argparse.Namespace, requests: Sequence[Any]) -> int:
 
 
 def multiturn(args: argparse.Namespace) -> int:
-    from sgl_kvext_bench.multiturn import CONFIGS, Workload, run_multiturn, trace_requests
+    from sgl_kvext_bench.multiturn import NAMES, Workload, run_multiturn, trace_requests
 
-    configs = _configs(args.configs, CONFIGS)
+    configs = _configs(args.configs, NAMES)
     _positive(args, "users", "turns", "answer_tokens", "system_words", "question_words")
     if not 0 < args.pool_fraction <= 1 or args.qps < 0:
         raise BadOption("--pool-fraction must be in (0, 1] and --qps >= 0")
@@ -150,7 +150,8 @@ def _rag_spec(args: argparse.Namespace) -> Any:
 
 
 def rag(args: argparse.Namespace) -> int:
-    from sgl_kvext_bench.rag import CONFIGS, run_rag
+    from sgl_kvext_bench.configs import CONFIGS
+    from sgl_kvext_bench.rag import run_rag
 
     configs = _configs(args.configs, CONFIGS)
     spec = _rag_spec(args)
@@ -223,7 +224,7 @@ def code(args: argparse.Namespace) -> int:
 
 
 def replay(args: argparse.Namespace) -> int:
-    from sgl_kvext_bench.rag import CONFIGS
+    from sgl_kvext_bench.configs import CONFIGS
     from sgl_kvext_bench.replay import TraceError, load_trace, run_replay
 
     configs = _configs(args.configs, CONFIGS)

@@ -28,17 +28,15 @@ from typing import Any
 from sgl_kvext.harness.demo import build_context
 from sgl_kvext.harness.server import SGLangServer
 from sgl_kvext_bench.client import Endpoint, kvext_counters, stream_generate
+from sgl_kvext_bench.configs import CONFIGS
 from sgl_kvext_bench.serving import Serving
 
 TOPICS = ("gardening", "sailing", "chess", "bread baking", "astronomy", "cycling", "pottery",
           "beekeeping", "photography", "birdwatching", "carpentry", "violin")
 VERBS = ("explain", "compare", "list", "describe", "summarize", "suggest")
 THINGS = ("tools", "mistakes", "habits", "techniques", "materials", "rules", "steps", "risks")
-CONFIGS: dict[str, tuple[str, ...]] = {
-    "no_cache": ("--disable-radix-cache",),
-    "radix": (),
-    "hierarchical": ("--enable-hierarchical-kv", "--kvext-host-size", "2GiB", "--enable-metrics"),
-}
+#: The configurations multiturn compares (its chats mark no chunks: no blend).
+NAMES = ("no_cache", "radix", "hierarchical")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from sgl_kvext.fragments.prewarm_client import prewarm_corpus
 from sgl_kvext_bench.client import Endpoint, Timed, kvext_counters, post_json
+from sgl_kvext_bench.configs import CONFIGS
 from sgl_kvext_bench.quality import Pair, kl_top, summarize
 from sgl_kvext_bench.rag_set import RagQuestion, RagSet, RagSpec, is_correct
 from sgl_kvext_bench.serving import Serving
@@ -35,15 +36,6 @@ from sgl_kvext_bench.serving import Serving
 #: First-token log-probabilities compared between the exact and the blended answer.
 TOP_K = 20
 
-HIER = ("--enable-hierarchical-kv", "--kvext-host-size", "4GiB", "--enable-metrics")
-BLEND = (*HIER, "--kvext-fragment-blend")
-CONFIGS: dict[str, tuple[str, ...]] = {
-    "no_cache": ("--disable-radix-cache",),
-    "radix": (),
-    "hierarchical": HIER,
-    "hierarchical_blend": BLEND,
-    "hierarchical_blend_auto": BLEND,
-}
 DEFAULT_CONFIGS = ("no_cache", "radix", "hierarchical", "hierarchical_blend")
 HEAD = "<|im_start|>system\nAnswer the question from the documents.<|im_end|>\n<|im_start|>user\n"
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sgl_kvext_bench.client import Endpoint, Timed
+from sgl_kvext_bench.configs import CONFIGS
 from sgl_kvext_bench.serving import Serving
 
 
@@ -153,8 +154,7 @@ def replay(target: Endpoint, requests: Sequence[TraceRequest], speed: float = 1.
 
 def run_replay(serving: Serving, configs: Sequence[str], requests: Sequence[TraceRequest],
                speed: float, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Replay against each configuration (``rag.CONFIGS``) in turn, or the running server."""
-    from sgl_kvext_bench.rag import CONFIGS
+    """Replay against each configuration (``configs.CONFIGS``) in turn, or the running server."""
 
     results: dict[str, Any] = {"requests": len(requests), "speed": speed, "configs": []}
     for name in serving.configs(configs):
