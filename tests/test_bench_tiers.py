@@ -1,4 +1,5 @@
-"""sgl-kvext-bench tiers on a tiny configuration: it runs end to end and writes its JSON."""
+"""sgl-kvext-bench tiers and tree on tiny configurations: they run end to end and write their
+JSON."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def test_bad_arguments_are_one_line() -> None:
                              "x.json", "--objects", "0"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+def test_tree_overhead_bench_replays_one_trace_on_both_trees(tmp_path: Path) -> None:
+    from helpers import bench_cli
+
+    out = tmp_path / "tree.json"
+    result = bench_cli("tree", "--json", str(out), "--requests", "300", "--pool-tokens",
+                       "16384")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    runs = data["runs"]
+    assert set(runs) == {"radix", "ours", "radix_no_evict", "ours_no_evict"}
+    # Without evictions both trees cache exactly the same tokens; with them, ours brings
+    # evicted prefixes back from the host tier, so it caches more.
+    assert runs["ours_no_evict"]["cached_tokens"] == runs["radix_no_evict"]["cached_tokens"]
+    assert runs["ours"]["loaded_tokens"] > 0
+    assert runs["ours"]["cached_tokens"] > runs["radix"]["cached_tokens"]
+    assert data["ratio_no_evict"] > 0 and "ours / radix" in result.stdout

@@ -13,7 +13,8 @@ import torch
 from sgl_kvext.blend.prefill import ChunkKV
 from sgl_kvext.fragments.store import FragmentStore, KVLayout
 from sgl_kvext.harness.seaweedfs import SeaweedFS
-from sgl_kvext.pages.keys import ModelIdentity, Namespace, fragment_key, page_keys
+from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, fragment_key, page_keys
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier
@@ -48,7 +49,8 @@ def test_fragment_key_depends_on_tokens_and_namespace_only() -> None:
     ns = Namespace(IDENTITY)
     assert fragment_key(ns, ids) == fragment_key(ns, list(range(40)))
     assert fragment_key(ns, ids) != fragment_key(ns, ids[:39])
-    assert fragment_key(ns, ids) != fragment_key(Namespace(IDENTITY, "tenant-b"), ids)
+    tenant_b = Namespace(IDENTITY, Tenant(cache_salt="tenant-b"))
+    assert fragment_key(ns, ids) != fragment_key(tenant_b, ids)
     other = ModelIdentity("cfg", "weights-2", "bfloat16", 16, IDENTITY.kv_layout)
     assert fragment_key(ns, ids) != fragment_key(Namespace(other), ids)
     assert fragment_key(ns, ids[:16]) not in page_keys(ns, ids[:16])
@@ -59,13 +61,13 @@ def test_fragment_key_depends_on_tokens_and_namespace_only() -> None:
 def test_round_trip_is_exact_and_position_free() -> None:
     store = host_store()
     a, b = chunk(37, 0), chunk(5, 1)
-    assert store.put("", a) == store.key("", a.token_ids)
-    store.put("", b)
-    found = store.get("", [b.token_ids, chunk(9, 2).token_ids, a.token_ids])
+    assert store.put(T0, a) == store.key(T0, a.token_ids)
+    store.put(T0, b)
+    found = store.get(T0, [b.token_ids, chunk(9, 2).token_ids, a.token_ids])
     assert sorted(found) == [0, 2]
     assert_same(found[0], b)
     assert_same(found[2], a)
-    assert store.exists("", [a.token_ids, chunk(9, 2).token_ids]) == [True, False]
+    assert store.exists(T0, [a.token_ids, chunk(9, 2).token_ids]) == [True, False]
     assert store.counters["hits"] == 2 and store.counters["misses"] == 1
 
 
@@ -80,10 +82,10 @@ def test_tenants_do_not_share_fragments() -> None:
 def test_put_refuses_kv_that_does_not_fit_the_model() -> None:
     store = host_store()
     with pytest.raises(ValueError, match="needs"):
-        store.put("", chunk(4, 0, torch.float32))
+        store.put(T0, chunk(4, 0, torch.float32))
     bad = chunk(4, 0)
     with pytest.raises(ValueError, match="needs"):
-        store.put("", ChunkKV(bad.token_ids, bad.k[:2], bad.v[:2]))
+        store.put(T0, ChunkKV(bad.token_ids, bad.k[:2], bad.v[:2]))
 
 
 def test_misfit_object_under_the_key_is_a_miss() -> None:
@@ -91,9 +93,9 @@ def test_misfit_object_under_the_key_is_a_miss() -> None:
     store = FragmentStore(chain, IDENTITY, LAYOUT)
     a = chunk(6, 4)
     wrong = torch.zeros(2, 3, 7, 2, 8, dtype=torch.bfloat16)      # 7 tokens, not 6
-    chain.put([KVPage(store.key("", a.token_ids), wrong.view(torch.uint8).numpy().data,
+    chain.put([KVPage(store.key(T0, a.token_ids), wrong.view(torch.uint8).numpy().data,
                       "bfloat16", tuple(wrong.shape))])
-    assert store.get("", [a.token_ids]) == {}
+    assert store.get(T0, [a.token_ids]) == {}
     assert store.counters["bad_objects"] == 1
 
 
@@ -104,13 +106,13 @@ def test_demoted_fragment_survives_a_restart_on_disk(tmp_path: Path) -> None:
     chain = TierChain([HostTier(16 * 4096, block_bytes=4096),
                        DiskTier(tmp_path, 1 << 24, NS)])
     store = FragmentStore(chain, IDENTITY, LAYOUT)
-    store.put("", first)
-    store.put("", second)
+    store.put(T0, first)
+    store.put(T0, second)
     chain.flush(timeout_s=10)
     chain.close()
     # A new process: empty host memory, the same folder.
     chain2 = TierChain([HostTier(1 << 20), DiskTier(tmp_path, 1 << 24, NS)])
-    again = FragmentStore(chain2, IDENTITY, LAYOUT).get("", [first.token_ids])
+    again = FragmentStore(chain2, IDENTITY, LAYOUT).get(T0, [first.token_ids])
     chain2.close()
     assert_same(again[0], first)
 
@@ -124,9 +126,9 @@ def test_second_instance_hits_through_s3(seaweed: SeaweedFS) -> None:
 
     writer_chain, reader_chain = s3_chain(), s3_chain()
     a = chunk(64, 7)
-    FragmentStore(writer_chain, IDENTITY, LAYOUT).put("", a)
+    FragmentStore(writer_chain, IDENTITY, LAYOUT).put(T0, a)
     writer_chain.flush(timeout_s=30)
-    found = FragmentStore(reader_chain, IDENTITY, LAYOUT).get("", [a.token_ids])
+    found = FragmentStore(reader_chain, IDENTITY, LAYOUT).get(T0, [a.token_ids])
     writer_chain.close()
     reader_chain.close()
     assert_same(found[0], a)

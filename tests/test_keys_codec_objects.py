@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgl_kvext.pages.keys import ModelIdentity, Namespace, page_keys
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, page_keys
 from sgl_kvext.tiers.codec import CodecError, make_codec, shuffle, unshuffle
 from sgl_kvext.tiers.objects import CorruptObject, KVPage, decode_object, encode_object
 
@@ -40,19 +40,22 @@ def test_every_identity_field_changes_the_keys(change: dict[str, object]) -> Non
 
 def test_tenants_never_share_keys() -> None:
     tokens = list(range(8))
-    assert page_keys(Namespace(MODEL, "tenant-a"), tokens) != page_keys(
-        Namespace(MODEL, "tenant-b"), tokens)
+    assert page_keys(Namespace(MODEL, Tenant(cache_salt="tenant-a")), tokens) != page_keys(
+        Namespace(MODEL, Tenant(cache_salt="tenant-b")), tokens)
+    # Parts are length-prefixed: moving a character across the boundary is another tenant.
+    assert Tenant("a\x00", "b").encode() != Tenant("a", "\x00b").encode()
+    assert Tenant("a", "b").encode() != Tenant("a", "b", blend=True).encode()
 
 
 def test_keys_are_stable_across_processes_and_hash_seeds() -> None:
     code = ("from sgl_kvext.pages.keys import *; "
             "m = ModelIdentity('cfg', 'weights', 'bfloat16', 4, "
             "'mha:layers=30,kv_heads=3,head_dim=64'); "
-            "print(page_keys(Namespace(m, 'x'), list(range(12)))[-1].hex())")
+            "print(page_keys(Namespace(m, Tenant('x')), list(range(12)))[-1].hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
             for seed in ("0", "1", "12345")}
-    assert outs == {page_keys(Namespace(MODEL, "x"), list(range(12)))[-1].hex()}
+    assert outs == {page_keys(Namespace(MODEL, Tenant("x")), list(range(12)))[-1].hex()}
 
 
 def test_bad_token_ids_and_identity() -> None:

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from sgl_kvext.pages import tiering as kv_tiering
+from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.pages.tiering import MISS, Hold, KVTiering, LoadPlan
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.host import HostTier
 
@@ -34,8 +35,8 @@ def _kv(t, slots):
 @pytest.mark.parametrize("device_len", [0, 6, 12, 33])
 def test_a_load_larger_than_the_staging_buffer_is_exact(tiering, device_len):
     tokens = list(range(1000, 1040))                      # 10 pages, 4 batches of <= 3
-    tiering.spill("", tokens, torch.arange(40), 0)
-    plan = tiering.plan("", tokens, device_len)
+    tiering.spill(T0, tokens, torch.arange(40), 0)
+    plan = tiering.plan(T0, tokens, device_len)
     assert (plan.start, plan.end) == (device_len, 40)
     dst = torch.arange(100, 100 + plan.tokens)
     assert tiering.load(plan, dst)
@@ -46,8 +47,8 @@ def test_a_load_larger_than_the_staging_buffer_is_exact(tiering, device_len):
 
 def test_a_page_missing_in_a_later_batch_is_a_miss(tiering):
     tokens = list(range(2000, 2040))
-    tiering.spill("", tokens, torch.arange(40), 0)
-    plan = tiering.plan("", tokens, 0)
+    tiering.spill(T0, tokens, torch.arange(40), 0)
+    plan = tiering.plan(T0, tokens, 0)
     tiering.chain.tiers[0].delete([plan.keys[7]])         # third batch
     assert not tiering.load(plan, torch.arange(100, 140))
     assert tiering.counters == {"spilled_pages": 10, "loaded_pages": 0, "failed_loads": 1}
@@ -63,22 +64,67 @@ def _tiering_over(chain):
 def test_a_page_the_chain_dropped_is_spilled_again():
     tiering = _tiering_over(TierChain([HostTier(4 * 1024, block_bytes=1024)]))  # 4 pages
     first = list(range(3000, 3008))                          # 2 pages
-    assert tiering.spill("", first, torch.arange(8), 0) == 2
-    assert tiering.spill("", first, torch.arange(8), 0) == 0  # stored: skipped
-    assert tiering.spill("", list(range(4000, 4016)), torch.arange(16, 32), 0) == 4
-    assert not any(tiering.chain.tiers[0].exists(tiering.keys_for("", first)))  # evicted
-    assert tiering.spill("", first, torch.arange(8), 0) == 2  # so stored again
-    plan = tiering.plan("", first, 0)
-    assert plan is not None and tiering.load(plan, torch.arange(100, 108))
+    assert tiering.spill(T0, first, torch.arange(8), 0) == 2
+    assert tiering.spill(T0, first, torch.arange(8), 0) == 0  # stored: skipped
+    assert tiering.spill(T0, list(range(4000, 4016)), torch.arange(16, 32), 0) == 4
+    assert not any(tiering.chain.tiers[0].exists(tiering.keys_for(T0, first)))  # evicted
+    assert tiering.spill(T0, first, torch.arange(8), 0) == 2  # so stored again
+    plan = tiering.plan(T0, first, 0)
+    assert isinstance(plan, LoadPlan) and tiering.load(plan, torch.arange(100, 108))
     assert torch.equal(_kv(tiering, torch.arange(100, 108)), _kv(tiering, torch.arange(8)))
     tiering.close()
 
 
 def test_a_page_found_missing_on_load_is_spilled_again(tiering):
     tokens = list(range(5000, 5040))
-    tiering.spill("", tokens, torch.arange(40), 0)
-    plan = tiering.plan("", tokens, 0)
+    tiering.spill(T0, tokens, torch.arange(40), 0)
+    plan = tiering.plan(T0, tokens, 0)
     tiering.chain.tiers[0].delete([plan.keys[7]])   # as a quarantine or another process would
     assert not tiering.load(plan, torch.arange(100, 140))
-    assert tiering.spill("", tokens, torch.arange(40), 0) == 1
-    assert tiering.load(tiering.plan("", tokens, 0), torch.arange(100, 140))
+    assert tiering.spill(T0, tokens, torch.arange(40), 0) == 1
+    assert tiering.load(tiering.plan(T0, tokens, 0), torch.arange(100, 140))
+
+
+def test_admission_loads_what_the_host_tier_holds_and_hashes_a_request_once(
+        tiering, monkeypatch):
+    tokens = list(range(6000, 6040))
+    tiering.spill(T0, tokens, torch.arange(40), 0)
+    calls = []
+    real = kv_tiering.page_keys
+    monkeypatch.setattr(kv_tiering, "page_keys", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):                       # a waiting request, matched on every pass
+        step = tiering.admit(T0, tokens, 8, request_id="r1", align=4)
+        assert isinstance(step, LoadPlan) and (step.start, step.end) == (8, 40)
+    assert len(calls) == 1
+    assert tiering.admit(T0, tokens, 8, request_id="r1", align=24) == MISS   # unaligned run
+    assert tiering.admit(T0, list(range(7000, 7040)), 0, request_id="r2") == MISS
+    other = kv_tiering.Tenant(cache_salt="someone-else")
+    assert tiering.admit(other, tokens, 0, request_id="r3") == MISS   # another tenant's keys
+    tiering.forget("r1")
+    tiering.admit(T0, tokens, 8, request_id="r1")
+    assert len(calls) == 4
+
+
+def test_admission_holds_a_request_while_its_prefetch_runs_within_the_policy(tiering):
+    class NeverEndingPrefetchFake:      # a prefetch no real tier keeps running on demand
+        def pending(self, request_id: object) -> bool:
+            return True
+
+        def request(self, request_id: object, keys: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    tiering.prefetcher = NeverEndingPrefetchFake()
+    tokens = list(range(8000, 8040))
+    tiering.prefetch_policy = "wait_complete"
+    assert tiering.admit(T0, tokens, 0, request_id="w", align=4) == Hold(4)
+    tiering.prefetch_policy = "best_effort"
+    assert tiering.admit(T0, tokens, 0, request_id="w") == MISS
+    tiering.prefetch_policy = "timeout"      # waiting beats recomputing only for slow prefill
+    tiering.cost.prefill_tps = 1.0
+    assert isinstance(tiering.admit(T0, tokens, 0, request_id="t"), Hold)
+    tiering.cost.prefill_tps = 1e12
+    tiering.forget("t")
+    assert tiering.admit(T0, tokens, 0, request_id="t") == MISS

@@ -28,7 +28,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from sgl_kvext.config.settings import KVExtConfig, TierConfig
-from sgl_kvext.pages.keys import ModelIdentity
+from sgl_kvext.pages.keys import DEFAULT_TENANT, ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache
@@ -63,7 +63,8 @@ class Harness:
         if disk:
             tiers.append(DiskTier(root / "disk", 1 << 30, bytes(32)))
         self.tiering = KVTiering(paged, TierChain(tiers),
-                                 ModelIdentity("cfg", "w", "float32", T, "test"))
+                                 ModelIdentity("cfg", "w", "float32", T, "test"),
+                                 prefetch_policy=policy)
         params = CacheInitParams(disable=False, req_to_token_pool=None,
                                  token_to_kv_pool_allocator=self.alloc, page_size=1)
         config = KVExtConfig(enabled=True, tiers=TierConfig(prefetch_policy=policy))
@@ -172,7 +173,7 @@ def test_missing_page_makes_the_load_recompute(harness: Harness) -> None:
     req = types.SimpleNamespace(cache_request_handle="x")
     m = harness.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", a)), req=req))
     assert m.host_hit_length == 32
-    keys = harness.tiering.keys_for("\x00", a)
+    keys = harness.tiering.keys_for(DEFAULT_TENANT, a)
     harness.tiering.chain.tiers[0].delete([keys[2]])  # vanishes between match and load
     loaded, node = harness.tree.init_load_back(InitLoadBackParams(
         best_match_node=m.best_match_node, host_hit_length=32, req=req))
@@ -188,7 +189,7 @@ def test_disk_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
         h.insert(tokens)
         h.tree.evict(EvictParams(num_tokens=1000))
     h.tiering.chain.flush()
-    keys = h.tiering.keys_for("\x00", a)
+    keys = h.tiering.keys_for(DEFAULT_TENANT, a)
     assert h.tiering.chain.lookup(keys).tiers == (1,) * 8
     assert h.fetch(a, rid="q1") == 0                 # not on host: nothing waits, prefetch starts
     assert h.tiering.prefetcher.wait("q1", 30)

@@ -70,7 +70,7 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
     from sgl_kvext.blend.decode import greedy_continue
     from sgl_kvext.blend.prefill import ChunkKV, PrefixKV
     from sgl_kvext.fragments.store import FragmentStore, KVLayout
-    from sgl_kvext.pages.keys import ModelIdentity
+    from sgl_kvext.pages.keys import DEFAULT_TENANT, ModelIdentity
     from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
     from sgl_kvext.sglang_plugin.offline_model import load_offline_model
     from sgl_kvext.tiers.chain import TierChain
@@ -110,10 +110,10 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
         for ids in (doc_ids[d] for d in used):
             if context == "head":       # computed after the head, stored without it
                 r = full_prefill(ops, ids, prefix=PrefixKV(head_kv.k, head_kv.v))
-                store.put("", ChunkKV(ids, r.k, r.v, position=len(head)))
+                store.put(DEFAULT_TENANT, ChunkKV(ids, r.k, r.v, position=len(head)))
             else:
                 r = full_prefill(ops, ids)
-                store.put("", ChunkKV(ids.clone(), r.k, r.v))
+                store.put(DEFAULT_TENANT, ChunkKV(ids.clone(), r.k, r.v))
     progress(f"chunk KV for {len(used)} documents x {len(contexts)} context(s): "
              f"{time.perf_counter() - started:.1f}s")
 
@@ -128,7 +128,7 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
 
     def fetch(context: str, ids: torch.Tensor, spans: list[tuple[int, int]]
               ) -> list[ReusedChunk]:
-        found = stores[context].get("", [ids[a:b] for a, b in spans])
+        found = stores[context].get(DEFAULT_TENANT, [ids[a:b] for a, b in spans])
         if len(found) != len(spans):
             raise RuntimeError("the host tier lost a chunk's KV; it is sized to hold all")
         # The stored KV keeps the position it was computed at (0, or after the head).

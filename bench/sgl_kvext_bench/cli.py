@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--backends", default="torch_native,kvext_cpu",
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
+    tr = _command(sub, "tree", "the tree's own cost: sgl-kvext's tree vs SGLang's RadixCache "
+                               "replaying one recorded chat trace in-process")
+    tr.add_argument("--requests", type=int, default=10_000)
+    tr.add_argument("--pool-tokens", type=int, default=65_536,
+                    help="device KV pool of the evicting runs")
     sk = _command(sub, "soak", "memory soak: RSS of every server process and host-tier bytes "
                                "over a long mixed multi-turn + RAG run")
     _server_args(sk)

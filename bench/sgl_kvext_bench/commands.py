@@ -371,9 +371,27 @@ def soak(args: argparse.Namespace) -> int:
     return _finish(args, results, table, rows, "soak", extra)
 
 
+def tree(args: argparse.Namespace) -> int:
+    from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
+    from sgl_kvext_bench.tree_overhead import run_tree_overhead
+
+    _positive(args, "requests", "pool_tokens")
+    ensure_sgl_kernel()
+    with _progress() as progress:
+        results = run_tree_overhead(args.requests, args.pool_tokens, progress)
+    runs = results["runs"]
+    table = markdown(["tree", "seconds", "cached tokens", "from the host tier"],
+                     [[name, r["seconds"], r["cached_tokens"], r["loaded_tokens"]]
+                      for name, r in runs.items()])
+    extra = [f"ours / radix: {results['ratio']:.2f}x with evictions (ours moves KV to and from "
+             f"the host tier), {results['ratio_no_evict']:.2f}x without"]
+    rows = [{"tree": name, **r} for name, r in runs.items()]
+    return _finish(args, results, table, rows, extra=extra)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "multiturn": multiturn, "rag": rag, "code": code, "replay": replay,
-    "attention": attention, "blend": blend, "tiers": tiers, "soak": soak}
+    "attention": attention, "blend": blend, "tiers": tiers, "soak": soak, "tree": tree}
 
 
 def run(args: argparse.Namespace) -> int:

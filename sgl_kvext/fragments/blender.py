@@ -42,6 +42,7 @@ from sgl_kvext.fragments.chunking import fragments
 from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch, marked_core
 from sgl_kvext.fragments.report import BlendReport, Outcome
 from sgl_kvext.fragments.store import FragmentStore
+from sgl_kvext.pages.keys import Tenant
 from sgl_kvext_kernels import RopeConfig
 
 logger = logging.getLogger("sgl_kvext")
@@ -127,7 +128,7 @@ class FragmentBlender:
         self._worker.start()
 
     # ------------------------------------------------------------------ plan
-    def plan(self, salt: str, tokens: Sequence[int] | np.ndarray, start: int,
+    def plan(self, tenant: Tenant, tokens: Sequence[int] | np.ndarray, start: int,
              explicit: Sequence[tuple[int, int]] = (), page_size: int = 1
              ) -> BlendPlan | NoBlend:
         """The blend after ``start`` cached tokens, or why there is none.
@@ -138,9 +139,9 @@ class FragmentBlender:
         see what they attend to. Fragments are reused for their part inside the span, so a
         marked chunk whose head is in the cached prefix still gives the rest of its KV."""
         ids = np.asarray(tokens, dtype=np.int64)
-        found = self.index.find(lambda t: self.store.key(salt, t), ids, explicit, start)
+        found = self.index.find(lambda t: self.store.key(tenant, t), ids, explicit, start)
         held = [self.index.known(m.key) for m in found.matches]
-        self._enqueue(salt, ids, [m for m, h in zip(found.matches, held, strict=True) if not h])
+        self._enqueue(tenant, ids, [m for m, h in zip(found.matches, held, strict=True) if not h])
         known = [m for m, h in zip(found.matches, held, strict=True) if h]
         dropped = [*found.dropped,
                    *(DroppedMark(m.start, m.end, "not stored yet (queued for registration)")
@@ -164,7 +165,7 @@ class FragmentBlender:
         return BlendPlan(start, end, used, report)
 
     # ------------------------------------------------------------------- run
-    def run(self, salt: str, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
+    def run(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
             prefix: PrefixKV) -> BlendOutput | NoBlend:
         """KV for ``tokens[plan.start:plan.end]`` after ``prefix`` (``plan.start`` tokens), or
         NoBlend when no fragment's KV could be fetched (the caller recomputes)."""
@@ -174,7 +175,7 @@ class FragmentBlender:
         ids = torch.as_tensor(np.asarray(tokens[plan.start:plan.end], dtype=np.int64))
         whole = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
                  for m in plan.fragments]
-        found = self.store.get(salt, whole)
+        found = self.store.get(tenant, whole)
         missing = len(plan.fragments) - len(found)
         self.index.discard(m.key for i, m in enumerate(plan.fragments) if i not in found)
         with self._lock:
@@ -199,7 +200,7 @@ class FragmentBlender:
             reused_tokens=result.reused_tokens, recomputed_tokens=result.recomputed_tokens))
 
     # -------------------------------------------------------------- register
-    def prewarm_async(self, salt: str, texts: Sequence[Sequence[int] | np.ndarray]
+    def prewarm_async(self, tenant: Tenant, texts: Sequence[Sequence[int] | np.ndarray]
                       ) -> tuple[list[bytes], int]:
         """Queue each text's marked core (``marked_core``: what a request marking the text
         reuses) as a fragment, plus its automatic fragments when the index chunks
@@ -215,35 +216,35 @@ class FragmentBlender:
                 spans += [(f.start, f.end) for f in fragments(ids, self.index.min_tokens)
                           if (f.start, f.end) != (1, int(ids.size) - 1)]
             for start, end in spans:
-                key = self.store.key(salt, ids[start:end])
+                key = self.store.key(tenant, ids[start:end])
                 keys.append(key)
-                queued += self._put(salt, ids[start:end], key, durable=True)
+                queued += self._put(tenant, ids[start:end], key, durable=True)
         return keys, queued
 
-    def _enqueue(self, salt: str, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
+    def _enqueue(self, tenant: Tenant, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
         for m in matches:
             if self._queue.qsize() >= self.queue_size:
                 with self._lock:
                     self.counters["register_dropped"] += 1
                 continue
-            self._put(salt, ids[m.start:m.end], m.key, durable=False)
+            self._put(tenant, ids[m.start:m.end], m.key, durable=False)
 
-    def _put(self, salt: str, ids: np.ndarray, key: bytes, durable: bool) -> int:
+    def _put(self, tenant: Tenant, ids: np.ndarray, key: bytes, durable: bool) -> int:
         with self._lock:
             if key in self._queued or self.index.known(key):
                 return 0
             self._queued.add(key)
-        self._queue.put((salt, ids.copy(), key, durable))
+        self._queue.put((tenant, ids.copy(), key, durable))
         return 1
 
-    def _register(self, salt: str, ids: np.ndarray, key: bytes, durable: bool) -> None:
-        if self.store.exists(salt, [ids])[0]:
+    def _register(self, tenant: Tenant, ids: np.ndarray, key: bytes, durable: bool) -> None:
+        if self.store.exists(tenant, [ids])[0]:
             self.index.add(key)
             with self._lock:
                 self.counters["found_stored"] += 1
             return
         kv = compute_chunk_kv(self.ops, torch.as_tensor(ids))
-        self.store.put(salt, kv)
+        self.store.put(tenant, kv)
         if durable:
             self.store.chain.flush(timeout_s=120.0)
         self.index.add(key)
@@ -256,9 +257,10 @@ class FragmentBlender:
             item = self._queue.get()
             if item is _STOP:
                 return
-            salt, ids, key, durable = typing.cast(tuple[str, np.ndarray, bytes, bool], item)
+            tenant, ids, key, durable = typing.cast(tuple[Tenant, np.ndarray, bytes, bool],
+                                                    item)
             try:
-                self._register(salt, ids, key, durable)
+                self._register(tenant, ids, key, durable)
             except Exception:   # a failed registration only costs a future reuse
                 logger.exception("sgl-kvext: registering a %d-token fragment failed", len(ids))
                 with self._lock:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sgl_kvext.blend.prefill import ChunkKV
-from sgl_kvext.pages.keys import ModelIdentity, Namespace, fragment_key
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, fragment_key
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
 
@@ -52,7 +52,7 @@ class FragmentStore:
     chain
         Tiers fastest first; puts go to the first tier and demote down, gets promote up.
     identity
-        Model identity, the namespace's model part (the request's salt is the other).
+        Model identity, the namespace's model part (the request's tenant is the other).
     layout
         The model's KV geometry and dtype; stored fragments must match it.
     """
@@ -62,11 +62,11 @@ class FragmentStore:
         self._lock = threading.Lock()
         self.counters = {"stored": 0, "hits": 0, "misses": 0, "bad_objects": 0}
 
-    def key(self, salt: str, token_ids: torch.Tensor | Sequence[int] | np.ndarray) -> bytes:
-        """The fragment key of ``token_ids`` [n] for tenant ``salt``."""
-        return fragment_key(Namespace(self.identity, salt), _ids(token_ids))
+    def key(self, tenant: Tenant, token_ids: torch.Tensor | Sequence[int] | np.ndarray) -> bytes:
+        """The fragment key of ``token_ids`` [n] for ``tenant``."""
+        return fragment_key(Namespace(self.identity, tenant), _ids(token_ids))
 
-    def put(self, salt: str, kv: ChunkKV) -> bytes:
+    def put(self, tenant: Tenant, kv: ChunkKV) -> bytes:
         """Store a fragment's KV (``kv.k`` / ``kv.v`` [L, n, H, D]); returns its key."""
         n = len(kv)
         expected = self.layout.shape(n)[1:]
@@ -75,26 +75,26 @@ class FragmentStore:
                 raise ValueError(f"fragment {name} is {tuple(t.shape)} {t.dtype}; the model "
                                  f"needs {expected} {self.layout.dtype}")
         data = torch.stack((kv.k, kv.v)).cpu().contiguous()
-        key = self.key(salt, kv.token_ids)
+        key = self.key(tenant, kv.token_ids)
         raw = data.view(torch.uint8).reshape(-1).numpy()
         self.chain.put([KVPage(key, raw.data, self.layout.dtype_name, tuple(data.shape))])
         with self._lock:
             self.counters["stored"] += 1
         return key
 
-    def exists(self, salt: str, fragments: Sequence[torch.Tensor | np.ndarray]) -> list[bool]:
+    def exists(self, tenant: Tenant, fragments: Sequence[torch.Tensor | np.ndarray]) -> list[bool]:
         """Whether each fragment ([n] token ids) is held by some tier (a hint)."""
-        keys = [self.key(salt, ids) for ids in fragments]
+        keys = [self.key(tenant, ids) for ids in fragments]
         return [self.chain.lookup([k]).run == 1 for k in keys]
 
-    def get(self, salt: str, fragments: Sequence[torch.Tensor]) -> dict[int, ChunkKV]:
+    def get(self, tenant: Tenant, fragments: Sequence[torch.Tensor]) -> dict[int, ChunkKV]:
         """KV of the held fragments, by their index in ``fragments`` (each [n] token ids).
 
         Fragments not held, or held as an object that does not fit, are absent."""
         found: dict[int, ChunkKV] = {}
         for i, ids in enumerate(fragments):
             ids = torch.as_tensor(_ids(ids), dtype=torch.int64)
-            pages = self.chain.get([self.key(salt, ids)]).pages
+            pages = self.chain.get([self.key(tenant, ids)]).pages
             kv = self._decode(pages[0], int(ids.shape[0])) if pages else None
             if kv is not None:
                 found[i] = ChunkKV(ids, kv[0], kv[1])

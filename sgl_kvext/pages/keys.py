@@ -3,8 +3,8 @@
 A page key names the KV of one full page of tokens *in its context*: it hashes the page's
 token ids together with the previous page's key, so equal keys mean equal prefixes. The chain
 starts from a :class:`Namespace` digest that covers the model identity (config, weights,
-dtype, page size, KV layout, tensor-parallel rank and size) and the request's cache salt /
-extra key, so two models or two tenants never share a key. Everything is hashed from
+dtype, page size, KV layout, tensor-parallel rank and size) and the request's :class:`Tenant`,
+so two models or two tenants never share a key. Everything is hashed from
 canonical bytes, so keys are stable across processes, machines and Python runs (no built-in
 ``hash()``, which PYTHONHASHSEED randomizes).
 
@@ -14,6 +14,7 @@ where the chunk sits in a prompt: it hashes the namespace and the chunk's tokens
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 KEY_BYTES = 32
 _PAGE_PERSON = b"kvext-page-v1"
-_NS_PERSON = b"kvext-ns-v1"
+_NS_PERSON = b"kvext-ns-v2"    # v2: tenants length-prefixed (Tenant)
 _FRAGMENT_PERSON = b"kvext-frag-v1"
 
 
@@ -62,16 +63,35 @@ class ModelIdentity:
             raise ValueError(f"tp_rank must be in [0, tp_size), got {self.tp_rank}/{self.tp_size}")
 
     def digest(self) -> bytes:
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=_NS_PERSON).digest()
+        return _identity_digest(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Whose KV it is: SGLang's extra key and cache salt (both empty: the default tenant), and
+    whether the requests may receive blended, approximate KV (``blend``: a namespace of its
+    own, so exact requests never see it). :meth:`encode` is the one byte form keys hash:
+    each part length-prefixed, so no two tenants encode alike."""
+
+    extra_key: str = ""
+    cache_salt: str = ""
+    blend: bool = False
+
+    def encode(self) -> bytes:
+        parts = (self.extra_key.encode(), self.cache_salt.encode(), b"b" if self.blend else b"")
+        return b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+
+
+#: The tenant of requests that name none and take exact KV only.
+DEFAULT_TENANT = Tenant()
 
 
 @dataclass(frozen=True, slots=True)
 class Namespace:
-    """Seed of a key chain: one model identity and one tenant (cache salt / extra key)."""
+    """Seed of a key chain: one model identity and one tenant."""
 
     model: ModelIdentity
-    salt: str = ""
+    tenant: Tenant = DEFAULT_TENANT
 
     @property
     def model_digest(self) -> bytes:
@@ -79,10 +99,22 @@ class Namespace:
 
     @property
     def digest(self) -> bytes:
-        h = hashlib.blake2b(self.model_digest, digest_size=KEY_BYTES, person=_NS_PERSON)
-        h.update(len(self.salt.encode()).to_bytes(8, "little"))
-        h.update(self.salt.encode())
-        return h.digest()
+        return _namespace_digest(self.model, self.tenant)
+
+
+# Digests are computed once per identity / tenant (match_prefix asks on every scheduling
+# pass; json + BLAKE2b of the identity took ~0.5 ms each time).
+@functools.lru_cache(maxsize=256)
+def _identity_digest(identity: ModelIdentity) -> bytes:
+    canonical = json.dumps(asdict(identity), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=_NS_PERSON).digest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _namespace_digest(identity: ModelIdentity, tenant: Tenant) -> bytes:
+    h = hashlib.blake2b(_identity_digest(identity), digest_size=KEY_BYTES, person=_NS_PERSON)
+    h.update(tenant.encode())
+    return h.digest()
 
 
 def _token_bytes(token_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, bytes]:

@@ -114,3 +114,20 @@ class PagedKV:
                     buf[grid] = pages[first:first + whole, side, layer]
                 if tail:
                     buf[dst[n - tail:]] = pages[first + whole, side, layer, :tail]
+
+    def read_tokens(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``slots`` (n,) for every layer: two [layers, n, kv_heads, head_dim]
+        tensors on the pool's device (copies)."""
+        idx = slots.to(self.device, torch.int64)
+        return (torch.stack([b.index_select(0, idx) for b in self.k]),
+                torch.stack([b.index_select(0, idx) for b in self.v]))
+
+    def write_tokens(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K / V [layers, n, kv_heads, head_dim] into ``slots`` (n,), every layer."""
+        want = (self.layers, int(slots.numel()), self.kv_heads, self.head_dim)
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"k / v must be {want}, got {tuple(k.shape)} / {tuple(v.shape)}")
+        idx = slots.to(self.device, torch.int64)
+        for layer in range(self.layers):
+            self.k[layer].index_copy_(0, idx, k[layer].to(self.device, self.dtype))
+            self.v[layer].index_copy_(0, idx, v[layer].to(self.device, self.dtype))

@@ -7,6 +7,10 @@ The tree calls this module and knows nothing of tiers; the tiers know nothing of
 - :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the fastest
   tier holds now, and asks the :class:`Prefetcher` to bring the rest up from slower tiers
   in the background.
+- :meth:`KVTiering.admit` is the tree's one question per waiting request and scheduling
+  pass: load this run now (:class:`LoadPlan`), keep waiting for a running prefetch
+  (:class:`Hold`, within the prefetch policy's budget), or nothing to load (:class:`Miss`).
+  A request's page keys are hashed once, not on every pass.
 - :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots; any page
   that has gone missing makes the whole load fail (the caller recomputes).
 """
@@ -15,14 +19,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sgl_kvext.pages.cost_model import CostModel
-from sgl_kvext.pages.keys import ModelIdentity, Namespace, page_keys
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, page_keys
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.recent_keys import RecentKeys
@@ -34,6 +40,11 @@ _KNOWN_KEYS = 1 << 16
 # Loads go through one reused staging buffer of at most this size, in batches of pages: a
 # buffer sized to the largest load would keep up to the whole pool's bytes resident.
 _STAGING_BYTES = 64 << 20
+#: Requests whose page keys are remembered between scheduling passes.
+_KEY_CACHE = 4096
+#: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
+WAIT_CAP_S = 30.0
+PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,23 @@ class LoadPlan:
         return self.end - self.start
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Keep the request waiting: a prefetch of its pages is running and waiting is still
+    expected to beat recomputing. ``tokens`` is the host hit to report meanwhile (SGLang asks
+    the tree again only about a request it believes has one)."""
+
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Nothing to load now: the device match is all the tiers can give."""
+
+
+MISS = Miss()
+
+
 class KVTiering:
     """Page KV between one model's device pool and a tier chain.
 
@@ -63,12 +91,19 @@ class KVTiering:
         Model identity: seeds every key chain (with the request's salt).
     prefetch_threads
         Background workers bringing pages up from slower tiers.
+    prefetch_policy
+        ``best_effort`` (never wait), ``timeout`` (wait only while loading is expected to
+        beat recomputing) or ``wait_complete`` (wait up to :data:`WAIT_CAP_S`).
     """
 
     def __init__(self, pool: PagedKV, chain: TierChain, identity: ModelIdentity,
-                 prefetch_threads: int = 2) -> None:
+                 prefetch_threads: int = 2, prefetch_policy: str = "timeout") -> None:
         if identity.page_size != pool.tokens:
             raise ValueError("identity.page_size must equal the pool's tokens_per_page")
+        if prefetch_policy not in PREFETCH_POLICIES:
+            raise ValueError(f"prefetch policy {prefetch_policy!r}: allowed "
+                             f"{', '.join(PREFETCH_POLICIES)}")
+        self.prefetch_policy = prefetch_policy
         self.pool, self.chain, self.identity = pool, chain, identity
         self.tokens = pool.tokens
         self.cost = CostModel([t.name for t in chain.tiers], pool.device.type)
@@ -77,20 +112,36 @@ class KVTiering:
         self._known = RecentKeys(_KNOWN_KEYS)
         chain.on_loss(self._known.discard)
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
+        self._deadlines: dict[Hashable, float] = {}
+        self._key_cache: OrderedDict[Hashable, tuple[Tenant, int, list[bytes]]] = OrderedDict()
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
 
-    def keys_for(self, salt: str, tokens: Sequence[int]) -> list[bytes]:
-        return page_keys(Namespace(self.identity, salt), np.asarray(tokens, dtype=np.int64))
+    def keys_for(self, tenant: Tenant, tokens: Sequence[int],
+                 request_id: Hashable | None = None) -> list[bytes]:
+        """Page keys of ``tokens`` for ``tenant``; remembered under ``request_id`` when given
+        (a waiting request is matched on every scheduling pass; its prompt does not change)."""
+        if request_id is not None:
+            cached = self._key_cache.get(request_id)
+            if cached is not None and cached[0] == tenant and cached[1] == len(tokens):
+                self._key_cache.move_to_end(request_id)
+                return cached[2]
+        keys = page_keys(Namespace(self.identity, tenant), np.asarray(tokens, dtype=np.int64))
+        if request_id is not None:
+            self._key_cache[request_id] = (tenant, len(tokens), keys)
+            while len(self._key_cache) > _KEY_CACHE:
+                self._key_cache.popitem(last=False)
+        return keys
 
     # ------------------------------------------------------------------ spill
-    def spill(self, salt: str, tokens: Sequence[int], slots: torch.Tensor, from_token: int) -> int:
+    def spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
+              from_token: int) -> int:
         """Store the full pages of ``tokens`` that end after ``from_token``.
 
         Parameters
         ----------
-        salt
-            Tenant namespace (cache salt / extra key).
+        tenant
+            Whose KV it is.
         tokens : (n,) ints
             The whole path from the root.
         slots : (n,) int64
@@ -102,7 +153,7 @@ class KVTiering:
         -------
         Pages handed to the chain.
         """
-        keys = self.keys_for(salt, tokens)
+        keys = self.keys_for(tenant, tokens)
         first = from_token // self.tokens
         todo = [p for p in range(first, len(keys)) if not self._known.seen(keys[p])]
         if not todo:
@@ -120,18 +171,18 @@ class KVTiering:
         return len(pages)
 
     # ------------------------------------------------------------------- load
-    def plan(self, salt: str, tokens: Sequence[int], device_len: int,
-             prefetch_id: object | None = None) -> LoadPlan | None:
+    def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
+             prefetch_id: Hashable | None = None) -> LoadPlan | Miss:
         """The loadable run after ``device_len`` tokens, from tier 0 only (no waiting).
 
         Pages missing from tier 0 are prefetched under ``prefetch_id`` (when given), so a
-        later call finds them. Returns None when no new token is loadable now.
+        later call finds them.
         """
-        keys = self.keys_for(salt, tokens)
+        keys = self.keys_for(tenant, tokens, prefetch_id)
         first = device_len // self.tokens
         rest = keys[first:]
         if not rest:
-            return None
+            return MISS
         held = self.chain.tiers[0].exists(rest)
         run = next((i for i, h in enumerate(held) if not h), len(rest))
         if run < len(rest) and len(self.chain.tiers) == 1:
@@ -140,8 +191,44 @@ class KVTiering:
             self.prefetcher.request(prefetch_id, rest[run:])
         end = (first + run) * self.tokens
         if end <= device_len:
-            return None
+            return MISS
         return LoadPlan(tuple(rest[:run]), first, device_len, end)
+
+    def admit(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
+              request_id: Hashable, align: int = 1) -> LoadPlan | Hold | Miss:
+        """What to do for a waiting request whose device match ends at ``device_len``: load
+        a run now, hold it for its running prefetch (prefetch policy), or nothing. A run that
+        does not end on an ``align`` boundary (SGLang's page size) is not loaded."""
+        plan = self.plan(tenant, tokens, device_len, prefetch_id=request_id)
+        if isinstance(plan, LoadPlan) and plan.tokens % align:
+            plan = MISS
+        if self._holding(request_id, len(tokens), plan, device_len):
+            return Hold(plan.tokens if isinstance(plan, LoadPlan) else align)
+        return plan
+
+    def _holding(self, request_id: Hashable, n_tokens: int, plan: LoadPlan | Miss,
+                 device_len: int) -> bool:
+        """Whether to keep the request waiting for its running prefetch."""
+        if self.prefetch_policy == "best_effort" or not self.prefetcher.pending(request_id):
+            self._deadlines.pop(request_id, None)
+            return False
+        now = time.monotonic()
+        deadline = self._deadlines.get(request_id)
+        if deadline is None:
+            missing = n_tokens - (plan.end if isinstance(plan, LoadPlan) else device_len)
+            budget = WAIT_CAP_S if self.prefetch_policy == "wait_complete" else \
+                self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S)
+            deadline = self._deadlines[request_id] = now + budget
+        return now < deadline
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill of ``tokens`` took ``seconds`` (the cost model's recompute speed)."""
+        self.cost.observe_prefill(tokens, seconds)
+
+    def forget(self, request_id: Hashable) -> None:
+        """The request left: drop its wait deadline and cached keys."""
+        self._deadlines.pop(request_id, None)
+        self._key_cache.pop(request_id, None)
 
     def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
         """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.

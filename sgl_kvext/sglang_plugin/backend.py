@@ -17,6 +17,7 @@ from sgl_kvext.fragments.store import FragmentStore, KVLayout
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.identity import model_identity
 from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
 from sgl_kvext.sglang_plugin.surface import (
@@ -67,7 +68,7 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
                               tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
                               ctx.tp_rank, ctx.tp_size)
     chain = build_chain(tiers, identity.digest(), page_bytes=paged.page_nbytes)
-    tiering = KVTiering(paged, chain, identity)
+    tiering = KVTiering(paged, chain, identity, prefetch_policy=tiers.prefetch_policy)
     logger.info("sgl-kvext: HierarchicalRadixCache active (tp %d/%d): pages of %d tokens "
                 "(%s each); tiers %s; write policy %s", ctx.tp_rank, ctx.tp_size,
                 tiers.page_tokens, format_size(paged.page_nbytes),
@@ -79,7 +80,8 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
         from sgl_kvext.sglang_plugin.metrics_export import MetricsExporter
 
         closers.append(MetricsExporter(tiering, ctx.tp_rank, blender).close)
-    return HierarchicalRadixCache(ctx.params, config, tiering, closers, blender)
+    blend = BlendLoader(blender, paged) if blender is not None else None
+    return HierarchicalRadixCache(ctx.params, config, tiering, closers, blend)
 
 
 def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: TierChain,

@@ -23,6 +23,7 @@ from fastapi import Request  # module level: FastAPI resolves the string annotat
 from fastapi.responses import ORJSONResponse
 
 from sgl_kvext.config import env
+from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.sglang_plugin.surface import (
     HOOK_CONTROL,
     HTTP_APP_DEFAULT,
@@ -31,7 +32,6 @@ from sgl_kvext.sglang_plugin.surface import (
     control_messages,
     http_server,
 )
-from sgl_kvext.sglang_plugin.tree import BLEND_NAMESPACE
 
 logger = logging.getLogger("sgl_kvext")
 PREFIX = "kvext."
@@ -49,9 +49,6 @@ def register_hooks() -> None:
         _registered = True
 
 
-def namespace_salt(extra_key: str = "", cache_salt: str = "") -> str:
-    """The tier salt of requests that may receive blended KV (see ``tree.salt_of``)."""
-    return f"{extra_key}{BLEND_NAMESPACE}\x00{cache_salt}"
 
 
 def _str_field(body: dict[str, Any], name: str) -> str:
@@ -66,7 +63,7 @@ def handle(tree: Any, tokenizer: Any, method: str, body: dict[str, Any]) -> dict
     blender = getattr(tree, "blender", None)
     if blender is None:
         raise ValueError("fragment blend is off: start the server with --kvext-fragment-blend")
-    salt = namespace_salt(_str_field(body, "extra_key"), _str_field(body, "cache_salt"))
+    tenant = Tenant(_str_field(body, "extra_key"), _str_field(body, "cache_salt"), blend=True)
     if method == PREFIX + "prewarm":
         texts = body.get("texts", [])
         if (not isinstance(texts, list) or not texts or len(texts) > MAX_TEXTS
@@ -75,7 +72,7 @@ def handle(tree: Any, tokenizer: Any, method: str, body: dict[str, Any]) -> dict
         if tokenizer is None:
             raise ValueError("the server has no tokenizer (--skip-tokenizer-init)")
         token_lists = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        keys, queued = blender.prewarm_async(salt, token_lists)
+        keys, queued = blender.prewarm_async(tenant, token_lists)
         return {"fragments": len(keys), "queued": queued, "keys": [k.hex() for k in keys]}
     if method == PREFIX + "fragments":
         keys = body.get("keys", [])

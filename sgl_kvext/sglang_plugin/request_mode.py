@@ -8,9 +8,9 @@ top-level field for the OpenAI routes), flat values only, as SGLang's transport 
 - ``kvext_chunk_spans`` (flat list of ints ``[start0, end0, start1, end1, ...]``): chunks as
   token spans of the prompt.
 
-With ``--kvext-fragment-blend`` on, a request that is not exact gets :data:`BLEND_NAMESPACE`
-appended to its extra key (one tree namespace for KV that may be approximate), and its marked
-chunks as ``req.kvext_chunk_spans``. An AROUND hook on ``Scheduler._create_generation_req``
+With ``--kvext-fragment-blend`` on, a request that is not exact gets the blend mark appended
+to its extra key (:mod:`.tenant`: one namespace for KV that may be approximate), and the tree
+notes its marked chunks by request id. An AROUND hook on ``Scheduler._create_generation_req``
 (SGLang's extension point for request-local state) does both, before any prefix match. A
 BEFORE hook on the tokenizer manager refuses malformed options with HTTP 400 first.
 """
@@ -24,7 +24,8 @@ import numpy as np
 
 from sgl_kvext.fragments.index import locate_chunks
 from sgl_kvext.sglang_plugin.surface import HOOK_CREATE_REQ, HOOK_TOKENIZE, HookRegistry, HookType
-from sgl_kvext.sglang_plugin.tree import BLEND_NAMESPACE, process_config
+from sgl_kvext.sglang_plugin.tenant import with_blend_mark
+from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache, process_config
 
 logger = logging.getLogger("sgl_kvext")
 EXACT, CHUNKS, SPANS = "kvext_exact", "kvext_chunks", "kvext_chunk_spans"
@@ -98,10 +99,12 @@ def _create_generation_req(original: Any, self: Any, recv_req: Any, *args: Any,
         return req
     if options.exact:
         return req
-    req.extra_key = (req.extra_key or "") + BLEND_NAMESPACE
+    req.extra_key = with_blend_mark(req.extra_key)
     spans = list(options.spans)
     if options.chunks and getattr(self, "tokenizer", None) is not None:
         encoded = [self.tokenizer.encode(c, add_special_tokens=False) for c in options.chunks]
         spans += locate_chunks(np.asarray(req.origin_input_ids, dtype=np.int64), encoded)
-    req.kvext_chunk_spans = sorted(spans)
+    tree = getattr(self, "tree_cache", None)
+    if spans and isinstance(tree, HierarchicalRadixCache):
+        tree.note_chunk_spans(req.rid, sorted(spans))      # beside the request, in the tree
     return req

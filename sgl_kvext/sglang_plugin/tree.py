@@ -9,17 +9,22 @@ tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not 
 - **Evict = demote.** Each evicted leaf's full tier pages (including the page it shares with
   its parent) are copied out of the device pool into the tier chain before its slots are
   reused. With ``write_through`` a finished request's pages are stored at once as well.
-- **Match = promote.** After the device match, the run of pages the host tier holds is
-  reported as ``host_hit_length``; SGLang then calls :meth:`init_load_back`, which allocates
-  slots, copies the pages in and hangs a new node under the matched one. Pages on disk / S3
-  are prefetched into the host tier in the background, so the scheduler never waits on them.
-  A page that vanished or fails its checksum makes the load return 0: SGLang recomputes.
+- **Match = promote.** After the device match, one question to the tiering
+  (:meth:`KVTiering.admit`) decides: a run of pages the host tier holds is reported as
+  ``host_hit_length`` and :meth:`init_load_back` allocates slots, copies the pages in and
+  hangs a new node under the matched one; a request whose pages are still coming up from disk
+  / S3 is held (reported as a one-page hit, answered None: SGLang keeps it queued) while
+  waiting pays; otherwise nothing. A page that vanished or fails its checksum makes the load
+  return 0: SGLang recomputes.
 - **Fragment blend** (``--kvext-fragment-blend``). A request that may receive approximate KV
-  lives in its own tree namespace (its extra key carries :data:`BLEND_NAMESPACE`, set when
-  the request is created), so exact requests never match blended KV, on the device or in the
-  tiers. When such a request's device match ends before stored fragments, the span up to the
-  last of them is reported as a host hit and :meth:`init_load_back` fills it with the blended
-  prefill (run on the scheduler thread: it replaces a longer prefill of the same span).
+  lives in its own namespace (its extra key carries the blend mark, :mod:`.tenant`), so
+  exact requests never match blended KV, on the device or in the tiers. When such a
+  request's device match is followed by stored fragments, the span to the prompt's last token
+  is reported as a host hit and :meth:`init_load_back` fills it through the
+  :class:`BlendLoader`. The request's response carries what the blend did.
+
+A match's decision waits in ``_pending`` for the ``init_load_back`` that follows it, as one of
+three types: :class:`_Hold`, :class:`_Load`, :class:`_Blend`.
 """
 
 from __future__ import annotations
@@ -27,17 +32,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from sgl_kvext.blend import PrefixKV
 from sgl_kvext.config import env
 from sgl_kvext.config.settings import KVExtConfig
-from sgl_kvext.fragments.blender import BlendPlan, FragmentBlender, NoBlend
+from sgl_kvext.fragments.blender import BlendPlan, NoBlend
 from sgl_kvext.fragments.report import BlendReport, Outcome
-from sgl_kvext.pages.tiering import KVTiering, LoadPlan
+from sgl_kvext.pages.keys import Tenant
+from sgl_kvext.pages.tiering import Hold, KVTiering, LoadPlan
+from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
 from sgl_kvext.sglang_plugin.surface import (
     CacheInitParams,
@@ -50,32 +57,38 @@ from sgl_kvext.sglang_plugin.surface import (
     RadixKey,
     TreeNode,
 )
+from sgl_kvext.sglang_plugin.tenant import tenant_of
 
 logger = logging.getLogger("sgl_kvext")
-#: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
-WAIT_CAP_S = 30.0
-#: Appended to the extra key of requests that may receive blended (approximate) KV.
-BLEND_NAMESPACE = "\x00kvext-blend"
 #: The response's ``meta_info`` key holding ``[BlendReport.as_dict()]`` (SGLang's
 #: ``customized_info`` channel: a list with one entry, sent with the first output token).
 REPORT_KEY = "kvext_blend"
-
-
-def salt_of(key: RadixKey) -> str:
-    """Tenant namespace of a key: SGLang's extra key and cache salt, unambiguously joined."""
-    return f"{key.extra_key or ''}\x00{key.cache_salt or ''}"
+#: Requests whose marked chunk spans are remembered (finished ones are forgotten first).
+_SPAN_REQUESTS = 4096
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Pending:
-    """What a match promised, for the ``init_load_back`` that follows it."""
+class _Hold:
+    """A prefetch is still running: keep the request queued (``init_load_back`` -> None)."""
 
-    plan: LoadPlan | None
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Load:
+    """Load ``plan``'s pages into new slots under ``node``; ``key`` holds their tokens."""
+
     node: TreeNode
-    key: RadixKey | None   # tokens [plan.start, plan.end), a copy (the request's ids change)
-    hold: bool = False     # a prefetch is still running: retry admission instead of loading
-    blend: BlendPlan | None = None   # fill [blend.start, blend.end) by a blended prefill
-    tokens: tuple[int, ...] = ()     # the prompt, for the blend
+    key: RadixKey          # tokens [plan.start, plan.end), a copy (the request's ids change)
+    plan: LoadPlan
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Blend:
+    """Fill ``plan``'s span under ``node`` by a blended prefill of ``tokens``."""
+
+    node: TreeNode
+    key: RadixKey
+    plan: BlendPlan
+    tokens: tuple[int, ...]
 
 
 class HierarchicalRadixCache(RadixCache):
@@ -91,21 +104,34 @@ class HierarchicalRadixCache(RadixCache):
         Device-pool <-> tier-chain mover; None keeps the plain radix cache (e.g. disabled).
     closers
         Called (before the tiers close) when SGLang releases host resources at shutdown.
+    blend
+        The blend path (``--kvext-fragment-blend``), or None.
     """
 
     def __init__(self, params: CacheInitParams, config: KVExtConfig,
                  tiering: KVTiering | None = None,
                  closers: Sequence[Callable[[], None]] = (),
-                 blender: FragmentBlender | None = None) -> None:
+                 blend: BlendLoader | None = None) -> None:
         self.kvext_config = config
         self.tiering = tiering
-        self.blender = blender
+        self.blend = blend
         self._closers = list(closers)
-        self._pending: dict[Any, _Pending] = {}
-        self._deadlines: dict[Any, float] = {}
-        self._victims: list[tuple[str, list[int], torch.Tensor, int]] | None = None
+        self._pending: dict[Any, _Hold | _Load | _Blend] = {}
+        self._chunk_spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
+        self._victims: list[tuple[Tenant, list[int], torch.Tensor, int]] | None = None
         self._heap = HeapTrimmer()
         super().__init__(params)
+
+    @property
+    def blender(self) -> Any:
+        """The fragment blender (the /kvext routes use it), or None."""
+        return self.blend.blender if self.blend is not None else None
+
+    def note_chunk_spans(self, rid: Any, spans: Sequence[tuple[int, int]]) -> None:
+        """Remember a request's marked chunks (prompt token spans) until it finishes."""
+        self._chunk_spans[rid] = tuple(spans)
+        while len(self._chunk_spans) > _SPAN_REQUESTS:
+            self._chunk_spans.popitem(last=False)
 
     # ----------------------------------------------------------------- evict
     def evict(self, params: EvictParams) -> EvictResult:
@@ -117,14 +143,14 @@ class HierarchicalRadixCache(RadixCache):
             victims = self._victims
         finally:
             self._victims = None
-        for salt, tokens, slots, start in victims:   # slots are freed but not yet reused
-            self._spill(salt, tokens, slots, start)
+        for tenant, tokens, slots, start in victims:   # slots are freed but not yet reused
+            self._spill(tenant, tokens, slots, start)
         return result
 
     def _delete_leaf(self, node: TreeNode) -> None:
         if self._victims is not None and node.value is not None and len(node.value):
             tokens, slots = self._path(node)
-            self._victims.append((salt_of(node.key), tokens, slots,
+            self._victims.append((tenant_of(node.key), tokens, slots,
                                   len(tokens) - len(node.key)))
         super()._delete_leaf(node)
 
@@ -137,10 +163,10 @@ class HierarchicalRadixCache(RadixCache):
         tokens = [t for part in reversed(parts) for t in part]
         return tokens, self.path_device_indices(node)
 
-    def _spill(self, salt: str, tokens: list[int], slots: torch.Tensor, start: int) -> None:
+    def _spill(self, tenant: Tenant, tokens: list[int], slots: torch.Tensor, start: int) -> None:
         assert self.tiering is not None
         try:
-            self.tiering.spill(salt, tokens, slots, start)
+            self.tiering.spill(tenant, tokens, slots, start)
         except Exception:   # a tier failure must never fail the request that evicted
             logger.exception("sgl-kvext: spilling %d tokens failed; they will be recomputed",
                              len(tokens) - start)
@@ -149,13 +175,13 @@ class HierarchicalRadixCache(RadixCache):
         if self.tiering is not None and not req.finished():   # a prefill (chunk) just ran
             started = getattr(req.time_stats, "last_forward_entry_time", 0.0)
             if started > 0:
-                self.tiering.cost.observe_prefill(up_to - req.prefix_len,
-                                                  time.perf_counter() - started)
+                self.tiering.observe_prefill(up_to - req.prefix_len,
+                                             time.perf_counter() - started)
         super().checkpoint(req, up_to=up_to)
         if (self.tiering is not None and not self.disable and req.finished()
                 and self.kvext_config.tiers.write_policy == "write_through"):
             tokens, slots = self._path(req.last_node)
-            self._spill(salt_of(req.last_node.key), tokens, slots, 0)
+            self._spill(tenant_of(req.last_node.key), tokens, slots, 0)
 
     # ----------------------------------------------------------------- match
     def supports_fast_match_prefix(self) -> bool:
@@ -167,82 +193,57 @@ class HierarchicalRadixCache(RadixCache):
         req = params.req
         if self.tiering is None or self.disable or req is None or len(params.key) == 0:
             return base
+        handle = req.cache_request_handle
+        self._pending.pop(handle, None)
         key = params.key.page_aligned(self.page_size)
-        tokens = key.raw_token_ids()
+        tokens, tenant, node = key.raw_token_ids(), tenant_of(key), base.last_device_node
         device_len = base.device_prefix_len
         try:
-            plan = self.tiering.plan(salt_of(key), tokens, device_len,
-                                     prefetch_id=req.cache_request_handle)
+            step = self.tiering.admit(tenant, tokens, device_len, handle, self.page_size)
         except Exception:
             logger.exception("sgl-kvext: tier lookup failed; serving the device match only")
-            plan = None
-        handle = req.cache_request_handle
-        if plan is not None and plan.tokens % self.page_size:
-            plan = None
-        if self._holding(handle, len(tokens), plan, device_len):
-            hit = plan.tokens if plan is not None else self.page_size
-            self._pending[handle] = _Pending(plan, base.last_device_node, None, hold=True)
-            return base._replace(host_hit_length=hit)
-        if plan is None:
-            blend = self._plan_blend(req, key, tokens, device_len)
-            if not isinstance(blend, BlendPlan):
-                self._pending.pop(handle, None)
-                return base
-            self._pending[handle] = _Pending(None, base.last_device_node,
-                                             key[blend.start:blend.end], blend=blend,
-                                             tokens=tuple(tokens))
-            return base._replace(host_hit_length=blend.tokens)
-        self._pending[handle] = _Pending(plan, base.last_device_node, key[plan.start:plan.end])
-        return base._replace(host_hit_length=plan.tokens)
+            return base
+        if isinstance(step, Hold):
+            self._pending[handle] = _Hold()
+            return base._replace(host_hit_length=step.tokens)
+        if isinstance(step, LoadPlan):
+            self._pending[handle] = _Load(node, key[step.start:step.end], step)
+            return base._replace(host_hit_length=step.tokens)
+        blend = self._plan_blend(req, tenant, tokens, device_len)
+        if blend is None:
+            return base
+        self._pending[handle] = _Blend(node, key[blend.start:blend.end], blend, tuple(tokens))
+        return base._replace(host_hit_length=blend.tokens)
 
-    def _plan_blend(self, req: Any, key: RadixKey, tokens: list[int],
-                    device_len: int) -> BlendPlan | NoBlend | None:
-        """The request's blend (None outside the blend namespace); its report is attached
-        to the request (the last match before admission is the one the response carries)."""
-        if self.blender is None or not (key.extra_key or "").endswith(BLEND_NAMESPACE):
+    def _plan_blend(self, req: Any, tenant: Tenant, tokens: list[int],
+                    device_len: int) -> BlendPlan | None:
+        """The request's blend, or None (outside the blend namespace, or nothing to blend);
+        its report goes on the request (the last match before admission is the one the
+        response carries)."""
+        if self.blend is None or not tenant.blend:
             return None
         try:
-            blend = self.blender.plan(salt_of(key), tokens, device_len,
-                                      getattr(req, "kvext_chunk_spans", ()), self.page_size)
+            blend = self.blend.blender.plan(tenant, tokens, device_len,
+                                            self._chunk_spans.get(req.rid, ()), self.page_size)
         except Exception:
             logger.exception("sgl-kvext: fragment lookup failed; computing the prompt in full")
             blend = NoBlend(BlendReport(Outcome.FAILED, device_len, device_len))
         _report(req, blend.report)
-        return blend
-
-    def _holding(self, handle: Any, n_tokens: int, plan: LoadPlan | None,
-                 device_len: int) -> bool:
-        """Whether to keep the request waiting for its running prefetch (prefetch policy)."""
-        assert self.tiering is not None
-        policy = self.kvext_config.tiers.prefetch_policy
-        if policy == "best_effort" or not self.tiering.prefetcher.pending(handle):
-            self._deadlines.pop(handle, None)
-            return False
-        now = time.monotonic()
-        deadline = self._deadlines.get(handle)
-        if deadline is None:
-            missing = n_tokens - (plan.end if plan is not None else device_len)
-            budget = WAIT_CAP_S if policy == "wait_complete" else \
-                self.tiering.cost.hold_budget_s(missing, self.tiering.bytes_per_token, WAIT_CAP_S)
-            deadline = self._deadlines[handle] = now + budget
-        return now < deadline
+        return blend if isinstance(blend, BlendPlan) else None
 
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any] | None:
-        node = params.best_match_node
-        req = params.req
+        node, req = params.best_match_node, params.req
         pending = self._pending.pop(req.cache_request_handle, None) if req is not None else None
-        if pending is not None and pending.hold:
+        if isinstance(pending, _Hold):
             return None              # SGLang keeps the request queued and matches it again
-        if (pending is None or pending.key is None or self.tiering is None
-                or pending.node is not node
-                or pending.key.child_key(self.page_size) in node.children):   # tree grew
-            if pending is not None and pending.blend is not None:
-                _report(req, pending.blend.report.but(outcome=Outcome.DECLINED))
+        if pending is None or self.tiering is None or pending.node is not node \
+                or pending.key.child_key(self.page_size) in node.children \
+                or pending.plan.tokens != params.host_hit_length:     # the tree changed
+            if isinstance(pending, _Blend):
+                _report(req, pending.plan.report.but(outcome=Outcome.DECLINED))
             return 0, node
-        if pending.blend is not None and pending.blend.tokens == params.host_hit_length:
+        if isinstance(pending, _Blend):
             return self._load_blend(req, node, pending)
-        if pending.plan is None or pending.plan.tokens != params.host_hit_length:
-            return 0, node
         n = pending.plan.tokens
         slots = self._alloc(node, n)
         if slots is None:
@@ -272,32 +273,20 @@ class HierarchicalRadixCache(RadixCache):
         slots: torch.Tensor | None = allocator.alloc(n)
         return slots
 
-    def _load_blend(self, req: Any, node: TreeNode, pending: _Pending) -> tuple[int, Any]:
-        assert self.tiering is not None and self.blender is not None
-        assert pending.blend is not None and pending.key is not None
-        plan, pool = pending.blend, self.tiering.pool
-        slots = None
+    def _load_blend(self, req: Any, node: TreeNode, pending: _Blend) -> tuple[int, Any]:
+        assert self.blend is not None
+        plan, slots = pending.plan, None
         try:
-            prefix_slots = self.path_device_indices(node).to(torch.int64)
-            if prefix_slots.numel() != plan.start:
-                _report(req, plan.report.but(outcome=Outcome.DECLINED))
-                return 0, node
-            prefix = PrefixKV(torch.stack([b[prefix_slots] for b in pool.k]),
-                              torch.stack([b[prefix_slots] for b in pool.v]))
-            out = self.blender.run(salt_of(pending.key), plan, pending.tokens, prefix)
+            out = self.blend.compute(tenant_of(pending.key), plan, pending.tokens,
+                                     self.path_device_indices(node))
             _report(req, out.report)
             if isinstance(out, NoBlend):
                 return 0, node
-            logger.debug("sgl-kvext: blended %d tokens after %d (%d reused, %d recomputed)",
-                         plan.tokens, plan.start, out.report.reused_tokens,
-                         out.report.recomputed_tokens)
             slots = self._alloc(node, plan.tokens)
             if slots is None:
-                _report(req, plan.report.but(outcome=Outcome.DECLINED))
+                _report(req, out.report.but(outcome=Outcome.DECLINED))
                 return 0, node
-            for layer in range(pool.layers):
-                pool.k[layer][slots] = out.k[layer].to(pool.dtype)
-                pool.v[layer][slots] = out.v[layer].to(pool.dtype)
+            self.blend.write(slots, out)
         except Exception:
             logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
             _report(req, plan.report.but(outcome=Outcome.FAILED))
@@ -322,20 +311,22 @@ class HierarchicalRadixCache(RadixCache):
         super().reset()
         if hasattr(self, "_pending"):   # reset() also runs inside RadixCache.__init__
             self._pending.clear()
-            self._deadlines.clear()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._pending.pop(req.cache_request_handle, None)
-        self._deadlines.pop(req.cache_request_handle, None)
+        if self.tiering is not None:
+            self.tiering.forget(req.cache_request_handle)
+        if req.finished():
+            self._chunk_spans.pop(req.rid, None)
         self._heap.maybe_trim()        # between forward passes: RSS stays flat (heap_trim.py)
 
     def release_host_resources(self) -> None:
         for close in self._closers:
             close()
         self._closers.clear()
-        if self.blender is not None:
-            self.blender.close()
-            self.blender = None
+        if self.blend is not None:
+            self.blend.blender.close()
+            self.blend = None
         if self.tiering is not None:
             self.tiering.close()
             self.tiering = None

@@ -1,0 +1,41 @@
+"""The tree's blend path: a blend-namespace request's span filled with blended KV.
+
+The tree plans a blend at match time and, when SGLang admits the request, hands the plan here:
+:meth:`BlendLoader.compute` reads the cached prefix's KV out of the pool and runs the blended
+prefill over stored fragment KV (on the scheduler thread: it replaces a longer prefill of the
+same span); :meth:`BlendLoader.write` puts the result into the slots the tree allocated. Every
+outcome carries the request's :class:`~sgl_kvext.fragments.report.BlendReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sgl_kvext.blend import PrefixKV
+from sgl_kvext.fragments.blender import BlendOutput, BlendPlan, FragmentBlender, NoBlend
+from sgl_kvext.fragments.report import Outcome
+from sgl_kvext.pages.keys import Tenant
+from sgl_kvext.pages.kv_pages import PagedKV
+
+
+class BlendLoader:
+    """Blended prefill between the fragment store and SGLang's KV pool."""
+
+    def __init__(self, blender: FragmentBlender, pool: PagedKV) -> None:
+        self.blender, self.pool = blender, pool
+
+    def compute(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
+                prefix_slots: torch.Tensor) -> BlendOutput | NoBlend:
+        """KV of ``plan``'s span after the prefix held in ``prefix_slots`` (``plan.start``
+        of them; otherwise the tree changed since the plan and nothing is blended)."""
+        if prefix_slots.numel() != plan.start:
+            return NoBlend(plan.report.but(outcome=Outcome.DECLINED))
+        prefix = PrefixKV(*self.pool.read_tokens(prefix_slots))
+        return self.blender.run(tenant, plan, tokens, prefix)
+
+    def write(self, slots: torch.Tensor, out: BlendOutput) -> None:
+        """The blended span's KV into ``slots`` (one per span token)."""
+        self.pool.write_tokens(slots, out.k, out.v)
