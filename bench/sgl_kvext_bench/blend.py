@@ -27,9 +27,8 @@ from typing import Any, NamedTuple
 import torch
 
 from sgl_kvext_bench.quality import Pair, describe, kl_full, summarize
-from sgl_kvext_bench.rag_set import RagQuestion, RagSpec, is_correct
+from sgl_kvext_bench.rag_set import HEAD, RagQuestion, RagSpec, is_correct, question_tail
 
-HEAD = "<|im_start|>system\nAnswer the question from the documents.<|im_end|>\n<|im_start|>user\n"
 RATIOS = (0.0, 0.05, 0.15, 0.3)
 
 
@@ -123,7 +122,7 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
             spans.append((at, at + len(doc_ids[d])))
             parts.append(doc_ids[d])
             at += len(doc_ids[d])
-        parts.append(enc(f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n{q.stem}"))
+        parts.append(enc(question_tail(q)))
         return torch.cat(parts), spans
 
     def fetch(context: str, ids: torch.Tensor, spans: list[tuple[int, int]]

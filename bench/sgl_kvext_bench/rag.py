@@ -30,20 +30,13 @@ from sgl_kvext.fragments.prewarm_client import prewarm_corpus
 from sgl_kvext_bench.client import Endpoint, Timed, kvext_counters, post_json
 from sgl_kvext_bench.configs import CONFIGS
 from sgl_kvext_bench.quality import Pair, kl_top, summarize
-from sgl_kvext_bench.rag_set import RagQuestion, RagSet, RagSpec, is_correct
+from sgl_kvext_bench.rag_set import RagSet, RagSpec, is_correct, prompt_text
 from sgl_kvext_bench.serving import Serving
 
 #: First-token log-probabilities compared between the exact and the blended answer.
 TOP_K = 20
 
 DEFAULT_CONFIGS = ("no_cache", "radix", "hierarchical", "hierarchical_blend")
-HEAD = "<|im_start|>system\nAnswer the question from the documents.<|im_end|>\n<|im_start|>user\n"
-
-
-def prompt_text(rag: RagSet, q: RagQuestion) -> str:
-    docs = "".join(rag.documents[d] for d in q.documents)
-    return f"{HEAD}{docs}Question: {q.question}<|im_end|>\n<|im_start|>assistant\n{q.stem}"
-
 
 def trace_requests(spec: RagSpec, answer_tokens: int, interval_s: float) -> list[Any]:
     """The questions as replay-trace requests, one every ``interval_s``, each marking its

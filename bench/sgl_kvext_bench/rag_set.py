@@ -210,3 +210,17 @@ def draw_questions(rng: random.Random, documents: int, questions: int, chunks: t
 def is_correct(answer_text: str, gold: str) -> bool:
     """The gold value appears in the answer before its first period."""
     return gold in answer_text.split(".")[0]
+
+
+#: The system head every RAG prompt starts with (the benchmarks' shared prefix).
+HEAD = "<|im_start|>system\nAnswer the question from the documents.<|im_end|>\n<|im_start|>user\n"
+
+
+def question_tail(q: RagQuestion) -> str:
+    """What follows a prompt's documents: the question and the answer's stem."""
+    return f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n{q.stem}"
+
+
+def prompt_text(rag: RagSet, q: RagQuestion) -> str:
+    """The whole prompt of ``q``: head, its documents in order, the question."""
+    return HEAD + "".join(rag.documents[d] for d in q.documents) + question_tail(q)

@@ -35,8 +35,7 @@ from sgl_kvext.fragments.prewarm_client import prewarm_corpus
 from sgl_kvext.harness.server import SGLangServer
 from sgl_kvext_bench.client import stream_generate
 from sgl_kvext_bench.multiturn import Workload
-from sgl_kvext_bench.rag import prompt_text
-from sgl_kvext_bench.rag_set import RagSet, RagSpec
+from sgl_kvext_bench.rag_set import RagSet, RagSpec, prompt_text
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _RAG = RagSpec(questions=64)
