@@ -1,9 +1,9 @@
-"""Per-tier metrics: a wrapper tier that counts, and a Prometheus collector that exports.
+"""Per-tier metrics: a wrapper tier that counts.
 
 :class:`MeteredTier` wraps any tier and records hits, misses, bytes in and out, evictions and
 latency histograms per operation; it adds the inner tier's own counters (``quarantined``...)
-to :meth:`MeteredTier.snapshot`. :class:`TierCollector` turns snapshots into Prometheus
-metrics at scrape time, so there is one source of truth and nothing to keep in sync.
+to :meth:`MeteredTier.snapshot`, the one source of truth that
+:mod:`sgl_kvext.sglang_plugin.metrics_export` puts on SGLang's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.objects import KVPage
@@ -119,34 +116,3 @@ class MeteredTier(Tier):
                 "used_bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes,
                 "latency": latency}
 
-
-class TierCollector(Collector):
-    """Prometheus collector over metered tiers (``registry.register(TierCollector(tiers))``)."""
-
-    def __init__(self, tiers: Sequence[MeteredTier], prefix: str = "kvext_tier") -> None:
-        self.tiers, self.prefix = list(tiers), prefix
-
-    def collect(self) -> Iterator[Any]:
-        snaps = [t.snapshot() for t in self.tiers]
-        counters = sorted({k for s in snaps for k, v in s.items()
-                           if isinstance(v, int) and not k.endswith("_bytes")})
-        for name in counters:
-            family = CounterMetricFamily(f"{self.prefix}_{name}", f"Tier {name}", labels=["tier"])
-            for s in snaps:
-                family.add_metric([s["tier"]], s.get(name, 0))
-            yield family
-        for name in ("used_bytes", "capacity_bytes"):
-            gauge = GaugeMetricFamily(f"{self.prefix}_{name}", f"Tier {name}", labels=["tier"])
-            for s in snaps:
-                gauge.add_metric([s["tier"]], s[name])
-            yield gauge
-        hist = HistogramMetricFamily(f"{self.prefix}_latency_seconds", "Tier operation latency",
-                                     labels=["tier", "op"])
-        for s in snaps:
-            for op, h in s["latency"].items():
-                cumulative, buckets = 0, []
-                for bound, count in h["buckets"]:
-                    cumulative += count
-                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-                hist.add_metric([s["tier"], op], buckets, h["sum_s"])
-        yield hist
