@@ -158,7 +158,7 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
             ttft = time.perf_counter() - t0
             answer = str(tok.decode(greedy_continue(ops, blended, len(ids), answer_tokens,
                                                     stop)))
-            pair = Pair(n, exact_ok, is_correct(answer, q.answer),
+            pair = Pair(n + 1, exact_ok, is_correct(answer, q.answer),
                         kl_full(full.last_logits, blended.last_logits),
                         int(full.last_logits.argmax()) == int(blended.last_logits.argmax()))
             pairs[method, ratio].append(pair)

@@ -101,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--backends", default="torch_native,kvext_cpu",
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
+    cmp = _command(sub, "compare", "two quality runs over the same prompts (blend or rag "
+                                   "results, say offline and server): each one's loss against "
+                                   "exact and the difference, with its standard error")
+    cmp.add_argument("a", type=Path, help="results JSON of sgl-kvext-bench blend or rag")
+    cmp.add_argument("b", type=Path, help="results JSON of sgl-kvext-bench blend or rag")
+    cmp.add_argument("--method", default="cacheblend", help="blend results: the method")
+    cmp.add_argument("--ratio", type=float, default=0.15, help="blend results: the ratio")
+    cmp.add_argument("--config", default="hierarchical_blend",
+                     help="rag results: the configuration")
     tr = _command(sub, "tree", "the tree's own cost: sgl-kvext's tree vs SGLang's RadixCache "
                                "replaying one recorded chat trace in-process")
     tr.add_argument("--requests", type=int, default=10_000)

@@ -389,9 +389,40 @@ def tree(args: argparse.Namespace) -> int:
     return _finish(args, results, table, rows, extra=extra)
 
 
+def compare(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.quality import compare as compare_runs
+    from sgl_kvext_bench.quality import describe, load_results
+
+    try:
+        results = compare_runs(load_results(args.a), load_results(args.b), args.method,
+                               args.ratio, args.config)
+    except ValueError as exc:
+        raise BadOption(str(exc)) from None
+    table = markdown(["run", "questions", "exact acc.", "blend acc.", "delta ± se", "KL mean",
+                      "KL median", "top-1"],
+                     [[str(path), s["questions"], s["exact_accuracy"], s["blend_accuracy"],
+                       f"{s['accuracy_delta']:+.3f} ± {s['delta_stderr']:.3f}",
+                       f"{s['kl_mean']:.4f}", f"{s['kl_median']:.4f}", s["top1_agreement"]]
+                      for path, s in ((args.a, results["a"]), (args.b, results["b"]))])
+    extra = [f"b loses {-results['loss_difference']:+.3f} ± "
+             f"{results['loss_difference_stderr']:.3f} more than a (per question, paired): "
+             f"{'within' if results['within_one_stderr'] else 'beyond'} one standard error; "
+             f"exact answers agree on {results['exact_answers_agree']:.3f} of the questions"]
+    for side in ("a", "b"):
+        split = results.get(f"{side}_inherited")
+        if split:
+            extra += [f"{side}, {group} (device prefix past the {split['head_tokens']}-token "
+                      f"head: {group == 'inherited'}): {describe(split[group])}"
+                      for group in ("inherited", "head_only") if group in split]
+    rows = [{"side": side, **{k: v for k, v in results[side].items()
+                              if not isinstance(v, list)}} for side in ("a", "b")]
+    return _finish(args, results, table, rows, extra=extra)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "multiturn": multiturn, "rag": rag, "code": code, "replay": replay,
-    "attention": attention, "blend": blend, "tiers": tiers, "soak": soak, "tree": tree}
+    "attention": attention, "blend": blend, "tiers": tiers, "soak": soak, "tree": tree,
+    "compare": compare}
 
 
 def run(args: argparse.Namespace) -> int:

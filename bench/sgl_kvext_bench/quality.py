@@ -15,9 +15,12 @@ figure is a lower bound, tight when the top K hold nearly all the mass.
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -91,3 +94,82 @@ def describe(summary: Mapping[str, Any]) -> str:
             f"(delta {s['accuracy_delta']:+.3f} ± {s['delta_stderr']:.3f}); first-token KL "
             f"mean {s['kl_mean']:.4f} median {s['kl_median']:.4f}; top-1 agreement "
             f"{s['top1_agreement']:.3f}")
+
+
+def _pairs_of(result: Mapping[str, Any], method: str, ratio: float, config: str
+              ) -> tuple[list[Pair], list[Mapping[str, Any]]]:
+    """The pairs (in question order) and raw rows of one run of a ``blend`` or ``rag`` JSON."""
+    if "runs" in result:                                     # sgl-kvext-bench blend
+        rows = [r for r in result["rows"] if r["method"] == method
+                and math.isclose(r["ratio"], ratio)]
+        if not rows:
+            raise ValueError(f"the blend results have no run {method} @ {ratio}")
+        return [Pair(i + 1, r["exact_correct"], r["blend_correct"], r["kl"], r["top1_agree"])
+                for i, r in enumerate(rows)], rows
+    runs = {c["name"]: c for c in result.get("configs", ())}
+    if config not in runs or not runs[config].get("quality"):
+        raise ValueError(f"the rag results have no quality columns for {config!r} (has: "
+                         f"{', '.join(runs) or 'nothing'})")
+    rows = runs[config]["questions"]
+    return [Pair(i + 1, r["exact_correct"], r["correct"], r["kl"], r["top1_agree"])
+            for i, r in enumerate(rows)], rows
+
+
+def compare(a: Mapping[str, Any], b: Mapping[str, Any], method: str = "cacheblend",
+            ratio: float = 0.15, config: str = "hierarchical_blend") -> dict[str, Any]:
+    """Two runs over the same prompts (say the offline blend and the server): each one's
+    summary, and per question the difference of their losses (``b``'s blend - exact minus
+    ``a``'s), its mean and standard error. ``within_one_stderr``: ``b`` loses no more than
+    ``a`` beyond one standard error of that difference."""
+    if a.get("workload") != b.get("workload"):
+        raise ValueError("the two runs asked different questions (their 'workload' differs)")
+    pa, rows_a = _pairs_of(a, method, ratio, config)
+    pb, rows_b = _pairs_of(b, method, ratio, config)
+    if len(pa) != len(pb):
+        raise ValueError(f"{len(pa)} questions against {len(pb)}")
+    diff = [(float(y.blend_correct) - float(y.exact_correct))
+            - (float(x.blend_correct) - float(x.exact_correct)) for x, y in zip(pa, pb,
+                                                                               strict=True)]
+    mean, se = statistics.mean(diff), _stderr(diff)
+    out = {"a": summarize(pa), "b": summarize(pb), "loss_difference": mean,
+           "loss_difference_stderr": se, "within_one_stderr": mean >= -se,
+           "exact_answers_agree": statistics.mean(
+               float(x.exact_correct == y.exact_correct) for x, y in zip(pa, pb, strict=True))}
+    for side, pairs, rows in (("a", pa, rows_a), ("b", pb, rows_b)):
+        split = inherited_split(pairs, rows)
+        if split:
+            out[f"{side}_inherited"] = split
+    return out
+
+
+def inherited_split(pairs: Sequence[Pair], rows: Sequence[Mapping[str, Any]]
+                    ) -> dict[str, Any] | None:
+    """Server rows only: quality of the requests whose device prefix reached past the shared
+    head (they reuse an earlier blended request's KV as an exact prefix) against the rest.
+    The head is the least non-zero prefix seen."""
+    cached = [int(r.get("cached_tokens") or 0) for r in rows]
+    if "cached_tokens" not in rows[0] or not any(cached):
+        return None
+    head = min(c for c in cached if c)
+    groups = {"inherited": [p for p, c in zip(pairs, cached, strict=True) if c > head],
+              "head_only": [p for p, c in zip(pairs, cached, strict=True) if c <= head]}
+    return {"head_tokens": head, **{k: summarize(v) for k, v in groups.items() if v}}
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A results JSON of ``blend`` or ``rag``; a ``blend`` run gets its per-question rows back
+    from the CSV written beside it. ValueError names what is unreadable."""
+    try:
+        results: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable results JSON ({exc})") from None
+    if "runs" in results and "rows" not in results:
+        try:
+            with open(Path(path).with_suffix(".csv"), newline="") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as exc:
+            raise ValueError(f"{path}: the rows CSV beside it is missing ({exc})") from None
+        results["rows"] = [{**r, "ratio": float(r["ratio"]), "kl": float(r["kl"]),
+                            **{k: r[k] == "True" for k in ("exact_correct", "blend_correct",
+                                                            "top1_agree")}} for r in rows]
+    return results
