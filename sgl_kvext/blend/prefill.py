@@ -189,8 +189,10 @@ def _place_chunks(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tenso
                              f"the model ({ops.num_layers}, n, {ops.kv_heads}, {ops.head_dim})")
         old = torch.arange(chunk.kv.position, chunk.kv.position + n)
         new = positions[s:s + n]
-        for layer in range(ops.num_layers):
-            cached_k[layer, s:s + n] = rerotate_k(chunk.kv.k[layer].contiguous(), old, new, rope)
+        # Every layer at once: tokens first, (layer, head) pairs as heads.
+        k = chunk.kv.k.transpose(0, 1).reshape(n, -1, ops.head_dim)
+        cached_k[:, s:s + n] = rerotate_k(k, old, new, rope).view(
+            n, ops.num_layers, ops.kv_heads, ops.head_dim).transpose(0, 1)
         cached_v[:, s:s + n] = chunk.kv.v
         reused[s:s + n] = True
         chunk_of[s:s + n] = i
