@@ -169,6 +169,9 @@ def test_marked_chunk_partly_in_the_cached_prefix_is_still_reused(
     assert report["marked_used"] == 2 and report["marked_partial"] == 1
     assert report["auto_used"] == 0 and report["reused_tokens"] == reused
     assert 0 < report["recomputed_tokens"] < report["end"] - report["start"]
+    steps = report["seconds"]                  # where the blend's time went, every step timed
+    assert set(steps) == {"prefix", "fetch", "place", "check_layers", "later_layers", "write"}
+    assert all(v > 0 for v in steps.values()), steps
 
 
 def test_every_blend_namespace_request_reports_its_blend(server: SGLangServer) -> None:

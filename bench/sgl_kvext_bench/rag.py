@@ -94,9 +94,12 @@ def blend_reports(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total = {k: sum(rep[k] for rep in reports) for k in (
         "marked_used", "marked_partial", "marked_in_prefix", "auto_used", "fragments_missing",
         "reused_tokens", "recomputed_tokens")}
+    timed = [rep["seconds"] for rep in reports if rep.get("seconds")]
+    steps = {f"{step}_s_mean": statistics.mean(t[step] for t in timed)
+             for step in (timed[0] if timed else ())}
     return {"requests": len(reports), "outcomes": outcomes, "marked_dropped": dropped,
             **total, "reused_tokens_mean": total["reused_tokens"] / len(reports),
-            "recomputed_tokens_mean": total["recomputed_tokens"] / len(reports)}
+            "recomputed_tokens_mean": total["recomputed_tokens"] / len(reports), **steps}
 
 
 def run_config(serving: Serving, name: str, rag: RagSet, answer_tokens: int,

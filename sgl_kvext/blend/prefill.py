@@ -17,6 +17,7 @@ dim.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -86,6 +87,15 @@ class PrefixKV(NamedTuple):
         return int(self.k.shape[1])
 
 
+class StepSeconds(NamedTuple):
+    """Wall time of a blended prefill's steps: placing the stored KV (re-rotation), the layers
+    up to the check layer (every token), the later layers (the selected tokens)."""
+
+    place: float = 0.0
+    check_layers: float = 0.0
+    later_layers: float = 0.0
+
+
 class PrefillResult(NamedTuple):
     """KV for the whole span and the last token's logits.
 
@@ -97,6 +107,7 @@ class PrefillResult(NamedTuple):
     last_logits: torch.Tensor
     recomputed_tokens: int
     reused_tokens: int
+    seconds: StepSeconds = StepSeconds()
 
 
 def _attend(ops: LayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
@@ -229,7 +240,9 @@ def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[Reu
     check = settings.check_layer
     if check >= ops.num_layers:
         raise ValueError(f"check_layer {check} must be in [0, {ops.num_layers})")
+    started = time.perf_counter()
     cached_k, cached_v, reused, chunk_of = _place_chunks(ops, input_ids, pos, chunks, rope)
+    placed = checked = time.perf_counter()
     t = int(input_ids.shape[0])
     reuse_idx = reused.nonzero().flatten()
     sinks = _sinks(chunk_of, settings.sink_tokens)[reuse_idx]
@@ -267,8 +280,12 @@ def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[Reu
         h = ops.finish(layer, h, _attend(ops, q, pos[active], k_all, v_all, pos, prefix, layer))
         ks.append(k_all)
         vs.append(v_all)
-    return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0],
-                         int(active.shape[0]), int(reused.sum()))
+        if layer == check:
+            checked = time.perf_counter()
+    result = PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0],
+                           int(active.shape[0]), int(reused.sum()))
+    return result._replace(seconds=StepSeconds(placed - started, checked - placed,
+                                               time.perf_counter() - checked))
 
 
 def _sinks(chunk_of: torch.Tensor, n: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import typing
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -40,7 +41,7 @@ from sgl_kvext.blend import (
 )
 from sgl_kvext.fragments.chunking import fragments
 from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch, marked_core
-from sgl_kvext.fragments.report import BlendReport, Outcome
+from sgl_kvext.fragments.report import BlendReport, BlendSeconds, Outcome
 from sgl_kvext.fragments.store import FragmentStore
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext_kernels import RopeConfig
@@ -175,7 +176,9 @@ class FragmentBlender:
         ids = torch.as_tensor(np.asarray(tokens[plan.start:plan.end], dtype=np.int64))
         whole = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
                  for m in plan.fragments]
+        fetch_started = time.perf_counter()
         found = self.store.get(tenant, whole)
+        fetch_s = time.perf_counter() - fetch_started
         missing = len(plan.fragments) - len(found)
         self.index.discard(m.key for i, m in enumerate(plan.fragments) if i not in found)
         with self._lock:
@@ -197,7 +200,8 @@ class FragmentBlender:
             self.counters["recomputed_tokens"] += result.recomputed_tokens
         return BlendOutput(result.k, result.v, plan.report.but(
             outcome=Outcome.BLENDED, fragments_missing=missing,
-            reused_tokens=result.reused_tokens, recomputed_tokens=result.recomputed_tokens))
+            reused_tokens=result.reused_tokens, recomputed_tokens=result.recomputed_tokens,
+            seconds=BlendSeconds(0.0, fetch_s, *result.seconds)))
 
     # -------------------------------------------------------------- register
     def prewarm_async(self, tenant: Tenant, texts: Sequence[Sequence[int] | np.ndarray]

@@ -28,6 +28,21 @@ class Outcome(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class BlendSeconds:
+    """Where one blend's time went, on the scheduler thread: reading the cached prefix's KV
+    out of the pool, fetching the fragments' KV from the tiers, placing it (re-rotation), the
+    layers up to the check layer over every span token, the later layers over the selected
+    tokens, and writing the span's KV into the pool."""
+
+    prefix: float = 0.0
+    fetch: float = 0.0
+    place: float = 0.0
+    check_layers: float = 0.0
+    later_layers: float = 0.0
+    write: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class BlendReport:
     """One request's blend (see the module doc); token counts are prompt tokens.
 
@@ -36,7 +51,8 @@ class BlendReport:
     ``marked_in_prefix``: marked spans wholly inside the cached prefix (exact KV already);
     ``reused_tokens``: span tokens that came with stored KV;
     ``recomputed_tokens``: span tokens computed in every layer (those without stored KV, the
-    ones the check layer selected, and the span's last token)."""
+    ones the check layer selected, and the span's last token);
+    ``seconds``: wall time per step of a blend that ran (:class:`BlendSeconds`)."""
 
     outcome: Outcome
     start: int = 0
@@ -49,6 +65,7 @@ class BlendReport:
     fragments_missing: int = 0
     reused_tokens: int = 0
     recomputed_tokens: int = 0
+    seconds: BlendSeconds | None = None
 
     def but(self, **changes: Any) -> BlendReport:
         """A copy with ``changes`` (e.g. the outcome once the blend ran)."""
@@ -59,4 +76,5 @@ class BlendReport:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["outcome"] = self.outcome.name.lower()
         out["marked_dropped"] = [list(d) for d in self.marked_dropped]
+        out["seconds"] = dataclasses.asdict(self.seconds) if self.seconds else None
         return out

@@ -9,6 +9,8 @@ outcome carries the request's :class:`~sgl_kvext.fragments.report.BlendReport`.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 
 from sgl_kvext.blend import PrefixKV
 from sgl_kvext.fragments.blender import BlendOutput, BlendPlan, FragmentBlender, NoBlend
-from sgl_kvext.fragments.report import Outcome
+from sgl_kvext.fragments.report import BlendReport, BlendSeconds, Outcome
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
 
@@ -33,9 +35,20 @@ class BlendLoader:
         of them; otherwise the tree changed since the plan and nothing is blended)."""
         if prefix_slots.numel() != plan.start:
             return NoBlend(plan.report.but(outcome=Outcome.DECLINED))
+        started = time.perf_counter()
         prefix = PrefixKV(*self.pool.read_tokens(prefix_slots))
-        return self.blender.run(tenant, plan, tokens, prefix)
+        prefix_s = time.perf_counter() - started
+        out = self.blender.run(tenant, plan, tokens, prefix)
+        if isinstance(out, NoBlend) or out.report.seconds is None:
+            return out
+        return out._replace(report=out.report.but(
+            seconds=dataclasses.replace(out.report.seconds, prefix=prefix_s)))
 
-    def write(self, slots: torch.Tensor, out: BlendOutput) -> None:
-        """The blended span's KV into ``slots`` (one per span token)."""
+    def write(self, slots: torch.Tensor, out: BlendOutput) -> BlendReport:
+        """The blended span's KV into ``slots`` (one per span token); ``out``'s report with
+        the write's time."""
+        started = time.perf_counter()
         self.pool.write_tokens(slots, out.k, out.v)
+        seconds = out.report.seconds or BlendSeconds()
+        return out.report.but(seconds=dataclasses.replace(
+            seconds, write=time.perf_counter() - started))

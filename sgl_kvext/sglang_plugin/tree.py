@@ -286,7 +286,7 @@ class HierarchicalRadixCache(RadixCache):
             if slots is None:
                 _report(req, out.report.but(outcome=Outcome.DECLINED))
                 return 0, node
-            self.blend.write(slots, out)
+            _report(req, self.blend.write(slots, out))
         except Exception:
             logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
             _report(req, plan.report.but(outcome=Outcome.FAILED))
