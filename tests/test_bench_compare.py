@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,22 +9,19 @@ import pytest
 from helpers import bench_cli
 
 from sgl_kvext_bench.quality import compare
+from sgl_kvext_bench.report import write_csv
 
 WORKLOAD = {"corpus": "synthetic", "questions": 4, "documents": 8, "seed": 0}
 
 
 def _offline(tmp_path: Path, outcomes: list[tuple[bool, bool]]) -> Path:
-    """A blend results JSON + CSV (the CSV holds the rows, as `blend` writes them)."""
+    """A blend results JSON + CSV (the CSV holds the rows, written as `blend` writes them)."""
     path = tmp_path / "offline.json"
     path.write_text(json.dumps({"workload": WORKLOAD, "runs": [{"method": "cacheblend"}]}))
-    with open(path.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, ["method", "ratio", "question", "exact_correct", "blend_correct",
-                               "kl", "top1_agree"])
-        w.writeheader()
-        for i, (exact, blend) in enumerate(outcomes):
-            w.writerow({"method": "cacheblend", "ratio": 0.15, "question": i,
-                        "exact_correct": exact, "blend_correct": blend, "kl": 0.01 * (i + 1),
-                        "top1_agree": exact == blend})
+    write_csv([{"method": "cacheblend", "ratio": 0.15, "question": i + 1,
+                "exact_correct": exact, "blend_correct": blend, "kl": 0.01 * (i + 1),
+                "top1_agree": exact == blend} for i, (exact, blend) in enumerate(outcomes)],
+              path.with_suffix(".csv"))
     return path
 
 

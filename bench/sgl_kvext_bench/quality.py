@@ -170,6 +170,7 @@ def load_results(path: Path) -> dict[str, Any]:
         except OSError as exc:
             raise ValueError(f"{path}: the rows CSV beside it is missing ({exc})") from None
         results["rows"] = [{**r, "ratio": float(r["ratio"]), "kl": float(r["kl"]),
-                            **{k: r[k] == "True" for k in ("exact_correct", "blend_correct",
-                                                            "top1_agree")}} for r in rows]
+                            **{k: r[k] in ("1", "True") for k in (
+                                "exact_correct", "blend_correct", "top1_agree")}}
+                           for r in rows]       # report.write_csv: booleans as 0 / 1
     return results
