@@ -177,6 +177,10 @@ class BlendConfig:
                                   "Share of fragment tokens recomputed, in [0, 1].", parse_float)
     check_layer: int = _opt(1, "--kvext-blend-check-layer",
                             "Layer whose K deviation selects the recomputed tokens.", parse_int)
+    query_share: float = _opt(0.5, "--kvext-blend-query-share",
+                              "Share of the recompute budget given to the reused tokens the "
+                              "prompt's question attends to most, in [0, 1] (0: plain "
+                              "CacheBlend).", parse_float)
 
     def __post_init__(self) -> None:
         _normalize(self, "blend")
@@ -184,6 +188,8 @@ class BlendConfig:
             _fail(self, "blend", "recompute_ratio", "must be within [0, 1]")
         if self.check_layer < 0:
             _fail(self, "blend", "check_layer", "must be >= 0")
+        if not 0.0 <= self.query_share <= 1.0:
+            _fail(self, "blend", "query_share", "must be within [0, 1]")
 
 
 _SECTIONS: dict[str, type] = {"tiers": TierConfig, "fragments": FragmentConfig,

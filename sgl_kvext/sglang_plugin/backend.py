@@ -98,10 +98,12 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
     chain.on_loss(index.discard)        # a fragment dropped by the tiers is registered anew
     blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
                               BlendSettings(config.blend.recompute_ratio,
-                                            config.blend.check_layer))
+                                            config.blend.check_layer,
+                                            query_share=config.blend.query_share))
     logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "
-                "ratio %.2f at layer %d", frag.chunking, frag.min_tokens,
-                config.blend.recompute_ratio, config.blend.check_layer)
+                "ratio %.2f at layer %d, %.2f of it for the question", frag.chunking,
+                frag.min_tokens, config.blend.recompute_ratio, config.blend.check_layer,
+                config.blend.query_share)
     return blender
 
 
