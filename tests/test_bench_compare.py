@@ -27,7 +27,8 @@ def _offline(tmp_path: Path, outcomes: list[tuple[bool, bool]]) -> Path:
 
 def _server(tmp_path: Path, outcomes: list[tuple[bool, bool]], cached: list[int]) -> Path:
     rows = [{"exact_correct": e, "correct": b, "kl": 0.02, "top1_agree": e == b,
-             "cached_tokens": c} for (e, b), c in zip(outcomes, cached, strict=True)]
+             "kvext_blend": {"outcome": "blended", "start": c} if c else None}
+            for (e, b), c in zip(outcomes, cached, strict=True)]
     path = tmp_path / "server.json"
     path.write_text(json.dumps({"workload": WORKLOAD, "configs": [
         {"name": "hierarchical_blend", "quality": {"questions": 4}, "questions": rows}]}))
@@ -37,7 +38,7 @@ def _server(tmp_path: Path, outcomes: list[tuple[bool, bool]], cached: list[int]
 def test_the_server_losing_one_more_question_is_reported_paired(tmp_path: Path) -> None:
     offline = _offline(tmp_path, [(True, True), (True, False), (False, False), (True, True)])
     server = _server(tmp_path, [(True, True), (True, False), (False, False), (True, False)],
-                     [17, 17, 300, 300])
+                     [17, 17, 300, 0])
     out = tmp_path / "cmp.json"
     done = bench_cli("compare", str(offline), str(server), "--json", str(out))
     assert done.returncode == 0, done.stderr
@@ -49,7 +50,8 @@ def test_the_server_losing_one_more_question_is_reported_paired(tmp_path: Path) 
     assert result["b"]["flipped_to_wrong"] == [2, 4]
     split = result["b_inherited"]
     assert split["head_tokens"] == 17
-    assert split["inherited"]["questions"] == 2 and split["head_only"]["questions"] == 2
+    assert split["head_only"]["questions"] == 2 and split["inherited"]["questions"] == 1
+    assert split["not_blended"]["questions"] == 1
     assert "a_inherited" not in result                     # offline rows have no prefix
 
 

@@ -404,16 +404,17 @@ def compare(args: argparse.Namespace) -> int:
                        f"{s['accuracy_delta']:+.3f} ± {s['delta_stderr']:.3f}",
                        f"{s['kl_mean']:.4f}", f"{s['kl_median']:.4f}", s["top1_agreement"]]
                       for path, s in ((args.a, results["a"]), (args.b, results["b"]))])
-    extra = [f"b loses {-results['loss_difference']:+.3f} ± "
-             f"{results['loss_difference_stderr']:.3f} more than a (per question, paired): "
-             f"{'within' if results['within_one_stderr'] else 'beyond'} one standard error; "
-             f"exact answers agree on {results['exact_answers_agree']:.3f} of the questions"]
+    extra = [f"b's loss minus a's, per question (paired): {results['loss_difference']:+.3f} ± "
+             f"{results['loss_difference_stderr']:.3f} (negative: b loses more); b loses "
+             f"{'no more than a within' if results['within_one_stderr'] else 'more than a beyond'}"
+             f" one standard error; exact answers agree on "
+             f"{results['exact_answers_agree']:.3f} of the questions"]
     for side in ("a", "b"):
         split = results.get(f"{side}_inherited")
         if split:
-            extra += [f"{side}, {group} (device prefix past the {split['head_tokens']}-token "
-                      f"head: {group == 'inherited'}): {describe(split[group])}"
-                      for group in ("inherited", "head_only") if group in split]
+            extra += [f"{side}, {group} (blend after a {split['head_tokens']}-token head, or "
+                      f"past it: inherited): {describe(split[group])}"
+                      for group in ("inherited", "head_only", "not_blended") if group in split]
     rows = [{"side": side, **{k: v for k, v in results[side].items()
                               if not isinstance(v, list)}} for side in ("a", "b")]
     return _finish(args, results, table, rows, extra=extra)

@@ -144,15 +144,21 @@ def compare(a: Mapping[str, Any], b: Mapping[str, Any], method: str = "cacheblen
 
 def inherited_split(pairs: Sequence[Pair], rows: Sequence[Mapping[str, Any]]
                     ) -> dict[str, Any] | None:
-    """Server rows only: quality of the requests whose device prefix reached past the shared
-    head (they reuse an earlier blended request's KV as an exact prefix) against the rest.
-    The head is the least non-zero prefix seen."""
-    cached = [int(r.get("cached_tokens") or 0) for r in rows]
-    if "cached_tokens" not in rows[0] or not any(cached):
+    """Server rows only: quality of the blended requests whose device prefix reached past the
+    shared head (they reuse an earlier blended request's KV as an exact prefix) against the
+    blended rest, and of the requests that were not blended. The head is the most common blend
+    start; a blend report's ``start`` is the device prefix it blended after."""
+    reports = [r.get("kvext_blend") for r in rows]
+    starts = [int(rep["start"]) for rep in reports if rep and rep["outcome"] == "blended"]
+    if not starts:
         return None
-    head = min(c for c in cached if c)
-    groups = {"inherited": [p for p, c in zip(pairs, cached, strict=True) if c > head],
-              "head_only": [p for p, c in zip(pairs, cached, strict=True) if c <= head]}
+    head = statistics.mode(starts)
+    groups: dict[str, list[Pair]] = {"inherited": [], "head_only": [], "not_blended": []}
+    for pair, rep in zip(pairs, reports, strict=True):
+        if not rep or rep["outcome"] != "blended":
+            groups["not_blended"].append(pair)
+        else:
+            groups["inherited" if int(rep["start"]) > head else "head_only"].append(pair)
     return {"head_tokens": head, **{k: summarize(v) for k, v in groups.items() if v}}
 
 
