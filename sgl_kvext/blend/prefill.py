@@ -282,10 +282,10 @@ def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[Reu
         vs.append(v_all)
         if layer == check:
             checked = time.perf_counter()
-    result = PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0],
-                           int(active.shape[0]), int(reused.sum()))
-    return result._replace(seconds=StepSeconds(placed - started, checked - placed,
-                                               time.perf_counter() - checked))
+    logits = ops.logits(h[-1:])[0]
+    return PrefillResult(torch.stack(ks), torch.stack(vs), logits, int(active.shape[0]),
+                         int(reused.sum()), StepSeconds(placed - started, checked - placed,
+                                                        time.perf_counter() - checked))
 
 
 def _sinks(chunk_of: torch.Tensor, n: int) -> torch.Tensor:
