@@ -91,7 +91,8 @@ def test_admission_loads_what_the_host_tier_holds_and_hashes_a_request_once(
     tiering.spill(T0, tokens, torch.arange(40), 0)
     calls = []
     real = kv_tiering.page_keys
-    monkeypatch.setattr(kv_tiering, "page_keys", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kv_tiering, "page_keys",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(3):                       # a waiting request, matched on every pass
         step = tiering.admit(T0, tokens, 8, request_id="r1", align=4)
         assert isinstance(step, LoadPlan) and (step.start, step.end) == (8, 40)
@@ -103,6 +104,32 @@ def test_admission_loads_what_the_host_tier_holds_and_hashes_a_request_once(
     tiering.forget("r1")
     tiering.admit(T0, tokens, 8, request_id="r1")
     assert len(calls) == 4
+
+
+def test_a_continued_path_hashes_only_its_own_tokens_and_gets_the_same_keys(
+        tiering, monkeypatch):
+    # Nodes "a" (16 tokens) -> "b" (22 tokens: a partial page) -> "c" (40): page size 4.
+    tokens = list(range(9000, 9040))
+    hashed = []
+    real = kv_tiering.page_keys
+    monkeypatch.setattr(kv_tiering, "page_keys",
+                        lambda ns, ids, **k: hashed.append(len(ids)) or real(ns, ids, **k))
+    full = tiering.keys_for(T0, tokens)
+    hashed.clear()
+    spilled = tiering.spill(T0, tokens[:16], torch.arange(16), 0, [("a", 16)])
+    assert spilled == 4 and hashed == [16]
+    assert tiering.plan(T0, tokens[:22], 16, prefix=[("a", 16)]) == MISS
+    assert hashed[-1] == 6                               # only past node "a"
+    plan = tiering.plan(T0, tokens, 22, prefix=[("b", 22), ("a", 16)])
+    assert plan == MISS and hashed[-1] == 24        # "b" unknown: from "a" on ("b" noted)
+    assert tiering.spill(T0, tokens, torch.arange(40), 22, [("b", 22), ("a", 16)]) == 5
+    assert hashed[-1] == 20                         # from "b" on
+    assert tiering._keys_from(T0, tokens, 5, [("b", 22)]) == full[5:]
+    assert tiering.plan(T0, tokens[:16], 0).keys == tuple(full[:4])
+    other = kv_tiering.Tenant(cache_salt="someone-else")
+    hashed.clear()
+    keys = tiering._keys_from(other, tokens, 5, [("b", 22)])         # not another tenant's
+    assert hashed == [40] and keys == tiering.keys_for(other, tokens)[5:]
 
 
 def test_admission_holds_a_request_while_its_prefetch_runs_within_the_policy(tiering):

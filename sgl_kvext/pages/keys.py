@@ -147,7 +147,8 @@ def fragment_key(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) ->
     return h.digest()
 
 
-def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray,
+              after: bytes | None = None) -> list[bytes]:
     """Keys of the full pages of ``token_ids`` (a trailing partial page gets no key).
 
     Parameters
@@ -155,6 +156,9 @@ def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> li
     namespace
         Chain seed; its model identity fixes the page size.
     token_ids : (n,) ints in [0, 2**32)
+    after
+        Key of the page just before ``token_ids[0]`` when they continue a path (its first
+        tokens hashed already); default: they start the path.
 
     Returns
     -------
@@ -164,7 +168,7 @@ def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray) -> li
     ids, raw = _token_bytes(token_ids)
     step = page * 4
     keys: list[bytes] = []
-    prev = namespace.digest
+    prev = namespace.digest if after is None else after
     for start in range(0, (ids.size // page) * step, step):
         prev = hashlib.blake2b(prev + raw[start:start + step], digest_size=KEY_BYTES,
                                person=_PAGE_PERSON).digest()

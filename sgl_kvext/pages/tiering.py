@@ -10,7 +10,8 @@ The tree calls this module and knows nothing of tiers; the tiers know nothing of
 - :meth:`KVTiering.admit` is the tree's one question per waiting request and scheduling
   pass: load this run now (:class:`LoadPlan`), keep waiting for a running prefetch
   (:class:`Hold`, within the prefetch policy's budget), or nothing to load (:class:`Miss`).
-  A request's page keys are hashed once, not on every pass.
+  A request's page keys are hashed once, not on every pass, and only after its device
+  prefix: the chain key where a tree node's path ends is remembered under the node's id.
 - :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots; any page
   that has gone missing makes the whole load fail (the caller recomputes).
 """
@@ -21,8 +22,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +44,8 @@ _KNOWN_KEYS = 1 << 16
 _STAGING_BYTES = 64 << 20
 #: Requests whose page keys are remembered between scheduling passes.
 _KEY_CACHE = 4096
+#: Prefixes (tree nodes) whose chain key is remembered.
+_ANCHORS = 1 << 16
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
@@ -76,6 +80,23 @@ class Miss:
 
 
 MISS = Miss()
+
+
+class _RequestKeys(NamedTuple):
+    """A waiting request's page keys from page ``first`` on."""
+
+    tenant: Tenant
+    n_tokens: int
+    first: int
+    keys: list[bytes]
+
+
+class _Anchor(NamedTuple):
+    """The key of a prefix's last full page (page ``pages - 1``)."""
+
+    tenant: Tenant
+    pages: int
+    key: bytes
 
 
 class KVTiering:
@@ -113,29 +134,69 @@ class KVTiering:
         chain.on_loss(self._known.discard)
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._deadlines: dict[Hashable, float] = {}
-        self._key_cache: OrderedDict[Hashable, tuple[Tenant, int, list[bytes]]] = OrderedDict()
+        self._key_cache: OrderedDict[Hashable, _RequestKeys] = OrderedDict()
+        self._anchors: OrderedDict[Hashable, _Anchor] = OrderedDict()
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
 
-    def keys_for(self, tenant: Tenant, tokens: Sequence[int],
-                 request_id: Hashable | None = None) -> list[bytes]:
-        """Page keys of ``tokens`` for ``tenant``; remembered under ``request_id`` when given
-        (a waiting request is matched on every scheduling pass; its prompt does not change)."""
-        if request_id is not None:
-            cached = self._key_cache.get(request_id)
-            if cached is not None and cached[0] == tenant and cached[1] == len(tokens):
-                self._key_cache.move_to_end(request_id)
-                return cached[2]
-        keys = page_keys(Namespace(self.identity, tenant), np.asarray(tokens, dtype=np.int64))
-        if request_id is not None:
-            self._key_cache[request_id] = (tenant, len(tokens), keys)
-            while len(self._key_cache) > _KEY_CACHE:
-                self._key_cache.popitem(last=False)
+    def keys_for(self, tenant: Tenant, tokens: Sequence[int]) -> list[bytes]:
+        """Page keys of ``tokens`` (a path from the root) for ``tenant``."""
+        return page_keys(Namespace(self.identity, tenant), np.asarray(tokens, dtype=np.int64))
+
+    def _keys_from(self, tenant: Tenant, tokens: Sequence[int], first: int,
+                   prefix: Iterable[tuple[Hashable, int]]) -> list[bytes]:
+        """Keys of the full pages of ``tokens`` from page ``first`` on.
+
+        ``prefix`` names paths ``tokens`` continues, deepest first: ``(id, length)`` of tree
+        nodes whose path is ``tokens[:length]``, the first one at least ``first`` pages long
+        (ids are never reused; a node's path never changes). The key of each id's last full
+        page is remembered, so only the tokens after the deepest remembered one are hashed:
+        a chat's turn hashes its own tokens, not its history."""
+        namespace = Namespace(self.identity, tenant)
+        start, after = 0, None                    # pages hashed already, the last one's key
+        deepest: tuple[Hashable, int] | None = None
+        for node_id, length in prefix:
+            pages = length // self.tokens
+            if deepest is None:
+                deepest = (node_id, pages)
+            if pages == 0:
+                break
+            anchor = self._anchors.get(node_id)
+            if anchor is not None and anchor.tenant == tenant and anchor.pages == pages:
+                self._anchors.move_to_end(node_id)
+                start, after = pages, anchor.key
+                break
+        start = min(start, first)
+        keys = page_keys(namespace, np.asarray(tokens[start * self.tokens:], dtype=np.int64),
+                         after=after if start else None)
+        if deepest is not None and start < deepest[1] <= start + len(keys):
+            self._anchors[deepest[0]] = _Anchor(tenant, deepest[1], keys[deepest[1] - start - 1])
+            self._anchors.move_to_end(deepest[0])
+            while len(self._anchors) > _ANCHORS:
+                self._anchors.popitem(last=False)
+        return keys[first - start:]
+
+    def _request_keys(self, tenant: Tenant, tokens: Sequence[int], first: int,
+                      request_id: Hashable | None, prefix: Iterable[tuple[Hashable, int]]
+                      ) -> list[bytes]:
+        """:meth:`_keys_from`, remembered under ``request_id`` when given (a waiting request
+        is matched on every scheduling pass; its prompt does not change)."""
+        if request_id is None:
+            return self._keys_from(tenant, tokens, first, prefix)
+        cached = self._key_cache.get(request_id)
+        if (cached is not None and cached.tenant == tenant and cached.n_tokens == len(tokens)
+                and cached.first <= first):
+            self._key_cache.move_to_end(request_id)
+            return cached.keys[first - cached.first:]
+        keys = self._keys_from(tenant, tokens, first, prefix)
+        self._key_cache[request_id] = _RequestKeys(tenant, len(tokens), first, keys)
+        while len(self._key_cache) > _KEY_CACHE:
+            self._key_cache.popitem(last=False)
         return keys
 
     # ------------------------------------------------------------------ spill
     def spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
-              from_token: int) -> int:
+              from_token: int, prefix: Iterable[tuple[Hashable, int]] = ()) -> int:
         """Store the full pages of ``tokens`` that end after ``from_token``.
 
         Parameters
@@ -148,18 +209,22 @@ class KVTiering:
             Pool slots holding the path's KV (still intact).
         from_token
             Tokens before this are stored already (or belong to another node).
+        prefix
+            The paths ``tokens`` continues (the evicted node's ancestors), see
+            :meth:`_keys_from`.
 
         Returns
         -------
         Pages handed to the chain.
         """
-        keys = self.keys_for(tenant, tokens)
         first = from_token // self.tokens
-        todo = [p for p in range(first, len(keys)) if not self._known.seen(keys[p])]
+        keys = self._keys_from(tenant, tokens, first, prefix)     # pages first.. only
+        todo = [p for p in range(len(keys)) if not self._known.seen(keys[p])]
         if not todo:
             return 0
-        index = torch.tensor(todo, dtype=torch.int64)
-        page_slots = slots[: len(keys) * self.tokens].view(len(keys), self.tokens)[index]
+        index = torch.tensor(todo, dtype=torch.int64) + first
+        full = first + len(keys)
+        page_slots = slots[: full * self.tokens].view(full, self.tokens)[index]
         data = self.pool.gather_pages(page_slots)
         raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
         pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
@@ -172,15 +237,16 @@ class KVTiering:
 
     # ------------------------------------------------------------------- load
     def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
-             prefetch_id: Hashable | None = None) -> LoadPlan | Miss:
+             prefetch_id: Hashable | None = None,
+             prefix: Iterable[tuple[Hashable, int]] = ()) -> LoadPlan | Miss:
         """The loadable run after ``device_len`` tokens, from tier 0 only (no waiting).
 
         Pages missing from tier 0 are prefetched under ``prefetch_id`` (when given), so a
-        later call finds them.
+        later call finds them. ``prefix``: the device match's nodes, deepest first (see
+        :meth:`_keys_from`).
         """
-        keys = self.keys_for(tenant, tokens, prefetch_id)
         first = device_len // self.tokens
-        rest = keys[first:]
+        rest = self._request_keys(tenant, tokens, first, prefetch_id, prefix)
         if not rest:
             return MISS
         held = self.chain.tiers[0].exists(rest)
@@ -195,11 +261,13 @@ class KVTiering:
         return LoadPlan(tuple(rest[:run]), first, device_len, end)
 
     def admit(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
-              request_id: Hashable, align: int = 1) -> LoadPlan | Hold | Miss:
+              request_id: Hashable, align: int = 1,
+              prefix: Iterable[tuple[Hashable, int]] = ()) -> LoadPlan | Hold | Miss:
         """What to do for a waiting request whose device match ends at ``device_len``: load
         a run now, hold it for its running prefetch (prefetch policy), or nothing. A run that
-        does not end on an ``align`` boundary (SGLang's page size) is not loaded."""
-        plan = self.plan(tenant, tokens, device_len, prefetch_id=request_id)
+        does not end on an ``align`` boundary (SGLang's page size) is not loaded.
+        ``prefix``: the device match's nodes (see :meth:`plan`)."""
+        plan = self.plan(tenant, tokens, device_len, prefetch_id=request_id, prefix=prefix)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
         if self._holding(request_id, len(tokens), plan, device_len):

@@ -33,8 +33,8 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -91,6 +91,17 @@ class _Blend:
     tokens: tuple[int, ...]
 
 
+class _Victim(NamedTuple):
+    """An evicted node's path, to spill: tokens ``[start, ...)`` are the node's own, the
+    rest is ``parent``'s path (None: spill the whole path)."""
+
+    tenant: Tenant
+    tokens: list[int]
+    slots: torch.Tensor
+    start: int
+    parent: TreeNode | None
+
+
 class HierarchicalRadixCache(RadixCache):
     """SGLang's radix tree with evicted KV spilling down a tier chain and loading back.
 
@@ -118,7 +129,7 @@ class HierarchicalRadixCache(RadixCache):
         self._closers = list(closers)
         self._pending: dict[Any, _Hold | _Load | _Blend] = {}
         self._chunk_spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
-        self._victims: list[tuple[Tenant, list[int], torch.Tensor, int]] | None = None
+        self._victims: list[_Victim] | None = None
         self._heap = HeapTrimmer()
         super().__init__(params)
 
@@ -143,15 +154,15 @@ class HierarchicalRadixCache(RadixCache):
             victims = self._victims
         finally:
             self._victims = None
-        for tenant, tokens, slots, start in victims:   # slots are freed but not yet reused
-            self._spill(tenant, tokens, slots, start)
+        for victim in victims:          # slots are freed but not yet reused
+            self._spill(victim)
         return result
 
     def _delete_leaf(self, node: TreeNode) -> None:
         if self._victims is not None and node.value is not None and len(node.value):
             tokens, slots = self._path(node)
-            self._victims.append((tenant_of(node.key), tokens, slots,
-                                  len(tokens) - len(node.key)))
+            self._victims.append(_Victim(tenant_of(node.key), tokens, slots,
+                                         len(tokens) - len(node.key), node.parent))
         super()._delete_leaf(node)
 
     def _path(self, node: TreeNode) -> tuple[list[int], torch.Tensor]:
@@ -163,13 +174,22 @@ class HierarchicalRadixCache(RadixCache):
         tokens = [t for part in reversed(parts) for t in part]
         return tokens, self.path_device_indices(node)
 
-    def _spill(self, tenant: Tenant, tokens: list[int], slots: torch.Tensor, start: int) -> None:
+    def _ancestry(self, node: TreeNode | None, length: int) -> Iterator[tuple[int, int]]:
+        """``(node id, path length)`` from ``node`` (its path ``length`` tokens long) up to
+        the root's child: the prefixes :meth:`KVTiering.admit` remembers page keys for."""
+        while node is not None and node is not self.root_node and length > 0:
+            yield node.id, length
+            length -= len(node.key)
+            node = node.parent
+
+    def _spill(self, victim: _Victim) -> None:
         assert self.tiering is not None
         try:
-            self.tiering.spill(tenant, tokens, slots, start)
+            self.tiering.spill(victim.tenant, victim.tokens, victim.slots, victim.start,
+                               self._ancestry(victim.parent, victim.start))
         except Exception:   # a tier failure must never fail the request that evicted
             logger.exception("sgl-kvext: spilling %d tokens failed; they will be recomputed",
-                             len(tokens) - start)
+                             len(victim.tokens) - victim.start)
 
     def checkpoint(self, req: Any, *, up_to: int) -> None:
         if self.tiering is not None and not req.finished():   # a prefill (chunk) just ran
@@ -181,7 +201,7 @@ class HierarchicalRadixCache(RadixCache):
         if (self.tiering is not None and not self.disable and req.finished()
                 and self.kvext_config.tiers.write_policy == "write_through"):
             tokens, slots = self._path(req.last_node)
-            self._spill(tenant_of(req.last_node.key), tokens, slots, 0)
+            self._spill(_Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
 
     # ----------------------------------------------------------------- match
     def supports_fast_match_prefix(self) -> bool:
@@ -199,7 +219,8 @@ class HierarchicalRadixCache(RadixCache):
         tokens, tenant, node = key.raw_token_ids(), tenant_of(key), base.last_device_node
         device_len = base.device_prefix_len
         try:
-            step = self.tiering.admit(tenant, tokens, device_len, handle, self.page_size)
+            step = self.tiering.admit(tenant, tokens, device_len, handle, self.page_size,
+                                      self._ancestry(node, device_len))
         except Exception:
             logger.exception("sgl-kvext: tier lookup failed; serving the device match only")
             return base
