@@ -124,12 +124,35 @@ def test_a_continued_path_hashes_only_its_own_tokens_and_gets_the_same_keys(
     assert plan == MISS and hashed[-1] == 24        # "b" unknown: from "a" on ("b" noted)
     assert tiering.spill(T0, tokens, torch.arange(40), 22, [("b", 22), ("a", 16)]) == 5
     assert hashed[-1] == 20                         # from "b" on
-    assert tiering._keys_from(T0, tokens, 5, [("b", 22)]) == full[5:]
+    assert tiering._keys_from(T0, tokens, 5, [("b", 22)]).keys == full[5:]
     assert tiering.plan(T0, tokens[:16], 0).keys == tuple(full[:4])
     other = kv_tiering.Tenant(cache_salt="someone-else")
     hashed.clear()
     keys = tiering._keys_from(other, tokens, 5, [("b", 22)])         # not another tenant's
-    assert hashed == [40] and keys == tiering.keys_for(other, tokens)[5:]
+    assert hashed == [40] and keys.keys == tiering.keys_for(other, tokens)[5:]
+
+
+@pytest.mark.parametrize("device_len", [0, 8, 40])
+def test_a_spilled_paths_last_partial_page_comes_back_exactly(tiering, device_len):
+    path = list(range(3000, 3042))                  # 10 full pages and 2 tokens
+    assert tiering.spill(T0, path, torch.arange(42), 0) == 11
+    for prompt in (path, path + [7, 8, 9]):         # the same prompt, or one that goes on
+        plan = tiering.plan(T0, prompt, device_len)
+        assert (plan.start, plan.end, len(plan.keys)) == (device_len, 42, 11 - device_len // T)
+        slots = torch.arange(100, 100 + plan.tokens)
+        assert tiering.load(plan, slots)
+        assert torch.equal(_kv(tiering, slots), _kv(tiering, torch.arange(device_len, 42)))
+
+    def end(prompt, align=1):
+        plan = tiering.plan(T0, prompt, device_len, align=align)
+        return plan.end if isinstance(plan, LoadPlan) else device_len
+
+    assert end(path[:41] + [1]) == 40               # other tail tokens: full pages only
+    assert end(path, align=4) == 40                 # a tail ending off SGLang's page size
+    assert end(path, align=2) == 42
+    short = list(range(5000, 5003))                 # no full page at all
+    tiering.spill(T0, short, torch.arange(200, 203), 0)
+    assert tiering.plan(T0, short + [4], 0).end == 3
 
 
 def test_admission_holds_a_request_while_its_prefetch_runs_within_the_policy(tiering):

@@ -10,6 +10,8 @@ canonical bytes, so keys are stable across processes, machines and Python runs (
 
 A fragment key (:func:`fragment_key`) names a chunk's KV computed on its own, independent of
 where the chunk sits in a prompt: it hashes the namespace and the chunk's tokens only.
+A tail key (:func:`tail_key`) names a path's last partial page: the chain so far and the
+tail's exact tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ KEY_BYTES = 32
 _PAGE_PERSON = b"kvext-page-v1"
 _NS_PERSON = b"kvext-ns-v2"    # v2: tenants length-prefixed (Tenant)
 _FRAGMENT_PERSON = b"kvext-frag-v1"
+_TAIL_PERSON = b"kvext-tail-v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +177,14 @@ def page_keys(namespace: Namespace, token_ids: Sequence[int] | np.ndarray,
                                person=_PAGE_PERSON).digest()
         keys.append(prev)
     return keys
+
+
+def tail_key(after: bytes, token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """Key of a path's last partial page: ``token_ids`` (1 to ``page_size - 1`` of them)
+    continue the chain whose last full page has key ``after`` (the namespace's digest when
+    the path has no full page). Its own personalization keeps it apart from page keys; the
+    tokens are bound in, so a tail matches only the exact tokens it holds."""
+    ids, raw = _token_bytes(token_ids)
+    if ids.size == 0:
+        raise ValueError("a tail needs at least one token")
+    return hashlib.blake2b(after + raw, digest_size=KEY_BYTES, person=_TAIL_PERSON).digest()

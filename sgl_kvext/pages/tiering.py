@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from sgl_kvext.pages.cost_model import CostModel
-from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, page_keys
+from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, page_keys, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.prefetch import Prefetcher
-from sgl_kvext.pages.recent_keys import RecentKeys
+from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
 
@@ -82,13 +82,28 @@ class Miss:
 MISS = Miss()
 
 
+class _Chain(NamedTuple):
+    """Page keys of a path from page ``first`` on; ``before`` is the chain key preceding
+    them (the last earlier page's, or the namespace digest at page 0)."""
+
+    first: int
+    before: bytes
+    keys: list[bytes]
+
+    def since(self, page: int) -> _Chain:
+        """The keys from ``page`` (>= ``first``) on."""
+        if page == self.first:
+            return self
+        skip = page - self.first
+        return _Chain(page, self.keys[skip - 1], self.keys[skip:])
+
+
 class _RequestKeys(NamedTuple):
-    """A waiting request's page keys from page ``first`` on."""
+    """A waiting request's page keys."""
 
     tenant: Tenant
     n_tokens: int
-    first: int
-    keys: list[bytes]
+    chain: _Chain
 
 
 class _Anchor(NamedTuple):
@@ -136,6 +151,7 @@ class KVTiering:
         self._deadlines: dict[Hashable, float] = {}
         self._key_cache: OrderedDict[Hashable, _RequestKeys] = OrderedDict()
         self._anchors: OrderedDict[Hashable, _Anchor] = OrderedDict()
+        self._tails = TailLengths(_ANCHORS)
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
 
@@ -144,7 +160,7 @@ class KVTiering:
         return page_keys(Namespace(self.identity, tenant), np.asarray(tokens, dtype=np.int64))
 
     def _keys_from(self, tenant: Tenant, tokens: Sequence[int], first: int,
-                   prefix: Iterable[tuple[Hashable, int]]) -> list[bytes]:
+                   prefix: Iterable[tuple[Hashable, int]]) -> _Chain:
         """Keys of the full pages of ``tokens`` from page ``first`` on.
 
         ``prefix`` names paths ``tokens`` continues, deepest first: ``(id, length)`` of tree
@@ -153,7 +169,7 @@ class KVTiering:
         page is remembered, so only the tokens after the deepest remembered one are hashed:
         a chat's turn hashes its own tokens, not its history."""
         namespace = Namespace(self.identity, tenant)
-        start, after = 0, None                    # pages hashed already, the last one's key
+        start, before = 0, namespace.digest        # pages known, the chain key after them
         deepest: tuple[Hashable, int] | None = None
         for node_id, length in prefix:
             pages = length // self.tokens
@@ -162,37 +178,37 @@ class KVTiering:
             if pages == 0:
                 break
             anchor = self._anchors.get(node_id)
-            if anchor is not None and anchor.tenant == tenant and anchor.pages == pages:
+            if (anchor is not None and anchor.tenant == tenant and anchor.pages == pages
+                    and pages <= first):
                 self._anchors.move_to_end(node_id)
-                start, after = pages, anchor.key
+                start, before = pages, anchor.key
                 break
-        start = min(start, first)
         keys = page_keys(namespace, np.asarray(tokens[start * self.tokens:], dtype=np.int64),
-                         after=after if start else None)
+                         after=before)
         if deepest is not None and start < deepest[1] <= start + len(keys):
             self._anchors[deepest[0]] = _Anchor(tenant, deepest[1], keys[deepest[1] - start - 1])
             self._anchors.move_to_end(deepest[0])
             while len(self._anchors) > _ANCHORS:
                 self._anchors.popitem(last=False)
-        return keys[first - start:]
+        return _Chain(start, before, keys).since(first)
 
     def _request_keys(self, tenant: Tenant, tokens: Sequence[int], first: int,
                       request_id: Hashable | None, prefix: Iterable[tuple[Hashable, int]]
-                      ) -> list[bytes]:
+                      ) -> _Chain:
         """:meth:`_keys_from`, remembered under ``request_id`` when given (a waiting request
         is matched on every scheduling pass; its prompt does not change)."""
         if request_id is None:
             return self._keys_from(tenant, tokens, first, prefix)
         cached = self._key_cache.get(request_id)
         if (cached is not None and cached.tenant == tenant and cached.n_tokens == len(tokens)
-                and cached.first <= first):
+                and cached.chain.first <= first):
             self._key_cache.move_to_end(request_id)
-            return cached.keys[first - cached.first:]
-        keys = self._keys_from(tenant, tokens, first, prefix)
-        self._key_cache[request_id] = _RequestKeys(tenant, len(tokens), first, keys)
+            return cached.chain.since(first)
+        chain = self._keys_from(tenant, tokens, first, prefix)
+        self._key_cache[request_id] = _RequestKeys(tenant, len(tokens), chain)
         while len(self._key_cache) > _KEY_CACHE:
             self._key_cache.popitem(last=False)
-        return keys
+        return chain
 
     # ------------------------------------------------------------------ spill
     def spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
@@ -217,19 +233,29 @@ class KVTiering:
         -------
         Pages handed to the chain.
         """
-        first = from_token // self.tokens
-        keys = self._keys_from(tenant, tokens, first, prefix)     # pages first.. only
+        t = self.tokens
+        first = from_token // t
+        chain = self._keys_from(tenant, tokens, first, prefix)   # pages first.. only
+        full = first + len(chain.keys)
+        keys = list(chain.keys)
+        page_slots = slots[: full * t].view(full, t)[first:]
+        n_tail = len(tokens) - full * t
+        if n_tail:     # the last partial page, padded with its last slot (never read back)
+            after = keys[-1] if keys else chain.before
+            keys.append(tail_key(after, np.asarray(tokens[full * t:], dtype=np.int64)))
+            pad = slots[full * t:]
+            pad = torch.cat((pad, pad[-1:].expand(t - n_tail)))
+            page_slots = torch.cat((page_slots, pad.view(1, t)))
         todo = [p for p in range(len(keys)) if not self._known.seen(keys[p])]
         if not todo:
             return 0
-        index = torch.tensor(todo, dtype=torch.int64) + first
-        full = first + len(keys)
-        page_slots = slots[: full * self.tokens].view(full, self.tokens)[index]
-        data = self.pool.gather_pages(page_slots)
+        data = self.pool.gather_pages(page_slots[torch.tensor(todo, dtype=torch.int64)])
         raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
         pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
                  for i, p in enumerate(todo)]
         self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
+        if n_tail:
+            self._tails.add_length(after, n_tail)
         self.chain.put(pages)
         with self._lock:
             self.counters["spilled_pages"] += len(pages)
@@ -238,27 +264,36 @@ class KVTiering:
     # ------------------------------------------------------------------- load
     def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
              prefetch_id: Hashable | None = None,
-             prefix: Iterable[tuple[Hashable, int]] = ()) -> LoadPlan | Miss:
-        """The loadable run after ``device_len`` tokens, from tier 0 only (no waiting).
+             prefix: Iterable[tuple[Hashable, int]] = (), align: int = 1) -> LoadPlan | Miss:
+        """The loadable run after ``device_len`` tokens, from tier 0 only (no waiting): full
+        pages, then the partial page a spilled path ended with, if tier 0 holds one for these
+        exact tokens (ending on an ``align`` boundary).
 
         Pages missing from tier 0 are prefetched under ``prefetch_id`` (when given), so a
         later call finds them. ``prefix``: the device match's nodes, deepest first (see
         :meth:`_keys_from`).
         """
         first = device_len // self.tokens
-        rest = self._request_keys(tenant, tokens, first, prefetch_id, prefix)
-        if not rest:
-            return MISS
-        held = self.chain.tiers[0].exists(rest)
+        chain = self._request_keys(tenant, tokens, first, prefetch_id, prefix)
+        rest = chain.keys
+        held = self.chain.tiers[0].exists(rest) if rest else []
         run = next((i for i, h in enumerate(held) if not h), len(rest))
         if run < len(rest) and len(self.chain.tiers) == 1:
             self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
         if run < len(rest) and prefetch_id is not None and len(self.chain.tiers) > 1:
             self.prefetcher.request(prefetch_id, rest[run:])
-        end = (first + run) * self.tokens
+        at = (first + run) * self.tokens
+        keys, end = tuple(rest[:run]), at
+        after = rest[run - 1] if run else chain.before
+        for n in self._tails.lengths(after):            # longest first
+            if at + n <= len(tokens) and at + n > device_len and (at + n) % align == 0:
+                key = tail_key(after, np.asarray(tokens[at:at + n], dtype=np.int64))
+                if self.chain.tiers[0].exists([key])[0]:
+                    keys, end = (*keys, key), at + n
+                    break
         if end <= device_len:
             return MISS
-        return LoadPlan(tuple(rest[:run]), first, device_len, end)
+        return LoadPlan(keys, first, device_len, end)
 
     def admit(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
               request_id: Hashable, align: int = 1,
@@ -267,7 +302,8 @@ class KVTiering:
         a run now, hold it for its running prefetch (prefetch policy), or nothing. A run that
         does not end on an ``align`` boundary (SGLang's page size) is not loaded.
         ``prefix``: the device match's nodes (see :meth:`plan`)."""
-        plan = self.plan(tenant, tokens, device_len, prefetch_id=request_id, prefix=prefix)
+        plan = self.plan(tenant, tokens, device_len, prefetch_id=request_id, prefix=prefix,
+                         align=align)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
         if self._holding(request_id, len(tokens), plan, device_len):
