@@ -148,3 +148,86 @@ def test_killed_writer_leaves_no_torn_object(tmp_path: Path) -> None:
     assert len(got) == len(keys) and tier.stats()["quarantined"] == 0
     assert not list((tmp_path / "tmp").iterdir())
     tier.close()
+
+
+def _forged(key: bytes, dtype: str, shape: tuple[int, ...], raw_size: int,
+            payload: bytes) -> bytes:
+    """An object a writer of the folder could plant: any header, a valid checksum."""
+    import json
+
+    import xxhash
+
+    from sgl_kvext.tiers import objects
+
+    meta = json.dumps({"namespace": NS.hex(), "key": key.hex(), "dtype": dtype,
+                       "shape": list(shape), "codec": "zstd", "width": 2,
+                       "raw_size": raw_size}, sort_keys=True).encode()
+    digest = xxhash.xxh3_128(meta)
+    digest.update(payload)
+    return objects._PREFIX.pack(objects.MAGIC, objects.VERSION, 0, len(meta), len(payload),
+                                digest.digest()) + meta + payload
+
+
+@pytest.mark.parametrize("forgery", ["zstd_bomb", "huge_declared_size", "shape_mismatch"])
+def test_forged_sizes_are_a_miss_before_any_big_allocation(tmp_path: Path, forgery: str) -> None:
+    import tracemalloc
+
+    import zstandard
+
+    tier = DiskTier(tmp_path, 50 * PAGE, NS)
+    tier.put([page_of(1), page_of(2)])
+    path = next(p for p in _files(tier) if p.name.startswith(key_of(1).hex()))
+    bomb = zstandard.ZstdCompressor(level=3).compress(bytes(256 << 20))  # 256 MiB of zeros
+    shape, raw = {"zstd_bomb": ((PAGE // 2,), PAGE),
+                  "huge_declared_size": ((1 << 39,), 1 << 40),
+                  "shape_mismatch": ((10,), PAGE)}[forgery]
+    path.write_bytes(_forged(key_of(1), "bfloat16", shape, raw, bomb))
+    tracemalloc.start()
+    try:
+        got = tier.get([key_of(1), key_of(2)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.keys() == {key_of(2)}
+    assert tier.stats()["quarantined"] == 1
+    assert peak < 16 << 20, f"{peak} bytes allocated reading a {len(bomb)}-byte forgery"
+    tier.close()
+
+
+def test_planted_symlinks_and_fifos_are_quarantined_without_hanging(tmp_path: Path) -> None:
+    import threading
+
+    tier = DiskTier(tmp_path, 50 * PAGE, NS)
+    tier.put([page_of(1), page_of(2), page_of(3)])
+    files = {p.name[:64]: p for p in _files(tier)}
+    tier.close()
+    secret = tmp_path / "secret"
+    secret.write_bytes(files[key_of(3).hex()].read_bytes())   # a valid object, elsewhere
+    link, fifo = files[key_of(1).hex()], files[key_of(2).hex()]
+    link.unlink()
+    link.symlink_to(secret)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    started: list[DiskTier] = []
+    scan = threading.Thread(target=lambda: started.append(DiskTier(tmp_path, 50 * PAGE, NS)),
+                            daemon=True)
+    scan.start()
+    scan.join(20)
+    assert started, "the start-up scan hung on a FIFO"
+    again = started[0]
+    assert again.get([key_of(1), key_of(2), key_of(3)]).keys() == {key_of(3)}
+    assert again.stats()["quarantined"] == 2 and secret.exists()
+    again.close()
+
+
+@pytest.mark.parametrize("io", ["posix", "direct"])
+def test_reading_a_symlink_planted_after_start_is_a_miss(tmp_path: Path, io: str) -> None:
+    tier = DiskTier(tmp_path, 50 * PAGE, NS, io=io)
+    tier.put([page_of(1), page_of(2)])
+    files = {p.name[:64]: p for p in _files(tier)}
+    target = tmp_path / "elsewhere"
+    os.replace(files[key_of(2).hex()], target)
+    files[key_of(2).hex()].symlink_to(target)
+    assert tier.get([key_of(1), key_of(2)]).keys() == {key_of(1)}
+    assert tier.stats()["quarantined"] == 1 and target.exists()
+    tier.close()

@@ -82,8 +82,9 @@ class Tier(ABC):
         """Copy each held page's bytes into the writable buffer at the same position.
 
         For callers that own the destination (a staging buffer, a KV pool): tiers may copy
-        straight from their storage, once. ``out[i]`` must hold at least the page's bytes;
-        returns which keys were copied (the rest are misses). The default uses :meth:`get`.
+        straight from their storage, once. Returns which keys were copied; a held page whose
+        size is not exactly its buffer's is a miss, never a partial copy (stale bytes would
+        pass for KV). The default uses :meth:`get`.
         """
         if len(keys) != len(out):
             raise ValueError(f"{len(keys)} keys but {len(out)} output buffers")
@@ -91,9 +92,11 @@ class Tier(ABC):
         done = []
         for key, dst in zip(keys, out, strict=True):
             page = pages.get(key)
-            if page is not None:
+            fits = page is not None and page.nbytes == memoryview(dst).nbytes
+            if fits:
+                assert page is not None
                 _copy_into(dst, page.data)
-            done.append(page is not None)
+            done.append(fits)
         return done
 
     def stats(self) -> dict[str, int]:

@@ -97,10 +97,20 @@ class ZstdCodec(Codec):
         return self._contexts()[0].compress(data)
 
     def decode(self, blob: Buffer, raw_size: int) -> Buffer:
+        # Streamed, at most raw_size + 1 bytes: a frame's declared content size is not trusted
+        # (one-shot decompress allocates it whatever max_output_size says: a zstd bomb).
+        parts, have = [], 0
         try:
-            data = self._contexts()[1].decompress(blob, max_output_size=raw_size)
+            with self._contexts()[1].stream_reader(blob) as reader:
+                while have <= raw_size:
+                    part = reader.read(raw_size + 1 - have)
+                    if not part:
+                        break
+                    parts.append(part)
+                    have += len(part)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd: {exc}") from None
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != raw_size:
             raise CodecError(f"decoded {len(data)} bytes, header says {raw_size}")
         return unshuffle(data, self.width).data if self.width > 1 else data

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
-from sgl_kvext.tiers.disk_io import make_io
+from sgl_kvext.tiers.disk_io import UnsafeFile, make_io, open_object
 from sgl_kvext.tiers.disk_ledger import SUFFIX, DiskLedger, scan_objects
 from sgl_kvext.tiers.objects import (
     MAX_META_BYTES,
@@ -119,6 +119,9 @@ class DiskTier(Tier):
             blob = self._io.read(path)
         except FileNotFoundError:
             return None
+        except UnsafeFile:
+            self._quarantine_file(path)
+            return None
         try:
             page = decode_object(blob, self.namespace, key)
         except CorruptObject:
@@ -186,7 +189,8 @@ class DiskTier(Tier):
 
     def _header_ok(self, path: Path, size: int) -> bool:
         try:
-            with open(path, "rb") as f:
+            fd, _ = open_object(path)              # never a symlink's target or a FIFO
+            with open(fd, "rb") as f:
                 head = f.read(_HEAD_BYTES)
                 try:
                     header = read_header(head)
@@ -195,7 +199,7 @@ class DiskTier(Tier):
                         return False
                     f.seek(0)   # a meta longer than the first read
                     header = read_header(f.read(PREFIX_BYTES + MAX_META_BYTES))
-        except (OSError, CorruptObject):
+        except (OSError, CorruptObject, UnsafeFile):
             return False
         return (header.total_size == size
                 and header.namespace == self.namespace.hex()

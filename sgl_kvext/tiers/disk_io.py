@@ -7,14 +7,40 @@ exists), so a reader sees a complete object or none.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
 ALIGN = 4096
 Parts = Sequence[bytes | bytearray | memoryview]
+#: Largest object file read (the largest decoded payload plus zstd's worst-case growth,
+#: the meta and the prefix): a bigger file is not read at all.
+MAX_FILE_BYTES = (1 << 30) + (1 << 23) + (1 << 17)
+
+
+class UnsafeFile(ValueError):
+    """A symlink, FIFO, device or oversized file where an object file should be."""
+
+
+def open_object(path: Path, flags: int = 0, limit: int = MAX_FILE_BYTES) -> tuple[int, int]:
+    """``(fd, size)`` of the regular file ``path``, opened read-only without following a
+    symlink or blocking on a FIFO; :class:`UnsafeFile` for anything else or a file over
+    ``limit`` bytes, FileNotFoundError if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path.name}: a symlink") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        os.close(fd)
+        raise UnsafeFile(f"{path.name}: not a regular file of at most {limit} bytes")
+    return fd, st.st_size
 
 
 class FileIO(ABC):
@@ -26,7 +52,8 @@ class FileIO(ABC):
 
     @abstractmethod
     def read(self, path: Path) -> bytes | bytearray:
-        """Whole contents of ``path``; FileNotFoundError if it is gone."""
+        """Whole contents of the regular file ``path`` (:func:`open_object`: UnsafeFile for
+        anything else); FileNotFoundError if it is gone."""
 
 
 class PosixIO(FileIO):
@@ -46,9 +73,8 @@ class PosixIO(FileIO):
             os.close(fd)
 
     def read(self, path: Path) -> bytearray:
-        fd = os.open(path, os.O_RDONLY)
+        fd, size = open_object(path)
         try:
-            size = os.fstat(fd).st_size
             out = bytearray(size)
             view, done = memoryview(out), 0
             while done < size:
@@ -92,13 +118,12 @@ class DirectIO(FileIO):
 
     def read(self, path: Path) -> bytes | bytearray:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except FileNotFoundError:
+            fd, size = open_object(path, os.O_DIRECT)
+        except (FileNotFoundError, UnsafeFile):
             raise
         except OSError:
             return self._fallback.read(path)
         try:
-            size = os.fstat(fd).st_size
             padded = -(-max(size, 1) // ALIGN) * ALIGN
             with mmap.mmap(-1, padded) as buf:
                 done = 0
@@ -136,7 +161,8 @@ class KvikioIO(FileIO):
     def read(self, path: Path) -> bytearray:
         import numpy as np
 
-        size = path.stat().st_size
+        fd, size = open_object(path)          # checked first: kvikio follows links
+        os.close(fd)
         out = bytearray(size)
         with self._kvikio.CuFile(path, "r") as f:
             f.read(np.frombuffer(out, dtype=np.uint8))

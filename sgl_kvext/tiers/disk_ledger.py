@@ -152,7 +152,7 @@ class DiskLedger:
     def _unlink(self, path: Path, move_to: Path | None = None) -> int | None:
         """Bytes freed, or None when the file was already gone. Call inside ``locked()``."""
         try:
-            size = path.stat().st_size
+            size = path.lstat().st_size       # a planted symlink: its own size, not the target's
             if move_to is None:
                 path.unlink()
             else:

@@ -118,10 +118,12 @@ class HostTier(Tier):
         with self._lock:
             for key, dst in zip(keys, out, strict=True):
                 entry = self._index.get(key)
-                if entry is not None:
+                fits = entry is not None and entry.nbytes == memoryview(dst).nbytes
+                if fits:      # a page of another size is a miss (see Tier.read_into)
+                    assert entry is not None
                     self._policy.touch(key)
                     self._gather(entry, np.frombuffer(dst, dtype=np.uint8))
-                done.append(entry is not None)
+                done.append(fits)
         return done
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:

@@ -13,6 +13,7 @@ foreign object raises :class:`CorruptObject` and is never served as KV.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,6 +27,9 @@ VERSION = 1
 _PREFIX = struct.Struct("<4sHHIQ16s")
 PREFIX_BYTES = _PREFIX.size
 MAX_META_BYTES = 1 << 16
+#: Largest decoded payload accepted (a forged header cannot make a reader allocate more;
+#: a bigger page or fragment is stored but reads as a miss).
+MAX_RAW_BYTES = 1 << 30
 
 
 class CorruptObject(ValueError):
@@ -129,6 +133,12 @@ def decode_object(blob: Buffer, namespace: bytes, key: bytes) -> KVPage:
         raise CorruptObject("object belongs to another namespace")
     if header.key != key.hex():
         raise CorruptObject("object holds another key")
+    itemsize = _ELEMENT_SIZES.get(header.dtype)
+    if itemsize is None or header.raw_size != math.prod(header.shape) * itemsize \
+            or not 0 <= header.raw_size <= MAX_RAW_BYTES:
+        # Checked before decoding: a forged header must not size an allocation.
+        raise CorruptObject(f"{header.dtype} {header.shape} does not make {header.raw_size} "
+                            f"bytes (at most {MAX_RAW_BYTES})")
     try:
         codec = make_codec(header.codec, width=header.width)
         data = codec.decode(body[header.meta_len:], header.raw_size)
@@ -137,7 +147,10 @@ def decode_object(blob: Buffer, namespace: bytes, key: bytes) -> KVPage:
     return KVPage(key, data, header.dtype, header.shape)
 
 
+_ELEMENT_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1,
+                  "float8_e5m2": 1, "uint8": 1, "int8": 1}
+
+
 def element_size(dtype: str) -> int:
     """Bytes per element of a torch dtype name (1 for unknown names: no shuffling)."""
-    return {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1,
-            "float8_e5m2": 1, "uint8": 1, "int8": 1}.get(dtype, 1)
+    return _ELEMENT_SIZES.get(dtype, 1)
