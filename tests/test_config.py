@@ -68,6 +68,34 @@ def test_disk_dir_under_a_file_is_refused(tmp_path: Path) -> None:
         TierConfig(disk_dir=blocker / "cache")
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o757])
+def test_disk_dir_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(ConfigError, match="writable by group or others") as err:
+        TierConfig(disk_dir=shared)
+    assert "\n" not in str(err.value) and "chmod go-w" in str(err.value)
+    shared.chmod(0o755)
+    assert TierConfig(disk_dir=shared).disk_dir == shared
+
+
+def test_disk_tier_files_and_folders_are_its_owners_only(tmp_path: Path) -> None:
+    import stat
+
+    from sgl_kvext.tiers.disk import DiskTier
+    from sgl_kvext.tiers.objects import KVPage
+
+    tier = DiskTier(tmp_path / "disk", 1 << 20, bytes(32))
+    tier.put([KVPage(bytes(range(32)), bytes(64), "uint8", (64,))])
+    tier.close()
+    paths = [tmp_path / "disk", *(tmp_path / "disk").rglob("*")]
+    assert len(paths) > 5
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+
+
 def test_disk_dir_that_does_not_exist_yet_is_fine_and_not_created(tmp_path: Path) -> None:
     target = tmp_path / "new" / "cache"
     assert TierConfig(disk_dir=str(target)).disk_dir == target

@@ -217,8 +217,8 @@ def test_full_disk_drops_writes_and_serving_goes_on(model_path: Path, log_dir: P
         pytest.skip("mounting a small tmpfs needs root")
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], check=True,
-                   timeout=30)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(small)],
+                   check=True, timeout=30)
     try:
         with tier_server(model_path, log_dir, "disk-full", "--enable-metrics", *SMALL_HOST,
                          "--kvext-disk-dir", str(small), "--kvext-disk-size", "1GiB") as srv:

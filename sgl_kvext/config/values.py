@@ -115,6 +115,10 @@ def check_writable_dir(path: Path) -> str | None:
         probe = probe.parent
     if not probe.is_dir():
         return f"{probe} is not a folder"
+    mode = probe.stat().st_mode
+    if probe == path and mode & 0o022:     # others could plant objects (or read new ones)
+        return (f"{path} is writable by group or others (mode {oct(mode & 0o777)}); allowed: "
+                "a folder only its owner can write (chmod go-w)")
     try:  # a real write: os.access says yes to root even on read-only file systems
         with tempfile.TemporaryFile(dir=probe):
             pass

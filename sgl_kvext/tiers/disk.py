@@ -66,7 +66,7 @@ class DiskTier(Tier):
         self._tmp = self.root / "tmp"
         self._quarantine = self.root / "quarantine"
         for folder in (self._dir, self._tmp, self._quarantine):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-disk")
         self._counters = {"quarantined": 0, "temp_removed": 0, "evicted": 0}
         self._start_scan()
@@ -145,7 +145,7 @@ class DiskTier(Tier):
         tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
         try:
             self._io.write(tmp, encoded.parts)
-            final.parent.mkdir(exist_ok=True)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
             os.link(tmp, final)
         except FileExistsError:       # another process stored the same key first
             self._ledger.release(size)

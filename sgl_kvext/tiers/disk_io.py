@@ -62,7 +62,7 @@ class PosixIO(FileIO):
     name = "posix"
 
     def write(self, path: Path, parts: Parts) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             views = [memoryview(p).cast("B") for p in parts if len(p)]
             total, done = sum(len(v) for v in views), 0
@@ -99,7 +99,7 @@ class DirectIO(FileIO):
         size = sum(len(p) for p in parts)
         padded = -(-max(size, 1) // ALIGN) * ALIGN
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
         except OSError:  # e.g. tmpfs: EINVAL
             return self._fallback.write(path, parts)
         try:

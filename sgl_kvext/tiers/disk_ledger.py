@@ -69,10 +69,11 @@ class DiskLedger:
     def __init__(self, root: Path, capacity_bytes: int, low_watermark: float = 0.9) -> None:
         self.root, self.capacity_bytes, self.low_watermark = root, capacity_bytes, low_watermark
         self.objects = root / "objects"
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        self._count_fd = os.open(root / ".usage", os.O_RDWR | os.O_CREAT, 0o644)
-        self._alive_fd = os.open(root / ".alive", os.O_RDWR | os.O_CREAT, 0o644)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)     # owner only: KV reveals prompts
+        self.objects.mkdir(mode=0o700, exist_ok=True)
+        self._fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._count_fd = os.open(root / ".usage", os.O_RDWR | os.O_CREAT, 0o600)
+        self._alive_fd = os.open(root / ".alive", os.O_RDWR | os.O_CREAT, 0o600)
         self._thread_lock = threading.Lock()   # flock does not exclude threads of one process
         self.alone_at_start = self._claim_alive()
 
