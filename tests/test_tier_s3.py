@@ -141,3 +141,27 @@ def test_stalled_server_is_bounded_by_the_operation_timeout(own_seaweed: Seaweed
     finally:
         own_seaweed.resume()
     tier.close()
+
+
+def test_a_probe_that_raises_anything_reopens_the_breaker_never_sticks(
+        seaweed: SeaweedFS) -> None:
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=0.2, max_cooldown_s=0.4)
+    tier = make_s3(seaweed, breaker=breaker)
+    tier.put([page_of(1)])
+    real = tier._client.get_object
+
+    def fake_raising_get_object(**kw: object) -> object:  # no real S3 raises this
+        raise RuntimeError("an error botocore does not wrap")
+
+    tier._client.get_object = fake_raising_get_object  # type: ignore[method-assign]
+    assert tier.get([key_of(1)]) == {}                  # a miss, not an exception
+    assert breaker.state is BreakerState.OPEN
+    time.sleep(0.25)
+    assert tier.get([key_of(1)]) == {}                  # the probe raises: open again
+    assert breaker.state is BreakerState.OPEN
+    tier._client.get_object = real  # type: ignore[method-assign]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and key_of(1) not in tier.get([key_of(1)]):
+        time.sleep(0.1)
+    assert breaker.state is BreakerState.CLOSED
+    tier.close()

@@ -147,7 +147,7 @@ class S3Tier(Tier):
                 return True, None
             self._failed(exc)
             return False, None
-        except (BotoCoreError, OSError) as exc:
+        except Exception as exc:     # anything else too: a probe must never leave it half-open
             self._failed(exc)
             return False, None
         self.breaker.success()
