@@ -77,3 +77,9 @@ def test_policy_tracks_exactly_admitted_keys(cls: type) -> None:
 def test_unknown_policy_lists_choices() -> None:
     with pytest.raises(ValueError, match="lru, lfu, s3fifo"):
         make_policy("mru")
+
+
+def test_the_pool_reports_when_its_memory_is_faulted_in() -> None:
+    tier = HostTier(64 << 20, block_bytes=1 << 20)
+    assert tier.wait_populated(30)
+    assert HostTier(0).wait_populated(0)               # nothing to fault in

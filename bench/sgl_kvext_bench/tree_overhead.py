@@ -109,7 +109,10 @@ def _build(kind: str, pool_tokens: int, host_bytes: int) -> tuple[Any, Any, Call
     if kind == "radix":
         return find("sglang.srt.mem_cache.radix_cache:RadixCache")(params), alloc, lambda: None
     paged = PagedKV(pool.k_buffer, pool.v_buffer, PAGE)
-    tiering = KVTiering(paged, TierChain([HostTier(host_bytes, block_bytes=paged.page_nbytes)]),
+    host = HostTier(host_bytes, block_bytes=paged.page_nbytes)
+    if not host.wait_populated(120):      # its pre-fault thread must not run while timed
+        raise RuntimeError("the host tier's memory took over 120 s to fault in")
+    tiering = KVTiering(paged, TierChain([host]),
                         ModelIdentity("cfg", "w", "float32", PAGE, "bench"), prefetch_threads=1,
                         prefetch_policy="best_effort")
     config = KVExtConfig(enabled=True, tiers=TierConfig(write_policy="write_back"))

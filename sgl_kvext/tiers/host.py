@@ -31,8 +31,9 @@ class _Entry(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _allocate_pool(nbytes: int) -> np.ndarray:
-    """A uint8 pool; pinned (page-locked) through torch when a CUDA device is present.
+def _allocate_pool(nbytes: int) -> tuple[np.ndarray, threading.Event]:
+    """A uint8 pool and an event set once its pages are in; pinned (page-locked) through
+    torch when a CUDA device is present.
 
     Without CUDA it is an anonymous mapping whose pages a background thread pre-faults
     (``MADV_POPULATE_WRITE``, which never changes contents): a first write into untouched
@@ -42,21 +43,25 @@ def _allocate_pool(nbytes: int) -> np.ndarray:
         import torch
 
         if torch.cuda.is_available():
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+            done = threading.Event()
+            done.set()
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy(), done
     except ImportError:
         pass
-    region = mmap.mmap(-1, nbytes)
-    threading.Thread(target=_populate, args=(region,), name="kvext-host-populate",
+    region, done = mmap.mmap(-1, nbytes), threading.Event()
+    threading.Thread(target=_populate, args=(region, done), name="kvext-host-populate",
                      daemon=True).start()
-    return np.frombuffer(region, dtype=np.uint8)
+    return np.frombuffer(region, dtype=np.uint8), done
 
 
-def _populate(region: mmap.mmap, chunk: int = 64 << 20) -> None:
+def _populate(region: mmap.mmap, done: threading.Event, chunk: int = 64 << 20) -> None:
     try:
         for start in range(0, len(region), chunk):
             region.madvise(_MADV_POPULATE_WRITE, start, min(chunk, len(region) - start))
     except (OSError, ValueError):   # an older kernel: pages fault in on first write instead
         pass
+    finally:
+        done.set()
 
 
 class HostTier(Tier):
@@ -80,8 +85,13 @@ class HostTier(Tier):
             raise ValueError("capacity_bytes must be >= 0 and block_bytes >= 1")
         self._block = block_bytes
         nblocks = capacity_bytes // block_bytes
-        self._pool = _allocate_pool(nblocks * block_bytes).reshape(nblocks, block_bytes) \
-            if nblocks else np.empty((0, block_bytes), dtype=np.uint8)
+        self._populated = threading.Event()
+        if nblocks:
+            pool, self._populated = _allocate_pool(nblocks * block_bytes)
+            self._pool = pool.reshape(nblocks, block_bytes)
+        else:
+            self._pool = np.empty((0, block_bytes), dtype=np.uint8)
+            self._populated.set()
         self._free = list(range(nblocks - 1, -1, -1))
         self._index: dict[bytes, _Entry] = {}
         self._policy = make_policy(policy)
@@ -149,6 +159,11 @@ class HostTier(Tier):
                 self._used += page.nbytes
                 stored.append(page.key)
         return PutResult(tuple(stored), tuple(rejected), tuple(evicted))
+
+    def wait_populated(self, timeout_s: float) -> bool:
+        """Whether the pool's memory is faulted in, waiting up to ``timeout_s`` (a benchmark
+        waits, so the background pre-fault is not timed with it)."""
+        return self._populated.wait(timeout_s)
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         with self._lock:
