@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sgl_kvext_bench.progress import Progress
-from sgl_kvext_bench.report import markdown, plot_or_say, write_csv, write_json
+from sgl_kvext_bench.report import markdown, plot_or_say, redacted, write_csv, write_json
 from sgl_kvext_bench.serving import Serving
 
 
@@ -71,7 +71,7 @@ def _finish(args: argparse.Namespace, results: dict[str, Any], table: str,
             rows: Sequence[dict[str, Any]], plot: str | None = None,
             extra: Sequence[str] = ()) -> int:
     if getattr(args, "resolved_server_args", None) is not None:
-        results = {**results, "server_args": list(args.resolved_server_args)}
+        results = {**results, "server_args": redacted(args.resolved_server_args)}
     write_json(results, args.json)
     csv_path = write_csv(rows, args.json.with_suffix(".csv"))
     print("\n" + table)

@@ -8,6 +8,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+_SECRET_FLAGS = ("api-key", "-secret", "-password", "-access-key")
+
+
+def redacted(flags: Sequence[str]) -> list[str]:
+    """``flags`` with the values of secret ones (``--api-key``, ``--admin-api-key``, ...)
+    replaced by ``***``: results files are shared, keys must not be in them."""
+    out: list[str] = []
+    hide = False
+    for flag in flags:
+        name, eq, _ = flag.partition("=")
+        secret = name.startswith("--") and name.endswith(_SECRET_FLAGS)
+        if hide:
+            out.append("***")
+        elif secret and eq:
+            out.append(f"{name}=***")
+        else:
+            out.append(flag)
+        hide = secret and not eq and not hide
+    return out
+
 
 def write_json(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
