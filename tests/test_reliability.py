@@ -305,48 +305,44 @@ def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
     assert peak[0] <= cap * 1.01
 
 
-@pytest.mark.uses_server("chain")
-def test_tenants_never_share_kv_on_any_tier(servers: ServerPool, chain: Chain,
-                                            expected: dict[str, list[int]]) -> None:
-    srv = chain.server(servers)
-    a, b, c = salt(), salt(), salt()
+def _tenants_stay_apart(srv: SGLangServer, record: str, tier_hits: Callable[[], float],
+                        expected: dict[str, list[int]], salts: tuple[str, str, str]) -> None:
+    """Tenant A's KV, on device and in the tiers, is never served to C or B; it is to A."""
+    a, b, c = salts
     a_first = ask(srv, 0, salt=a)
     c_device = ask(srv, 0, salt=c)                   # A's KV is on device: not for C
     evict_context(srv)
-    hits = metric(metrics(srv), "kvext_tier_hits_total")
+    hits = tier_hits()
     b_tier = ask(srv, 1, salt=b)                     # A's and C's KV is in the tiers: not for B
-    b_hits = metric(metrics(srv), "kvext_tier_hits_total") - hits
+    b_hits = tier_hits() - hits
     evict_context(srv)
     a_again = ask(srv, 1, salt=a)                    # ... but it is for A
-    _record("tenants_every_tier", other_tenant_cached_tokens=[c_device.cached_tokens,
-                                                               b_tier.cached_tokens],
+    _record(record, other_tenant_cached_tokens=[c_device.cached_tokens, b_tier.cached_tokens],
             other_tenant_tier_hits=b_hits, own_cached_tokens=a_again.cached_tokens)
     assert a_first.output_ids == c_device.output_ids == expected[PROMPTS[0]]
     assert b_tier.output_ids == a_again.output_ids == expected[PROMPTS[1]]
     assert c_device.cached_tokens == 0 and b_tier.cached_tokens == 0 and b_hits == 0
     assert a_again.cached_tokens >= FROM_TIER
+
+
+@pytest.mark.uses_server("chain")
+def test_tenants_never_share_kv_on_any_tier(servers: ServerPool, chain: Chain,
+                                            expected: dict[str, list[int]]) -> None:
+    srv = chain.server(servers)
+    _tenants_stay_apart(srv, "tenants_every_tier",
+                        lambda: metric(metrics(srv), "kvext_tier_hits_total"), expected,
+                        (salt(), salt(), salt()))
 
 
 @pytest.mark.extended
 @pytest.mark.parametrize("tier", ["host", "disk", "s3"])
 def test_tenants_never_share_kv(tier: str, model_path: Path, log_dir: Path, tmp_path: Path,
                                 seaweed: SeaweedFS, expected: dict[str, list[int]]) -> None:
+    def tier_hits() -> float:
+        time.sleep(2.5)                              # counters reach /metrics once a second
+        return metric(srv.get_text("/metrics"), "kvext_tier_hits_total", tier)
+
     with tier_server(model_path, log_dir, f"tenants-{tier}", "--enable-metrics",
                      *tier_args(tier, tmp_path, seaweed), env=seaweed_env(seaweed)) as srv:
-        a_first = ask(srv, 0, salt="tenant-a")
-        c_device = ask(srv, 0, salt="tenant-c")      # A's KV is on device: not for C
-        evict_context(srv)
-        time.sleep(2.5)                              # counters reach /metrics once a second
-        hits = metric(srv.get_text("/metrics"), "kvext_tier_hits_total", tier)
-        b_tier = ask(srv, 1, salt="tenant-b")        # A's and C's KV is in the tier: not for B
-        time.sleep(2.5)
-        b_hits = metric(srv.get_text("/metrics"), "kvext_tier_hits_total", tier) - hits
-        evict_context(srv)
-        a_again = ask(srv, 1, salt="tenant-a")       # ... but it is for A
-    _record(f"tenants_{tier}", other_tenant_cached_tokens=[c_device.cached_tokens,
-                                                           b_tier.cached_tokens],
-            other_tenant_tier_hits=b_hits, own_cached_tokens=a_again.cached_tokens)
-    assert a_first.output_ids == c_device.output_ids == expected[PROMPTS[0]]
-    assert b_tier.output_ids == a_again.output_ids == expected[PROMPTS[1]]
-    assert c_device.cached_tokens == 0 and b_tier.cached_tokens == 0 and b_hits == 0
-    assert a_again.cached_tokens >= FROM_TIER
+        _tenants_stay_apart(srv, f"tenants_{tier}", tier_hits, expected,
+                            ("tenant-a", "tenant-b", "tenant-c"))
