@@ -13,7 +13,8 @@ DOCS = RAG.documents
 MAX_NEW = 8
 ARGS = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blend",
         "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "2GiB", "--enable-metrics",
-        "--max-total-tokens", "32768"]   # bounded: the default pool takes most of the RAM
+        "--max-total-tokens", "32768",   # bounded: the default pool takes most of the RAM
+        "--kvext-prewarm-queue", "8"]    # small, so a test can fill it
 METRICS_SYNC_S = 1.5      # the exporter copies counters to /metrics once a second
 
 

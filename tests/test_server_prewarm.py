@@ -74,3 +74,13 @@ def test_http_workers_import_the_wrapped_app(monkeypatch: pytest.MonkeyPatch) ->
     prewarm.route_http_workers()                                     # idempotent
     assert env.get(env.SGLANG_HTTP_APP) == prewarm.HTTP_APP
     assert env.get(env.WRAPPED_HTTP_APP) == "my_gateway:asgi"
+
+
+def test_prewarm_corpus_sends_a_big_corpus_in_parts() -> None:
+    from sgl_kvext.fragments import prewarm_client
+
+    texts = ["a" * 300_000, "b" * 300_000, "c" * 10, *["d"] * 2000, "e" * 900_000]
+    parts = prewarm_client._parts(texts)
+    assert [t for part in parts for t in part] == texts             # all, in order
+    assert [len(p) for p in parts] == [1, 1024, 978, 1]   # by characters, by count, alone
+    assert all(sum(map(len, p)) <= prewarm_client.PART_CHARS or len(p) == 1 for p in parts)

@@ -162,11 +162,16 @@ class FragmentConfig:
     chunking: str = _opt("both", "--kvext-fragment-chunking",
                          "explicit: only request-marked chunks; auto: content-defined chunking; "
                          "both.", choices=("explicit", "auto", "both"))
+    prewarm_queue: int = _opt(4096, "--kvext-prewarm-queue",
+                              "Pre-warm fragments waiting for registration at most; a "
+                              "/kvext/prewarm that would pass it gets HTTP 429.", parse_int)
 
     def __post_init__(self) -> None:
         _normalize(self, "fragments")
         if self.min_tokens < 1:
             _fail(self, "fragments", "min_tokens", "must be >= 1")
+        if self.prewarm_queue < 1:
+            _fail(self, "fragments", "prewarm_queue", "must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,12 @@ from sgl_kvext_kernels import RopeConfig
 
 logger = logging.getLogger("sgl_kvext")
 _STOP = object()
+#: How a :class:`PrewarmBusy` message starts (the HTTP route answers 429 on it).
+PREWARM_BUSY = "the pre-warm queue is full"
+
+
+class PrewarmBusy(RuntimeError):
+    """Too many pre-warm fragments wait for registration: try again in a moment."""
 
 
 class BlendPlan(NamedTuple):
@@ -106,18 +112,25 @@ class FragmentBlender:
     min_reuse_share
         Least share of a span the known fragments must cover for a blend.
     queue_size
-        Fragments from requests waiting for registration at most (pre-warm items are not
-        bounded: a corpus is loaded whole).
+        Fragments from requests waiting for registration at most (more are dropped).
+    prewarm_pending
+        Pre-warm fragments waiting for registration at most: a pre-warm that would pass it
+        raises :class:`PrewarmBusy` (one is always taken when none wait).
+    max_text_tokens
+        Longest pre-warm text (the model's context).
     """
 
     def __init__(self, ops: LayerOps, rope: RopeConfig, store: FragmentStore,
                  index: FragmentIndex, settings: BlendSettings = DEFAULT_SETTINGS,
-                 min_reuse_share: float = 0.25, queue_size: int = 256) -> None:
+                 min_reuse_share: float = 0.25, queue_size: int = 256,
+                 prewarm_pending: int = 4096, max_text_tokens: int = 32768) -> None:
         if not 0.0 <= min_reuse_share <= 1.0:
             raise ValueError(f"min_reuse_share {min_reuse_share} must be in [0, 1]")
         self.ops, self.rope, self.store, self.index = ops, rope, store, index
         self.settings, self.min_reuse_share = settings, min_reuse_share
-        self.queue_size = queue_size
+        self.queue_size, self.prewarm_pending = queue_size, prewarm_pending
+        self.max_text_tokens = max_text_tokens
+        self._pending_prewarm = 0
         self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
         self._queued: set[bytes] = set()
         self._lock = threading.Lock()
@@ -211,18 +224,30 @@ class FragmentBlender:
         automatically; returns (every key, how many were queued). Pre-warm items are never
         dropped, and each is written through the whole tier chain before it counts as known
         (so another instance sharing the tiers finds it)."""
-        keys: list[bytes] = []
-        queued = 0
-        for text in texts:
-            ids = np.asarray(text, dtype=np.int64)
+        try:
+            arrays = [np.asarray(text, dtype=np.int64) for text in texts]
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError("token ids must be integers") from None
+        work = []
+        for ids in arrays:
+            if ids.ndim != 1 or ids.size > self.max_text_tokens:
+                raise ValueError(f"a text must be at most {self.max_text_tokens} tokens")
             spans = [(1, int(ids.size) - 1)] if marked_core(ids).size else []
             if self.index.chunking != "explicit":
                 spans += [(f.start, f.end) for f in fragments(ids, self.index.min_tokens)
                           if (f.start, f.end) != (1, int(ids.size) - 1)]
-            for start, end in spans:
-                key = self.store.key(tenant, ids[start:end])
-                keys.append(key)
-                queued += self._put(tenant, ids[start:end], key, durable=True)
+            work += [(ids, start, end) for start, end in spans]
+        with self._lock:
+            waiting = self._pending_prewarm
+        if waiting and waiting + len(work) > self.prewarm_pending:
+            raise PrewarmBusy(f"{PREWARM_BUSY}: {waiting} fragments wait for registration "
+                              f"(at most {self.prewarm_pending}); retry in a moment")
+        keys: list[bytes] = []
+        queued = 0
+        for ids, start, end in work:
+            key = self.store.key(tenant, ids[start:end])
+            keys.append(key)
+            queued += self._put(tenant, ids[start:end], key, durable=True)
         return keys, queued
 
     def _enqueue(self, tenant: Tenant, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
@@ -238,6 +263,7 @@ class FragmentBlender:
             if key in self._queued or self.index.known(key):
                 return 0
             self._queued.add(key)
+            self._pending_prewarm += durable
         self._queue.put((tenant, ids.copy(), key, durable))
         return 1
 
@@ -272,6 +298,7 @@ class FragmentBlender:
             finally:
                 with self._lock:
                     self._queued.discard(key)
+                    self._pending_prewarm -= durable
 
     def close(self) -> None:
         self._queue.put(_STOP)

@@ -22,6 +22,19 @@ class PrewarmResult(NamedTuple):
     seconds: float
 
 
+#: Texts and characters per pre-warm request (the server takes at most 4,096 texts and
+#: 262,144 tokens per request; English runs ~4 characters per token).
+PART_TEXTS, PART_CHARS = 1024, 512 << 10
+
+
+class _Busy(Exception):
+    """HTTP 429: the server's registration queue is full for now."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"busy, retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
 def _post(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -31,7 +44,24 @@ def _post(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
             return answer
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:500]
+        if exc.code == 429:
+            retry = exc.headers.get("Retry-After", "1")
+            raise _Busy(float(retry) if retry.replace(".", "", 1).isdigit() else 1.0) from None
         raise ValueError(f"{url}: HTTP {exc.code}: {detail}") from None
+
+
+def _parts(texts: Sequence[str]) -> list[list[str]]:
+    """``texts`` in consecutive parts of at most PART_TEXTS texts / PART_CHARS characters
+    (a longer text goes alone)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for text in texts:
+        if parts[-1] and (len(parts[-1]) >= PART_TEXTS or size + len(text) > PART_CHARS):
+            parts.append([])
+            size = 0
+        parts[-1].append(text)
+        size += len(text)
+    return parts
 
 
 def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
@@ -55,9 +85,20 @@ def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
     started = time.monotonic()
     base = base_url.rstrip("/")
     tenant = {"extra_key": extra_key, "cache_salt": cache_salt}
-    answer = _post(base + "/kvext/prewarm", {"texts": list(texts), **tenant}, timeout_s)
-    keys = list(answer["keys"])
     deadline = started + timeout_s
+    keys: list[str] = []
+    for part in _parts(texts):        # a part the server is too busy for waits its turn
+        while True:
+            try:
+                answer = _post(base + "/kvext/prewarm", {"texts": part, **tenant},
+                               max(1.0, deadline - time.monotonic()))
+                break
+            except _Busy as busy:
+                if time.monotonic() + busy.retry_after_s >= deadline:
+                    raise TimeoutError(f"the server's pre-warm queue stayed full for "
+                                       f"{timeout_s:.0f}s ({len(keys)} fragments sent)") from None
+                time.sleep(busy.retry_after_s)
+        keys += answer["keys"]
     while True:
         status = _post(base + "/kvext/fragments", {"keys": keys, **tenant}, 30.0)
         known = sum(bool(k) for k in status["known"])
