@@ -6,6 +6,7 @@ are tokenized by the HTTP side, and generation goes on throughout."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import time
@@ -27,9 +28,31 @@ def _post(url: str, body: bytes) -> tuple[int, dict[str, str], str]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, dict(resp.headers), resp.read().decode()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, \
+                resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read().decode()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode()
+
+
+def _post_huge(base_url: str, nbytes: int) -> int:
+    """Status of a POST of ``nbytes`` to /kvext/prewarm; the server may answer and close
+    before the body is all sent (then the rest is not sent)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.putrequest("POST", "/kvext/prewarm")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(nbytes))
+        conn.endheaders()
+        chunk = b"x" * (1 << 20)
+        try:
+            for _ in range(nbytes >> 20):
+                conn.send(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass                          # refused before the body was read: the point
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def _text(words: int) -> str:
@@ -47,8 +70,7 @@ def test_prewarm_requests_are_bounded_and_generation_goes_on(servers: ServerPool
                       seaweed_env(chain.seaweed))
     url = srv.url + "/kvext/prewarm"
     started = time.monotonic()
-    status, _, _ = _post(url, json.dumps({"texts": ["x" * (20 << 20)]}).encode())
-    assert status == 413 and time.monotonic() - started < 30
+    assert _post_huge(srv.url, 20 << 20) == 413 and time.monotonic() - started < 30
     status, _, err = _post(url, json.dumps({"texts": [_text(9000)]}).encode())  # > 8,192
     assert status == 400 and "the model's context" in err, err
     status, _, err = _post(url, json.dumps({"texts": [_text(600) for _ in range(200)]})
@@ -60,6 +82,6 @@ def test_prewarm_requests_are_bounded_and_generation_goes_on(servers: ServerPool
     first, _, _ = _post(url, json.dumps({"texts": [_text(400) for _ in range(3)]}).encode())
     second, headers, err = _post(url, json.dumps({"texts": [_text(50)]}).encode())
     assert first == 200 and second == 429, err
-    assert int(headers.get("Retry-After", "0")) >= 1 and "queue is full" in err
+    assert int(headers.get("retry-after", "0")) >= 1 and "queue is full" in err
     result = prewarm_corpus(srv.url, [_text(50)], timeout_s=300)   # waits for its turn
     assert result.fragments >= 1
