@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, page_keys
 from sgl_kvext.tiers.codec import CodecError, make_codec, shuffle, unshuffle
-from sgl_kvext.tiers.objects import CorruptObject, KVPage, decode_object, encode_object
+from sgl_kvext.tiers.objects import PLAIN, CorruptObject, KVPage, decode_object, encode_object
 
 MODEL = ModelIdentity("cfg", "weights", "bfloat16", 4, "mha:layers=30,kv_heads=3,head_dim=64")
 
@@ -160,3 +160,20 @@ def test_wrong_key_or_namespace_is_refused() -> None:
         decode_object(blob, NS, b"x" * 32)
     with pytest.raises(CorruptObject, match="another namespace"):
         decode_object(blob, bytes(32), PAGE.key)
+
+
+def test_a_deployment_key_refuses_objects_made_without_it() -> None:
+    from sgl_kvext.tiers.objects import Integrity
+
+    ours = Integrity.from_secret(b"s" * 32)
+    theirs = Integrity.from_secret(b"t" * 32)
+    blob = encode_object(PAGE, NS, "zstd", integrity=ours).join()
+    assert bytes(decode_object(blob, NS, PAGE.key, ours).data) == PAGE.data
+    for reader in (theirs, PLAIN):                  # another key, or none
+        with pytest.raises(CorruptObject, match="checksum"):
+            decode_object(blob, NS, PAGE.key, reader)
+    forged = encode_object(PAGE, NS, "zstd").join()  # valid xxh3: all a forger can make
+    with pytest.raises(CorruptObject, match="object key"):
+        decode_object(forged, NS, PAGE.key, ours)
+    with pytest.raises(ValueError, match="16"):
+        Integrity.from_secret(b"short")

@@ -39,3 +39,32 @@ def test_disabled_tiers_are_left_out(tmp_path: Path) -> None:
     chain.close()
     with pytest.raises(ValueError, match="every tier is disabled"):
         build_chain(TierConfig(host_size=0), NS)
+
+
+def test_an_object_key_file_makes_the_tiers_refuse_objects_made_without_it(
+        tmp_path: Path) -> None:
+    from sgl_kvext.config.settings import ConfigError
+    from sgl_kvext.tiers.factory import build_tiers
+    from sgl_kvext.tiers.objects import KVPage
+
+    key = tmp_path / "object.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        TierConfig(disk_dir=tmp_path / "d", object_key_file=key)
+    key.chmod(0o600)
+    page = KVPage(bytes(range(32)), bytes(range(256)) * 16, "uint8", (4096,))
+    plain = build_tiers(TierConfig(host_size=0, disk_dir=tmp_path / "d"), NS)[0]
+    plain.put([page])
+    keyed = build_tiers(TierConfig(host_size=0, disk_dir=tmp_path / "d", object_key_file=key),
+                        NS)[0]
+    assert keyed.get([page.key]) == {}              # made without the key: a miss ...
+    assert keyed.inner.stats()["quarantined"] == 1  # ... and quarantined
+    keyed.put([page])
+    assert bytes(keyed.get([page.key])[page.key].data) == page.data
+    assert plain.get([page.key]) == {}             # and the other way round
+    short = tmp_path / "short.key"
+    short.write_bytes(b"tiny")
+    short.chmod(0o600)
+    with pytest.raises(ConfigError, match="at least 16"):
+        TierConfig(object_key_file=short)

@@ -21,6 +21,7 @@ from typing import Any
 from sgl_kvext.config import env
 from sgl_kvext.config.values import (
     GiB,
+    check_key_file,
     check_s3_endpoint,
     check_s3_url,
     check_writable_dir,
@@ -122,6 +123,12 @@ class TierConfig:
                              "computed (shared with other instances at once); write_back only "
                              "when the tree evicts them.",
                              choices=("write_through", "write_back"))
+    object_key_file: Path | None = _opt(None, "--kvext-object-key-file",
+                                        "File holding this deployment's secret (>= 16 bytes, "
+                                        "readable by its owner only): objects below host "
+                                        "memory carry a keyed BLAKE2b tag, and one without a "
+                                        "valid tag is a miss (unset: xxh3 checksums).",
+                                        parse_optional_path)
     prefetch_policy: str = _opt("timeout", "--kvext-prefetch-policy",
                                 "How long a queued request waits for its pages to come up from "
                                 "disk / S3: best_effort never waits, wait_complete waits (up to "
@@ -140,6 +147,10 @@ class TierConfig:
             problem = check_s3_url(self.s3_url)
             if problem:
                 _fail(self, "tiers", "s3_url", problem)
+        if self.object_key_file is not None:
+            problem = check_key_file(self.object_key_file)
+            if problem:
+                _fail(self, "tiers", "object_key_file", problem)
         if not 0 < self.s3_timeout_s <= 600:
             _fail(self, "tiers", "s3_timeout_s", "must be in (0, 600] seconds")
         if self.s3_endpoint is not None:

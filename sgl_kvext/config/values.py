@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,23 @@ def check_writable_dir(path: Path) -> str | None:
             pass
     except OSError as exc:
         return f"{probe} is not writable ({exc.strerror})"
+    return None
+
+
+def check_key_file(path: Path) -> str | None:
+    """Why ``path`` cannot hold an object key, or None when it can."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+            return "must be a regular file of at most 4096 bytes"
+        size = len(path.read_bytes().strip())
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if st.st_mode & 0o077:
+        return (f"is readable or writable by group or others (mode {oct(st.st_mode & 0o777)}); "
+                "allowed: its owner only (chmod 600)")
+    if size < 16:
+        return f"holds {size} bytes; allowed: at least 16 (e.g. head -c 32 /dev/urandom)"
     return None
 
 

@@ -24,8 +24,10 @@ from sgl_kvext.tiers.disk_io import UnsafeFile, make_io, open_object
 from sgl_kvext.tiers.disk_ledger import SUFFIX, DiskLedger, scan_objects
 from sgl_kvext.tiers.objects import (
     MAX_META_BYTES,
+    PLAIN,
     PREFIX_BYTES,
     CorruptObject,
+    Integrity,
     KVPage,
     decode_object,
     encode_object,
@@ -58,8 +60,10 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, root: Path, capacity_bytes: int, namespace: bytes, codec: str = "zstd",
-                 level: int = 1, io: str = "auto", threads: int = 4) -> None:
+                 level: int = 1, io: str = "auto", threads: int = 4,
+                 integrity: Integrity = PLAIN) -> None:
         self.root, self.namespace, self.codec, self.level = Path(root), namespace, codec, level
+        self.integrity = integrity
         self._io = make_io(io)
         self._ledger = DiskLedger(self.root, capacity_bytes)
         self._dir = self._ledger.objects / namespace.hex()[:32]
@@ -123,7 +127,7 @@ class DiskTier(Tier):
             self._quarantine_file(path)
             return None
         try:
-            page = decode_object(blob, self.namespace, key)
+            page = decode_object(blob, self.namespace, key, self.integrity)
         except CorruptObject:
             self._quarantine_file(path)
             return None
@@ -137,7 +141,7 @@ class DiskTier(Tier):
         final = self._path(page.key)
         if final.is_file():
             return True, []
-        encoded = encode_object(page, self.namespace, self.codec, self.level)
+        encoded = encode_object(page, self.namespace, self.codec, self.level, self.integrity)
         size = encoded.nbytes
         demoted: list[KVPage] = []
         if not self._ledger.reserve(size, lambda victim: self._collect(victim, demoted)):
@@ -163,7 +167,8 @@ class DiskTier(Tier):
             return
         key = bytes.fromhex(victim.name.removesuffix(SUFFIX))
         try:
-            demoted.append(decode_object(self._io.read(victim), self.namespace, key))
+            demoted.append(decode_object(self._io.read(victim), self.namespace, key,
+                                         self.integrity))
         except (FileNotFoundError, CorruptObject, ValueError):
             pass
 

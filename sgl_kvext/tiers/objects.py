@@ -12,11 +12,13 @@ foreign object raises :class:`CorruptObject` and is never served as KV.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -81,16 +83,52 @@ class EncodedObject(NamedTuple):
         return b"".join(self.parts)
 
 
-def encode_object(page: KVPage, namespace: bytes, codec: str, level: int = 1) -> EncodedObject:
+class Integrity:
+    """The 16-byte check over an object's meta and payload: xxh3-128 (catches damage), or,
+    with a deployment key, keyed BLAKE2b-128 (catches forgery too: without the key no object
+    passes). Readers and writers sharing a folder or bucket must use the same key; an object
+    checked the other way is a miss, and quarantined."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        if key is not None and not 16 <= len(key) <= 64:
+            raise ValueError("an object key must be 16 to 64 bytes")
+        self.key = key
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> Integrity:
+        """Keyed by a deployment secret of any length (>= 16 bytes), e.g. a key file's."""
+        if len(secret) < 16:
+            raise ValueError("an object key secret must be at least 16 bytes")
+        return cls(hashlib.blake2b(secret, digest_size=64, person=b"kvext-objkey-v1").digest())
+
+    @property
+    def keyed(self) -> bool:
+        return self.key is not None
+
+    def digest(self, *parts: Buffer) -> bytes:
+        if self.key is None:
+            h: Any = xxhash.xxh3_128()
+        else:
+            h = hashlib.blake2b(key=self.key, digest_size=16, person=b"kvext-obj-v1")
+        for part in parts:
+            h.update(part)
+        return bytes(h.digest())
+
+
+#: Unkeyed: damage is caught, forgery is not.
+PLAIN = Integrity()
+
+
+def encode_object(page: KVPage, namespace: bytes, codec: str, level: int = 1,
+                  integrity: Integrity = PLAIN) -> EncodedObject:
     """Serialize ``page`` with codec ``codec`` (shuffle width = the dtype's element size)."""
     width = element_size(page.dtype)
     payload = make_codec(codec, level, width).encode(page.data)
     meta = json.dumps({"namespace": namespace.hex(), "key": page.key.hex(), "dtype": page.dtype,
                        "shape": list(page.shape), "codec": codec, "width": width,
                        "raw_size": page.nbytes}, sort_keys=True).encode()
-    digest = xxhash.xxh3_128(meta)
-    digest.update(payload)
-    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload), digest.digest())
+    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload),
+                          integrity.digest(meta, payload))
     return EncodedObject((prefix, meta, payload), len(prefix) + len(meta) + len(payload))
 
 
@@ -117,8 +155,10 @@ def read_header(head: Buffer) -> ObjectHeader:
         raise CorruptObject(f"unreadable meta ({type(exc).__name__})") from None
 
 
-def decode_object(blob: Buffer, namespace: bytes, key: bytes) -> KVPage:
-    """Verify ``blob`` completely and return its page; raise CorruptObject on any mismatch.
+def decode_object(blob: Buffer, namespace: bytes, key: bytes,
+                  integrity: Integrity = PLAIN) -> KVPage:
+    """Verify ``blob`` completely and return its page; raise CorruptObject on any mismatch
+    (with a keyed ``integrity``, also on any object not made with that key).
 
     The page's data may be a view into ``blob`` (codec ``none``).
     """
@@ -127,8 +167,9 @@ def decode_object(blob: Buffer, namespace: bytes, key: bytes) -> KVPage:
         raise CorruptObject(f"object is {len(blob)} bytes, header says {header.total_size}")
     _, _, _, _, _, checksum = _PREFIX.unpack_from(blob)
     body = memoryview(blob)[PREFIX_BYTES:]
-    if xxhash.xxh3_128(body).digest() != checksum:
-        raise CorruptObject("checksum mismatch")
+    if not hmac.compare_digest(integrity.digest(body), checksum):
+        raise CorruptObject("checksum mismatch" + (" (or made without this deployment's "
+                                                   "object key)" if integrity.keyed else ""))
     if header.namespace != namespace.hex():
         raise CorruptObject("object belongs to another namespace")
     if header.key != key.hex():

@@ -27,7 +27,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.breaker import CircuitBreaker
-from sgl_kvext.tiers.objects import CorruptObject, KVPage, decode_object, encode_object
+from sgl_kvext.tiers.objects import (
+    PLAIN,
+    CorruptObject,
+    Integrity,
+    KVPage,
+    decode_object,
+    encode_object,
+)
 
 logger = logging.getLogger("sgl_kvext")
 T = TypeVar("T")
@@ -61,7 +68,8 @@ class S3Tier(Tier):
                  connect_timeout_s: float = 1.0, read_timeout_s: float = 3.0,
                  retries: int = 1, op_timeout_s: float = 5.0,
                  multipart_threshold: int = 64 << 20,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, integrity: Integrity = PLAIN) -> None:
+        self.integrity = integrity
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError(f"S3 url must look like s3://bucket[/prefix], got {url!r}")
@@ -171,7 +179,7 @@ class S3Tier(Tier):
             self._failed(exc)
             return None
         try:
-            return decode_object(blob, self.namespace, key)
+            return decode_object(blob, self.namespace, key, self.integrity)
         except CorruptObject:
             self._quarantine(key)
             return None
@@ -179,7 +187,8 @@ class S3Tier(Tier):
     def _put_one(self, page: KVPage) -> bool:
         if self._exists_one(page.key):   # keys name contents: an existing object is this page
             return True
-        blob = encode_object(page, self.namespace, self.codec, self.level).join()
+        blob = encode_object(page, self.namespace, self.codec, self.level,
+                             self.integrity).join()
         name = self._object_key(page.key)
         if len(blob) >= self._transfer.multipart_threshold:
             answered, _ = self._call(lambda: self._client.upload_fileobj(
