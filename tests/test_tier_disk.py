@@ -231,3 +231,20 @@ def test_reading_a_symlink_planted_after_start_is_a_miss(tmp_path: Path, io: str
     assert tier.get([key_of(1), key_of(2)]).keys() == {key_of(1)}
     assert tier.stats()["quarantined"] == 1 and target.exists()
     tier.close()
+
+
+def test_concurrent_quarantines_never_fail_a_read(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_kvext.tiers import disk
+
+    monkeypatch.setattr(disk, "QUARANTINE_KEEP", 2)   # clean-up on every quarantine
+    tier = DiskTier(tmp_path, 10**9, NS, codec="none", threads=8)
+    pages = [page_of(i, 4096) for i in range(1000)]
+    tier.put(pages)
+    for path in _files(tier):
+        path.write_bytes(b"damaged")
+    for _ in range(3):                              # 8 reader threads quarantine at once
+        assert tier.get([p.key for p in pages]) == {}
+    assert tier.stats()["quarantined"] == 1000
+    assert len(list((tmp_path / "quarantine").iterdir())) <= 2 + 8
+    tier.close()

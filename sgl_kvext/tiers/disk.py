@@ -14,6 +14,7 @@ A file that fails its checksum on read is quarantined and is a miss.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ class DiskTier(Tier):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-disk")
         self._counters = {"quarantined": 0, "temp_removed": 0, "evicted": 0}
+        self._counter_lock = threading.Lock()
         self._start_scan()
 
     # ------------------------------------------------------------- interface
@@ -162,7 +164,8 @@ class DiskTier(Tier):
 
     def _collect(self, victim: Path, demoted: list[KVPage]) -> None:
         """Before a victim is removed: keep its page (if ours and intact) for demotion."""
-        self._counters["evicted"] += 1
+        with self._counter_lock:
+            self._counters["evicted"] += 1
         if victim.parent.parent != self._dir:
             return
         key = bytes.fromhex(victim.name.removesuffix(SUFFIX))
@@ -175,10 +178,12 @@ class DiskTier(Tier):
     def _quarantine_file(self, path: Path) -> None:
         target = self._quarantine / f"{path.name}.{uuid.uuid4().hex[:8]}"
         if self._ledger.remove(path, move_to=target):
-            self._counters["quarantined"] += 1
-        kept = sorted(self._quarantine.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-        for old in kept[:-QUARANTINE_KEEP]:
-            old.unlink(missing_ok=True)
+            with self._counter_lock:
+                self._counters["quarantined"] += 1
+        with self._counter_lock:     # one clean-up at a time (others may list a removed file)
+            kept = sorted(self._quarantine.iterdir(), key=_mtime_or_gone)
+            for old in kept[:-QUARANTINE_KEEP]:
+                old.unlink(missing_ok=True)
 
     def _start_scan(self) -> None:
         for tmp in self._tmp.glob("*.part"):
@@ -209,6 +214,14 @@ class DiskTier(Tier):
         return (header.total_size == size
                 and header.namespace == self.namespace.hex()
                 and path.name == header.key + SUFFIX)
+
+
+def _mtime_or_gone(path: Path) -> int:
+    """A file's mtime; -1 when another process removed it since it was listed."""
+    try:
+        return path.lstat().st_mtime_ns
+    except FileNotFoundError:
+        return -1
 
 
 def _alive(pid: int) -> bool:
