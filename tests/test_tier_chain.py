@@ -129,6 +129,21 @@ def test_full_queue_applies_backpressure_then_drops() -> None:
     chain.close()
 
 
+def test_flush_with_a_stuck_tier_returns_false_by_its_deadline_and_starts_no_thread() -> None:
+    import time
+
+    stuck = _BlockedTier()
+    chain = TierChain([HostTier(1 << 20), stuck], "write_through")
+    chain.put([page_of(1)])
+    threads = threading.active_count()
+    started = time.monotonic()
+    assert chain.flush(timeout_s=0.3) is False
+    assert time.monotonic() - started < 2 and threading.active_count() == threads
+    stuck.release.set()
+    assert chain.flush(timeout_s=30) is True
+    chain.close()
+
+
 class _FaultRaisingOnceTier(_BlockedTier):
     """Fake for a fault: its first put raises an unexpected error, later ones store."""
 

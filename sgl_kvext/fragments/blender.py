@@ -275,8 +275,13 @@ class FragmentBlender:
             return
         kv = compute_chunk_kv(self.ops, torch.as_tensor(ids))
         self.store.put(tenant, kv)
-        if durable:
-            self.store.chain.flush(timeout_s=120.0)
+        chain = self.store.chain
+        if durable and not (chain.flush(timeout_s=120.0) and chain.tiers[-1].exists([key])[0]):
+            # Not in the last tier (a write timed out or was refused): not known, so other
+            # instances are not promised it and a later pre-warm tries again.
+            with self._lock:
+                self.counters["register_failed"] += 1
+            return
         self.index.add(key)
         with self._lock:
             self.counters["registered"] += 1

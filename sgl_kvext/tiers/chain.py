@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -181,16 +182,20 @@ class TierChain:
         for tier in self.tiers:
             tier.delete(keys)
 
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until every queued write reached its tier (``timeout_s`` per queue)."""
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write reached its tier (at most ``timeout_s`` in all);
+        whether they all did. No thread is started: a stuck tier costs the caller the
+        timeout, nothing more."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for writer in self._writers.values():
-            if timeout_s is None:
-                writer.queue.join()
-                continue
-            done = threading.Event()
-            threading.Thread(target=lambda w=writer, d=done: (w.queue.join(), d.set()),
-                             daemon=True).start()
-            done.wait(timeout_s)
+            q = writer.queue
+            with q.all_tasks_done:        # Queue.join() with a deadline
+                while q.unfinished_tasks:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    q.all_tasks_done.wait(left)
+        return True
 
     def close(self, timeout_s: float = 30.0) -> None:
         self.flush(timeout_s)
