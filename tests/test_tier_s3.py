@@ -165,3 +165,23 @@ def test_a_probe_that_raises_anything_reopens_the_breaker_never_sticks(
         time.sleep(0.1)
     assert breaker.state is BreakerState.CLOSED
     tier.close()
+
+
+def test_quarantine_copies_are_bounded(seaweed: SeaweedFS,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_kvext.tiers import s3
+
+    monkeypatch.setattr(s3, "QUARANTINE_KEEP", 2)
+    prefix = uuid.uuid4().hex
+    tier = make_s3(seaweed, prefix)
+    pages = [page_of(i) for i in range(5)]
+    tier.put(pages)
+    raw = boto3.client("s3", endpoint_url=seaweed.endpoint, region_name="us-east-1",
+                       **seaweed.credentials)
+    for p in pages:
+        raw.put_object(Bucket="kvext-test", Key=tier._object_key(p.key), Body=b"damaged")
+    assert tier.get([p.key for p in pages]) == {}
+    assert tier.stats()["quarantined"] == 5 and tier.exists([p.key for p in pages]) == [False] * 5
+    listed = raw.list_objects_v2(Bucket="kvext-test", Prefix=f"{prefix}/quarantine/")
+    assert listed.get("KeyCount", 0) == 2
+    tier.close()

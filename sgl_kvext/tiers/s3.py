@@ -42,6 +42,10 @@ UNBOUNDED = (1 << 63) - 1
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
+#: Bad objects one process copies to ``quarantine/`` (the rest are only deleted).
+QUARANTINE_KEEP = 64
+
+
 class S3Tier(Tier):
     """S3-compatible object-store tier.
 
@@ -86,6 +90,7 @@ class S3Tier(Tier):
         self._lock = threading.Lock()
         self._used = 0
         self._counters = {"quarantined": 0, "errors": 0, "timeouts": 0}
+        self._kept = 0        # objects copied to quarantine/ (QUARANTINE_KEEP at most)
         self._ensure_bucket()
 
     # ------------------------------------------------------------- interface
@@ -207,12 +212,19 @@ class S3Tier(Tier):
         return answered and resp is not None
 
     def _quarantine(self, key: bytes) -> None:
+        """Move a bad object out of the way: the first QUARANTINE_KEEP of this process are
+        copied to ``quarantine/`` for inspection, later ones only deleted (bounded)."""
         src = self._object_key(key)
-        dst = self._object_key(key, "quarantine") + "." + uuid.uuid4().hex[:8]
-        copied, _ = self._call(lambda: self._client.copy_object(
-            Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}))
-        self._call(lambda: self._client.delete_object(Bucket=self.bucket, Key=src))
-        if copied:
+        with self._lock:
+            keep = self._kept < QUARANTINE_KEEP
+            self._kept += keep
+        if keep:
+            dst = self._object_key(key, "quarantine") + "." + uuid.uuid4().hex[:8]
+            self._call(lambda: self._client.copy_object(
+                Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}))
+        removed, _ = self._call(lambda: self._client.delete_object(Bucket=self.bucket,
+                                                                   Key=src))
+        if removed:
             with self._lock:
                 self._counters["quarantined"] += 1
 
