@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ def test_keys_chain_and_ignore_the_partial_page() -> None:
 
 @pytest.mark.parametrize("change", [
     {"config": "cfg2"}, {"weights": "w2"}, {"dtype": "float16"}, {"page_size": 8},
-    {"kv_layout": "mha:layers=31"}, {"tp_rank": 1, "tp_size": 2}])
+    {"kv_layout": "mha:layers=31"}, {"tp_rank": 1, "tp_size": 2}, {"quantization": "fp8"},
+    {"object_format": 2}])
 def test_every_identity_field_changes_the_keys(change: dict[str, object]) -> None:
     fields = {**{f: getattr(MODEL, f) for f in MODEL.__dataclass_fields__}, **change}
     other = ModelIdentity(**fields)  # type: ignore[arg-type]
@@ -177,3 +179,16 @@ def test_a_deployment_key_refuses_objects_made_without_it() -> None:
         decode_object(forged, NS, PAGE.key, ours)
     with pytest.raises(ValueError, match="16"):
         Integrity.from_secret(b"short")
+
+
+def test_weights_digest_sees_a_change_in_the_middle_of_a_weight_file(tmp_path: Path) -> None:
+    from sgl_kvext.sglang_plugin.identity import weights_digest
+
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(random.Random(0).randbytes(8 << 20))
+    weights.write_bytes(bytes(data))
+    before = weights_digest(str(tmp_path))
+    data[4 << 20] ^= 1          # a fine-tune's change, far from both ends
+    weights.write_bytes(bytes(data))
+    assert weights_digest(str(tmp_path)) != before
+    assert weights_digest("no-such/model-id", "main") != weights_digest("no-such/model-id", "v2")

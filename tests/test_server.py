@@ -55,6 +55,7 @@ BAD_SETTINGS = [
     (["--enable-hierarchical-kv", "--kvext-host-size=-1GiB"], "--kvext-host-size"),
     (["--enable-hierarchical-kv", "--kvext-s3-url", "https://bucket"], "s3://bucket"),
     (["--enable-hierarchical-kv", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--enable-hierarchical-kv", "--pp-size", "2"], "--pp-size > 1"),
     (["--kvext-fragment-blend"], "needs --enable-hierarchical-kv"),
     (["--enable-hierarchical-kv", "--kvext-disk-dir", "/proc/kvext-no"], "not writable"),
     (["--enable-hierarchical-kv", "--kvext-s3-url", "s3://kvext-bucket", "--kvext-s3-timeout",

@@ -49,6 +49,10 @@ class ModelIdentity:
         KV geometry, e.g. ``"mha:layers=30,kv_heads=3,head_dim=64"``.
     tp_rank, tp_size
         Tensor-parallel position: each rank stores its own head shard.
+    quantization
+        SGLang's ``--quantization`` (the same checkpoint quantized computes other KV).
+    object_format
+        Version of the stored object format: a new format never reads old keys.
     """
 
     config: str
@@ -58,6 +62,8 @@ class ModelIdentity:
     kv_layout: str
     tp_rank: int = 0
     tp_size: int = 1
+    quantization: str = ""
+    object_format: int = 1
 
     def __post_init__(self) -> None:
         if self.page_size < 1:

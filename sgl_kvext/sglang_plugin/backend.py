@@ -66,7 +66,8 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
     paged = _paged_kv(ctx, tiers.page_tokens)
     identity = model_identity(ctx.model_config, str(paged.dtype).removeprefix("torch."),
                               tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
-                              ctx.tp_rank, ctx.tp_size)
+                              ctx.tp_rank, ctx.tp_size,
+                              getattr(ctx.server_args, "quantization", None))
     chain = build_chain(tiers, identity.digest(), page_bytes=paged.page_nbytes)
     tiering = KVTiering(paged, chain, identity, prefetch_policy=tiers.prefetch_policy)
     logger.info("sgl-kvext: HierarchicalRadixCache active (tp %d/%d): pages of %d tokens "

@@ -79,7 +79,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.server_args:ServerArgs",
              fields=("radix_cache_backend", "enable_hierarchical_cache", "disable_radix_cache",
                      "enable_lmcache", "disable_cuda_graph", "tokenizer_worker_num",
-                     "attention_backend")),
+                     "attention_backend", "pp_size", "quantization")),
     Internal("sglang.srt.mem_cache.registry:register_radix_cache_backend", ("name", "factory")),
     Internal("sglang.srt.mem_cache.registry:registered_radix_cache_backends"),
     Internal("sglang.srt.mem_cache.registry:TreeCacheBuildContext",
