@@ -35,9 +35,12 @@ class _Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
-def _post(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict[str, Any], timeout_s: float,
+          api_key: str | None = None) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             answer: dict[str, Any] = json.loads(resp.read())
@@ -66,7 +69,7 @@ def _parts(texts: Sequence[str]) -> list[list[str]]:
 
 def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
                    cache_salt: str = "", timeout_s: float = 600.0,
-                   poll_s: float = 0.5) -> PrewarmResult:
+                   poll_s: float = 0.5, api_key: str | None = None) -> PrewarmResult:
     """Register ``texts`` (RAG chunks) as fragments in the server at ``base_url``.
 
     Parameters
@@ -79,6 +82,9 @@ def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
         The tenant the fragments belong to (as the requests that will use them send).
     timeout_s
         Longest wait for registration; ``TimeoutError`` after it (what was registered stays).
+    api_key
+        The server's ``--admin-api-key`` (or ``--api-key`` when it has no admin key): the
+        routes are gated like SGLang's own control routes.
     """
     if not texts:
         raise ValueError("texts must hold at least one chunk")
@@ -91,7 +97,7 @@ def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
         while True:
             try:
                 answer = _post(base + "/kvext/prewarm", {"texts": part, **tenant},
-                               max(1.0, deadline - time.monotonic()))
+                               max(1.0, deadline - time.monotonic()), api_key)
                 break
             except _Busy as busy:
                 if time.monotonic() + busy.retry_after_s >= deadline:
@@ -100,7 +106,7 @@ def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
                 time.sleep(busy.retry_after_s)
         keys += answer["keys"]
     while True:
-        status = _post(base + "/kvext/fragments", {"keys": keys, **tenant}, 30.0)
+        status = _post(base + "/kvext/fragments", {"keys": keys, **tenant}, 30.0, api_key)
         known = sum(bool(k) for k in status["known"])
         if known == len(keys):
             return PrewarmResult(len(keys), time.monotonic() - started)

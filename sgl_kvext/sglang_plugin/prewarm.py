@@ -41,6 +41,7 @@ from sgl_kvext.sglang_plugin.surface import (
     HTTP_APP_DEFAULT,
     HookRegistry,
     HookType,
+    auth_level_admin,
     control_messages,
     http_server,
 )
@@ -176,9 +177,13 @@ def add_routes(app: Any = None) -> None:
             return _error(400, errors[0])
         return ORJSONResponse(content=results[0].response[0])
 
+    admin = auth_level_admin()        # gated like SGLang's own control routes
+
+    @admin
     async def prewarm(request: Request) -> Any:
         return await control("prewarm", request)
 
+    @admin
     async def fragments(request: Request) -> Any:
         return await control("fragments", request)
 

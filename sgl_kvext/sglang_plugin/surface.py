@@ -145,6 +145,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.managers.io_struct:DumperControlReqOutput",
              fields=("success", "response", "error")),
     Internal("sglang.srt.entrypoints.http_server:app"),
+    Internal("sglang.srt.utils.auth:auth_level", ("level",),
+             why="the /kvext routes gated at SGLang's admin level"),
+    Internal("sglang.srt.utils.auth:AuthLevel", fields=("ADMIN_OPTIONAL",)),
     Internal("sglang.srt.entrypoints.http_server:get_global_state"),
     # The CPU attention backend overrides these with the same 14 parameters.
     Internal("sglang.srt.layers.attention.torch_native_backend:"
@@ -239,6 +242,13 @@ def attention_registry() -> tuple[list[str], Any]:
     """(``ATTENTION_BACKEND_CHOICES``, ``register_attention_backend``)."""
     return (find("sglang.srt.arg_groups.choices:ATTENTION_BACKEND_CHOICES"),
             find("sglang.srt.layers.attention.attention_registry:register_attention_backend"))
+
+
+def auth_level_admin() -> Any:
+    """SGLang's ``@auth_level(AuthLevel.ADMIN_OPTIONAL)``: with ``--admin-api-key`` only that
+    key opens the route, else ``--api-key`` does, else it is open (its control routes')."""
+    level = find("sglang.srt.utils.auth:AuthLevel")
+    return find("sglang.srt.utils.auth:auth_level")(level.ADMIN_OPTIONAL)
 
 
 def control_messages() -> tuple[type, type]:
