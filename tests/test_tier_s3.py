@@ -185,3 +185,35 @@ def test_quarantine_copies_are_bounded(seaweed: SeaweedFS,
     listed = raw.list_objects_v2(Bucket="kvext-test", Prefix=f"{prefix}/quarantine/")
     assert listed.get("KeyCount", 0) == 2
     tier.close()
+
+
+def test_a_slow_but_answering_s3_trips_the_breaker_and_its_backlog_is_bounded(
+        own_seaweed: SeaweedFS) -> None:
+    quiet = CircuitBreaker(failure_threshold=1000, cooldown_s=30.0, max_cooldown_s=30.0)
+    tier = make_s3(own_seaweed, op_timeout_s=0.3, read_timeout_s=10.0, retries=0,
+                   breaker=quiet, connections=2)               # at most 8 calls in flight
+    keys = [p.key for p in [page_of(i) for i in range(8)]]
+    tier.put([page_of(i) for i in range(8)])
+    own_seaweed.pause()                                        # answers, but only later
+    try:
+        assert tier.get(keys) == {}                            # 8 calls left running
+        got, took = _timed(lambda: tier.get(keys[:1]))
+        assert got == {} and took < 0.2 and tier.stats()["shed"] == 1   # no pile-up
+    finally:
+        own_seaweed.resume()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(tier.get(keys)) < 8:   # the backlog drains
+        time.sleep(0.2)
+    assert len(tier.get(keys)) == 8
+    tier.close()
+    slow = CircuitBreaker(failure_threshold=2, cooldown_s=30.0, max_cooldown_s=30.0)
+    tier = make_s3(own_seaweed, op_timeout_s=0.3, read_timeout_s=10.0, retries=0,
+                   breaker=slow)
+    own_seaweed.pause()
+    try:
+        for _ in range(2):                 # each call would succeed, only too late
+            assert tier.get(keys[:1]) == {}
+        assert slow.state is BreakerState.OPEN
+    finally:
+        own_seaweed.resume()
+    tier.close()

@@ -89,7 +89,9 @@ class S3Tier(Tier):
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="kvext-s3")
         self._lock = threading.Lock()
         self._used = 0
-        self._counters = {"quarantined": 0, "errors": 0, "timeouts": 0}
+        self._counters = {"quarantined": 0, "errors": 0, "timeouts": 0, "shed": 0}
+        self._inflight = 0
+        self.max_inflight = 4 * connections
         self._kept = 0        # objects copied to quarantine/ (QUARANTINE_KEEP at most)
         self._ensure_bucket()
 
@@ -140,12 +142,30 @@ class S3Tier(Tier):
         return "/".join([*parts, area, self.namespace.hex()[:32], name[:2], name + ".kvx"])
 
     def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], late: T) -> list[T]:
-        futures = [self._pool.submit(fn, item) for item in items]
+        """``fn`` over ``items`` on the pool, ``late`` for what misses the operation timeout.
+        Calls still running past it are bounded (``max_inflight``): a batch that would pass
+        the bound is answered ``late`` at once (``shed``), so a slow S3 cannot pile up work
+        and memory; a batch that timed out counts as a breaker failure even if its calls
+        succeed later (a slow-but-answering S3 trips the breaker too)."""
+        with self._lock:
+            if self._inflight + len(items) > self.max_inflight:
+                self._counters["shed"] += len(items)
+                return [late] * len(items)
+            self._inflight += len(items)
+        futures = [self._pool.submit(self._counted, fn, item) for item in items]
         done, pending = wait(futures, timeout=self.op_timeout_s)
         if pending:
             with self._lock:
                 self._counters["timeouts"] += len(pending)
+            self.breaker.failure()
         return [f.result() if f in done else late for f in futures]
+
+    def _counted(self, fn: Callable[[Any], T], item: Any) -> T:
+        try:
+            return fn(item)
+        finally:          # before the result is set: a caller that saw it done sees this
+            with self._lock:
+                self._inflight -= 1
 
     def _call(self, fn: Callable[[], T]) -> tuple[bool, T | None]:
         """Run one S3 request through the breaker: (answered, result); a 404 is answered."""
