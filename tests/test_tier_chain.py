@@ -116,13 +116,16 @@ class _BlockedTier(Tier):
         return 0
 
 
-def test_full_queue_applies_backpressure_then_drops() -> None:
+def test_a_full_write_queue_drops_at_once_never_blocks() -> None:
+    import time
+
     stuck = _BlockedTier()
-    chain = TierChain([HostTier(1 << 20), stuck], "write_through", queue_batches=1,
-                      put_timeout_s=0.2)
-    for i in range(4):
+    chain = TierChain([HostTier(8 << 20), stuck], "write_through", queue_bytes=2 * PAGE)
+    started = time.monotonic()
+    for i in range(6):
         chain.put([page_of(i)])
-    assert chain.counters["dropped_pages"] >= 1
+    assert time.monotonic() - started < 1.0              # a stuck tier never stalls a put
+    assert chain.counters["dropped_pages"] == 4          # two pages' worth were queued
     held = chain.lookup([key_of(0)])
     assert held.run == 1                         # the host copy is still there
     stuck.release.set()
@@ -162,7 +165,7 @@ class _FaultRaisingOnceTier(_BlockedTier):
 
 def test_a_raising_tier_drops_its_batch_and_the_writer_lives_on() -> None:
     flaky = _FaultRaisingOnceTier()
-    chain = TierChain([HostTier(1 << 20), flaky], "write_through", put_timeout_s=0.2)
+    chain = TierChain([HostTier(1 << 20), flaky], "write_through")
     chain.put([page_of(0)])
     chain.put([page_of(1)])
     chain.flush(timeout_s=10)
@@ -240,8 +243,7 @@ def test_loss_listeners_hear_every_page_that_leaves(tmp_path: Path) -> None:
 
 def test_a_dropped_batch_is_reported_and_a_failing_listener_is_contained() -> None:
     stuck = _BlockedTier()
-    chain = TierChain([HostTier(1 << 20), stuck], "write_through", queue_batches=1,
-                      put_timeout_s=0.2)
+    chain = TierChain([HostTier(1 << 20), stuck], "write_through", queue_bytes=PAGE)
     heard: list[bytes] = []
 
     def broken(keys: object) -> None:

@@ -4,8 +4,8 @@
   (write-back); with ``write_through`` every stored page is also copied to all lower tiers.
   Pages a tier rejects (too large) go to the next one.
 - Writes to lower tiers are asynchronous: one writer thread per lower tier drains a bounded
-  queue; a full queue blocks the caller for up to ``put_timeout_s`` (backpressure), then the
-  batch is dropped and counted. Queued pages stay readable until written.
+  queue bounded in bytes; a batch that does not fit is dropped at once and counted (a put
+  never blocks: it runs on the scheduler thread). Queued pages stay readable until written.
 - ``lookup`` answers, for consecutive page keys, the longest run held from the start and the
   tier of each page; ``get`` loads that run and promotes pages found below into the first tier.
 - Loss listeners (``on_loss``) hear of every page this process sees leave the chain, so a
@@ -49,26 +49,27 @@ class ChainGet:
 class _Writer:
     """Asynchronous writer for one lower tier; its queued pages stay readable."""
 
-    def __init__(self, chain: TierChain, index: int, max_batches: int) -> None:
-        self.chain, self.index = chain, index
-        self.queue: queue.Queue[list[KVPage] | None] = queue.Queue(max_batches)
+    def __init__(self, chain: TierChain, index: int, max_bytes: int) -> None:
+        self.chain, self.index, self.max_bytes = chain, index, max_bytes
+        self.queue: queue.Queue[list[KVPage] | None] = queue.Queue()   # bounded by bytes
         self.pending: dict[bytes, KVPage] = {}
+        self.queued_bytes = 0         # of batches submitted and not yet written
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"kvext-tier{index}-writer",
                                        daemon=True)
         self.thread.start()
 
-    def submit(self, pages: list[KVPage], timeout_s: float) -> bool:
+    def submit(self, pages: list[KVPage]) -> bool:
+        """Queue ``pages`` unless the bytes queued would pass the bound (one batch is always
+        taken when nothing is queued); never blocks."""
+        nbytes = sum(p.nbytes for p in pages)
         with self.lock:
+            if self.queued_bytes and self.queued_bytes + nbytes > self.max_bytes:
+                return False
+            self.queued_bytes += nbytes
             self.pending.update({p.key: p for p in pages})
-        try:
-            self.queue.put(pages, timeout=timeout_s)
-            return True
-        except queue.Full:
-            with self.lock:
-                for p in pages:
-                    self.pending.pop(p.key, None)
-            return False
+        self.queue.put(pages)
+        return True
 
     def _run(self) -> None:
         while True:
@@ -87,6 +88,7 @@ class _Writer:
                 with self.lock:
                     for p in batch or ():
                         self.pending.pop(p.key, None)
+                    self.queued_bytes -= sum(p.nbytes for p in batch or ())
                 self.queue.task_done()
 
 
@@ -100,22 +102,21 @@ class TierChain:
     write_policy
         ``write_back`` (lower tiers receive what upper tiers evict) or ``write_through``
         (lower tiers also receive every page as it is put).
-    queue_batches
-        Bound of each lower tier's write queue, in batches.
-    put_timeout_s
-        How long ``put`` may block on a full queue before dropping that batch.
+    queue_bytes
+        Bound of each lower tier's write queue, in bytes of KV (a batch that would pass it
+        is dropped, never waited for).
     """
 
     def __init__(self, tiers: Sequence[Tier], write_policy: str = "write_back",
-                 queue_batches: int = 64, put_timeout_s: float = 5.0) -> None:
+                 queue_bytes: int = 1 << 30) -> None:
         if not tiers:
             raise ValueError("a tier chain needs at least one tier")
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; allowed: "
                              f"{', '.join(WRITE_POLICIES)}")
         self.tiers = list(tiers)
-        self.write_policy, self.put_timeout_s = write_policy, put_timeout_s
-        self._writers = {i: _Writer(self, i, queue_batches) for i in range(1, len(self.tiers))}
+        self.write_policy = write_policy
+        self._writers = {i: _Writer(self, i, queue_bytes) for i in range(1, len(self.tiers))}
         self._lock = threading.Lock()
         self._loss_listeners: list[LossListener] = []
         self.counters = {"dropped_pages": 0, "demoted_pages": 0, "promoted_pages": 0}
@@ -220,7 +221,7 @@ class TierChain:
             self._lost([p.key for p in overflow])
 
     def _enqueue(self, index: int, pages: list[KVPage]) -> None:
-        if not self._writers[index].submit(pages, self.put_timeout_s):
+        if not self._writers[index].submit(pages):
             with self._lock:
                 self.counters["dropped_pages"] += len(pages)
             self._lost([p.key for p in pages])
