@@ -67,7 +67,6 @@ def test_round_trip_is_exact_and_position_free() -> None:
     assert sorted(found) == [0, 2]
     assert_same(found[0], b)
     assert_same(found[2], a)
-    assert store.exists(T0, [a.token_ids, chunk(9, 2).token_ids]) == [True, False]
     assert store.counters["hits"] == 2 and store.counters["misses"] == 1
 
 
@@ -132,3 +131,35 @@ def test_second_instance_hits_through_s3(seaweed: SeaweedFS) -> None:
     writer_chain.close()
     reader_chain.close()
     assert_same(found[0], a)
+
+
+def test_local_reads_never_touch_lower_tiers_on_the_callers_thread(tmp_path: Path) -> None:
+    import threading
+
+    class DiskReadsRecorded(DiskTier):        # the real disk tier; records who reads it
+        readers: list[str] = []
+
+        def get(self, keys):  # type: ignore[no-untyped-def]
+            self.readers.append(threading.current_thread().name)
+            return super().get(keys)
+
+    first, second = chunk(300, 5), chunk(300, 6)
+    chain = TierChain([HostTier(16 * 4096, block_bytes=4096),
+                       DiskReadsRecorded(tmp_path, 1 << 24, NS)])
+    store = FragmentStore(chain, IDENTITY, LAYOUT)
+    gone: list[bytes] = []
+    store.on_gone = gone.append
+    store.put(T0, first)
+    store.put(T0, second)                     # the host holds one: the first went to disk
+    chain.flush(timeout_s=10)
+    assert store.get(T0, [first.token_ids], local_only=True) == {}     # a miss for now ...
+    assert store.wait_promotions(30)
+    again = store.get(T0, [first.token_ids], local_only=True)          # ... up for the next
+    assert_same(again[0], first)
+    assert DiskReadsRecorded.readers and threading.current_thread().name not in \
+        DiskReadsRecorded.readers
+    unknown = chunk(8, 9)
+    assert store.get(T0, [unknown.token_ids], local_only=True) == {}
+    assert store.wait_promotions(30) and gone == [store.key(T0, unknown.token_ids)]
+    store.close()
+    chain.close()

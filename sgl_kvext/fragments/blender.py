@@ -137,6 +137,7 @@ class FragmentBlender:
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
                          "found_stored": 0, "register_dropped": 0, "register_failed": 0}
+        store.on_gone = lambda key: index.discard([key])    # registered again on next sight
         self._worker = threading.Thread(target=self._register_loop, name="kvext-fragments",
                                         daemon=True)
         self._worker.start()
@@ -190,10 +191,9 @@ class FragmentBlender:
         whole = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
                  for m in plan.fragments]
         fetch_started = time.perf_counter()
-        found = self.store.get(tenant, whole)
+        found = self.store.get(tenant, whole, local_only=True)   # host memory only
         fetch_s = time.perf_counter() - fetch_started
         missing = len(plan.fragments) - len(found)
-        self.index.discard(m.key for i, m in enumerate(plan.fragments) if i not in found)
         with self._lock:
             self.counters["fragment_hits"] += len(found)
             self.counters["fragment_misses"] += missing
@@ -268,7 +268,9 @@ class FragmentBlender:
         return 1
 
     def _register(self, tenant: Tenant, ids: np.ndarray, key: bytes, durable: bool) -> None:
-        if self.store.exists(tenant, [ids])[0]:
+        # Stored already (by us earlier, or another instance): bring it up to host memory
+        # here, on the worker thread, where the scheduler's reads find it.
+        if self.store.get(tenant, [torch.as_tensor(ids)]):
             self.index.add(key)
             with self._lock:
                 self.counters["found_stored"] += 1
@@ -308,3 +310,4 @@ class FragmentBlender:
     def close(self) -> None:
         self._queue.put(_STOP)
         self._worker.join(timeout=30.0)
+        self.store.close()

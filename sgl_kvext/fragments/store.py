@@ -6,12 +6,19 @@ dtype, under :func:`sgl_kvext.pages.keys.fragment_key` (namespace + the fragment
 chunk found anywhere in any prompt, by any server sharing the namespace and a disk folder or
 S3 prefix, maps to the same object. An object whose dtype or shape does not fit the model and
 the fragment's length is a miss (counted), never KV handed to the blend.
+
+The scheduler thread reads fragments from the first tier (host memory) only
+(``get(..., local_only=True)``): a fragment held only below is brought up by a background
+thread for the next request, and one no tier holds any more is reported to ``on_gone``. An
+S3 round trip per fragment on the scheduler thread (up to the S3 timeout each) is gone.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +28,10 @@ from sgl_kvext.blend.prefill import ChunkKV
 from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, fragment_key
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
+
+logger = logging.getLogger("sgl_kvext")
+#: Fragments being brought up from lower tiers at most (more are left for a later request).
+MAX_PROMOTING = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +71,12 @@ class FragmentStore:
     def __init__(self, chain: TierChain, identity: ModelIdentity, layout: KVLayout) -> None:
         self.chain, self.identity, self.layout = chain, identity, layout
         self._lock = threading.Lock()
-        self.counters = {"stored": 0, "hits": 0, "misses": 0, "bad_objects": 0}
+        self.counters = {"stored": 0, "hits": 0, "misses": 0, "bad_objects": 0,
+                         "promoted": 0}
+        #: Called with a fragment key no tier holds any more (found by a promotion).
+        self.on_gone: Callable[[bytes], None] = lambda key: None
+        self._promoting: set[bytes] = set()
+        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="kvext-fragment-promote")
 
     def key(self, tenant: Tenant, token_ids: torch.Tensor | Sequence[int] | np.ndarray) -> bytes:
         """The fragment key of ``token_ids`` [n] for ``tenant``."""
@@ -82,26 +98,62 @@ class FragmentStore:
             self.counters["stored"] += 1
         return key
 
-    def exists(self, tenant: Tenant, fragments: Sequence[torch.Tensor | np.ndarray]) -> list[bool]:
-        """Whether each fragment ([n] token ids) is held by some tier (a hint)."""
-        keys = [self.key(tenant, ids) for ids in fragments]
-        return [self.chain.lookup([k]).run == 1 for k in keys]
-
-    def get(self, tenant: Tenant, fragments: Sequence[torch.Tensor]) -> dict[int, ChunkKV]:
+    def get(self, tenant: Tenant, fragments: Sequence[torch.Tensor],
+            local_only: bool = False) -> dict[int, ChunkKV]:
         """KV of the held fragments, by their index in ``fragments`` (each [n] token ids).
 
-        Fragments not held, or held as an object that does not fit, are absent."""
+        Fragments not held, or held as an object that does not fit, are absent. With
+        ``local_only`` only the first tier is read; the others are brought up in the
+        background (see the module doc)."""
         found: dict[int, ChunkKV] = {}
-        for i, ids in enumerate(fragments):
-            ids = torch.as_tensor(_ids(ids), dtype=torch.int64)
-            pages = self.chain.get([self.key(tenant, ids)]).pages
-            kv = self._decode(pages[0], int(ids.shape[0])) if pages else None
+        ids_list = [torch.as_tensor(_ids(ids), dtype=torch.int64) for ids in fragments]
+        keys = [self.key(tenant, ids) for ids in ids_list]
+        local = self.chain.tiers[0].get(keys) if local_only else {}
+        for i, (ids, key) in enumerate(zip(ids_list, keys, strict=True)):
+            if local_only:
+                page = local.get(key)
+                if page is None:
+                    self._promote(key)
+            else:
+                pages = self.chain.get([key]).pages
+                page = pages[0] if pages else None
+            kv = self._decode(page, int(ids.shape[0])) if page is not None else None
             if kv is not None:
                 found[i] = ChunkKV(ids, kv[0], kv[1])
         with self._lock:
             self.counters["hits"] += len(found)
             self.counters["misses"] += len(fragments) - len(found)
         return found
+
+    def _promote(self, key: bytes) -> None:
+        """Bring ``key`` up to the first tier in the background (once at a time)."""
+        with self._lock:
+            if key in self._promoting or len(self._promoting) >= MAX_PROMOTING:
+                return
+            self._promoting.add(key)
+        self._promoter.submit(self._promote_now, key)
+
+    def _promote_now(self, key: bytes) -> None:
+        try:
+            found = bool(self.chain.get([key]).pages)   # promotes what lower tiers hold
+            with self._lock:
+                self.counters["promoted"] += found
+            if not found:
+                self.on_gone(key)
+        except Exception:     # a failed promotion is only a later miss
+            logger.exception("sgl-kvext: bringing a fragment up from a lower tier failed")
+        finally:
+            with self._lock:
+                self._promoting.discard(key)
+
+    def wait_promotions(self, timeout_s: float) -> bool:
+        """Whether no promotion is running, waiting up to ``timeout_s`` (tests, shutdown)."""
+        done = threading.Event()
+        self._promoter.submit(done.set)
+        return done.wait(timeout_s)
+
+    def close(self) -> None:
+        self._promoter.shutdown(wait=True, cancel_futures=True)
 
     def _decode(self, page: KVPage, tokens: int) -> torch.Tensor | None:
         shape = self.layout.shape(tokens)
