@@ -189,11 +189,15 @@ def test_quarantine_copies_are_bounded(seaweed: SeaweedFS,
 
 def test_a_slow_but_answering_s3_trips_the_breaker_and_its_backlog_is_bounded(
         own_seaweed: SeaweedFS) -> None:
+    prefix = uuid.uuid4().hex
+    writer = make_s3(own_seaweed, prefix)                      # written at normal speed
+    writer.put([page_of(i) for i in range(8)])
+    writer.close()
     quiet = CircuitBreaker(failure_threshold=1000, cooldown_s=30.0, max_cooldown_s=30.0)
-    tier = make_s3(own_seaweed, op_timeout_s=0.3, read_timeout_s=10.0, retries=0,
+    tier = make_s3(own_seaweed, prefix, op_timeout_s=0.3, read_timeout_s=10.0, retries=0,
                    breaker=quiet, connections=2)               # at most 8 calls in flight
     keys = [p.key for p in [page_of(i) for i in range(8)]]
-    tier.put([page_of(i) for i in range(8)])
+    assert tier.stats()["shed"] == 0
     own_seaweed.pause()                                        # answers, but only later
     try:
         assert tier.get(keys) == {}                            # 8 calls left running
@@ -207,7 +211,7 @@ def test_a_slow_but_answering_s3_trips_the_breaker_and_its_backlog_is_bounded(
     assert len(tier.get(keys)) == 8
     tier.close()
     slow = CircuitBreaker(failure_threshold=2, cooldown_s=30.0, max_cooldown_s=30.0)
-    tier = make_s3(own_seaweed, op_timeout_s=0.3, read_timeout_s=10.0, retries=0,
+    tier = make_s3(own_seaweed, prefix, op_timeout_s=0.3, read_timeout_s=10.0, retries=0,
                    breaker=slow)
     own_seaweed.pause()
     try:
