@@ -22,3 +22,17 @@ def bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[s
     """Run ``sgl-kvext-bench ARGS`` (as ``python -m sgl_kvext_bench.cli``), output captured."""
     return subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+def remote_disk_fake(root: Path, capacity: int, namespace: bytes):  # type: ignore[no-untyped-def]
+    """A disk tier that reports itself remote, as S3 does: a lower tier the scheduler never
+    reads directly (unit tests run without the network S3 needs)."""
+    from sgl_kvext.tiers.base import TierCapabilities
+    from sgl_kvext.tiers.disk import DiskTier
+
+    class RemoteDiskFake(DiskTier):
+        @property
+        def capabilities(self) -> TierCapabilities:
+            return TierCapabilities(persistent=True, shared=True, local=False)
+
+    return RemoteDiskFake(root, capacity, namespace, codec="none")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import remote_disk_fake
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -53,7 +54,8 @@ def kv_of(tokens: list[int], salt: str = "") -> torch.Tensor:
 
 class Harness:
     def __init__(self, root: Path, pool_tokens: int = 256, host_pages: int = 64,
-                 disk: bool = False, policy: str = "best_effort") -> None:
+                 disk: bool = False, policy: str = "best_effort", remote: bool = False
+                 ) -> None:
         self.holds = 0
         self.pool = MHATokenToKVPool(pool_tokens, 1, torch.float32, HEADS, DIM, LAYERS, "cpu",
                                      False)
@@ -62,6 +64,8 @@ class Harness:
         tiers = [HostTier(host_pages * paged.page_nbytes, block_bytes=paged.page_nbytes)]
         if disk:
             tiers.append(DiskTier(root / "disk", 1 << 30, bytes(32)))
+        if remote:                  # read only through prefetches into the host tier
+            tiers.append(remote_disk_fake(root / "remote", 1 << 30, bytes(32)))
         self.tiering = KVTiering(paged, TierChain(tiers),
                                  ModelIdentity("cfg", "w", "float32", T, "test"),
                                  prefetch_policy=policy)
@@ -182,8 +186,26 @@ def test_missing_page_makes_the_load_recompute(harness: Harness) -> None:
     assert harness.tiering.counters["failed_loads"] == 1
 
 
-def test_disk_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
+def test_disk_pages_load_straight_into_the_pool(tmp_path: Path) -> None:
     h = Harness(tmp_path, host_pages=8, disk=True)
+    a, b = seq(1000, 64), seq(5000, 64)
+    for tokens in (a, b):                            # b's 8 pages push a's down to disk
+        h.insert(tokens)
+        h.tree.evict(EvictParams(num_tokens=1000))
+    h.tiering.chain.flush()
+    keys = h.tiering.keys_for(DEFAULT_TENANT, a)
+    assert h.tiering.chain.lookup(keys).tiers == (1,) * 8
+    h.tiering.cost.prefill_tps = 10.0                # recomputing is slow: reading disk pays
+    assert h.fetch(a, rid="q1") == 64 and h.holds == 0
+    assert h.tiering.counters["streamed_pages"] == 8
+    assert h.tiering.chain.lookup(keys).tiers == (1,) * 8     # the host tier was not needed
+    torch.testing.assert_close(h.device_kv(a), kv_of(a), rtol=0, atol=0)
+    h.check_accounting()
+    h.close()
+
+
+def test_remote_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
+    h = Harness(tmp_path, host_pages=8, remote=True)
     a, b = seq(1000, 64), seq(5000, 64)
     for tokens in (a, b):                            # b's 8 pages push a's down to disk
         h.insert(tokens)
@@ -202,7 +224,7 @@ def test_disk_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("policy", ["timeout", "wait_complete"])
 def test_held_request_waits_for_its_prefetch(tmp_path: Path, policy: str) -> None:
-    h = Harness(tmp_path, host_pages=8, disk=True, policy=policy)
+    h = Harness(tmp_path, host_pages=8, remote=True, policy=policy)
     a, b = seq(1000, 64), seq(5000, 64)
     for tokens in (a, b):
         h.insert(tokens)
@@ -217,7 +239,7 @@ def test_held_request_waits_for_its_prefetch(tmp_path: Path, policy: str) -> Non
 
 
 def test_timeout_policy_does_not_wait_when_recompute_is_faster(tmp_path: Path) -> None:
-    h = Harness(tmp_path, host_pages=8, disk=True, policy="timeout")
+    h = Harness(tmp_path, host_pages=8, remote=True, policy="timeout")
     a, b = seq(1000, 64), seq(5000, 64)
     for tokens in (a, b):
         h.insert(tokens)

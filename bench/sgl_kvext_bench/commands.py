@@ -50,7 +50,8 @@ def multiturn(args: argparse.Namespace) -> int:
     if hit:
         extra.append(f"4k prefix: device hit {hit['ttft_device_s']:.3f}s, host hit "
                      f"{hit['ttft_host_s']:.3f}s ({hit['host_over_device']:.2f}x), cold "
-                     f"{hit['ttft_cold_s']:.3f}s")
+                     f"{hit['ttft_cold_s']:.3f}s; cached tokens {hit['device_cached_tokens']} "
+                     f"/ {hit['host_cached_tokens']} ({hit['host_tier_tokens']} from the tier)")
     rows = [{k: v for k, v in r.items() if k != "itl_s"} for c in results["configs"]
             for r in c["requests"]]
     return finish(args, results, table, rows, "multiturn", extra)

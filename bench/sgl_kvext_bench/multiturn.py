@@ -178,7 +178,8 @@ def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int,
         host = stream_generate(server.url, context + "Question three?", answer_tokens)
     return {"prompt_tokens": host.prompt_tokens, "ttft_cold_s": cold.ttft_s,
             "ttft_device_s": device.ttft_s, "device_cached_tokens": device.cached_tokens,
-            "ttft_host_s": host.ttft_s, "host_cached_tokens": host.host_cached_tokens,
+            "ttft_host_s": host.ttft_s, "host_cached_tokens": host.cached_tokens,
+            "host_tier_tokens": host.host_cached_tokens,
             "host_over_device": host.ttft_s / device.ttft_s}
 
 

@@ -4,15 +4,17 @@ The tree calls this module and knows nothing of tiers; the tiers know nothing of
 
 - :meth:`KVTiering.spill` stores the full tier pages of a token path (e.g. an evicted node and
   the partial page it shares with its parent) under their chained page keys.
-- :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the fastest
-  tier holds now, and asks the :class:`Prefetcher` to bring the rest up from slower tiers
-  in the background.
+- :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the local
+  tiers hold now (host memory, then disk: a page on disk is read straight into the pool when
+  that is expected to beat recomputing it, so a load never needs the host tier to hold it),
+  and asks the :class:`Prefetcher` to bring the rest up from remote tiers in the background.
 - :meth:`KVTiering.admit` is the tree's one question per waiting request and scheduling
   pass: load this run now (:class:`LoadPlan`), keep waiting for a running prefetch
   (:class:`Hold`, within the prefetch policy's budget), or nothing to load (:class:`Miss`).
   A request's page keys are hashed once, not on every pass, and only after its device
   prefix: the chain key where a tree node's path ends is remembered under the node's id.
-- :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots; any page
+- :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots, each page
+  from the tier the plan found it in (or another local tier, if it moved since); any page
   that has gone missing makes the whole load fail (the caller recomputes).
 """
 
@@ -46,6 +48,10 @@ _STAGING_BYTES = 64 << 20
 _KEY_CACHE = 4096
 #: Prefixes (tree nodes) whose chain key is remembered.
 _ANCHORS = 1 << 16
+#: Most expected time one load spends reading lower local tiers (disk) on the scheduler
+#: thread; pages past it are prefetched in the background instead, so one request's cached
+#: prompt never stalls the others' decoding for long.
+DIRECT_READ_S = 0.25
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
@@ -53,12 +59,18 @@ PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
-    """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new."""
+    """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new.
+    ``tiers[i]`` is the chain index of the local tier ``keys[i]`` was found in."""
 
     keys: tuple[bytes, ...]
     first_page: int
     start: int
     end: int
+    tiers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.tiers) != len(self.keys):
+            raise ValueError(f"{len(self.tiers)} tiers for {len(self.keys)} pages")
 
     @property
     def tokens(self) -> int:
@@ -147,13 +159,17 @@ class KVTiering:
         # Keys stored and not seen lost since: spilling them again is skipped.
         self._known = RecentKeys(_KNOWN_KEYS)
         chain.on_loss(self._known.discard)
+        # Tiers a load may read from on the scheduler thread: tier 0, then local lower ones.
+        self._local = [0] + [i for i, tier in enumerate(chain.tiers)
+                             if i and tier.capabilities.local]
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._deadlines: dict[Hashable, float] = {}
         self._key_cache: OrderedDict[Hashable, _RequestKeys] = OrderedDict()
         self._anchors: OrderedDict[Hashable, _Anchor] = OrderedDict()
         self._tails = TailLengths(_ANCHORS)
         self._lock = threading.Lock()
-        self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0}
+        self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0,
+                         "streamed_pages": 0}
 
     def keys_for(self, tenant: Tenant, tokens: Sequence[int]) -> list[bytes]:
         """Page keys of ``tokens`` (a path from the root) for ``tenant``."""
@@ -265,19 +281,19 @@ class KVTiering:
     def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
              prefetch_id: Hashable | None = None,
              prefix: Iterable[tuple[Hashable, int]] = (), align: int = 1) -> LoadPlan | Miss:
-        """The loadable run after ``device_len`` tokens, from tier 0 only (no waiting): full
-        pages, then the partial page a spilled path ended with, if tier 0 holds one for these
-        exact tokens (ending on an ``align`` boundary).
+        """The loadable run after ``device_len`` tokens, from the local tiers (no waiting):
+        full pages (:meth:`_run_tiers`), then the partial page a spilled path ended with, if a
+        local tier holds one for these exact tokens (ending on an ``align`` boundary).
 
-        Pages missing from tier 0 are prefetched under ``prefetch_id`` (when given), so a
-        later call finds them. ``prefix``: the device match's nodes, deepest first (see
+        Pages after the run are prefetched under ``prefetch_id`` (when given), so a later call
+        finds them. ``prefix``: the device match's nodes, deepest first (see
         :meth:`_keys_from`).
         """
         first = device_len // self.tokens
         chain = self._request_keys(tenant, tokens, first, prefetch_id, prefix)
         rest = chain.keys
-        held = self.chain.tiers[0].exists(rest) if rest else []
-        run = next((i for i, h in enumerate(held) if not h), len(rest))
+        tiers = self._run_tiers(rest, first * self.tokens - device_len)
+        run = len(tiers)
         if run < len(rest) and len(self.chain.tiers) == 1:
             self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
         if run < len(rest) and prefetch_id is not None and len(self.chain.tiers) > 1:
@@ -288,12 +304,47 @@ class KVTiering:
         for n in self._tails.lengths(after):            # longest first
             if at + n <= len(tokens) and at + n > device_len and (at + n) % align == 0:
                 key = tail_key(after, np.asarray(tokens[at:at + n], dtype=np.int64))
-                if self.chain.tiers[0].exists([key])[0]:
-                    keys, end = (*keys, key), at + n
+                holder = self._holders(key)
+                if holder:
+                    keys, tiers, end = (*keys, key), [*tiers, holder[0]], at + n
                     break
         if end <= device_len:
             return MISS
-        return LoadPlan(keys, first, device_len, end)
+        return LoadPlan(keys, first, device_len, end, tuple(tiers))
+
+    def _holders(self, key: bytes) -> list[int]:
+        """The local tiers holding ``key``, fastest first (a hint: it may move)."""
+        return [i for i in self._local if self.chain.tiers[i].exists([key])[0]]
+
+    def _run_tiers(self, keys: Sequence[bytes], skipped: int) -> list[int]:
+        """The tier to read each page of the leading run of ``keys`` that the local tiers hold
+        (the fastest holding it). Cut before its first page from a lower tier when reading
+        those pages is not expected to beat recomputing the tokens from there (``skipped``:
+        tokens of the first page that are on the device already, a negative count), and
+        where reading lower tiers would take more than :data:`DIRECT_READ_S`."""
+        if not keys:
+            return []
+        held = self.chain.tiers[0].exists(keys)
+        tiers: list[int] = []
+        spent = 0.0
+        for key, here in zip(keys, held, strict=True):
+            holder = [0] if here else self._holders(key)[:1]
+            if not holder:
+                break
+            if holder[0]:
+                spent += self.cost.load_s(self.pool.page_nbytes, holder[0])
+                if spent > DIRECT_READ_S:
+                    break
+            tiers.append(holder[0])
+        lower = next((i for i, t in enumerate(tiers) if t), len(tiers))
+        if lower < len(tiers):
+            page_bytes = self.pool.page_nbytes
+            load_s = sum(self.cost.load_s(page_bytes * tiers.count(t), t)
+                         for t in set(tiers[lower:]) - {0})
+            if load_s >= self.cost.recompute_s((len(tiers) - lower) * self.tokens
+                                               + (skipped if lower == 0 else 0)):
+                del tiers[lower:]
+        return tiers
 
     def admit(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
               request_id: Hashable, align: int = 1,
@@ -347,7 +398,7 @@ class KVTiering:
         for lo_page in range(0, len(plan.keys), staging.shape[0]):
             keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
             views = [staging[i].numpy().data for i in range(len(keys))]
-            read = self.chain.tiers[0].read_into(keys, views)
+            read = self._read_into(keys, plan.tiers[lo_page:lo_page + len(keys)], views)
             if not all(read):
                 self._known.discard(k for k, ok in zip(keys, read, strict=True) if not ok)
                 with self._lock:
@@ -365,6 +416,34 @@ class KVTiering:
         with self._lock:
             self.counters["loaded_pages"] += len(plan.keys)
         return True
+
+    def _read_into(self, keys: list[bytes], tiers: Sequence[int],
+                   views: list[memoryview]) -> list[bool]:
+        """Read each page from its planned tier, then look for the ones that moved since in
+        every local tier. Lower-tier reads feed the cost model's speed for that tier."""
+        read = [False] * len(keys)
+        planned = [(t, [i for i, at in enumerate(tiers) if at == t]) for t in sorted(set(tiers))]
+        for tier, todo in planned:
+            self._read_from(tier, todo, keys, views, read)
+        for tier in self._local:
+            self._read_from(tier, [i for i, ok in enumerate(read) if not ok], keys, views, read)
+        return read
+
+    def _read_from(self, tier: int, todo: list[int], keys: list[bytes],
+                   views: list[memoryview], read: list[bool]) -> None:
+        """Pages ``todo`` (indices into ``keys``) from ``tier``; marks ``read``."""
+        if not todo:
+            return
+        started = time.perf_counter()
+        got = self.chain.tiers[tier].read_into([keys[i] for i in todo], [views[i] for i in todo])
+        done = sum(got)
+        if tier and done:
+            self.cost.observe_load(tier, done * self.pool.page_nbytes,
+                                   time.perf_counter() - started)
+            with self._lock:
+                self.counters["streamed_pages"] += done
+        for i, ok in zip(todo, got, strict=True):
+            read[i] = ok
 
     def _staging_buffer(self) -> torch.Tensor:
         """The reused (pages, page_nbytes) load buffer: fresh memory costs page faults per load.

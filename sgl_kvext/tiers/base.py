@@ -20,6 +20,9 @@ class TierCapabilities:
 
     persistent: bool  # contents survive a process restart
     shared: bool      # other processes / server instances see the same contents
+    #: Reads touch only this machine's memory or files (no network), so the scheduler may
+    #: read a page straight into the device pool instead of waiting for a prefetch.
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)

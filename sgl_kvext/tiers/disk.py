@@ -80,7 +80,7 @@ class DiskTier(Tier):
     # ------------------------------------------------------------- interface
     @property
     def capabilities(self) -> TierCapabilities:
-        return TierCapabilities(persistent=True, shared=True)
+        return TierCapabilities(persistent=True, shared=True, local=True)
 
     @property
     def capacity_bytes(self) -> int:

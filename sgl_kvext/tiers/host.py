@@ -100,7 +100,7 @@ class HostTier(Tier):
 
     @property
     def capabilities(self) -> TierCapabilities:
-        return TierCapabilities(persistent=False, shared=False)
+        return TierCapabilities(persistent=False, shared=False, local=True)
 
     @property
     def capacity_bytes(self) -> int:

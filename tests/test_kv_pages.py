@@ -1,0 +1,33 @@
+"""PagedKV.scatter_tokens writes exactly the tokens asked for, into contiguous or scattered
+slots, from any token of the first page on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgl_kvext.pages.kv_pages import PagedKV
+
+T, LAYERS, HEADS, DIM, SLOTS = 4, 3, 2, 5, 64
+
+
+def _pool() -> PagedKV:
+    k = [torch.zeros(SLOTS, HEADS, DIM) for _ in range(LAYERS)]
+    v = [torch.zeros(SLOTS, HEADS, DIM) for _ in range(LAYERS)]
+    return PagedKV(k, v, T)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize(("skip", "n"), [(0, 12), (0, 10), (1, 3), (3, 9), (2, 1), (1, 11)])
+def test_scatter_writes_each_token_to_its_slot(contiguous: bool, skip: int, n: int) -> None:
+    pool = _pool()
+    pages = torch.randn(3, 2, LAYERS, T, HEADS, DIM, generator=torch.Generator().manual_seed(n))
+    slots = torch.arange(20, 20 + n) if contiguous else torch.randperm(SLOTS)[:n]
+    pool.scatter_tokens(slots, pages, skip=skip)
+    flat = pages.permute(1, 2, 0, 3, 4, 5).reshape(2, LAYERS, 3 * T, HEADS, DIM)
+    for side, buffers in enumerate((pool.k, pool.v)):
+        for layer, buf in enumerate(buffers):
+            assert torch.equal(buf[slots], flat[side, layer, skip:skip + n])
+            untouched = torch.ones(SLOTS, dtype=torch.bool)
+            untouched[slots] = False
+            assert not buf[untouched].any()

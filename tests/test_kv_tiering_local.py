@@ -1,0 +1,112 @@
+"""A load reads from every local tier: pages the host tier has lost to disk come back from
+disk straight into the pool (the host tier never has to hold the batch), when that is
+expected to beat recomputing them; remote tiers are only prefetched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import remote_disk_fake
+
+from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
+from sgl_kvext.pages.keys import ModelIdentity
+from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.tiering import DIRECT_READ_S, MISS, KVTiering, LoadPlan
+from sgl_kvext.tiers.chain import TierChain
+from sgl_kvext.tiers.disk import DiskTier
+from sgl_kvext.tiers.host import HostTier
+
+T, LAYERS, HEADS, DIM, SLOTS = 4, 2, 2, 4, 256
+IDENTITY = ModelIdentity("cfg", "weights", "float32", T, "mha:layers=2,kv_heads=2,head_dim=4")
+BLOCK = 1024                       # a host block holds one 512-byte page
+NS = bytes(range(32))
+PATH = list(range(1000, 1040))     # 10 pages
+
+
+def _tiering(lower: DiskTier, host_pages: int = 4) -> KVTiering:
+    gen = torch.Generator().manual_seed(0)
+    k = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
+    v = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
+    chain = TierChain([HostTier(host_pages * BLOCK, block_bytes=BLOCK), lower])
+    tiering = KVTiering(PagedKV(k, v, T), chain, IDENTITY, prefetch_threads=1)
+    tiering.cost.prefill_tps = 1.0           # recomputing is slow: reading disk wins
+    return tiering
+
+
+def _kv(t: KVTiering, slots: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.stack([buf[slots] for buf in side]) for side in (t.pool.k,
+                                                                             t.pool.v)])
+
+
+@pytest.fixture
+def spilled(tmp_path: Path) -> Iterator[KVTiering]:
+    """10 pages spilled through a 4-page host tier: 6 of them were demoted to disk."""
+    tiering = _tiering(DiskTier(tmp_path / "disk", 1 << 20, NS, codec="none"))
+    assert tiering.spill(T0, PATH, torch.arange(40), 0) == 10
+    assert tiering.chain.flush(10.0)
+    yield tiering
+    tiering.close()
+
+
+@pytest.mark.parametrize("device_len", [0, 6])
+def test_pages_on_disk_load_straight_into_the_pool(spilled: KVTiering, device_len: int) -> None:
+    host_before = spilled.chain.tiers[0].used_bytes
+    plan = spilled.plan(T0, PATH, device_len)
+    assert isinstance(plan, LoadPlan) and (plan.start, plan.end) == (device_len, 40)
+    from_disk = plan.tiers.count(1)
+    assert from_disk >= 6 - device_len // T and set(plan.tiers) == {0, 1}
+    slots = torch.arange(100, 100 + plan.tokens)
+    assert spilled.load(plan, slots)
+    assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(device_len, 40)))
+    assert spilled.counters["streamed_pages"] == from_disk
+    assert spilled.chain.tiers[0].used_bytes == host_before     # nothing promoted on the way
+    assert spilled.cost.samples["load"] >= 1                    # disk speed measured
+
+
+def test_disk_is_not_read_when_recomputing_is_faster(spilled: KVTiering) -> None:
+    plan = spilled.plan(T0, PATH, 0)
+    assert isinstance(plan, LoadPlan) and plan.tiers[:6] == (1,) * 6   # the oldest went down
+    spilled.cost.prefill_tps = 1e12
+    assert spilled.plan(T0, PATH, 0, prefetch_id="r") == MISS
+    assert spilled.prefetcher.counters["started"] == 1           # brought up instead
+
+
+def test_one_load_reads_disk_for_a_bounded_time_and_prefetches_the_rest(
+        spilled: KVTiering) -> None:
+    spilled.cost.tier_bps[1] = spilled.pool.page_nbytes / (DIRECT_READ_S / 2.5)
+    plan = spilled.plan(T0, PATH, 0, prefetch_id="r")          # 0.4 of the budget a page
+    assert isinstance(plan, LoadPlan) and plan.tiers == (1, 1) and plan.end == 2 * T
+    assert spilled.prefetcher.counters["started"] == 1
+
+
+def test_a_page_that_moved_between_plan_and_load_is_found_in_its_new_tier(
+        spilled: KVTiering) -> None:
+    plan = spilled.plan(T0, PATH, 0)
+    assert isinstance(plan, LoadPlan)
+    host, disk = spilled.chain.tiers
+    on_disk = plan.keys[plan.tiers.index(1)]
+    on_host = plan.keys[plan.tiers.index(0)]
+    disk.put([*host.get([on_host]).values()])          # demoted meanwhile
+    host.delete([on_host])
+    host.put([*disk.get([on_disk]).values()])          # promoted by a prefetch meanwhile
+    disk.delete([on_disk])
+    slots = torch.arange(100, 140)
+    assert spilled.load(plan, slots)
+    assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(40)))
+    disk.delete([on_host])                             # now gone from every tier: a miss
+    assert not spilled.load(plan, slots)
+
+
+def test_a_remote_tier_is_prefetched_never_read_on_the_scheduler(tmp_path: Path) -> None:
+    tiering = _tiering(remote_disk_fake(tmp_path / "remote", 1 << 20, NS))
+    try:
+        tiering.spill(T0, PATH, torch.arange(40), 0)
+        assert tiering.chain.flush(10.0)
+        plan = tiering.plan(T0, PATH, 0, prefetch_id="r")
+        assert not isinstance(plan, LoadPlan) or set(plan.tiers) == {0}
+        assert tiering.prefetcher.counters["started"] == 1
+    finally:
+        tiering.close()
