@@ -17,7 +17,7 @@ def test_tier_bench_writes_every_field(tmp_path: Path, model_path: Path) -> None
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    for tier in ("host", "disk", "disk_keyed", "s3"):
+    for tier in ("host", "disk", "disk_keyed", "disk_encrypted", "s3"):
         for field in ("put_gbps", "get_gbps", "limit_put_gbps", "limit_get_gbps"):
             assert data[tier][field] > 0
     assert data["codec"]["ratio"] > 1.0

@@ -165,11 +165,11 @@ def test_wrong_key_or_namespace_is_refused() -> None:
 
 
 def test_a_deployment_key_refuses_objects_made_without_it() -> None:
-    from sgl_kvext.tiers.objects import Integrity
+    from sgl_kvext.tiers.objects import Protection
 
-    ours = Integrity.from_secret(b"s" * 32)
-    theirs = Integrity.from_secret(b"t" * 32)
-    blob = encode_object(PAGE, NS, "zstd", integrity=ours).join()
+    ours = Protection.tagged(b"s" * 32)
+    theirs = Protection.tagged(b"t" * 32)
+    blob = encode_object(PAGE, NS, "zstd", protection=ours).join()
     assert bytes(decode_object(blob, NS, PAGE.key, ours).data) == PAGE.data
     for reader in (theirs, PLAIN):                  # another key, or none
         with pytest.raises(CorruptObject, match="checksum"):
@@ -178,7 +178,37 @@ def test_a_deployment_key_refuses_objects_made_without_it() -> None:
     with pytest.raises(CorruptObject, match="object key"):
         decode_object(forged, NS, PAGE.key, ours)
     with pytest.raises(ValueError, match="16"):
-        Integrity.from_secret(b"short")
+        Protection.tagged(b"short")
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_an_encrypted_object_hides_its_kv_and_refuses_every_change(codec: str) -> None:
+    from sgl_kvext.tiers.objects import PREFIX_BYTES, Protection
+
+    ours, theirs = Protection.encrypted(b"s" * 32), Protection.encrypted(b"t" * 32)
+    raw = bytes(PAGE.data)
+    blob = encode_object(PAGE, NS, codec, protection=ours).join()
+    assert bytes(decode_object(blob, NS, PAGE.key, ours).data) == raw
+    assert raw[:64] not in blob and raw[-64:] not in blob        # the KV is not readable
+    assert blob != encode_object(PAGE, NS, codec, protection=ours).join()   # fresh nonce
+    meta_len = int.from_bytes(blob[8:12], "little")
+    for at in (4 + 2 + 2 + 4 + 8,                       # the tag
+               PREFIX_BYTES + meta_len - 3,             # the meta (authenticated, in clear)
+               PREFIX_BYTES + meta_len + 5, len(blob) - 1):   # the ciphertext
+        bad = bytearray(blob)
+        bad[at] ^= 0x01
+        with pytest.raises(CorruptObject):
+            decode_object(bytes(bad), NS, PAGE.key, ours)
+    with pytest.raises(CorruptObject, match="another deployment"):
+        decode_object(blob, NS, PAGE.key, theirs)
+    for reader in (PLAIN, Protection.tagged(b"s" * 32)):     # no encryption key here
+        with pytest.raises(CorruptObject, match="has no encryption key"):
+            decode_object(blob, NS, PAGE.key, reader)
+    plain = encode_object(PAGE, NS, codec).join()            # all a forger without the key
+    with pytest.raises(CorruptObject, match="not encrypted"):   # can make
+        decode_object(plain, NS, PAGE.key, ours)
+    with pytest.raises(ValueError, match="not both"):
+        Protection(tag_key=b"k" * 32, cipher_key=b"c" * 32)
 
 
 def test_weights_digest_sees_a_change_in_the_middle_of_a_weight_file(tmp_path: Path) -> None:

@@ -68,3 +68,25 @@ def test_an_object_key_file_makes_the_tiers_refuse_objects_made_without_it(
     short.chmod(0o600)
     with pytest.raises(ConfigError, match="at least 16"):
         TierConfig(object_key_file=short)
+
+
+def test_an_encryption_key_file_makes_the_disk_tier_store_ciphertext(tmp_path: Path) -> None:
+    from sgl_kvext.config.settings import ConfigError
+    from sgl_kvext.tiers.factory import build_tiers
+    from sgl_kvext.tiers.objects import KVPage
+
+    key = tmp_path / "encryption.key"
+    key.write_bytes(b"e" * 32)
+    key.chmod(0o600)
+    page = KVPage(bytes(range(32)), bytes(range(256)) * 16, "uint8", (4096,))
+    config = TierConfig(host_size=0, disk_dir=tmp_path / "d", codec="none",
+                        encryption_key_file=key)
+    sealed = build_tiers(config, NS)[0]
+    sealed.put([page])
+    stored = [p.read_bytes() for p in (tmp_path / "d").rglob("*.kvx")]
+    assert len(stored) == 1 and bytes(range(256)) not in stored[0]   # no KV in the clear
+    assert bytes(sealed.get([page.key])[page.key].data) == page.data
+    plain = build_tiers(TierConfig(host_size=0, disk_dir=tmp_path / "d"), NS)[0]
+    assert plain.get([page.key]) == {}             # a reader without the key: a miss
+    with pytest.raises(ConfigError, match="one of the two"):
+        TierConfig(object_key_file=key, encryption_key_file=key)

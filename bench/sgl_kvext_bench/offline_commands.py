@@ -61,7 +61,7 @@ def tiers(args: argparse.Namespace) -> int:
     results = run_tier_bench(object_bytes=int(args.object_mib * (1 << 20)), objects=args.objects,
                              repeats=args.repeats, work_dir=args.work_dir,
                              s3_endpoint=args.s3_endpoint, skip=set(args.skip))
-    names = [n for n in ("host", "disk", "disk_keyed", "s3") if results.get(n)]
+    names = [n for n in ("host", "disk", "disk_keyed", "disk_encrypted", "s3") if results.get(n)]
     rows = [{"tier": n, **{k: v for k, v in results[n].items() if isinstance(v, int | float)}}
             for n in names]
     table = markdown(["tier", "put GB/s", "limit", "ratio", "get GB/s", "limit", "ratio"],

@@ -3,7 +3,8 @@
 - host: ``HostTier`` put / get vs a single-thread ``memcpy`` (numpy copy) of the same bytes;
 - disk: ``DiskTier`` (codec ``none``) write / cold read vs raw ``pwrite + fsync`` /
   ``preadv`` of files of the same sizes (page cache dropped with ``posix_fadvise`` before
-  every cold read); ``disk_keyed`` the same with a deployment key (keyed BLAKE2b tags);
+  every cold read); ``disk_keyed`` the same with a deployment key (keyed BLAKE2b tags),
+  ``disk_encrypted`` with an encryption key (AES-256-GCM);
 - s3: ``S3Tier`` (codec ``none``) put / get vs raw boto3 ``put_object`` / ``get_object`` of
   the same bytes at the same parallelism, against the same SeaweedFS on loopback;
 - codec: zstd level 1 with byte shuffle on real SmolLM2 bf16 KV (ratio, MB/s).
@@ -27,7 +28,7 @@ import numpy as np
 
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier
-from sgl_kvext.tiers.objects import PLAIN, Integrity, KVPage
+from sgl_kvext.tiers.objects import PLAIN, KVPage, Protection
 from sgl_kvext.tiers.s3 import S3Tier
 
 TARGET = 0.8
@@ -95,13 +96,13 @@ def _drop_cache(paths: list[Path]) -> None:
 
 
 def bench_disk(pages: list[KVPage], repeats: int, root: Path,
-               integrity: Integrity = PLAIN) -> dict[str, Any]:
+               protection: Protection = PLAIN) -> dict[str, Any]:
     total = sum(p.nbytes for p in pages)
     raw_dir = root / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw_paths = [raw_dir / f"{i}.bin" for i in range(len(pages))]
     tier = DiskTier(root / "tier", 4 * total + (64 << 20), bytes(32), codec="none", io="posix",
-                    integrity=integrity)
+                    protection=protection)
     keys = [p.key for p in pages]
     tier_paths = [tier._path(k) for k in keys]
     writer = ThreadPoolExecutor(4)
@@ -229,7 +230,10 @@ def run_tier_bench(object_bytes: int, objects: int, repeats: int, work_dir: Path
             out["disk"] = bench_disk(pages, repeats, root / "disk")
             # With a deployment key: keyed BLAKE2b tags in place of xxh3 (same raw limit).
             out["disk_keyed"] = bench_disk(pages, repeats, root / "disk-keyed",
-                                           Integrity.from_secret(b"bench-object-key" * 2))
+                                           Protection.tagged(b"bench-object-key" * 2))
+            # With an encryption key: AES-256-GCM objects (same raw limit).
+            out["disk_encrypted"] = bench_disk(pages, repeats, root / "disk-encrypted",
+                                               Protection.encrypted(b"bench-cipher-key" * 2))
         if "s3" not in skip:
             if s3_endpoint:
                 out["s3"] = bench_s3(pages, repeats, s3_endpoint, {})

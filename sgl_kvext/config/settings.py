@@ -129,6 +129,14 @@ class TierConfig:
                                         "memory carry a keyed BLAKE2b tag, and one without a "
                                         "valid tag is a miss (unset: xxh3 checksums).",
                                         parse_optional_path)
+    encryption_key_file: Path | None = _opt(None, "--kvext-encryption-key-file",
+                                            "File holding this deployment's secret (>= 16 "
+                                            "bytes, readable by its owner only): objects "
+                                            "below host memory are encrypted with "
+                                            "AES-256-GCM, and one that fails to authenticate "
+                                            "is a miss (unset: not encrypted). Not with "
+                                            "--kvext-object-key-file.",
+                                            parse_optional_path)
     prefetch_policy: str = _opt("timeout", "--kvext-prefetch-policy",
                                 "How long a queued request waits for its pages to come up from "
                                 "disk / S3: best_effort never waits, wait_complete waits (up to "
@@ -147,10 +155,14 @@ class TierConfig:
             problem = check_s3_url(self.s3_url)
             if problem:
                 _fail(self, "tiers", "s3_url", problem)
-        if self.object_key_file is not None:
-            problem = check_key_file(self.object_key_file)
+        for name in ("object_key_file", "encryption_key_file"):
+            path = getattr(self, name)
+            problem = check_key_file(path) if path is not None else None
             if problem:
-                _fail(self, "tiers", "object_key_file", problem)
+                _fail(self, "tiers", name, problem)
+        if self.object_key_file is not None and self.encryption_key_file is not None:
+            _fail(self, "tiers", "encryption_key_file", "cannot be set with object_key_file "
+                  "(encrypted objects are authenticated already); allowed: one of the two")
         if not 0 < self.s3_timeout_s <= 600:
             _fail(self, "tiers", "s3_timeout_s", "must be in (0, 600] seconds")
         if self.s3_endpoint is not None:

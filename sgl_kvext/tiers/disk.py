@@ -28,8 +28,8 @@ from sgl_kvext.tiers.objects import (
     PLAIN,
     PREFIX_BYTES,
     CorruptObject,
-    Integrity,
     KVPage,
+    Protection,
     decode_object,
     encode_object,
     read_header,
@@ -62,9 +62,9 @@ class DiskTier(Tier):
 
     def __init__(self, root: Path, capacity_bytes: int, namespace: bytes, codec: str = "zstd",
                  level: int = 1, io: str = "auto", threads: int = 4,
-                 integrity: Integrity = PLAIN) -> None:
+                 protection: Protection = PLAIN) -> None:
         self.root, self.namespace, self.codec, self.level = Path(root), namespace, codec, level
-        self.integrity = integrity
+        self.protection = protection
         self._io = make_io(io)
         self._ledger = DiskLedger(self.root, capacity_bytes)
         self._dir = self._ledger.objects / namespace.hex()[:32]
@@ -129,7 +129,7 @@ class DiskTier(Tier):
             self._quarantine_file(path)
             return None
         try:
-            page = decode_object(blob, self.namespace, key, self.integrity)
+            page = decode_object(blob, self.namespace, key, self.protection)
         except CorruptObject:
             self._quarantine_file(path)
             return None
@@ -143,7 +143,7 @@ class DiskTier(Tier):
         final = self._path(page.key)
         if final.is_file():
             return True, []
-        encoded = encode_object(page, self.namespace, self.codec, self.level, self.integrity)
+        encoded = encode_object(page, self.namespace, self.codec, self.level, self.protection)
         size = encoded.nbytes
         demoted: list[KVPage] = []
         if not self._ledger.reserve(size, lambda victim: self._collect(victim, demoted)):
@@ -171,7 +171,7 @@ class DiskTier(Tier):
         key = bytes.fromhex(victim.name.removesuffix(SUFFIX))
         try:
             demoted.append(decode_object(self._io.read(victim), self.namespace, key,
-                                         self.integrity))
+                                         self.protection))
         except (FileNotFoundError, CorruptObject, ValueError):
             pass
 

@@ -13,7 +13,7 @@ from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier
 from sgl_kvext.tiers.metrics import MeteredTier
-from sgl_kvext.tiers.objects import PLAIN, Integrity
+from sgl_kvext.tiers.objects import PLAIN, Protection
 from sgl_kvext.tiers.s3 import S3Tier
 
 
@@ -26,21 +26,24 @@ def build_tiers(config: TierConfig, namespace: bytes,
     so a page is one contiguous copy in and out.
     """
     tiers: list[Tier] = []
-    integrity = PLAIN if config.object_key_file is None else \
-        Integrity.from_secret(config.object_key_file.read_bytes().strip())
+    protection = PLAIN
+    if config.object_key_file is not None:
+        protection = Protection.tagged(config.object_key_file.read_bytes().strip())
+    if config.encryption_key_file is not None:
+        protection = Protection.encrypted(config.encryption_key_file.read_bytes().strip())
     if config.host_size > 0:
         tiers.append(HostTier(config.host_size, config.eviction_policy,
                               **({"block_bytes": page_bytes} if page_bytes else {})))
     if config.disk_dir is not None and config.disk_size > 0:
         tiers.append(DiskTier(config.disk_dir, config.disk_size, namespace, codec=config.codec,
-                              integrity=integrity))
+                              protection=protection))
     if config.s3_url is not None:
         tiers.append(S3Tier(config.s3_url, namespace, endpoint=config.s3_endpoint,
                             region=config.s3_region, credentials=s3_credentials,
                             codec=config.codec, op_timeout_s=config.s3_timeout_s,
                             connect_timeout_s=min(1.0, config.s3_timeout_s),
                             read_timeout_s=min(3.0, config.s3_timeout_s),
-                            integrity=integrity))
+                            protection=protection))
     return [MeteredTier(t) for t in tiers]
 
 

@@ -3,11 +3,15 @@
 Layout (little-endian)::
 
     magic "KVXT" | version u16 | reserved u16 | meta_len u32 | payload_len u64 |
-    checksum 16 B (xxh3-128 over meta + payload) | meta (JSON) | payload (encoded KV)
+    check 16 B | meta (JSON) | payload (encoded KV)
 
-``meta`` records the namespace, key, dtype, shape, codec and raw size. :func:`decode_object`
-checks every field against what the caller asked for, so a flipped, truncated, misplaced or
-foreign object raises :class:`CorruptObject` and is never served as KV.
+``meta`` records the namespace, key, dtype, shape, codec and raw size. The check and the
+payload depend on the deployment's :class:`Protection`: an xxh3-128 checksum over meta and
+payload (plain), a keyed BLAKE2b-128 tag (tagged), or AES-256-GCM (encrypted: the payload is
+ciphertext, the check its authentication tag, the meta, which then also names the cipher and
+nonce, authenticated in the clear). :func:`decode_object` checks every field against what the
+caller asked for, so a flipped, truncated, misplaced, forged or foreign object raises
+:class:`CorruptObject` and is never served as KV.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sgl_kvext.tiers.codec import Buffer, CodecError, make_codec
 
@@ -32,6 +39,8 @@ MAX_META_BYTES = 1 << 16
 #: Largest decoded payload accepted (a forged header cannot make a reader allocate more;
 #: a bigger page or fragment is stored but reads as a miss).
 MAX_RAW_BYTES = 1 << 30
+CIPHER = "aes-256-gcm"
+_NONCE_BYTES = 12
 
 
 class CorruptObject(ValueError):
@@ -67,6 +76,8 @@ class ObjectHeader:
     raw_size: int
     payload_len: int
     meta_len: int
+    cipher: str = "none"
+    nonce: bytes = b""
 
     @property
     def total_size(self) -> int:
@@ -83,52 +94,101 @@ class EncodedObject(NamedTuple):
         return b"".join(self.parts)
 
 
-class Integrity:
-    """The 16-byte check over an object's meta and payload: xxh3-128 (catches damage), or,
-    with a deployment key, keyed BLAKE2b-128 (catches forgery too: without the key no object
-    passes). Readers and writers sharing a folder or bucket must use the same key; an object
-    checked the other way is a miss, and quarantined."""
+class Protection:
+    """How this deployment protects stored objects (readers and writers sharing a folder or
+    bucket must agree; an object protected another way is a miss, and quarantined):
 
-    def __init__(self, key: bytes | None = None) -> None:
-        if key is not None and not 16 <= len(key) <= 64:
-            raise ValueError("an object key must be 16 to 64 bytes")
-        self.key = key
+    - plain: an xxh3-128 checksum, which catches damage but not forgery;
+    - tagged (:meth:`tagged`): a keyed BLAKE2b-128 tag, without the key no object passes;
+    - encrypted (:meth:`encrypted`): AES-256-GCM, private and authenticated. Nonces are
+      random (96 bits), so one key should seal at most ~2^32 objects.
+    """
+
+    def __init__(self, tag_key: bytes | None = None, cipher_key: bytes | None = None) -> None:
+        if tag_key is not None and not 16 <= len(tag_key) <= 64:
+            raise ValueError("an object tag key must be 16 to 64 bytes")
+        if cipher_key is not None and len(cipher_key) != 32:
+            raise ValueError("an object cipher key must be 32 bytes")
+        if tag_key is not None and cipher_key is not None:
+            raise ValueError("objects are tagged or encrypted, not both (encryption "
+                             "authenticates too)")
+        self.tag_key = tag_key
+        self._aead = AESGCM(cipher_key) if cipher_key is not None else None
 
     @classmethod
-    def from_secret(cls, secret: bytes) -> Integrity:
-        """Keyed by a deployment secret of any length (>= 16 bytes), e.g. a key file's."""
-        if len(secret) < 16:
-            raise ValueError("an object key secret must be at least 16 bytes")
-        return cls(hashlib.blake2b(secret, digest_size=64, person=b"kvext-objkey-v1").digest())
+    def tagged(cls, secret: bytes) -> Protection:
+        """Tags keyed by a deployment secret of any length (>= 16 bytes), e.g. a key file's."""
+        return cls(tag_key=hashlib.blake2b(_secret(secret), digest_size=64,
+                                           person=b"kvext-objkey-v1").digest())
+
+    @classmethod
+    def encrypted(cls, secret: bytes) -> Protection:
+        """AES-256-GCM under a key derived from a deployment secret (>= 16 bytes)."""
+        return cls(cipher_key=hashlib.blake2b(_secret(secret), digest_size=32,
+                                              person=b"kvext-enckey-v1").digest())
 
     @property
     def keyed(self) -> bool:
-        return self.key is not None
+        """Whether objects made without this deployment's secret are refused."""
+        return self.tag_key is not None or self._aead is not None
+
+    @property
+    def encrypting(self) -> bool:
+        return self._aead is not None
 
     def digest(self, *parts: Buffer) -> bytes:
-        if self.key is None:
+        """The check of an unencrypted object's meta and payload."""
+        if self.tag_key is None:
             h: Any = xxhash.xxh3_128()
         else:
-            h = hashlib.blake2b(key=self.key, digest_size=16, person=b"kvext-obj-v1")
+            h = hashlib.blake2b(key=self.tag_key, digest_size=16, person=b"kvext-obj-v1")
         for part in parts:
             h.update(part)
         return bytes(h.digest())
 
+    def seal(self, nonce: bytes, payload: Buffer, meta: bytes) -> tuple[memoryview, bytes]:
+        """(ciphertext, tag) of ``payload``, ``meta`` authenticated with it."""
+        assert self._aead is not None
+        sealed = self._aead.encrypt(nonce, payload, meta)
+        return memoryview(sealed)[:-16], sealed[-16:]
+
+    def open(self, nonce: bytes, ciphertext: Buffer, tag: bytes, meta: Buffer) -> bytes:
+        """The payload; CorruptObject when anything was changed or another key sealed it."""
+        assert self._aead is not None
+        try:
+            return self._aead.decrypt(nonce, bytes(ciphertext) + tag, bytes(meta))
+        except InvalidTag:
+            raise CorruptObject("authentication failed (damaged, forged, or sealed with "
+                                "another deployment's encryption key)") from None
+
+
+def _secret(secret: bytes) -> bytes:
+    if len(secret) < 16:
+        raise ValueError("an object key secret must be at least 16 bytes")
+    return secret
+
 
 #: Unkeyed: damage is caught, forgery is not.
-PLAIN = Integrity()
+PLAIN = Protection()
 
 
 def encode_object(page: KVPage, namespace: bytes, codec: str, level: int = 1,
-                  integrity: Integrity = PLAIN) -> EncodedObject:
+                  protection: Protection = PLAIN) -> EncodedObject:
     """Serialize ``page`` with codec ``codec`` (shuffle width = the dtype's element size)."""
     width = element_size(page.dtype)
     payload = make_codec(codec, level, width).encode(page.data)
-    meta = json.dumps({"namespace": namespace.hex(), "key": page.key.hex(), "dtype": page.dtype,
-                       "shape": list(page.shape), "codec": codec, "width": width,
-                       "raw_size": page.nbytes}, sort_keys=True).encode()
-    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload),
-                          integrity.digest(meta, payload))
+    fields = {"namespace": namespace.hex(), "key": page.key.hex(), "dtype": page.dtype,
+              "shape": list(page.shape), "codec": codec, "width": width,
+              "raw_size": page.nbytes}
+    if protection.encrypting:
+        nonce = os.urandom(_NONCE_BYTES)
+        meta = json.dumps({**fields, "cipher": CIPHER, "nonce": nonce.hex()},
+                          sort_keys=True).encode()
+        payload, check = protection.seal(nonce, payload, meta)
+    else:
+        meta = json.dumps(fields, sort_keys=True).encode()
+        check = protection.digest(meta, payload)
+    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(meta), len(payload), check)
     return EncodedObject((prefix, meta, payload), len(prefix) + len(meta) + len(payload))
 
 
@@ -150,26 +210,35 @@ def read_header(head: Buffer) -> ObjectHeader:
         meta = json.loads(bytes(head[PREFIX_BYTES:PREFIX_BYTES + meta_len]))
         return ObjectHeader(str(meta["namespace"]), str(meta["key"]), str(meta["dtype"]),
                             tuple(int(d) for d in meta["shape"]), str(meta["codec"]),
-                            int(meta["width"]), int(meta["raw_size"]), payload_len, meta_len)
+                            int(meta["width"]), int(meta["raw_size"]), payload_len, meta_len,
+                            str(meta.get("cipher", "none")),
+                            bytes.fromhex(str(meta.get("nonce", ""))))
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptObject(f"unreadable meta ({type(exc).__name__})") from None
 
 
 def decode_object(blob: Buffer, namespace: bytes, key: bytes,
-                  integrity: Integrity = PLAIN) -> KVPage:
+                  protection: Protection = PLAIN) -> KVPage:
     """Verify ``blob`` completely and return its page; raise CorruptObject on any mismatch
-    (with a keyed ``integrity``, also on any object not made with that key).
+    (with a keyed ``protection``, also on any object not made with that key).
 
     The page's data may be a view into ``blob`` (codec ``none``).
     """
     header = read_header(blob)
     if len(blob) != header.total_size:
         raise CorruptObject(f"object is {len(blob)} bytes, header says {header.total_size}")
-    _, _, _, _, _, checksum = _PREFIX.unpack_from(blob)
+    _, _, _, _, _, check = _PREFIX.unpack_from(blob)
     body = memoryview(blob)[PREFIX_BYTES:]
-    if not hmac.compare_digest(integrity.digest(body), checksum):
+    payload: Buffer = body[header.meta_len:]
+    if protection.encrypting:
+        if header.cipher != CIPHER or len(header.nonce) != _NONCE_BYTES:
+            raise CorruptObject("object is not encrypted with this deployment's cipher")
+        payload = protection.open(header.nonce, payload, check, body[:header.meta_len])
+    elif header.cipher != "none":
+        raise CorruptObject("object is encrypted; this deployment has no encryption key")
+    elif not hmac.compare_digest(protection.digest(body), check):
         raise CorruptObject("checksum mismatch" + (" (or made without this deployment's "
-                                                   "object key)" if integrity.keyed else ""))
+                                                   "object key)" if protection.keyed else ""))
     if header.namespace != namespace.hex():
         raise CorruptObject("object belongs to another namespace")
     if header.key != key.hex():
@@ -182,7 +251,7 @@ def decode_object(blob: Buffer, namespace: bytes, key: bytes,
                             f"bytes (at most {MAX_RAW_BYTES})")
     try:
         codec = make_codec(header.codec, width=header.width)
-        data = codec.decode(body[header.meta_len:], header.raw_size)
+        data = codec.decode(payload, header.raw_size)
     except (CodecError, ValueError) as exc:
         raise CorruptObject(str(exc)) from None
     return KVPage(key, data, header.dtype, header.shape)

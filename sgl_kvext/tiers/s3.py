@@ -30,8 +30,8 @@ from sgl_kvext.tiers.breaker import CircuitBreaker
 from sgl_kvext.tiers.objects import (
     PLAIN,
     CorruptObject,
-    Integrity,
     KVPage,
+    Protection,
     decode_object,
     encode_object,
 )
@@ -72,8 +72,8 @@ class S3Tier(Tier):
                  connect_timeout_s: float = 1.0, read_timeout_s: float = 3.0,
                  retries: int = 1, op_timeout_s: float = 5.0,
                  multipart_threshold: int = 64 << 20,
-                 breaker: CircuitBreaker | None = None, integrity: Integrity = PLAIN) -> None:
-        self.integrity = integrity
+                 breaker: CircuitBreaker | None = None, protection: Protection = PLAIN) -> None:
+        self.protection = protection
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ValueError(f"S3 url must look like s3://bucket[/prefix], got {url!r}")
@@ -204,7 +204,7 @@ class S3Tier(Tier):
             self._failed(exc)
             return None
         try:
-            return decode_object(blob, self.namespace, key, self.integrity)
+            return decode_object(blob, self.namespace, key, self.protection)
         except CorruptObject:
             self._quarantine(key)
             return None
@@ -213,7 +213,7 @@ class S3Tier(Tier):
         if self._exists_one(page.key):   # keys name contents: an existing object is this page
             return True
         blob = encode_object(page, self.namespace, self.codec, self.level,
-                             self.integrity).join()
+                             self.protection).join()
         name = self._object_key(page.key)
         if len(blob) >= self._transfer.multipart_threshold:
             answered, _ = self._call(lambda: self._client.upload_fileobj(
