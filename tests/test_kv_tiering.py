@@ -179,3 +179,13 @@ def test_admission_holds_a_request_while_its_prefetch_runs_within_the_policy(tie
     tiering.cost.prefill_tps = 1e12
     tiering.forget("t")
     assert tiering.admit(T0, tokens, 0, request_id="t") == MISS
+
+
+def test_another_prompt_under_the_same_request_id_gets_its_own_keys(tiering):
+    # A request id is the client's to choose (SGLang's `rid`): two prompts of one length
+    # under one id must not share remembered keys (the second would get the first's KV).
+    a, b = list(range(100, 140)), list(range(200, 240))
+    tiering.spill(T0, a, torch.arange(40), 0)
+    assert isinstance(tiering.admit(T0, a, 0, request_id="same"), LoadPlan)
+    assert tiering.admit(T0, b, 0, request_id="same") == MISS
+    assert isinstance(tiering.admit(T0, a, 0, request_id="same"), LoadPlan)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ _KNOWN_KEYS = 1 << 16
 # Loads go through one reused staging buffer of at most this size, in batches of pages: a
 # buffer sized to the largest load would keep up to the whole pool's bytes resident.
 _STAGING_BYTES = 64 << 20
-#: Requests whose page keys are remembered between scheduling passes.
+#: Requests whose page keys are remembered between scheduling passes, and the most prompt
+#: tokens remembered with them (4 bytes each).
 _KEY_CACHE = 4096
+_KEY_CACHE_TOKENS = 1 << 23
 #: Prefixes (tree nodes) whose chain key is remembered.
 _ANCHORS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
@@ -111,10 +114,11 @@ class _Chain(NamedTuple):
 
 
 class _RequestKeys(NamedTuple):
-    """A waiting request's page keys."""
+    """A waiting request's page keys, and the tokens they were hashed from (a request id is
+    the client's to choose: another prompt under the same id must not reuse them)."""
 
     tenant: Tenant
-    n_tokens: int
+    tokens: np.ndarray          # int32
     chain: _Chain
 
 
@@ -165,6 +169,7 @@ class KVTiering:
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._deadlines: dict[Hashable, float] = {}
         self._key_cache: OrderedDict[Hashable, _RequestKeys] = OrderedDict()
+        self._cached_tokens = 0
         self._anchors: OrderedDict[Hashable, _Anchor] = OrderedDict()
         self._tails = TailLengths(_ANCHORS)
         self._lock = threading.Lock()
@@ -215,15 +220,21 @@ class KVTiering:
         is matched on every scheduling pass; its prompt does not change)."""
         if request_id is None:
             return self._keys_from(tenant, tokens, first, prefix)
+        ids = _int64(tokens)
         cached = self._key_cache.get(request_id)
-        if (cached is not None and cached.tenant == tenant and cached.n_tokens == len(tokens)
-                and cached.chain.first <= first):
+        if (cached is not None and cached.tenant == tenant and cached.chain.first <= first
+                and np.array_equal(cached.tokens, ids)):
             self._key_cache.move_to_end(request_id)
             return cached.chain.since(first)
         chain = self._keys_from(tenant, tokens, first, prefix)
-        self._key_cache[request_id] = _RequestKeys(tenant, len(tokens), chain)
-        while len(self._key_cache) > _KEY_CACHE:
-            self._key_cache.popitem(last=False)
+        if cached is not None:
+            self._cached_tokens -= cached.tokens.size
+        self._key_cache[request_id] = _RequestKeys(tenant, ids.astype(np.int32), chain)
+        self._key_cache.move_to_end(request_id)
+        self._cached_tokens += ids.size
+        while self._key_cache and (len(self._key_cache) > _KEY_CACHE
+                                   or self._cached_tokens > _KEY_CACHE_TOKENS):
+            self._cached_tokens -= self._key_cache.popitem(last=False)[1].tokens.size
         return chain
 
     # ------------------------------------------------------------------ spill
@@ -383,7 +394,9 @@ class KVTiering:
     def forget(self, request_id: Hashable) -> None:
         """The request left: drop its wait deadline and cached keys."""
         self._deadlines.pop(request_id, None)
-        self._key_cache.pop(request_id, None)
+        cached = self._key_cache.pop(request_id, None)
+        if cached is not None:
+            self._cached_tokens -= cached.tokens.size
 
     def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
         """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.
@@ -464,6 +477,13 @@ class KVTiering:
     def close(self) -> None:
         self.prefetcher.close()
         self.chain.close()
+
+
+def _int64(tokens: Sequence[int]) -> np.ndarray:
+    """``tokens`` as int64 without a copy when SGLang hands an ``array('q')``."""
+    if isinstance(tokens, array) and tokens.itemsize == 8:
+        return np.frombuffer(tokens, dtype=np.int64)
+    return np.asarray(tokens, dtype=np.int64)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
