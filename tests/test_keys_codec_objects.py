@@ -165,17 +165,24 @@ def test_wrong_key_or_namespace_is_refused() -> None:
 
 
 def test_a_deployment_key_refuses_objects_made_without_it() -> None:
-    from sgl_kvext.tiers.objects import Protection
+    from sgl_kvext.tiers.objects import PREFIX_BYTES, Protection
 
     ours = Protection.tagged(b"s" * 32)
     theirs = Protection.tagged(b"t" * 32)
     blob = encode_object(PAGE, NS, "zstd", protection=ours).join()
     assert bytes(decode_object(blob, NS, PAGE.key, ours).data) == PAGE.data
-    for reader in (theirs, PLAIN):                  # another key, or none
-        with pytest.raises(CorruptObject, match="checksum"):
-            decode_object(blob, NS, PAGE.key, reader)
+    with pytest.raises(CorruptObject, match="another deployment"):
+        decode_object(blob, NS, PAGE.key, theirs)
+    with pytest.raises(CorruptObject, match="has no key"):
+        decode_object(blob, NS, PAGE.key, PLAIN)
+    meta_len = int.from_bytes(blob[8:12], "little")
+    for at in (20, PREFIX_BYTES + meta_len - 3, len(blob) - 1):   # tag, meta, payload
+        bad = bytearray(blob)
+        bad[at] ^= 0x01
+        with pytest.raises(CorruptObject):
+            decode_object(bytes(bad), NS, PAGE.key, ours)
     forged = encode_object(PAGE, NS, "zstd").join()  # valid xxh3: all a forger can make
-    with pytest.raises(CorruptObject, match="object key"):
+    with pytest.raises(CorruptObject, match="not sealed"):
         decode_object(forged, NS, PAGE.key, ours)
     with pytest.raises(ValueError, match="16"):
         Protection.tagged(b"short")
@@ -201,14 +208,14 @@ def test_an_encrypted_object_hides_its_kv_and_refuses_every_change(codec: str) -
             decode_object(bytes(bad), NS, PAGE.key, ours)
     with pytest.raises(CorruptObject, match="another deployment"):
         decode_object(blob, NS, PAGE.key, theirs)
-    for reader in (PLAIN, Protection.tagged(b"s" * 32)):     # no encryption key here
-        with pytest.raises(CorruptObject, match="has no encryption key"):
-            decode_object(blob, NS, PAGE.key, reader)
-    plain = encode_object(PAGE, NS, codec).join()            # all a forger without the key
-    with pytest.raises(CorruptObject, match="not encrypted"):   # can make
-        decode_object(plain, NS, PAGE.key, ours)
-    with pytest.raises(ValueError, match="not both"):
-        Protection(tag_key=b"k" * 32, cipher_key=b"c" * 32)
+    with pytest.raises(CorruptObject, match="has no key"):
+        decode_object(blob, NS, PAGE.key, PLAIN)
+    for made in (PLAIN, Protection.tagged(b"s" * 32)):      # all a forger without the key
+        other = encode_object(PAGE, NS, codec, protection=made).join()   # can make
+        with pytest.raises(CorruptObject, match="not sealed"):
+            decode_object(other, NS, PAGE.key, ours)
+    with pytest.raises(ValueError, match="32-byte"):
+        Protection(b"k" * 16, "aes-256-gcm")
 
 
 def test_weights_digest_sees_a_change_in_the_middle_of_a_weight_file(tmp_path: Path) -> None:

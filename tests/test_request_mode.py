@@ -32,13 +32,14 @@ def test_options_parse_or_raise_value_error(params: Any) -> None:
         return
     assert isinstance(options.exact, bool)
     assert all(isinstance(c, str) and c for c in options.chunks)
-    assert len(options.chunks) <= MAX_MARKS and len(options.spans) <= MAX_MARKS
+    assert len(options.chunks) + len(options.spans) <= MAX_MARKS
     assert all(0 <= s < e <= MAX_POSITION for s, e in options.spans)
 
 
 @pytest.mark.parametrize("params, needle", [
     ({"kvext_chunk": ["x"]}, "unknown option"),
     ({"kvext_chunks": ["x"] * (MAX_MARKS + 1)}, "at most"),
+    ({"kvext_chunks": ["x"] * 600, "kvext_chunk_spans": [0, 1] * 600}, "in all"),
     ({"kvext_chunk_spans": [0, MAX_POSITION + 1]}, "start < end"),
     ({"kvext_chunks": ["ok", ""]}, "non-empty"),
     ({"kvext_exact": 1}, "true or false"),

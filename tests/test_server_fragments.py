@@ -146,6 +146,21 @@ def test_hostile_fragment_options_are_400_and_the_server_goes_on(
     assert ask(server, UNSEEN).output_ids == expected["unseen"]    # the scheduler is alive
 
 
+def test_chunks_larger_than_the_prompt_are_refused_before_the_scheduler(
+        server: SGLangServer, expected: dict[str, list[int]]) -> None:
+    import time
+    import urllib.error
+
+    # 1,024 chunks of 100k characters (100 MB): before, the scheduler thread tokenized them
+    # all (minutes) while every other request waited; now the HTTP process refuses them.
+    started = time.perf_counter()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        ask(server, UNSEEN, kvext_chunks=["word " * 20_000] * 1024)
+    assert err.value.code == 400 and "characters in all" in err.value.read().decode()
+    assert time.perf_counter() - started < 60
+    assert ask(server, UNSEEN).output_ids == expected["unseen"]    # the scheduler is alive
+
+
 def test_marked_chunk_partly_in_the_cached_prefix_is_still_reused(
         server: SGLangServer, n_tokens: Callable[[str], int]) -> None:
     # Two prompts with the same head: the second one's cached prefix (the head plus the

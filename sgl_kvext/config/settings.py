@@ -126,7 +126,7 @@ class TierConfig:
     object_key_file: Path | None = _opt(None, "--kvext-object-key-file",
                                         "File holding this deployment's secret (>= 16 bytes, "
                                         "readable by its owner only): objects below host "
-                                        "memory carry a keyed BLAKE2b tag, and one without a "
+                                        "memory carry an AES-GMAC tag, and one without a "
                                         "valid tag is a miss (unset: xxh3 checksums).",
                                         parse_optional_path)
     encryption_key_file: Path | None = _opt(None, "--kvext-encryption-key-file",
