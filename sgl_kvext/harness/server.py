@@ -89,7 +89,51 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class SGLangServer:
+class Endpoint:
+    """An SGLang HTTP address (a server, or a router in front of several): JSON requests."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 300.0) -> Any:
+        """POST JSON; the answer parsed as JSON when it says so, else its text."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return _body(resp)
+
+    def get(self, path: str, timeout_s: float = 30.0) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return _body(resp)
+
+    def get_text(self, path: str, timeout_s: float = 30.0) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return str(resp.read().decode(errors="replace"))
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
+                 timeout_s: float = 300.0,
+                 custom_params: dict[str, Any] | None = None,
+                 cache_salt: str | None = None) -> Completion:
+        """Greedy completion of ``prompt`` (text or token ids); ``custom_params`` go into the
+        sampling parameters (e.g. sgl-kvext's ``kvext_exact``); ``cache_salt`` is the
+        request's tenant (SGLang keeps salted KV apart)."""
+        key = "text" if isinstance(prompt, str) else "input_ids"
+        sampling: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+        if custom_params:
+            sampling["custom_params"] = custom_params
+        payload: dict[str, Any] = {key: prompt, "sampling_params": sampling}
+        if cache_salt is not None:
+            payload["cache_salt"] = cache_salt
+        start = time.perf_counter()
+        out = self.post("/generate", payload, timeout_s)
+        seconds = time.perf_counter() - start
+        meta = out.get("meta_info", {})
+        return Completion(out["text"], list(out.get("output_ids", [])),
+                          int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)),
+                          seconds, meta)
+
+
+class SGLangServer(Endpoint):
     """A ``python -m sglang.launch_server`` child on 127.0.0.1.
 
     Parameters
@@ -112,7 +156,7 @@ class SGLangServer:
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
         self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
+        super().__init__(f"http://{HOST}:{self.port}")
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
         self._cmd = [*LAUNCHERS[launcher], "--model-path", str(model_path),
@@ -200,43 +244,6 @@ class SGLangServer:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 300.0) -> Any:
-        """POST JSON; the answer parsed as JSON when it says so, else its text."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return _body(resp)
-
-    def get(self, path: str, timeout_s: float = 30.0) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
-            return _body(resp)
-
-    def get_text(self, path: str, timeout_s: float = 30.0) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
-            return str(resp.read().decode(errors="replace"))
-
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
-                 timeout_s: float = 300.0,
-                 custom_params: dict[str, Any] | None = None,
-                 cache_salt: str | None = None) -> Completion:
-        """Greedy completion of ``prompt`` (text or token ids); ``custom_params`` go into the
-        sampling parameters (e.g. sgl-kvext's ``kvext_exact``); ``cache_salt`` is the
-        request's tenant (SGLang keeps salted KV apart)."""
-        key = "text" if isinstance(prompt, str) else "input_ids"
-        sampling: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
-        if custom_params:
-            sampling["custom_params"] = custom_params
-        payload: dict[str, Any] = {key: prompt, "sampling_params": sampling}
-        if cache_salt is not None:
-            payload["cache_salt"] = cache_salt
-        start = time.perf_counter()
-        out = self.post("/generate", payload, timeout_s)
-        seconds = time.perf_counter() - start
-        meta = out.get("meta_info", {})
-        return Completion(out["text"], list(out.get("output_ids", [])),
-                          int(meta.get("cached_tokens", 0)), int(meta.get("prompt_tokens", 0)),
-                          seconds, meta)
 
 
 def _body(resp: Any) -> Any:

@@ -1,0 +1,58 @@
+"""Two `--enable-hierarchical-kv` servers sharing one S3 prefix (a real SeaweedFS) behind
+SGLang's router (`sglang-router`), on loopback: a history computed on one instance is served
+on the other from S3, through the router, and its KV is the same (the answer is token-equal
+to transformers); after one instance is killed, the router sends every request to the
+survivor once its health check marks the dead one down, and none fails. float32 throughout
+(see test_server.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tiers_common import BASE, CONTEXT, MAX_NEW, PROMPTS, metric, s3_args, seaweed_env
+
+from sgl_kvext.harness.fleet import Fleet
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+
+pytestmark = pytest.mark.e2e
+
+
+def _s3(fleet: Fleet, name: str) -> list[float]:
+    """A tier counter of the S3 tier, per server."""
+    return [metric(s.get_text("/metrics"), f"kvext_tier_{name}_total", "s3")
+            for s in fleet.servers]
+
+
+def test_history_is_shared_through_s3_and_survives_losing_an_instance(
+        model_path: Path, log_dir: Path, seaweed: SeaweedFS,
+        hf_greedy: Callable[..., list[list[int]]], n_tokens: Callable[[str], int]) -> None:
+    expected = hf_greedy(PROMPTS[:2], MAX_NEW)
+    args = [*BASE, "--enable-metrics", "--kvext-host-size", "64MiB", *s3_args(seaweed)]
+    with Fleet(model_path, 2, args, log_dir=log_dir / "fleet", policy="round_robin",
+               env=seaweed_env(seaweed)) as fleet:
+        first = fleet.router.generate(PROMPTS[0], MAX_NEW)
+        deadline = time.monotonic() + 30          # write-through to S3 runs in the background
+        while sum(_s3(fleet, "bytes_in")) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        second = fleet.router.generate(PROMPTS[1], MAX_NEW)     # round robin: the other one
+        time.sleep(2.5)                           # the exporter copies counters every second
+        hits = _s3(fleet, "hits")
+        fleet.servers[0].kill()                   # SIGKILL: a crash
+        deadline = time.monotonic() + 30
+        while fleet.healthy_workers() != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert fleet.healthy_workers() == 1
+        after = [fleet.router.generate(p, MAX_NEW) for p in (*PROMPTS[:2], PROMPTS[0])]
+    assert first.output_ids == expected[0] and second.output_ids == expected[1]
+    assert first.cached_tokens < 0.1 * first.prompt_tokens
+    # Only an instance that had never seen the context reads it from S3 (a repeat on the same
+    # one is a device hit): one of them did, for nearly all of the shared history.
+    assert sorted(h > 0 for h in hits) == [False, True], hits
+    assert second.cached_tokens >= 0.9 * n_tokens(CONTEXT), second
+    # The survivor serves every user (no request failed: generate raises on any error), the
+    # shared history cached for each (its own device, or S3 for what the dead one wrote).
+    assert [a.output_ids for a in after] == [expected[0], expected[1], expected[0]]
+    assert all(a.cached_tokens >= 0.9 * n_tokens(CONTEXT) for a in after), after
