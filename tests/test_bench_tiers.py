@@ -38,7 +38,7 @@ def test_tree_overhead_bench_replays_one_trace_on_both_trees(tmp_path: Path) -> 
 
     out = tmp_path / "tree.json"
     result = bench_cli("tree", "--json", str(out), "--requests", "300", "--pool-tokens",
-                       "16384")
+                       "16384", "--rounds", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     runs = data["runs"]
@@ -49,3 +49,4 @@ def test_tree_overhead_bench_replays_one_trace_on_both_trees(tmp_path: Path) -> 
     assert runs["ours"]["loaded_tokens"] > 0
     assert runs["ours"]["cached_tokens"] > runs["radix"]["cached_tokens"]
     assert data["ratio_no_evict"] > 0 and "ours / radix" in result.stdout
+    assert len(data["ratios_no_evict"]) == 2 and len(runs["ours"]["seconds_all"]) == 2

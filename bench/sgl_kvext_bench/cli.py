@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--requests", type=int, default=10_000)
     tr.add_argument("--pool-tokens", type=int, default=65_536,
                     help="device KV pool of the evicting runs")
+    tr.add_argument("--rounds", type=int, default=5,
+                    help="timed interleaved rounds (medians over them)")
     sk = _command(sub, "soak", "memory soak: RSS of every server process and host-tier bytes "
                                "over a long mixed multi-turn + RAG run")
     _server_args(sk)

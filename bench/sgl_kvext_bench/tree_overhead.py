@@ -4,8 +4,10 @@ replaying one recorded operation trace in-process (no model, no server).
 The trace is a seeded multi-tenant chat workload: each request is matched
 (``match_prefix``; for ours also the tier admission and, on a hit, ``init_load_back``), its
 uncached tokens get slots, and it is inserted when it finishes; when the pool runs short the
-tree evicts. Both trees run the same trace on SGLang's real CPU KV pool and allocator, one
-after the other, twice each (the first pass warms caches; the second is timed). ``ours`` has
+tree evicts. Both trees run the same trace on SGLang's real CPU KV pool and allocator in
+interleaved rounds (radix, ours, radix, ours, ...: a slow stretch of a noisy machine hits
+both), after one untimed warm-up round; each figure is the median over the rounds, each ratio
+the median of the rounds' own ratios. ``ours`` has
 a host tier large enough for the working set, so what it evicts comes back from the host tier
 (page copies the plain tree cannot do, reported as their own count); ``ours_no_evict`` runs a
 pool that never fills, so the ratio there is the tree's bookkeeping alone.
@@ -14,6 +16,7 @@ pool that never fills, so the ratio there is the tree's bookkeeping alone.
 from __future__ import annotations
 
 import random
+import statistics
 import time
 import types
 from array import array
@@ -121,28 +124,34 @@ def _build(kind: str, pool_tokens: int, host_bytes: int) -> tuple[Any, Any, Call
 
 
 def run_tree_overhead(requests: int = 10_000, pool_tokens: int = 65_536,
-                      progress: Callable[[str], None] = print) -> dict[str, Any]:
+                      progress: Callable[[str], None] = print,
+                      rounds: int = 5) -> dict[str, Any]:
     """Both trees on one trace (see the module doc)."""
     ops = chat_trace(requests)
     total = sum(len(op.tokens) for op in ops)
     unbounded = total + 1024
     results: dict[str, Any] = {"requests": requests, "prompt_tokens": total,
-                               "pool_tokens": pool_tokens, "runs": {}}
-    for name, kind, pool in (("radix", "radix", pool_tokens), ("ours", "ours", pool_tokens),
-                             ("radix_no_evict", "radix", unbounded),
-                             ("ours_no_evict", "ours", unbounded)):
-        best: Counts | None = None
-        for _ in range(2):
-            tree, alloc, close = _build(kind, pool, 1 << 30)
-            counts = _replay(tree, alloc, ops)
-            close()
-            best = counts
-        assert best is not None
-        results["runs"][name] = best._asdict()
-        progress(f"tree overhead: {name} {best.seconds:.2f}s, {best.cached_tokens} cached "
-                 f"({best.loaded_tokens} from the host tier)")
-    runs = results["runs"]
-    results["ratio"] = runs["ours"]["seconds"] / runs["radix"]["seconds"]
-    results["ratio_no_evict"] = (runs["ours_no_evict"]["seconds"]
-                                 / runs["radix_no_evict"]["seconds"])
+                               "pool_tokens": pool_tokens, "rounds": rounds, "runs": {}}
+    pairs = {"": pool_tokens, "_no_evict": unbounded}
+    timed: dict[str, list[Counts]] = {f"{k}{s}": [] for s in pairs for k in ("radix", "ours")}
+    for round_ in range(rounds + 1):                  # round 0 warms up, untimed
+        for suffix, pool in pairs.items():
+            for kind in ("radix", "ours"):
+                tree, alloc, close = _build(kind, pool, 1 << 30)
+                counts = _replay(tree, alloc, ops)
+                close()
+                if round_:
+                    timed[kind + suffix].append(counts)
+        progress(f"tree overhead: round {round_}/{rounds} " + ", ".join(
+            f"{name} {runs[-1].seconds:.2f}s" for name, runs in timed.items() if runs))
+    for name, runs in timed.items():
+        results["runs"][name] = {"seconds": statistics.median(c.seconds for c in runs),
+                                 "seconds_all": [c.seconds for c in runs],
+                                 "cached_tokens": runs[-1].cached_tokens,
+                                 "loaded_tokens": runs[-1].loaded_tokens}
+    for suffix in pairs:
+        ratios = [o.seconds / r.seconds
+                  for o, r in zip(timed["ours" + suffix], timed["radix" + suffix], strict=True)]
+        results["ratio" + suffix] = statistics.median(ratios)
+        results["ratios" + suffix] = ratios
     return results
