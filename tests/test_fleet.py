@@ -2,12 +2,14 @@
 SGLang's router (`sglang-router`), on loopback: a history computed on one instance is served
 on the other from S3, through the router, and its KV is the same (the answer is token-equal
 to transformers); after one instance is killed, the router sends every request to the
-survivor once its health check marks the dead one down, and none fails. float32 throughout
+survivor once its health check marks the dead one down, and none fails; /kvext/lookup
+tells which instance holds a prompt where. float32 throughout
 (see test_server.py)."""
 
 from __future__ import annotations
 
 import time
+import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +39,9 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
         deadline = time.monotonic() + 30          # write-through to S3 runs in the background
         while sum(_s3(fleet, "bytes_in")) == 0 and time.monotonic() < deadline:
             time.sleep(0.5)
+        looked = [s.post("/kvext/lookup", {"text": PROMPTS[0]}) for s in fleet.servers]
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            fleet.servers[0].post("/kvext/lookup", {"input_ids": ["x"]})
         second = fleet.router.generate(PROMPTS[1], MAX_NEW)     # round robin: the other one
         time.sleep(2.5)                           # the exporter copies counters every second
         hits = _s3(fleet, "hits")
@@ -52,6 +57,14 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
     # one is a device hit): one of them did, for nearly all of the shared history.
     assert sorted(h > 0 for h in hits) == [False, True], hits
     assert second.cached_tokens >= 0.9 * n_tokens(CONTEXT), second
+    # /kvext/lookup: the instance that computed the prompt holds it on device (and in S3);
+    # the other holds nothing locally and would serve it from S3.
+    owner, other = sorted(looked, key=lambda r: -r["device"])
+    prompt = owner["tokens"]
+    assert owner["device"] >= 0.9 * prompt and owner["cached"] >= owner["device"]
+    assert other["device"] == 0 and other["tiers"]["host"] == 0
+    assert other["tiers"]["s3"] >= 0.9 * prompt - 32 and other["cached"] == other["tiers"]["s3"]
+    assert bad.value.code == 400 and "input_ids" in bad.value.read().decode()
     # The survivor serves every user (no request failed: generate raises on any error), the
     # shared history cached for each (its own device, or S3 for what the dead one wrote).
     assert [a.output_ids for a in after] == [expected[0], expected[1], expected[0]]

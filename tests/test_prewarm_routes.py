@@ -29,17 +29,18 @@ def test_kvext_routes_obey_sglangs_admin_level(monkeypatch: pytest.MonkeyPatch,
     from sglang.srt.utils.auth import add_api_key_middleware
     from starlette.testclient import TestClient
 
+    from sgl_kvext.config.settings import FragmentConfig, KVExtConfig
     from sgl_kvext.sglang_plugin import prewarm
 
     monkeypatch.setattr(prewarm, "_routes_added", False)
     app = FastAPI()
-    prewarm.add_routes(app)
+    prewarm.add_routes(KVExtConfig(enabled=True, fragments=FragmentConfig(enabled=True)), app)
     add_api_key_middleware(app, api_key=api_key, admin_api_key=admin_key)
     client = TestClient(app, raise_server_exceptions=False)
     headers = {"none": {}, "user": {"Authorization": "Bearer user-key"},
                "admin": {"Authorization": "Bearer admin-key"}}
     for who, header in headers.items():
-        for route in ("/kvext/prewarm", "/kvext/fragments"):
+        for route in ("/kvext/prewarm", "/kvext/fragments", "/kvext/lookup"):
             status = client.post(route, content=b"[]", headers=header).status_code
             # Let in: the route answers (400: the body is not an object); kept out: 401.
             assert (status != 401) == (who in opens), (who, route, status)

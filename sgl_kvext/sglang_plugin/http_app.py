@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from sgl_kvext.config import env
+from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.sglang_plugin import prewarm
 from sgl_kvext.sglang_plugin.surface import HTTP_APP_DEFAULT
 
@@ -23,4 +24,6 @@ def _import_app(path: str) -> Any:
 
 
 app = _import_app(env.get(env.WRAPPED_HTTP_APP) or HTTP_APP_DEFAULT)
-prewarm.add_routes(app)
+_resolved = env.get(env.RESOLVED_CONFIG)     # the launcher's config, inherited
+if _resolved:
+    prewarm.add_routes(KVExtConfig.from_json(_resolved), app)

@@ -1,10 +1,11 @@
-"""Corpus pre-warming over HTTP: ``POST /kvext/prewarm`` and ``POST /kvext/fragments``.
+"""The ``/kvext`` routes: corpus pre-warming (``POST /kvext/prewarm``, ``POST
+/kvext/fragments``, with ``--kvext-fragment-blend``) and ``POST /kvext/lookup`` (with the
+tiers on: :mod:`.lookup`).
 
-The routes are added to SGLang's FastAPI app in the launcher process (only with
-``--kvext-fragment-blend``). They reach the scheduler through SGLang's generic control
-message (``DumperControlReqInput`` with a ``kvext.`` method; an AROUND hook on
-``Scheduler.handle_dumper_control`` answers those and passes every other method on), so no
-new message type is needed.
+The routes are added to SGLang's FastAPI app in the launcher process. They reach the
+scheduler through SGLang's generic control message (``DumperControlReqInput`` with a
+``kvext.`` method; an AROUND hook on ``Scheduler.handle_dumper_control`` answers those and
+passes every other method on), so no new message type is needed.
 
 - ``kvext.prewarm``: the route tokenizes the texts (in the tokenizer manager's process, off
   its event loop); the scheduler queues each text's core and its automatic fragments for
@@ -33,9 +34,11 @@ from fastapi import Request  # module level: FastAPI resolves the string annotat
 from fastapi.responses import ORJSONResponse
 
 from sgl_kvext.config import env
+from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import PREWARM_BUSY as BUSY
 from sgl_kvext.fragments.blender import PrewarmBusy
 from sgl_kvext.pages.keys import Tenant
+from sgl_kvext.sglang_plugin import lookup
 from sgl_kvext.sglang_plugin.surface import (
     HOOK_CONTROL,
     HTTP_APP_DEFAULT,
@@ -96,6 +99,8 @@ def _token_lists(body: dict[str, Any], max_text_tokens: int) -> list[list[int]]:
 def handle(tree: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """Answer one ``kvext.`` control method in the scheduler; ValueError for bad input,
     :class:`~sgl_kvext.fragments.blender.PrewarmBusy` while the registration queue is full."""
+    if method == lookup.METHOD:
+        return lookup.handle(tree, body)
     blender = getattr(tree, "blender", None)
     if blender is None:
         raise ValueError("fragment blend is off: start the server with --kvext-fragment-blend")
@@ -114,7 +119,8 @@ def handle(tree: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("keys must be a list of hex strings") from None
         return {"known": [blender.index.known(k) for k in raw],
                 "counters": dict(blender.counters)}
-    raise ValueError(f"unknown method {method!r}; allowed: {PREFIX}prewarm, {PREFIX}fragments")
+    raise ValueError(f"unknown method {method!r}; allowed: {PREFIX}prewarm, {PREFIX}fragments, "
+                     f"{lookup.METHOD}")
 
 
 def _handle_control(original: Any, self: Any, recv_req: Any) -> Any:
@@ -143,13 +149,15 @@ def route_http_workers() -> None:
         env.set_value(env.SGLANG_HTTP_APP, HTTP_APP)
 
 
-def add_routes(app: Any = None) -> None:
-    """Add the two routes to ``app`` (default: SGLang's), once per process."""
+def add_routes(config: KVExtConfig, app: Any = None) -> None:
+    """Add the routes ``config`` calls for to ``app`` (default: SGLang's), once per process:
+    the lookup with the tiers on, pre-warm with fragment blend too."""
     global _routes_added
-    if _routes_added:
+    if _routes_added or not config.enabled:
         return
     DumperControlReqInput, _ = control_messages()        # noqa: N806 (a class)
     server = http_server()
+    remote = lookup.RemoteTiers(config) if config.tiers.s3_url is not None else None
 
     async def control(method: str, request: Request) -> Any:
         raw = await _read_body(request)
@@ -162,9 +170,10 @@ def add_routes(app: Any = None) -> None:
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
         manager = server.get_global_state().tokenizer_manager
-        if method == "prewarm":
+        if method in ("prewarm", "lookup"):
             try:
-                body = await _tokenized(manager, body)
+                body = await (_tokenized(manager, body) if method == "prewarm"
+                              else _prompt_ids(manager, body))
             except ValueError as exc:
                 return _error(400, str(exc))
         results = await manager.dumper_control(
@@ -175,6 +184,8 @@ def add_routes(app: Any = None) -> None:
                                   headers={"Retry-After": str(RETRY_AFTER_S)})
         if errors:
             return _error(400, errors[0])
+        if method == "lookup":
+            return ORJSONResponse(content=await lookup.answer(results[0].response[0], remote))
         return ORJSONResponse(content=results[0].response[0])
 
     admin = auth_level_admin()        # gated like SGLang's own control routes
@@ -187,9 +198,15 @@ def add_routes(app: Any = None) -> None:
     async def fragments(request: Request) -> Any:
         return await control("fragments", request)
 
+    @admin
+    async def lookup_route(request: Request) -> Any:
+        return await control("lookup", request)
+
     target = server.app if app is None else app
-    target.add_api_route("/kvext/prewarm", prewarm, methods=["POST"])
-    target.add_api_route("/kvext/fragments", fragments, methods=["POST"])
+    target.add_api_route("/kvext/lookup", lookup_route, methods=["POST"])
+    if config.fragments.enabled:
+        target.add_api_route("/kvext/prewarm", prewarm, methods=["POST"])
+        target.add_api_route("/kvext/fragments", fragments, methods=["POST"])
     _routes_added = True
 
 
@@ -209,6 +226,20 @@ async def _read_body(request: Request) -> bytes | None:
             return None
         parts.append(part)
     return b"".join(parts)
+
+
+async def _prompt_ids(manager: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with a ``text`` prompt replaced by its ``input_ids`` (off the event loop)."""
+    text = body.get("text")
+    if text is None:
+        return body
+    if not isinstance(text, str) or not text or "input_ids" in body:
+        raise ValueError("send a non-empty text or input_ids, not both")
+    tokenizer = manager.tokenizer
+    if tokenizer is None:
+        raise ValueError("the server has no tokenizer (--skip-tokenizer-init): send input_ids")
+    ids = await asyncio.to_thread(lambda: list(tokenizer.encode(text)))
+    return {**{k: v for k, v in body.items() if k != "text"}, "input_ids": ids}
 
 
 async def _tokenized(manager: Any, body: dict[str, Any]) -> dict[str, Any]:

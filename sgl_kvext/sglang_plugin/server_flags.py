@@ -89,12 +89,11 @@ def _from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> Any:
         raise SystemExit(2) from None
     if config.enabled:
         args.radix_cache_backend = BACKEND_NAME
-        if config.fragments.enabled:
-            from sgl_kvext.sglang_plugin import prewarm
+        from sgl_kvext.sglang_plugin import prewarm
 
-            prewarm.add_routes()
-            if (getattr(args, "tokenizer_worker_num", 1) or 1) > 1:
-                prewarm.route_http_workers()
+        prewarm.add_routes(config)
+        if (getattr(args, "tokenizer_worker_num", 1) or 1) > 1:
+            prewarm.route_http_workers()
     from sgl_kvext.sglang_plugin import cpu_attention
 
     cpu_attention.disable_graphs_for(args)

@@ -116,6 +116,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.mem_cache.radix_cache:RadixKey.raw_token_ids", ("self",)),
     Internal("sglang.srt.mem_cache.radix_cache:RadixKey.page_aligned", ("self", "page_size")),
     Internal("sglang.srt.mem_cache.radix_cache:RadixKey.child_key", ("self", "page_size")),
+    Internal("sglang.srt.mem_cache.radix_cache:RadixKey.match", ("self", "other", "page_size"),
+             why="the read-only device match of /kvext/lookup"),
     Internal("sglang.srt.mem_cache.radix_cache:RadixKey", fields=("extra_key", "cache_salt")),
     Internal("sglang.srt.mem_cache.radix_cache:TreeNode",
              fields=("key", "value", "parent", "children", "priority")),

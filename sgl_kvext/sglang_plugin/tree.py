@@ -316,6 +316,22 @@ class HierarchicalRadixCache(RadixCache):
             return 0, node
         return plan.tokens, self._attach(node, pending.key, slots)
 
+    def device_prefix_len(self, key: RadixKey) -> int:
+        """Tokens of ``key`` the device tree holds, read only: no access times, no node splits
+        (a lookup must not change what is evicted next)."""
+        node, matched = self.root_node, 0
+        key = key.page_aligned(self.page_size)
+        while len(key):
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None:
+                break
+            n = child.key.match(key, page_size=self.page_size)
+            matched += n
+            if n < len(child.key):
+                break
+            node, key = child, key[n:]
+        return matched
+
     def _attach(self, node: TreeNode, key: RadixKey, slots: torch.Tensor) -> TreeNode:
         """Hang a new node holding ``key``'s KV in ``slots`` under ``node``."""
         new_node = TreeNode(priority=node.priority)
