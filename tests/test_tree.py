@@ -186,13 +186,20 @@ def test_missing_page_makes_the_load_recompute(harness: Harness) -> None:
     assert harness.tiering.counters["failed_loads"] == 1
 
 
-def test_disk_pages_load_straight_into_the_pool(tmp_path: Path) -> None:
-    h = Harness(tmp_path, host_pages=8, disk=True)
+def _pushed_below_host(h: Harness) -> list[int]:
+    """A 64-token prefix spilled, then pushed out of the 8-page host tier by another one's
+    8 pages, down to the lower tier; returns its tokens."""
     a, b = seq(1000, 64), seq(5000, 64)
-    for tokens in (a, b):                            # b's 8 pages push a's down to disk
+    for tokens in (a, b):
         h.insert(tokens)
         h.tree.evict(EvictParams(num_tokens=1000))
     h.tiering.chain.flush()
+    return a
+
+
+def test_disk_pages_load_straight_into_the_pool(tmp_path: Path) -> None:
+    h = Harness(tmp_path, host_pages=8, disk=True)
+    a = _pushed_below_host(h)
     keys = h.tiering.keys_for(DEFAULT_TENANT, a)
     assert h.tiering.chain.lookup(keys).tiers == (1,) * 8
     h.tiering.cost.prefill_tps = 10.0                # recomputing is slow: reading disk pays
@@ -206,11 +213,7 @@ def test_disk_pages_load_straight_into_the_pool(tmp_path: Path) -> None:
 
 def test_remote_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
     h = Harness(tmp_path, host_pages=8, remote=True)
-    a, b = seq(1000, 64), seq(5000, 64)
-    for tokens in (a, b):                            # b's 8 pages push a's down to disk
-        h.insert(tokens)
-        h.tree.evict(EvictParams(num_tokens=1000))
-    h.tiering.chain.flush()
+    a = _pushed_below_host(h)
     keys = h.tiering.keys_for(DEFAULT_TENANT, a)
     assert h.tiering.chain.lookup(keys).tiers == (1,) * 8
     assert h.fetch(a, rid="q1") == 0                 # not on host: nothing waits, prefetch starts
@@ -225,11 +228,7 @@ def test_remote_pages_are_prefetched_then_loaded(tmp_path: Path) -> None:
 @pytest.mark.parametrize("policy", ["timeout", "wait_complete"])
 def test_held_request_waits_for_its_prefetch(tmp_path: Path, policy: str) -> None:
     h = Harness(tmp_path, host_pages=8, remote=True, policy=policy)
-    a, b = seq(1000, 64), seq(5000, 64)
-    for tokens in (a, b):
-        h.insert(tokens)
-        h.tree.evict(EvictParams(num_tokens=1000))
-    h.tiering.chain.flush()
+    a = _pushed_below_host(h)
     h.tiering.cost.prefill_tps = 10.0               # recomputing is slow: waiting pays
     assert h.fetch(a, rid="q") == 64                # held, matched again, then loaded
     assert h.holds >= 1
@@ -240,11 +239,7 @@ def test_held_request_waits_for_its_prefetch(tmp_path: Path, policy: str) -> Non
 
 def test_timeout_policy_does_not_wait_when_recompute_is_faster(tmp_path: Path) -> None:
     h = Harness(tmp_path, host_pages=8, remote=True, policy="timeout")
-    a, b = seq(1000, 64), seq(5000, 64)
-    for tokens in (a, b):
-        h.insert(tokens)
-        h.tree.evict(EvictParams(num_tokens=1000))
-    h.tiering.chain.flush()
+    a = _pushed_below_host(h)
     h.tiering.cost.prefill_tps = 1e12               # recomputing is free: never wait
     assert h.fetch(a, rid="q") == 0 and h.holds == 0
     h.close()

@@ -315,7 +315,7 @@ class KVTiering:
         for n in self._tails.lengths(after):            # longest first
             if at + n <= len(tokens) and at + n > device_len and (at + n) % align == 0:
                 key = tail_key(after, np.asarray(tokens[at:at + n], dtype=np.int64))
-                holder = self._holders(key)
+                holder = self._holder(key, self._local)
                 if holder:
                     keys, tiers, end = (*keys, key), [*tiers, holder[0]], at + n
                     break
@@ -323,9 +323,10 @@ class KVTiering:
             return MISS
         return LoadPlan(keys, first, device_len, end, tuple(tiers))
 
-    def _holders(self, key: bytes) -> list[int]:
-        """The local tiers holding ``key``, fastest first (a hint: it may move)."""
-        return [i for i in self._local if self.chain.tiers[i].exists([key])[0]]
+    def _holder(self, key: bytes, tiers: Sequence[int]) -> list[int]:
+        """``[i]`` for the first of ``tiers`` holding ``key``, else ``[]`` (a hint: it may
+        move)."""
+        return next(([i] for i in tiers if self.chain.tiers[i].exists([key])[0]), [])
 
     def _run_tiers(self, keys: Sequence[bytes], skipped: int) -> list[int]:
         """The tier to read each page of the leading run of ``keys`` that the local tiers hold
@@ -339,7 +340,7 @@ class KVTiering:
         tiers: list[int] = []
         spent = 0.0
         for key, here in zip(keys, held, strict=True):
-            holder = [0] if here else self._holders(key)[:1]
+            holder = [0] if here else self._holder(key, self._local[1:])
             if not holder:
                 break
             if holder[0]:
