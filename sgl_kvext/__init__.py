@@ -5,8 +5,8 @@ Importing this package imports neither sglang nor torch; the SGLang side lives i
 """
 
 from sgl_kvext.config import BlendConfig, ConfigError, FragmentConfig, KVExtConfig, TierConfig
-from sgl_kvext.fragments.prewarm_client import PrewarmResult, prewarm_corpus
+from sgl_kvext.fragments.prewarm_client import PrewarmFailed, PrewarmResult, prewarm_corpus
 
-__all__ = ["BlendConfig", "ConfigError", "FragmentConfig", "KVExtConfig", "PrewarmResult",
-           "TierConfig", "prewarm_corpus"]
+__all__ = ["BlendConfig", "ConfigError", "FragmentConfig", "KVExtConfig", "PrewarmFailed",
+           "PrewarmResult", "TierConfig", "prewarm_corpus"]
 __version__ = "0.1.0"

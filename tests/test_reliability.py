@@ -42,6 +42,7 @@ from tiers_common import (
     tier_server,
 )
 
+from sgl_kvext import PrewarmFailed, prewarm_corpus
 from sgl_kvext.harness.demo import build_context
 from sgl_kvext.harness.seaweedfs import SeaweedFS
 from sgl_kvext.harness.server import SGLangServer
@@ -132,10 +133,11 @@ def test_corruption_while_traffic_runs_is_never_served(
 def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_path: Path,
                                         expected: dict[str, list[int]]) -> None:
     timeout_s = 2.0
+    doc = build_context(12)[0]     # a RAG chunk pre-warmed while S3 is down, then back
     with SeaweedFS(tmp_path / "weed", log_path=tmp_path / "weed.log") as weed, \
             tier_server(model_path, log_dir, "s3-outage", "--enable-metrics", *SMALL_HOST,
                         *s3_args(weed), "--kvext-s3-timeout", str(timeout_s),
-                        env=seaweed_env(weed)) as srv:
+                        "--kvext-fragment-blend", env=seaweed_env(weed)) as srv:
         start = time.perf_counter()
         assert ask(srv, 0).output_ids == expected[PROMPTS[0]]
         cold_s = time.perf_counter() - start
@@ -152,6 +154,10 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
             outage_s.append(time.perf_counter() - started)
             assert got.output_ids == expected[PROMPTS[i]]
             evict_context(srv)
+        started = time.perf_counter()        # a registration S3 refused is reported, not awaited
+        with pytest.raises(PrewarmFailed, match="fragments could not be registered"):
+            prewarm_corpus(srv.url, [doc], timeout_s=300, attempts=2)
+        prewarm_failed_s = time.perf_counter() - started
         weed.start()                                 # same ports, same data
         before = metric(srv.get_text("/metrics"), "kvext_tier_hits_total", "s3")
         hits_after = before
@@ -164,13 +170,16 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
             if hits_after > before and got.cached_tokens >= FROM_TIER:
                 break
             evict_context(srv)
+        assert prewarm_corpus(srv.url, [doc], timeout_s=300).fragments >= 1
     _record("s3_outage", s3_timeout_s=timeout_s, cold_request_s=round(cold_s, 2),
             outage_requests=len(outage_s) + failed, failed=failed,
-            outage_request_max_s=round(max(outage_s), 2), s3_hits_after_restart=hits_after - before)
+            outage_request_max_s=round(max(outage_s), 2), s3_hits_after_restart=hits_after - before,
+            prewarm_failed_s=round(prewarm_failed_s, 1))
     assert failed == 0
     # A stopped S3 costs a request at most the timeout on top of recomputing.
     assert max(outage_s) < 2 * cold_s + timeout_s + 5
     assert hits_after > before and got.cached_tokens >= FROM_TIER
+    assert prewarm_failed_s < 60
 
 
 def _in_group(pid: int, group: int) -> bool:

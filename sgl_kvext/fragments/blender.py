@@ -24,7 +24,9 @@ import queue
 import threading
 import time
 import typing
+from collections import OrderedDict
 from collections.abc import Sequence
+from enum import Enum
 from typing import NamedTuple
 
 import numpy as np
@@ -96,6 +98,19 @@ def _lower_priority() -> None:
         logger.warning("sgl-kvext: could not lower the fragment registration priority")
 
 
+class Registration(Enum):
+    """Where a pre-warmed fragment stands (``/kvext/fragments`` answers one per key)."""
+
+    REGISTERED = "registered"   # in the index: requests reuse it
+    PENDING = "pending"         # queued or being computed and stored
+    FAILED = "failed"           # its last write was refused or timed out: pre-warm it again
+    UNKNOWN = "unknown"         # never sent, or forgotten (evicted, corrupt)
+
+
+#: Failed registrations remembered for ``registration`` (oldest forgotten first).
+MAX_FAILED = 4096
+
+
 class FragmentBlender:
     """Plans, runs and registers fragment reuse for one model.
 
@@ -133,6 +148,7 @@ class FragmentBlender:
         self._pending_prewarm = 0
         self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
         self._queued: set[bytes] = set()
+        self._failed: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
@@ -263,26 +279,29 @@ class FragmentBlender:
             if key in self._queued or self.index.known(key):
                 return 0
             self._queued.add(key)
+            self._failed.pop(key, None)
             self._pending_prewarm += durable
         self._queue.put((tenant, ids.copy(), key, durable))
         return 1
 
     def _register(self, tenant: Tenant, ids: np.ndarray, key: bytes, durable: bool) -> None:
         # Stored already (by us earlier, or another instance): bring it up to host memory
-        # here, on the worker thread, where the scheduler's reads find it.
-        if self.store.get(tenant, [torch.as_tensor(ids)]):
+        # here, on the worker thread, where the scheduler's reads find it. A durable (pre-warm)
+        # registration also needs it in the last tier, which other instances read: a copy
+        # only in host memory (its write down failed before) is written through again.
+        last = self.store.chain.tiers[-1]
+        kv = self.store.get(tenant, [torch.as_tensor(ids)]).get(0)
+        if kv is not None and (not durable or last.exists([key])[0]):
             self.index.add(key)
             with self._lock:
                 self.counters["found_stored"] += 1
             return
-        kv = compute_chunk_kv(self.ops, torch.as_tensor(ids))
-        self.store.put(tenant, kv)
-        chain = self.store.chain
-        if durable and not (chain.flush(timeout_s=120.0) and chain.tiers[-1].exists([key])[0]):
+        self.store.put(tenant, kv if kv is not None else
+                       compute_chunk_kv(self.ops, torch.as_tensor(ids)))
+        if durable and not (self.store.chain.flush(timeout_s=120.0) and last.exists([key])[0]):
             # Not in the last tier (a write timed out or was refused): not known, so other
             # instances are not promised it and a later pre-warm tries again.
-            with self._lock:
-                self.counters["register_failed"] += 1
+            self._fail(key)
             return
         self.index.add(key)
         with self._lock:
@@ -300,12 +319,27 @@ class FragmentBlender:
                 self._register(tenant, ids, key, durable)
             except Exception:   # a failed registration only costs a future reuse
                 logger.exception("sgl-kvext: registering a %d-token fragment failed", len(ids))
-                with self._lock:
-                    self.counters["register_failed"] += 1
+                self._fail(key)
             finally:
                 with self._lock:
                     self._queued.discard(key)
                     self._pending_prewarm -= durable
+
+    def _fail(self, key: bytes) -> None:
+        with self._lock:
+            self.counters["register_failed"] += 1
+            self._failed[key] = None
+            while len(self._failed) > MAX_FAILED:
+                self._failed.popitem(last=False)
+
+    def registration(self, key: bytes) -> Registration:
+        """Where the fragment ``key`` stands (see :class:`Registration`)."""
+        with self._lock:
+            if key in self._queued:
+                return Registration.PENDING
+            if key in self._failed:
+                return Registration.FAILED
+        return Registration.REGISTERED if self.index.known(key) else Registration.UNKNOWN
 
     def close(self) -> None:
         self._queue.put(_STOP)

@@ -67,9 +67,15 @@ def _parts(texts: Sequence[str]) -> list[list[str]]:
     return parts
 
 
+class PrewarmFailed(RuntimeError):
+    """Some fragments could not be stored after every attempt (the server's last tier refused
+    or timed out: its log and ``kvext_fragment_register_failed`` say more)."""
+
+
 def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
                    cache_salt: str = "", timeout_s: float = 600.0,
-                   poll_s: float = 0.5, api_key: str | None = None) -> PrewarmResult:
+                   poll_s: float = 0.5, api_key: str | None = None,
+                   attempts: int = 3) -> PrewarmResult:
     """Register ``texts`` (RAG chunks) as fragments in the server at ``base_url``.
 
     Parameters
@@ -85,32 +91,62 @@ def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
     api_key
         The server's ``--admin-api-key`` (or ``--api-key`` when it has no admin key): the
         routes are gated like SGLang's own control routes.
+    attempts
+        Times a part whose fragments failed to register is sent (>= 1); after the last,
+        :class:`PrewarmFailed` names how many failed.
     """
     if not texts:
         raise ValueError("texts must hold at least one chunk")
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
     started = time.monotonic()
     base = base_url.rstrip("/")
     tenant = {"extra_key": extra_key, "cache_salt": cache_salt}
     deadline = started + timeout_s
-    keys: list[str] = []
-    for part in _parts(texts):        # a part the server is too busy for waits its turn
-        while True:
-            try:
-                answer = _post(base + "/kvext/prewarm", {"texts": part, **tenant},
-                               max(1.0, deadline - time.monotonic()), api_key)
-                break
-            except _Busy as busy:
-                if time.monotonic() + busy.retry_after_s >= deadline:
-                    raise TimeoutError(f"the server's pre-warm queue stayed full for "
-                                       f"{timeout_s:.0f}s ({len(keys)} fragments sent)") from None
-                time.sleep(busy.retry_after_s)
-        keys += answer["keys"]
+    parts = _parts(texts)
+    keys: list[list[str]] = [[] for _ in parts]
+    todo = list(range(len(parts)))
+    for _ in range(attempts):
+        for i in todo:              # a part the server is too busy for waits its turn
+            keys[i] = _send(base, {"texts": parts[i], **tenant}, deadline, api_key)
+        states = _settled(base, [k for ks in keys for k in ks], tenant, deadline, poll_s,
+                          api_key)
+        failed = {k for k, s in states.items() if s != "registered"}
+        if not failed:
+            return PrewarmResult(len(states), time.monotonic() - started)
+        todo = [i for i, ks in enumerate(keys) if failed.intersection(ks)]
+    raise PrewarmFailed(f"{len(failed)} of {len(states)} fragments could not be registered in "
+                        f"{attempts} attempts (the server's last tier refused or timed out; "
+                        "see its log)")
+
+
+def _send(base: str, body: dict[str, Any], deadline: float, api_key: str | None) -> list[str]:
+    """POST one part to /kvext/prewarm, waiting out a full queue; its fragment keys."""
+    while True:
+        try:
+            answer = _post(base + "/kvext/prewarm", body, max(1.0, deadline - time.monotonic()),
+                           api_key)
+            return list(answer["keys"])
+        except _Busy as busy:
+            if time.monotonic() + busy.retry_after_s >= deadline:
+                raise TimeoutError("the server's pre-warm queue stayed full past the "
+                                   "deadline") from None
+            time.sleep(busy.retry_after_s)
+
+
+def _settled(base: str, keys: list[str], tenant: dict[str, str], deadline: float,
+             poll_s: float, api_key: str | None) -> dict[str, str]:
+    """Each key's registration state once none is pending (``TimeoutError`` at the deadline).
+    Servers older than the ``state`` field answer ``known`` only: unknown reads as pending."""
     while True:
         status = _post(base + "/kvext/fragments", {"keys": keys, **tenant}, 30.0, api_key)
-        known = sum(bool(k) for k in status["known"])
-        if known == len(keys):
-            return PrewarmResult(len(keys), time.monotonic() - started)
+        states = status.get("state") or ["registered" if k else "pending"
+                                          for k in status["known"]]
+        by_key = dict(zip(keys, states, strict=True))
+        if "pending" not in by_key.values():
+            return by_key
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"{known} of {len(keys)} fragments registered after "
-                               f"{timeout_s:.0f}s; registration continues in the server")
+            done = sum(s == "registered" for s in by_key.values())
+            raise TimeoutError(f"{done} of {len(by_key)} fragments registered by the deadline; "
+                               "registration continues in the server")
         time.sleep(poll_s)

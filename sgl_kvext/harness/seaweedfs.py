@@ -38,11 +38,17 @@ def weed_binary() -> Path:
 
 
 class SeaweedFS:
-    """``weed mini`` serving S3 at :attr:`endpoint` with a data folder; a context manager."""
+    """``weed mini`` serving S3 at :attr:`endpoint` with a data folder; a context manager.
+
+    ``max_volumes`` is passed as ``-volume.max``: each bucket takes at least one volume, and
+    the default (free disk / 128 MB, read once at start) let a machine short of disk refuse
+    writes to every new bucket with HTTP 500 (seen as S3 writes lost in a late test).
+    Volumes are not preallocated, so the bound costs no disk."""
 
     def __init__(self, data_dir: Path, log_path: Path | None = None,
-                 startup_timeout_s: float = 60.0) -> None:
+                 startup_timeout_s: float = 60.0, max_volumes: int = 256) -> None:
         self.data_dir = Path(data_dir)
+        self.max_volumes = max_volumes
         self.log_path = log_path or self.data_dir.parent / "weed.log"
         self.startup_timeout_s = startup_timeout_s
         self.ports = {flag: free_port() for flag in _PORT_FLAGS}
@@ -58,6 +64,7 @@ class SeaweedFS:
         cmd = [str(weed_binary()), "mini", f"-dir={self.data_dir}", f"-ip={HOST}",
                f"-ip.bind={HOST}", "-admin.ui=false", "-webdav=false",
                "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-volume.max={self.max_volumes}",
                *(f"-{flag}={port}" for flag, port in self.ports.items())]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         with open(self.log_path, "ab") as log:

@@ -36,7 +36,7 @@ from fastapi.responses import ORJSONResponse
 from sgl_kvext.config import env
 from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import PREWARM_BUSY as BUSY
-from sgl_kvext.fragments.blender import PrewarmBusy
+from sgl_kvext.fragments.blender import PrewarmBusy, Registration
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.sglang_plugin import lookup
 from sgl_kvext.sglang_plugin.surface import (
@@ -117,8 +117,9 @@ def handle(tree: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
             raw = [bytes.fromhex(k) for k in keys]
         except ValueError:
             raise ValueError("keys must be a list of hex strings") from None
-        return {"known": [blender.index.known(k) for k in raw],
-                "counters": dict(blender.counters)}
+        states = [blender.registration(k) for k in raw]
+        return {"known": [s is Registration.REGISTERED for s in states],
+                "state": [s.value for s in states], "counters": dict(blender.counters)}
     raise ValueError(f"unknown method {method!r}; allowed: {PREFIX}prewarm, {PREFIX}fragments, "
                      f"{lookup.METHOD}")
 
