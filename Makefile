@@ -11,10 +11,14 @@ BIN := $(VENV)/bin
 
 .PHONY: install model demo test test-all bench soak
 
+# pip unpacks ~2 GB of wheels in its temporary folder: keep that beside the venv (a small
+# tmpfs /tmp must not fail the install) and keep no download cache (the venv is ~11 GB).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	mkdir -p $(VENV)/pip-tmp
+	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[test]'
+	rm -rf $(VENV)/pip-tmp
 	touch $@
 
 install: $(VENV)/.installed
