@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from sgl_kvext.pages import key_chains
 from sgl_kvext.pages import tiering as kv_tiering
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
-from sgl_kvext.pages.keys import ModelIdentity
+from sgl_kvext.pages.keys import ModelIdentity, Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.tiering import MISS, Hold, KVTiering, LoadPlan
 from sgl_kvext.tiers.chain import TierChain
@@ -91,8 +92,8 @@ def test_admission_loads_what_the_host_tier_holds_and_hashes_a_request_once(
     tokens = list(range(6000, 6040))
     tiering.spill(T0, tokens, torch.arange(40), 0)
     calls = []
-    real = kv_tiering.page_keys
-    monkeypatch.setattr(kv_tiering, "page_keys",
+    real = key_chains.page_keys
+    monkeypatch.setattr(key_chains, "page_keys",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(3):                       # a waiting request, matched on every pass
         step = tiering.admit(T0, tokens, 8, request_id="r1", align=4)
@@ -100,7 +101,7 @@ def test_admission_loads_what_the_host_tier_holds_and_hashes_a_request_once(
     assert len(calls) == 1
     assert tiering.admit(T0, tokens, 8, request_id="r1", align=24) == MISS   # unaligned run
     assert tiering.admit(T0, list(range(7000, 7040)), 0, request_id="r2") == MISS
-    other = kv_tiering.Tenant(cache_salt="someone-else")
+    other = Tenant(cache_salt="someone-else")
     assert tiering.admit(other, tokens, 0, request_id="r3") == MISS   # another tenant's keys
     tiering.forget("r1")
     tiering.admit(T0, tokens, 8, request_id="r1")
@@ -112,8 +113,8 @@ def test_a_continued_path_hashes_only_its_own_tokens_and_gets_the_same_keys(
     # Nodes "a" (16 tokens) -> "b" (22 tokens: a partial page) -> "c" (40): page size 4.
     tokens = list(range(9000, 9040))
     hashed = []
-    real = kv_tiering.page_keys
-    monkeypatch.setattr(kv_tiering, "page_keys",
+    real = key_chains.page_keys
+    monkeypatch.setattr(key_chains, "page_keys",
                         lambda ns, ids, **k: hashed.append(len(ids)) or real(ns, ids, **k))
     full = tiering.keys_for(T0, tokens)
     hashed.clear()
@@ -125,11 +126,11 @@ def test_a_continued_path_hashes_only_its_own_tokens_and_gets_the_same_keys(
     assert plan == MISS and hashed[-1] == 24        # "b" unknown: from "a" on ("b" noted)
     assert tiering.spill(T0, tokens, torch.arange(40), 22, [("b", 22), ("a", 16)]) == 5
     assert hashed[-1] == 20                         # from "b" on
-    assert tiering._keys_from(T0, tokens, 5, [("b", 22)]).keys == full[5:]
+    assert tiering.keys.from_page(T0, tokens, 5, [("b", 22)]).keys == full[5:]
     assert tiering.plan(T0, tokens[:16], 0).keys == tuple(full[:4])
-    other = kv_tiering.Tenant(cache_salt="someone-else")
+    other = Tenant(cache_salt="someone-else")
     hashed.clear()
-    keys = tiering._keys_from(other, tokens, 5, [("b", 22)])         # not another tenant's
+    keys = tiering.keys.from_page(other, tokens, 5, [("b", 22)])         # not another tenant's
     assert hashed == [40] and keys.keys == tiering.keys_for(other, tokens)[5:]
 
 

@@ -12,7 +12,7 @@ The tree calls this module and knows nothing of tiers; the tiers know nothing of
   pass: load this run now (:class:`LoadPlan`), keep waiting for a running prefetch
   (:class:`Hold`, within the prefetch policy's budget), or nothing to load (:class:`Miss`).
   A request's page keys are hashed once, not on every pass, and only after its device
-  prefix: the chain key where a tree node's path ends is remembered under the node's id.
+  prefix (:class:`~sgl_kvext.pages.key_chains.PathKeys`).
 - :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots, each page
   from the tier the plan found it in (or another local tier, if it moved since); any page
   that has gone missing makes the whole load fail (the caller recomputes).
@@ -23,17 +23,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from array import array
-from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from sgl_kvext.pages.cost_model import CostModel
-from sgl_kvext.pages.keys import ModelIdentity, Namespace, Tenant, page_keys, tail_key
+from sgl_kvext.pages.key_chains import PathKeys
+from sgl_kvext.pages.keys import ModelIdentity, Tenant, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
@@ -45,12 +43,8 @@ _KNOWN_KEYS = 1 << 16
 # Loads go through one reused staging buffer of at most this size, in batches of pages: a
 # buffer sized to the largest load would keep up to the whole pool's bytes resident.
 _STAGING_BYTES = 64 << 20
-#: Requests whose page keys are remembered between scheduling passes, and the most prompt
-#: tokens remembered with them (4 bytes each).
-_KEY_CACHE = 4096
-_KEY_CACHE_TOKENS = 1 << 23
-#: Prefixes (tree nodes) whose chain key is remembered.
-_ANCHORS = 1 << 16
+#: Chain keys that end a spilled partial page, each with its tail lengths.
+_TAILS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
 #: thread; pages past it are prefetched in the background instead, so one request's cached
 #: prompt never stalls the others' decoding for long.
@@ -97,39 +91,6 @@ class Miss:
 MISS = Miss()
 
 
-class _Chain(NamedTuple):
-    """Page keys of a path from page ``first`` on; ``before`` is the chain key preceding
-    them (the last earlier page's, or the namespace digest at page 0)."""
-
-    first: int
-    before: bytes
-    keys: list[bytes]
-
-    def since(self, page: int) -> _Chain:
-        """The keys from ``page`` (>= ``first``) on."""
-        if page == self.first:
-            return self
-        skip = page - self.first
-        return _Chain(page, self.keys[skip - 1], self.keys[skip:])
-
-
-class _RequestKeys(NamedTuple):
-    """A waiting request's page keys, and the tokens they were hashed from (a request id is
-    the client's to choose: another prompt under the same id must not reuse them)."""
-
-    tenant: Tenant
-    tokens: np.ndarray          # int32
-    chain: _Chain
-
-
-class _Anchor(NamedTuple):
-    """The key of a prefix's last full page (page ``pages - 1``)."""
-
-    tenant: Tenant
-    pages: int
-    key: bytes
-
-
 class KVTiering:
     """Page KV between one model's device pool and a tier chain.
 
@@ -168,74 +129,15 @@ class KVTiering:
                              if i and tier.capabilities.local]
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._deadlines: dict[Hashable, float] = {}
-        self._key_cache: OrderedDict[Hashable, _RequestKeys] = OrderedDict()
-        self._cached_tokens = 0
-        self._anchors: OrderedDict[Hashable, _Anchor] = OrderedDict()
-        self._tails = TailLengths(_ANCHORS)
+        self.keys = PathKeys(identity, self.tokens)
+        self._tails = TailLengths(_TAILS)
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0,
                          "streamed_pages": 0}
 
     def keys_for(self, tenant: Tenant, tokens: Sequence[int]) -> list[bytes]:
         """Page keys of ``tokens`` (a path from the root) for ``tenant``."""
-        return page_keys(Namespace(self.identity, tenant), np.asarray(tokens, dtype=np.int64))
-
-    def _keys_from(self, tenant: Tenant, tokens: Sequence[int], first: int,
-                   prefix: Iterable[tuple[Hashable, int]]) -> _Chain:
-        """Keys of the full pages of ``tokens`` from page ``first`` on.
-
-        ``prefix`` names paths ``tokens`` continues, deepest first: ``(id, length)`` of tree
-        nodes whose path is ``tokens[:length]``, the first one at least ``first`` pages long
-        (ids are never reused; a node's path never changes). The key of each id's last full
-        page is remembered, so only the tokens after the deepest remembered one are hashed:
-        a chat's turn hashes its own tokens, not its history."""
-        namespace = Namespace(self.identity, tenant)
-        start, before = 0, namespace.digest        # pages known, the chain key after them
-        deepest: tuple[Hashable, int] | None = None
-        for node_id, length in prefix:
-            pages = length // self.tokens
-            if deepest is None:
-                deepest = (node_id, pages)
-            if pages == 0:
-                break
-            anchor = self._anchors.get(node_id)
-            if (anchor is not None and anchor.tenant == tenant and anchor.pages == pages
-                    and pages <= first):
-                self._anchors.move_to_end(node_id)
-                start, before = pages, anchor.key
-                break
-        keys = page_keys(namespace, np.asarray(tokens[start * self.tokens:], dtype=np.int64),
-                         after=before)
-        if deepest is not None and start < deepest[1] <= start + len(keys):
-            self._anchors[deepest[0]] = _Anchor(tenant, deepest[1], keys[deepest[1] - start - 1])
-            self._anchors.move_to_end(deepest[0])
-            while len(self._anchors) > _ANCHORS:
-                self._anchors.popitem(last=False)
-        return _Chain(start, before, keys).since(first)
-
-    def _request_keys(self, tenant: Tenant, tokens: Sequence[int], first: int,
-                      request_id: Hashable | None, prefix: Iterable[tuple[Hashable, int]]
-                      ) -> _Chain:
-        """:meth:`_keys_from`, remembered under ``request_id`` when given (a waiting request
-        is matched on every scheduling pass; its prompt does not change)."""
-        if request_id is None:
-            return self._keys_from(tenant, tokens, first, prefix)
-        ids = _int64(tokens)
-        cached = self._key_cache.get(request_id)
-        if (cached is not None and cached.tenant == tenant and cached.chain.first <= first
-                and np.array_equal(cached.tokens, ids)):
-            self._key_cache.move_to_end(request_id)
-            return cached.chain.since(first)
-        chain = self._keys_from(tenant, tokens, first, prefix)
-        if cached is not None:
-            self._cached_tokens -= cached.tokens.size
-        self._key_cache[request_id] = _RequestKeys(tenant, ids.astype(np.int32), chain)
-        self._key_cache.move_to_end(request_id)
-        self._cached_tokens += ids.size
-        while self._key_cache and (len(self._key_cache) > _KEY_CACHE
-                                   or self._cached_tokens > _KEY_CACHE_TOKENS):
-            self._cached_tokens -= self._key_cache.popitem(last=False)[1].tokens.size
-        return chain
+        return self.keys.all(tenant, tokens)
 
     # ------------------------------------------------------------------ spill
     def spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
@@ -254,7 +156,7 @@ class KVTiering:
             Tokens before this are stored already (or belong to another node).
         prefix
             The paths ``tokens`` continues (the evicted node's ancestors), see
-            :meth:`_keys_from`.
+            :meth:`PathKeys.from_page <sgl_kvext.pages.key_chains.PathKeys.from_page>`.
 
         Returns
         -------
@@ -262,7 +164,7 @@ class KVTiering:
         """
         t = self.tokens
         first = from_token // t
-        chain = self._keys_from(tenant, tokens, first, prefix)   # pages first.. only
+        chain = self.keys.from_page(tenant, tokens, first, prefix)   # pages first.. only
         full = first + len(chain.keys)
         keys = list(chain.keys)
         page_slots = slots[: full * t].view(full, t)[first:]
@@ -298,10 +200,10 @@ class KVTiering:
 
         Pages after the run are prefetched under ``prefetch_id`` (when given), so a later call
         finds them. ``prefix``: the device match's nodes, deepest first (see
-        :meth:`_keys_from`).
+        :meth:`PathKeys.from_page <sgl_kvext.pages.key_chains.PathKeys.from_page>`).
         """
         first = device_len // self.tokens
-        chain = self._request_keys(tenant, tokens, first, prefetch_id, prefix)
+        chain = self.keys.for_request(tenant, tokens, first, prefetch_id, prefix)
         rest = chain.keys
         tiers = self._run_tiers(rest, first * self.tokens - device_len)
         run = len(tiers)
@@ -395,9 +297,7 @@ class KVTiering:
     def forget(self, request_id: Hashable) -> None:
         """The request left: drop its wait deadline and cached keys."""
         self._deadlines.pop(request_id, None)
-        cached = self._key_cache.pop(request_id, None)
-        if cached is not None:
-            self._cached_tokens -= cached.tokens.size
+        self.keys.forget(request_id)
 
     def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
         """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.
@@ -478,13 +378,6 @@ class KVTiering:
     def close(self) -> None:
         self.prefetcher.close()
         self.chain.close()
-
-
-def _int64(tokens: Sequence[int]) -> np.ndarray:
-    """``tokens`` as int64 without a copy when SGLang hands an ``array('q')``."""
-    if isinstance(tokens, array) and tokens.itemsize == 8:
-        return np.frombuffer(tokens, dtype=np.int64)
-    return np.asarray(tokens, dtype=np.int64)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
