@@ -38,7 +38,7 @@ soak: model
 	$(BIN)/sgl-kvext-bench soak --json results/soak.json --server-args "--dtype float32"
 
 test: model
-	$(BIN)/python -m pytest -q -m "not extended"
+	$(BIN)/python -m pytest -q -m "not extended" --durations=25
 
 test-all: model
 	$(BIN)/python -m pytest -q
