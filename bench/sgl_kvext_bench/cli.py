@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sgl_kvext_bench.client import APIS
+from sgl_kvext_bench.stall import LOADS as STALL_LOADS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="device KV pool of the evicting runs")
     tr.add_argument("--rounds", type=int, default=5,
                     help="timed interleaved rounds (medians over them)")
+    st = _command(sub, "stall", "the scheduler's longest stall (token gaps of a probe "
+                                "client) under hostile requests and a frozen S3")
+    _server_args(st)
+    st.add_argument("--repeats", type=int, default=3, help="runs of each load (medians)")
+    st.add_argument("--loads", default=",".join(STALL_LOADS),
+                    help="comma-separated subset of " + ", ".join(STALL_LOADS))
     sk = _command(sub, "soak", "memory soak: RSS of every server process and host-tier bytes "
                                "over a long mixed multi-turn + RAG run")
     _server_args(sk)

@@ -220,10 +220,36 @@ def soak(args: argparse.Namespace) -> int:
     return finish(args, results, table, rows, "soak", extra)
 
 
+def stall(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.stall import LOADS, run_stall
+
+    loads = parse_configs(args.loads, LOADS, "--loads")
+    if args.repeats < 1:
+        raise BadOption("--repeats must be >= 1")
+    if "traffic_s3_late" in loads and "traffic" not in loads:
+        raise BadOption("--loads: traffic_s3_late is measured against traffic; add it")
+    serving = serving_for(args)
+    assert serving.model_path is not None
+    with progress_bar() as progress:
+        results = run_stall(serving.model_path, serving.log_dir, progress,
+                            serving.server_args, args.repeats, tuple(loads))
+    table = markdown(["load", "longest token gap (ms, median)", "p50 gap (ms)", "reference",
+                      "stall beyond it (ms)"],
+                     [[name, r["max_gap_s"] * 1e3, r["p50_gap_s"] * 1e3, r["reference"],
+                       None if r["stall_s"] is None else r["stall_s"] * 1e3]
+                      for name, r in results["loads"].items()])
+    rows = [{"load": name, "round": i, **{k: v for k, v in run.items() if k != "answer"}}
+            for name, r in results["loads"].items() for i, run in enumerate(r["runs"], 1)]
+    worst = results["max_stall_s"]
+    extra = [f"longest stall beyond compute: {worst * 1e3:.0f} ms" if worst is not None
+             else "no load with a reference"]
+    return finish(args, results, table, rows, extra=extra)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "multiturn": multiturn, "rag": rag, "code": code, "replay": replay,
     "attention": attention, "blend": blend, "tiers": tiers, "soak": soak, "tree": tree,
-    "compare": compare}
+    "compare": compare, "stall": stall}
 
 
 def run(args: argparse.Namespace) -> int:

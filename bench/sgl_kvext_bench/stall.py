@@ -1,0 +1,207 @@
+"""The scheduler's longest stall under hostile load (``sgl-kvext-bench stall``).
+
+One hierarchical server with every tier (host memory, disk, S3 on a SeaweedFS the bench
+starts) and fragment blend. A probe client streams greedy completions back to back, and
+every gap between two of its tokens is recorded, while one load at a time runs beside it:
+
+- ``idle``: nothing (the probe's own decode: the reference for the refused loads);
+- ``prewarm_body_20mib``: a 20 MiB ``/kvext/prewarm`` body (refused before it is read);
+- ``prewarm_oversized``: a text longer than the model's context and 350k tokens in one
+  request (both refused after the HTTP side tokenized them);
+- ``chunks_1024x100k``: a generate request with 1,024 ``kvext_chunks`` of 100k characters
+  (refused in the tokenizer manager);
+- ``prewarm_registration``: a 16-document corpus registered (computed at the lowest CPU
+  priority on the scheduler's worker thread, written through every tier);
+- ``traffic`` and ``traffic_s3_late``: the same requests (new prompts that push earlier ones
+  down the tiers, then those again), with S3 answering, then with S3 frozen (SIGSTOP: every
+  call waits out its timeout), which also fills the S3 writer queue.
+
+A token gap is decode plus whatever the scheduler did in between; the stall a load adds is
+its longest gap minus the longest gap of its reference (``idle``, or ``traffic`` for
+``traffic_s3_late``, whose prefills are compute the probe shares by design). Gaps are taken
+at the client on loopback, where every scheduler wait shows, as a median over ``repeats``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.fragments.prewarm_client import prewarm_corpus
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.harness.server import SGLangServer
+from sgl_kvext_bench.client import stream_generate
+
+PROBE = "Write a long story about a lighthouse keeper and the ships she watched. Once upon"
+PROBE_TOKENS = 48
+WORDS = ("river", "stone", "lamp", "orbit", "cedar", "quartz", "harbor", "violet", "engine",
+         "meadow", "copper", "signal", "lantern", "glacier", "saddle", "thunder")
+#: Every load, in the order they run.
+LOADS = ("idle", "prewarm_body_20mib", "prewarm_oversized", "chunks_1024x100k",
+         "prewarm_registration", "traffic", "traffic_s3_late")
+#: Loads whose stall is measured against the ``traffic`` run instead of ``idle``.
+REFERENCE = {"traffic_s3_late": "traffic"}
+
+
+def _words(n: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(n)) + "."
+
+
+def _status(url: str, body: bytes, timeout_s: float = 600.0) -> int:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            resp.read()
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _huge_body(base_url: str, nbytes: int) -> int:
+    """Status of a ``nbytes`` POST to /kvext/prewarm (the server may refuse it unread)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.putrequest("POST", "/kvext/prewarm")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(nbytes))
+        conn.endheaders()
+        try:
+            for _ in range(nbytes >> 20):
+                conn.send(b"x" * (1 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+class _Loads:
+    """The loads, each a call that returns what the server answered."""
+
+    def __init__(self, url: str, weed: SeaweedFS, seed: int) -> None:
+        self.url, self.weed, self.rng = url, weed, random.Random(seed)
+        self.round = 0
+
+    def idle(self) -> dict[str, Any]:
+        time.sleep(3.0)
+        return {}
+
+    def prewarm_body_20mib(self) -> dict[str, Any]:
+        return {"status": _huge_body(self.url, 20 << 20)}
+
+    def prewarm_oversized(self) -> dict[str, Any]:
+        url = self.url + "/kvext/prewarm"
+        long_text = json.dumps({"texts": [_words(9000, self.rng)]}).encode()
+        many = json.dumps({"texts": [_words(600, self.rng) for _ in range(200)]}).encode()
+        return {"status": [_status(url, long_text), _status(url, many)]}
+
+    def chunks_1024x100k(self) -> dict[str, Any]:
+        chunk = _words(100_000 // 9, self.rng)[:100_000]
+        body = {"text": "Say hello.", "sampling_params": {
+            "max_new_tokens": 1, "custom_params": {"kvext_chunks": [chunk] * 1024}}}
+        return {"status": _status(self.url + "/generate", json.dumps(body).encode())}
+
+    def prewarm_registration(self) -> dict[str, Any]:
+        docs = [_words(220, self.rng) for _ in range(16)]
+        return {"fragments": prewarm_corpus(self.url, docs, timeout_s=600).fragments}
+
+    def traffic(self) -> dict[str, Any]:
+        """Eight new ~700-token prompts (the pool holds ~5), then the first four again."""
+        self.round += 1
+        rng = random.Random(1000 + self.round)      # the same requests in both S3 runs
+        prompts = [_words(350, rng) for _ in range(8)]
+        cached = 0
+        for text in prompts + prompts[:4]:
+            cached += stream_generate(self.url, text, 2).cached_tokens
+        return {"requests": 12, "cached_tokens": cached}
+
+    def traffic_s3_late(self) -> dict[str, Any]:
+        self.round -= 1                              # replay the last traffic round
+        self.weed.pause()
+        try:
+            return self.traffic()
+        finally:
+            self.weed.resume()
+
+
+def _probe(url: str, stop: threading.Event, gaps: list[float]) -> None:
+    while not stop.is_set():
+        gaps.extend(stream_generate(url, PROBE, PROBE_TOKENS).itl_s)
+
+
+def _measure(url: str, load: Callable[[], dict[str, Any]]) -> tuple[list[float], dict[str, Any]]:
+    stop, gaps = threading.Event(), list[float]()
+    probe = threading.Thread(target=_probe, args=(url, stop, gaps), daemon=True)
+    probe.start()
+    time.sleep(0.5)                                  # the probe is decoding
+    try:
+        answer = load()
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        probe.join(timeout=300)
+    return gaps, answer
+
+
+def run_stall(model_path: Path, log_dir: Path, progress: Callable[[str], None] = print,
+              server_args: tuple[str, ...] = (), repeats: int = 3,
+              loads: tuple[str, ...] = LOADS,
+              seed: int = 0) -> dict[str, Any]:
+    """Every load ``repeats`` times beside the probe (see the module doc)."""
+    if "traffic_s3_late" in loads and "traffic" not in loads:
+        raise ValueError("traffic_s3_late is measured against traffic: run both")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in loads}
+    with tempfile.TemporaryDirectory(prefix="kvext-stall-") as work, \
+            SeaweedFS(Path(work) / "weed", log_path=log_dir / "stall-weed.log") as weed:
+        creds = weed.credentials
+        env = {"AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
+               "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"]}
+        args = ("--enable-hierarchical-kv", "--kvext-fragment-blend", "--enable-metrics",
+                "--max-total-tokens", "4096", "--kvext-host-size", "16MiB",
+                "--kvext-disk-dir", str(Path(work) / "disk"), "--kvext-disk-size", "1GiB",
+                "--kvext-s3-url", f"s3://kvext-bench/stall-{uuid.uuid4().hex}",
+                "--kvext-s3-endpoint", weed.endpoint, "--kvext-s3-timeout", "4",
+                *server_args)
+        with SGLangServer(model_path, args, log_path=log_dir / "stall.log", env=env) as srv:
+            stream_generate(srv.url, PROBE, PROBE_TOKENS)                  # warm-up
+            acts = _Loads(srv.url, weed, seed)
+            for r in range(repeats):
+                for name in loads:
+                    started = time.perf_counter()
+                    gaps, answer = _measure(srv.url, getattr(acts, name))
+                    runs[name].append({"max_gap_s": max(gaps, default=0.0),
+                                       "p50_gap_s": statistics.median(gaps) if gaps else 0.0,
+                                       "gaps": len(gaps), "answer": answer,
+                                       "seconds": time.perf_counter() - started})
+                    progress(f"stall: round {r + 1}/{repeats} {name}: longest gap "
+                             f"{runs[name][-1]['max_gap_s'] * 1e3:.0f} ms")
+    return summarize(runs)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per load: medians over the repeats, and the stall beyond its reference's longest gap."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, got in runs.items():
+        rows[name] = {"max_gap_s": statistics.median(g["max_gap_s"] for g in got),
+                      "p50_gap_s": statistics.median(g["p50_gap_s"] for g in got),
+                      "runs": got}
+    for name, row in rows.items():
+        ref = REFERENCE.get(name, "idle")
+        row["reference"] = ref if name != ref and ref in rows else None
+        row["stall_s"] = (max(0.0, row["max_gap_s"] - rows[ref]["max_gap_s"])
+                          if row["reference"] else None)
+    return {"loads": rows,
+            "max_stall_s": max((r["stall_s"] for r in rows.values()
+                                if r["stall_s"] is not None), default=None)}
