@@ -36,10 +36,15 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
     with Fleet(model_path, 2, args, log_dir=log_dir / "fleet", policy="round_robin",
                env=seaweed_env(seaweed)) as fleet:
         first = fleet.router.generate(PROMPTS[0], MAX_NEW)
-        deadline = time.monotonic() + 30          # write-through to S3 runs in the background
-        while sum(_s3(fleet, "bytes_in")) == 0 and time.monotonic() < deadline:
+        # Write-through to S3 runs in the background, a page at a time: wait until S3 holds
+        # the whole prompt as the other instance sees it (its first pages land first).
+        deadline = time.monotonic() + 60
+        while True:
+            looked = [s.post("/kvext/lookup", {"text": PROMPTS[0]}) for s in fleet.servers]
+            if min(r["tiers"]["s3"] for r in looked) >= 0.9 * looked[0]["tokens"] - 32 \
+                    or time.monotonic() > deadline:
+                break
             time.sleep(0.5)
-        looked = [s.post("/kvext/lookup", {"text": PROMPTS[0]}) for s in fleet.servers]
         with pytest.raises(urllib.error.HTTPError) as bad:
             fleet.servers[0].post("/kvext/lookup", {"input_ids": ["x"]})
         second = fleet.router.generate(PROMPTS[1], MAX_NEW)     # round robin: the other one
