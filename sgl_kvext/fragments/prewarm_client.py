@@ -115,9 +115,14 @@ def prewarm_corpus(base_url: str, texts: Sequence[str], *, extra_key: str = "",
         if not failed:
             return PrewarmResult(len(states), time.monotonic() - started)
         todo = [i for i, ks in enumerate(keys) if failed.intersection(ks)]
+    refused = sum(states[k] == "failed" for k in failed)
+    why = [f"{refused} refused or timed out by the server's last tier (see its log)"] \
+        if refused else []
+    if len(failed) > refused:
+        why.append(f"{len(failed) - refused} forgotten again (more fragments than the "
+                   "server's fragment index holds: pre-warm fewer at a time)")
     raise PrewarmFailed(f"{len(failed)} of {len(states)} fragments could not be registered in "
-                        f"{attempts} attempts (the server's last tier refused or timed out; "
-                        "see its log)")
+                        f"{attempts} attempts: " + "; ".join(why))
 
 
 def _send(base: str, body: dict[str, Any], deadline: float, api_key: str | None) -> list[str]:
