@@ -6,7 +6,6 @@ are tokenized by the HTTP side, and generation goes on throughout."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import time
@@ -20,6 +19,7 @@ from server_pool import ServerPool
 from tiers_common import Chain, seaweed_env
 
 from sgl_kvext import prewarm_corpus
+from sgl_kvext_bench.stall import post_huge_body
 
 pytestmark = pytest.mark.e2e
 
@@ -32,27 +32,6 @@ def _post(url: str, body: bytes) -> tuple[int, dict[str, str], str]:
                 resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode()
-
-
-def _post_huge(base_url: str, nbytes: int) -> int:
-    """Status of a POST of ``nbytes`` to /kvext/prewarm; the server may answer and close
-    before the body is all sent (then the rest is not sent)."""
-    host, port = base_url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        conn.putrequest("POST", "/kvext/prewarm")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(nbytes))
-        conn.endheaders()
-        chunk = b"x" * (1 << 20)
-        try:
-            for _ in range(nbytes >> 20):
-                conn.send(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass                          # refused before the body was read: the point
-        return conn.getresponse().status
-    finally:
-        conn.close()
 
 
 def _text(words: int) -> str:
@@ -70,7 +49,7 @@ def test_prewarm_requests_are_bounded_and_generation_goes_on(servers: ServerPool
                       seaweed_env(chain.seaweed))
     url = srv.url + "/kvext/prewarm"
     started = time.monotonic()
-    assert _post_huge(srv.url, 20 << 20) == 413 and time.monotonic() - started < 30
+    assert post_huge_body(srv.url, 20 << 20) == 413 and time.monotonic() - started < 30
     status, _, err = _post(url, json.dumps({"texts": [_text(9000)]}).encode())  # > 8,192
     assert status == 400 and "the model's context" in err, err
     status, _, err = _post(url, json.dumps({"texts": [_text(600) for _ in range(200)]})

@@ -71,8 +71,9 @@ def _status(url: str, body: bytes, timeout_s: float = 600.0) -> int:
         return int(exc.code)
 
 
-def _huge_body(base_url: str, nbytes: int) -> int:
-    """Status of a ``nbytes`` POST to /kvext/prewarm (the server may refuse it unread)."""
+def post_huge_body(base_url: str, nbytes: int) -> int:
+    """Status of a ``nbytes`` POST to /kvext/prewarm; the server may answer and close before
+    the body is all sent (then the rest is not sent)."""
     host, port = base_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     try:
@@ -102,7 +103,7 @@ class _Loads:
         return {}
 
     def prewarm_body_20mib(self) -> dict[str, Any]:
-        return {"status": _huge_body(self.url, 20 << 20)}
+        return {"status": post_huge_body(self.url, 20 << 20)}
 
     def prewarm_oversized(self) -> dict[str, Any]:
         url = self.url + "/kvext/prewarm"

@@ -24,7 +24,6 @@ import queue
 import threading
 import time
 import typing
-from collections import OrderedDict
 from collections.abc import Sequence
 from enum import Enum
 from typing import NamedTuple
@@ -46,6 +45,7 @@ from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch,
 from sgl_kvext.fragments.report import BlendReport, BlendSeconds, Outcome
 from sgl_kvext.fragments.store import FragmentStore
 from sgl_kvext.pages.keys import Tenant
+from sgl_kvext.pages.recent_keys import RecentKeys
 from sgl_kvext_kernels import RopeConfig
 
 logger = logging.getLogger("sgl_kvext")
@@ -148,7 +148,7 @@ class FragmentBlender:
         self._pending_prewarm = 0
         self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
         self._queued: set[bytes] = set()
-        self._failed: OrderedDict[bytes, None] = OrderedDict()
+        self._failed = RecentKeys(MAX_FAILED)
         self._lock = threading.Lock()
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
@@ -279,7 +279,7 @@ class FragmentBlender:
             if key in self._queued or self.index.known(key):
                 return 0
             self._queued.add(key)
-            self._failed.pop(key, None)
+            self._failed.discard((key,))
             self._pending_prewarm += durable
         self._queue.put((tenant, ids.copy(), key, durable))
         return 1
@@ -326,18 +326,16 @@ class FragmentBlender:
                     self._pending_prewarm -= durable
 
     def _fail(self, key: bytes) -> None:
+        self._failed.add((key,))
         with self._lock:
             self.counters["register_failed"] += 1
-            self._failed[key] = None
-            while len(self._failed) > MAX_FAILED:
-                self._failed.popitem(last=False)
 
     def registration(self, key: bytes) -> Registration:
         """Where the fragment ``key`` stands (see :class:`Registration`)."""
         with self._lock:
             if key in self._queued:
                 return Registration.PENDING
-            if key in self._failed:
+            if self._failed.seen(key):
                 return Registration.FAILED
         return Registration.REGISTERED if self.index.known(key) else Registration.UNKNOWN
 
