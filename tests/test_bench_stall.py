@@ -8,7 +8,9 @@ from sgl_kvext_bench.stall import summarize
 
 
 def _runs(*max_gaps: float) -> list[dict]:
-    return [{"max_gap_s": g, "p50_gap_s": 0.02} for g in max_gaps]
+    return [{"max_gap_s": g, "p50_gap_s": 0.02,
+             "scheduler": {"longest_gap_s": g / 10, "longest_forward_s": g / 5}}
+            for g in max_gaps]
 
 
 def test_a_stall_is_the_longest_gap_beyond_its_references() -> None:
@@ -21,6 +23,10 @@ def test_a_stall_is_the_longest_gap_beyond_its_references() -> None:
     assert loads["traffic_s3_late"]["reference"] == "traffic"
     assert loads["traffic_s3_late"]["stall_s"] == pytest.approx(0.35 - 0.3)
     assert out["max_stall_s"] == pytest.approx(0.35 - 0.3)         # traffic not counted
+    # The server's own figures: the worst window of the repeats, every load counted.
+    assert loads["prewarm_body_20mib"]["scheduler_gap_s"] == pytest.approx(0.05)
+    assert loads["traffic_s3_late"]["scheduler_forward_s"] == pytest.approx(0.18)
+    assert out["max_scheduler_gap_s"] == pytest.approx(0.09)
     faster = summarize({"idle": _runs(0.1), "chunks_1024x100k": _runs(0.05)})
     assert faster["loads"]["chunks_1024x100k"]["stall_s"] == 0.0     # never negative
 

@@ -198,3 +198,29 @@ def test_every_blend_namespace_request_reports_its_blend(server: SGLangServer) -
     reasons = {d[2] for d in report["marked_dropped"]}
     assert "shorter than 2 tokens" in reasons
     assert "kvext_blend" not in ask(server, text, kvext_exact=True).meta   # exact: no blend
+
+
+def _scheduler_window(server: SGLangServer, body: object) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(server.url + "/kvext/scheduler", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def test_scheduler_route_times_the_passes_of_a_request(server: SGLangServer) -> None:
+    import urllib.error
+
+    _scheduler_window(server, {"reset": True})
+    ask(server, UNSEEN)                                  # a prefill, then MAX_NEW - 1 decodes
+    got = _scheduler_window(server, {"reset": True})
+    assert got["batches"] >= MAX_NEW, got
+    assert 0 < got["longest_forward_s"] <= got["forward_s"] < got["window_s"], got
+    assert 0 < got["longest_gap_s"] < got["window_s"], got     # between its own decode steps
+    fresh = _scheduler_window(server, {})               # a new window: nothing ran since
+    assert fresh["batches"] == 0 and fresh["longest_gap_s"] == 0.0, fresh
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _scheduler_window(server, {"reset": "yes"})
+    assert err.value.code == 400 and b"reset must be true or false" in err.value.read()

@@ -234,14 +234,17 @@ def stall(args: argparse.Namespace) -> int:
         results = run_stall(serving.model_path, serving.log_dir, progress,
                             serving.server_args, args.repeats, tuple(loads))
     table = markdown(["load", "longest token gap (ms, median)", "p50 gap (ms)", "reference",
-                      "stall beyond it (ms)"],
+                      "stall beyond it (ms)", "scheduler: longest gap (ms)",
+                      "longest forward (ms)"],
                      [[name, r["max_gap_s"] * 1e3, r["p50_gap_s"] * 1e3, r["reference"],
-                       None if r["stall_s"] is None else r["stall_s"] * 1e3]
+                       None if r["stall_s"] is None else r["stall_s"] * 1e3,
+                       r["scheduler_gap_s"] * 1e3, r["scheduler_forward_s"] * 1e3]
                       for name, r in results["loads"].items()])
     rows = [{"load": name, "round": i, **{k: v for k, v in run.items() if k != "answer"}}
             for name, r in results["loads"].items() for i, run in enumerate(r["runs"], 1)]
     worst = results["max_stall_s"]
-    extra = [f"longest stall beyond compute: {worst * 1e3:.0f} ms" if worst is not None
+    extra = [f"longest stall beyond compute: {worst * 1e3:.0f} ms (token gaps), "
+             f"{results['max_scheduler_gap_s'] * 1e3:.0f} ms (scheduler)" if worst is not None
              else "no load with a reference"]
     return finish(args, results, table, rows, extra=extra)
 

@@ -147,18 +147,30 @@ def _probe(url: str, stop: threading.Event, gaps: list[float]) -> None:
         gaps.extend(stream_generate(url, PROBE, PROBE_TOKENS).itl_s)
 
 
-def _measure(url: str, load: Callable[[], dict[str, Any]]) -> tuple[list[float], dict[str, Any]]:
+def scheduler_gaps(url: str, reset: bool = False) -> dict[str, Any]:
+    """The server's own window of scheduler passes (``POST /kvext/scheduler``)."""
+    body = json.dumps({"reset": reset}).encode()
+    req = urllib.request.Request(url + "/kvext/scheduler", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _measure(url: str, load: Callable[[], dict[str, Any]]
+             ) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
     stop, gaps = threading.Event(), list[float]()
     probe = threading.Thread(target=_probe, args=(url, stop, gaps), daemon=True)
     probe.start()
     time.sleep(0.5)                                  # the probe is decoding
+    scheduler_gaps(url, reset=True)
     try:
         answer = load()
     finally:
         time.sleep(0.5)
+        server_side = scheduler_gaps(url)
         stop.set()
         probe.join(timeout=300)
-    return gaps, answer
+    return gaps, answer, server_side
 
 
 def run_stall(model_path: Path, log_dir: Path, progress: Callable[[str], None] = print,
@@ -186,13 +198,16 @@ def run_stall(model_path: Path, log_dir: Path, progress: Callable[[str], None] =
             for r in range(repeats):
                 for name in loads:
                     started = time.perf_counter()
-                    gaps, answer = _measure(srv.url, getattr(acts, name))
+                    gaps, answer, server_side = _measure(srv.url, getattr(acts, name))
                     runs[name].append({"max_gap_s": max(gaps, default=0.0),
                                        "p50_gap_s": statistics.median(gaps) if gaps else 0.0,
                                        "gaps": len(gaps), "answer": answer,
+                                       "scheduler": server_side,
                                        "seconds": time.perf_counter() - started})
-                    progress(f"stall: round {r + 1}/{repeats} {name}: longest gap "
-                             f"{runs[name][-1]['max_gap_s'] * 1e3:.0f} ms")
+                    progress(f"stall: round {r + 1}/{repeats} {name}: longest token gap "
+                             f"{runs[name][-1]['max_gap_s'] * 1e3:.0f} ms, scheduler gap "
+                             f"{server_side['longest_gap_s'] * 1e3:.0f} ms, forward "
+                             f"{server_side['longest_forward_s'] * 1e3:.0f} ms")
     return summarize(runs)
 
 
@@ -202,6 +217,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for name, got in runs.items():
         rows[name] = {"max_gap_s": statistics.median(g["max_gap_s"] for g in got),
                       "p50_gap_s": statistics.median(g["p50_gap_s"] for g in got),
+                      "scheduler_gap_s": max(g["scheduler"]["longest_gap_s"] for g in got),
+                      "scheduler_forward_s": max(g["scheduler"]["longest_forward_s"]
+                                                 for g in got),
                       "runs": got}
     for name, row in rows.items():
         ref = REFERENCE.get(name, "idle")
@@ -210,4 +228,6 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                           if row["reference"] else None)
     return {"loads": rows,
             "max_stall_s": max((r["stall_s"] for r in rows.values()
-                                if r["stall_s"] is not None), default=None)}
+                                if r["stall_s"] is not None), default=None),
+            "max_scheduler_gap_s": max((r["scheduler_gap_s"] for r in rows.values()),
+                                       default=None)}

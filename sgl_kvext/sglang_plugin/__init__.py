@@ -27,10 +27,18 @@ def load() -> None:
     if status.source is KernelSource.FALLBACK and status.reason != "already active":
         logger.info("sgl-kvext: sgl_kernel unavailable (%s); using torch CPU ops", status.reason)
 
-    from sgl_kvext.sglang_plugin import backend, cpu_attention, prewarm, request_mode, server_flags
+    from sgl_kvext.sglang_plugin import (
+        backend,
+        cpu_attention,
+        prewarm,
+        request_mode,
+        scheduler_gaps,
+        server_flags,
+    )
 
     server_flags.register_hooks()
     request_mode.register_hooks()
     prewarm.register_hooks()
+    scheduler_gaps.register_hooks()
     backend.register_backend(BACKEND_NAME)
     cpu_attention.register()

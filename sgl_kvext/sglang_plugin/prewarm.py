@@ -1,6 +1,7 @@
 """The ``/kvext`` routes: corpus pre-warming (``POST /kvext/prewarm``, ``POST
-/kvext/fragments``, with ``--kvext-fragment-blend``) and ``POST /kvext/lookup`` (with the
-tiers on: :mod:`.lookup`).
+/kvext/fragments``, with ``--kvext-fragment-blend``), ``POST /kvext/lookup`` (with the
+tiers on: :mod:`.lookup`) and ``POST /kvext/scheduler`` (the scheduler's longest gap between
+forwards: :mod:`.scheduler_gaps`).
 
 The routes are added to SGLang's FastAPI app in the launcher process. They reach the
 scheduler through SGLang's generic control message (``DumperControlReqInput`` with a
@@ -38,7 +39,7 @@ from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import PREWARM_BUSY as BUSY
 from sgl_kvext.fragments.blender import PrewarmBusy, Registration
 from sgl_kvext.pages.keys import Tenant
-from sgl_kvext.sglang_plugin import lookup
+from sgl_kvext.sglang_plugin import lookup, scheduler_gaps
 from sgl_kvext.sglang_plugin.surface import (
     HOOK_CONTROL,
     HTTP_APP_DEFAULT,
@@ -101,6 +102,8 @@ def handle(tree: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     :class:`~sgl_kvext.fragments.blender.PrewarmBusy` while the registration queue is full."""
     if method == lookup.METHOD:
         return lookup.handle(tree, body)
+    if method == scheduler_gaps.METHOD:
+        return scheduler_gaps.handle(body)
     blender = getattr(tree, "blender", None)
     if blender is None:
         raise ValueError("fragment blend is off: start the server with --kvext-fragment-blend")
@@ -121,7 +124,7 @@ def handle(tree: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
         return {"known": [s is Registration.REGISTERED for s in states],
                 "state": [s.value for s in states], "counters": dict(blender.counters)}
     raise ValueError(f"unknown method {method!r}; allowed: {PREFIX}prewarm, {PREFIX}fragments, "
-                     f"{lookup.METHOD}")
+                     f"{lookup.METHOD}, {scheduler_gaps.METHOD}")
 
 
 def _handle_control(original: Any, self: Any, recv_req: Any) -> Any:
@@ -203,8 +206,13 @@ def add_routes(config: KVExtConfig, app: Any = None) -> None:
     async def lookup_route(request: Request) -> Any:
         return await control("lookup", request)
 
+    @admin
+    async def scheduler_route(request: Request) -> Any:
+        return await control("scheduler", request)
+
     target = server.app if app is None else app
     target.add_api_route("/kvext/lookup", lookup_route, methods=["POST"])
+    target.add_api_route("/kvext/scheduler", scheduler_route, methods=["POST"])
     if config.fragments.enabled:
         target.add_api_route("/kvext/prewarm", prewarm, methods=["POST"])
         target.add_api_route("/kvext/fragments", fragments, methods=["POST"])

@@ -46,6 +46,7 @@ HOOK_FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 HOOK_CREATE_REQ = "sglang.srt.managers.scheduler.Scheduler._create_generation_req"
 HOOK_TOKENIZE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object"
 HOOK_CONTROL = "sglang.srt.managers.scheduler.Scheduler.handle_dumper_control"
+HOOK_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
 #: The ASGI app SGLang's HTTP workers serve unless ``SGLANG_HTTP_SERVER_APP_PATH`` names another.
 HTTP_APP_DEFAULT = "sglang.srt.entrypoints.http_server:app"
 
@@ -137,6 +138,10 @@ INTERNALS: tuple[Internal, ...] = (
              ("self", "recv_req"), why="fragment options and the blend namespace per request"),
     Internal("sglang.srt.managers.scheduler:Scheduler.handle_dumper_control",
              ("self", "recv_req"), why="the /kvext routes' channel to the scheduler"),
+    Internal("sglang.srt.managers.scheduler:Scheduler.run_batch", ("self", "batch"),
+             why="timing forwards and the gaps between them (/kvext/scheduler)"),
+    Internal("sglang.srt.managers.scheduler:Scheduler", fields=("_sched_idled",),
+             why="a gap after an idle loop is not a stall"),
     Internal("sglang.srt.managers.tokenizer_manager:TokenizerManager._create_tokenized_object",
              ("self", "obj", "input_text", "input_ids"),
              why="HTTP 400 for bad fragment options; kvext_chunks become spans there"),

@@ -1,0 +1,105 @@
+"""How long the scheduler went without running a batch while it had one to run.
+
+A request's tokens come one scheduler pass apart: one forward (its own compute) plus whatever
+the scheduler did between two forwards (receiving, scheduling, the tree's matches, tier loads,
+blends, control messages, processing results). :class:`SchedulerGaps` times both from the
+scheduler's own clock, around ``Scheduler.run_batch``; a gap counts only when the scheduler
+did not idle in between (an idle loop has nothing to run, so nobody waits). The longest gap
+is the longest stall any running request saw beyond its batch's compute; the longest forward
+shows compute slowed by something sharing the cores.
+
+``POST /kvext/scheduler`` answers :meth:`SchedulerGaps.report` (``{"reset": true}`` starts a
+new window), so a benchmark can measure each load from the server's side.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, NamedTuple
+
+from sgl_kvext.sglang_plugin.surface import HOOK_RUN_BATCH, HookRegistry, HookType
+
+METHOD = "kvext.scheduler"
+#: Gaps longer than this are counted apart (the stall budget, docs/reliability.md).
+SLOW_GAP_S = 0.050
+
+
+class GapReport(NamedTuple):
+    """One window of scheduler passes (seconds)."""
+
+    batches: int
+    longest_gap_s: float
+    slow_gaps: int              # gaps over SLOW_GAP_S
+    longest_forward_s: float
+    forward_s: float            # all forwards together
+    window_s: float
+
+
+class SchedulerGaps:
+    """Times the scheduler's forwards and the gaps between them (one scheduler per process).
+
+    Invariant: a gap is the time from one forward's end to the next one's start, taken only
+    when the scheduler did not idle between them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_end = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._window_start = time.monotonic()
+            self._batches, self._slow = 0, 0
+            self._longest_gap = self._longest_forward = self._forward = 0.0
+
+    def around_run_batch(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+        """The ``Scheduler.run_batch`` hook: times it and the gap before it."""
+        idled = bool(getattr(scheduler, "_sched_idled", True))   # read before run_batch clears it
+        start = time.monotonic()
+        try:
+            return original(scheduler, *args, **kwargs)
+        finally:
+            end = time.monotonic()
+            self._record(start, end, gap=None if idled or not self._last_end
+                         else start - self._last_end)
+            self._last_end = end
+
+    def _record(self, start: float, end: float, gap: float | None) -> None:
+        with self._lock:
+            self._batches += 1
+            self._forward += end - start
+            self._longest_forward = max(self._longest_forward, end - start)
+            if gap is not None and start >= self._window_start:
+                self._longest_gap = max(self._longest_gap, gap)
+                self._slow += gap > SLOW_GAP_S
+
+    def report(self) -> GapReport:
+        with self._lock:
+            return GapReport(self._batches, self._longest_gap, self._slow,
+                             self._longest_forward, self._forward,
+                             time.monotonic() - self._window_start)
+
+
+#: The scheduler process's meter (SGLang runs one scheduler per process).
+GAPS = SchedulerGaps()
+_registered = False
+
+
+def register_hooks() -> None:
+    """Time every ``run_batch`` (two clock reads: no change to what the scheduler does)."""
+    global _registered
+    if not _registered:
+        HookRegistry.register(HOOK_RUN_BATCH, GAPS.around_run_batch, HookType.AROUND)
+        _registered = True
+
+
+def handle(body: dict[str, Any]) -> dict[str, Any]:
+    """The control method: this window's report, then a new window if ``reset`` is true."""
+    reset = body.get("reset", False)
+    if not isinstance(reset, bool):
+        raise ValueError("reset must be true or false")
+    report = GAPS.report()._asdict()
+    if reset:
+        GAPS.reset()
+    return report

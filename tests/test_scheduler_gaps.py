@@ -1,0 +1,61 @@
+"""SchedulerGaps: forwards and the gaps between them, a gap after an idle loop not counted."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sgl_kvext.sglang_plugin.scheduler_gaps import SLOW_GAP_S, SchedulerGaps, handle
+
+pytestmark = pytest.mark.unit
+
+
+class _Scheduler:
+    """Stands in for SGLang's Scheduler: only the flag the meter reads."""
+
+    def __init__(self) -> None:
+        self._sched_idled = False
+
+
+def _forward(seconds: float) -> str:
+    time.sleep(seconds)
+    return "result"
+
+
+def test_gaps_between_forwards_count_only_without_an_idle_loop_between() -> None:
+    gaps, sched = SchedulerGaps(), _Scheduler()
+    assert gaps.around_run_batch(lambda s, d: _forward(d), sched, 0.01) == "result"
+    time.sleep(SLOW_GAP_S + 0.02)                        # the scheduler busy between forwards
+    gaps.around_run_batch(lambda s, d: _forward(d), sched, 0.0)
+    busy = gaps.report()
+    assert busy.batches == 2 and busy.slow_gaps == 1
+    assert SLOW_GAP_S + 0.02 <= busy.longest_gap_s < 1.0
+    assert 0.01 <= busy.longest_forward_s <= busy.forward_s
+
+    gaps.reset()
+    time.sleep(SLOW_GAP_S + 0.02)
+    sched._sched_idled = True                            # nothing to run: nobody waited
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)
+    idle = gaps.report()
+    assert idle.batches == 1 and idle.longest_gap_s == 0.0 and idle.slow_gaps == 0
+
+
+def test_a_failing_forward_is_timed_and_raised() -> None:
+    gaps, sched = SchedulerGaps(), _Scheduler()
+
+    def boom(s: object) -> None:
+        raise RuntimeError("forward failed")
+
+    with pytest.raises(RuntimeError, match="forward failed"):
+        gaps.around_run_batch(boom, sched)
+    assert gaps.report().batches == 1
+
+
+def test_the_control_method_reports_then_resets() -> None:
+    first = handle({"reset": True})
+    assert set(first) == {"batches", "longest_gap_s", "slow_gaps", "longest_forward_s",
+                          "forward_s", "window_s"}
+    assert handle({})["batches"] == 0
+    with pytest.raises(ValueError, match="reset must be true or false"):
+        handle({"reset": 1})
