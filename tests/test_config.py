@@ -110,6 +110,9 @@ def test_disk_dir_that_does_not_exist_yet_is_fine_and_not_created(tmp_path: Path
     (FragmentConfig, {"min_tokens": 0}, ">= 1"),
     (FragmentConfig, {"chunking": "regex"}, "explicit, auto, both"),
     (FragmentConfig, {"enabled": "maybe"}, "must be a boolean"),
+    (KVExtConfig, {"max_request_bytes": "512KiB"},
+     "= 524288: must be at least 1MiB"),
+    (KVExtConfig, {"max_request_bytes": "lots"}, "must be a size"),
 ])
 def test_bad_section_values(section: type, kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):

@@ -151,11 +151,15 @@ def test_chunks_larger_than_the_prompt_are_refused_before_the_scheduler(
     import time
     import urllib.error
 
-    # 1,024 chunks of 100k characters (100 MB): before, the scheduler thread tokenized them
-    # all (minutes) while every other request waited; now the HTTP process refuses them.
+    # 1,024 chunks of 100k characters (100 MB): once the scheduler thread tokenized them all
+    # (minutes) while every other request waited; now the body is refused unread (over
+    # --kvext-max-request-bytes), and 100 such chunks (10 MB) by the tokenizer manager.
     started = time.perf_counter()
     with pytest.raises(urllib.error.HTTPError) as err:
         ask(server, UNSEEN, kvext_chunks=["word " * 20_000] * 1024)
+    assert err.value.code == 413 and "--kvext-max-request-bytes" in err.value.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        ask(server, UNSEEN, kvext_chunks=["word " * 20_000] * 100)
     assert err.value.code == 400 and "characters in all" in err.value.read().decode()
     assert time.perf_counter() - started < 60
     assert ask(server, UNSEEN).output_ids == expected["unseen"]    # the scheduler is alive

@@ -1,6 +1,6 @@
 """No pre-warm request can stall or exhaust the scheduler (the shared fragment server, whose
-registration queue holds 8 fragments): an oversized body is refused before it is read
-(413), a text longer than the model's context and too many tokens per request are refused
+registration queue holds 8 fragments): an oversized body, pre-warm or generation, is refused
+before it is read (413), a text longer than the model's context and too many tokens per request are refused
 (400), a full queue answers 429 with Retry-After and ``prewarm_corpus`` waits it out; texts
 are tokenized by the HTTP side, and generation goes on throughout."""
 
@@ -50,6 +50,8 @@ def test_prewarm_requests_are_bounded_and_generation_goes_on(servers: ServerPool
     url = srv.url + "/kvext/prewarm"
     started = time.monotonic()
     assert post_huge_body(srv.url, 20 << 20) == 413 and time.monotonic() - started < 30
+    # A generation body over --kvext-max-request-bytes (16 MiB) is refused unread too.
+    assert post_huge_body(srv.url, 20 << 20, "/generate") == 413
     status, _, err = _post(url, json.dumps({"texts": [_text(9000)]}).encode())  # > 8,192
     assert status == 400 and "the model's context" in err, err
     status, _, err = _post(url, json.dumps({"texts": [_text(600) for _ in range(200)]})

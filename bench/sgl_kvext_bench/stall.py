@@ -9,7 +9,7 @@ every gap between two of its tokens is recorded, while one load at a time runs b
 - ``prewarm_oversized``: a text longer than the model's context and 350k tokens in one
   request (both refused after the HTTP side tokenized them);
 - ``chunks_1024x100k``: a generate request with 1,024 ``kvext_chunks`` of 100k characters
-  (refused in the tokenizer manager);
+  (a 100 MB body: refused unread, ``--kvext-max-request-bytes``);
 - ``prewarm_registration``: a 16-document corpus registered (computed at the lowest CPU
   priority on the scheduler's worker thread, written through every tier);
 - ``traffic`` and ``traffic_s3_late``: requests of the same shape (new prompts that push
@@ -71,13 +71,13 @@ def _status(url: str, body: bytes, timeout_s: float = 600.0) -> int:
         return int(exc.code)
 
 
-def post_huge_body(base_url: str, nbytes: int) -> int:
-    """Status of a ``nbytes`` POST to /kvext/prewarm; the server may answer and close before
-    the body is all sent (then the rest is not sent)."""
+def post_huge_body(base_url: str, nbytes: int, path: str = "/kvext/prewarm") -> int:
+    """Status of a ``nbytes`` POST to ``path``; the server may answer and close before the
+    body is all sent (then the rest is not sent)."""
     host, port = base_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     try:
-        conn.putrequest("POST", "/kvext/prewarm")
+        conn.putrequest("POST", path)
         conn.putheader("Content-Type", "application/json")
         conn.putheader("Content-Length", str(nbytes))
         conn.endheaders()

@@ -21,6 +21,7 @@ from typing import Any
 from sgl_kvext.config import env
 from sgl_kvext.config.values import (
     GiB,
+    MiB,
     check_key_file,
     check_s3_endpoint,
     check_s3_url,
@@ -237,6 +238,10 @@ class KVExtConfig:
     enabled: bool = _opt(False, "--enable-hierarchical-kv",
                          "Use sgl-kvext's hierarchical radix cache (KV spills to host, disk, S3).",
                          parse_bool)
+    max_request_bytes: int = _opt(16 * MiB, "--kvext-max-request-bytes",
+                                  "Largest body of a generation request (/generate, "
+                                  "/v1/completions, /v1/chat/completions); a larger one gets "
+                                  "HTTP 413 unread.", parse_size)
     tiers: TierConfig = field(default_factory=TierConfig)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -246,6 +251,8 @@ class KVExtConfig:
         for name, cls in _SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"KVExtConfig.{name} must be a {cls.__name__}")
+        if self.max_request_bytes < 1 * MiB:
+            _fail(self, "", "max_request_bytes", "must be at least 1MiB")
         if self.fragments.enabled and not self.enabled:
             raise ConfigError("--kvext-fragment-blend needs --enable-hierarchical-kv")
 

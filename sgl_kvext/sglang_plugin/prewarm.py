@@ -40,6 +40,7 @@ from sgl_kvext.fragments.blender import PREWARM_BUSY as BUSY
 from sgl_kvext.fragments.blender import PrewarmBusy, Registration
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.sglang_plugin import lookup, scheduler_gaps
+from sgl_kvext.sglang_plugin.body_limit import BodyLimit
 from sgl_kvext.sglang_plugin.surface import (
     HOOK_CONTROL,
     HTTP_APP_DEFAULT,
@@ -155,7 +156,8 @@ def route_http_workers() -> None:
 
 def add_routes(config: KVExtConfig, app: Any = None) -> None:
     """Add the routes ``config`` calls for to ``app`` (default: SGLang's), once per process:
-    the lookup with the tiers on, pre-warm with fragment blend too."""
+    the lookup and the scheduler's gaps with the tiers on, pre-warm with fragment blend too;
+    and the bound on generation bodies (:mod:`.body_limit`)."""
     global _routes_added
     if _routes_added or not config.enabled:
         return
@@ -211,6 +213,7 @@ def add_routes(config: KVExtConfig, app: Any = None) -> None:
         return await control("scheduler", request)
 
     target = server.app if app is None else app
+    target.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     target.add_api_route("/kvext/lookup", lookup_route, methods=["POST"])
     target.add_api_route("/kvext/scheduler", scheduler_route, methods=["POST"])
     if config.fragments.enabled:
