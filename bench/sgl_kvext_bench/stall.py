@@ -97,6 +97,13 @@ class _Loads:
     def __init__(self, url: str, weed: SeaweedFS, seed: int) -> None:
         self.url, self.weed, self.rng = url, weed, random.Random(seed)
         self.round = 0
+        # Hostile bodies are built once, before any measurement: building 100 MB of JSON
+        # takes the client's CPU, which on a shared 2-core machine would slow the server.
+        self._long_text = json.dumps({"texts": [_words(9000, self.rng)]}).encode()
+        self._many = json.dumps({"texts": [_words(600, self.rng) for _ in range(200)]}).encode()
+        chunk = _words(100_000 // 9, self.rng)[:100_000]
+        self._chunks = json.dumps({"text": "Say hello.", "sampling_params": {
+            "max_new_tokens": 1, "custom_params": {"kvext_chunks": [chunk] * 1024}}}).encode()
 
     def idle(self) -> dict[str, Any]:
         time.sleep(3.0)
@@ -107,15 +114,10 @@ class _Loads:
 
     def prewarm_oversized(self) -> dict[str, Any]:
         url = self.url + "/kvext/prewarm"
-        long_text = json.dumps({"texts": [_words(9000, self.rng)]}).encode()
-        many = json.dumps({"texts": [_words(600, self.rng) for _ in range(200)]}).encode()
-        return {"status": [_status(url, long_text), _status(url, many)]}
+        return {"status": [_status(url, self._long_text), _status(url, self._many)]}
 
     def chunks_1024x100k(self) -> dict[str, Any]:
-        chunk = _words(100_000 // 9, self.rng)[:100_000]
-        body = {"text": "Say hello.", "sampling_params": {
-            "max_new_tokens": 1, "custom_params": {"kvext_chunks": [chunk] * 1024}}}
-        return {"status": _status(self.url + "/generate", json.dumps(body).encode())}
+        return {"status": _status(self.url + "/generate", self._chunks)}
 
     def prewarm_registration(self) -> dict[str, Any]:
         docs = [_words(220, self.rng) for _ in range(16)]

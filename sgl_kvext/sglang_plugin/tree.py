@@ -30,6 +30,7 @@ three types: :class:`_Hold`, :class:`_Load`, :class:`_Blend`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -378,7 +379,14 @@ def _report(req: Any, report: BlendReport) -> None:
 def process_config() -> KVExtConfig | None:
     """The launcher's resolved config in a process SGLang spawned, else None (launcher)."""
     resolved = env.get(env.RESOLVED_CONFIG)
-    return KVExtConfig.from_json(resolved) if resolved else None
+    return _parsed(resolved) if resolved else None
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(resolved: str) -> KVExtConfig:
+    # Parsed once: validating it probes the disk folder with a file (a write on every
+    # request when the scheduler asked per request).
+    return KVExtConfig.from_json(resolved)
 
 
 def scheduler_config() -> KVExtConfig:
