@@ -1,7 +1,7 @@
 """No pre-warm request can stall or exhaust the scheduler (the shared fragment server, whose
 registration queue holds 8 fragments): an oversized body, pre-warm or generation, is refused
-before it is read (413), a text longer than the model's context and too many tokens per request are refused
-(400), a full queue answers 429 with Retry-After and ``prewarm_corpus`` waits it out; texts
+unparsed (413), a text longer than the model's context and too many tokens per request are
+refused (400), a full queue answers 429 with Retry-After and ``prewarm_corpus`` waits it out; texts
 are tokenized by the HTTP side, and generation goes on throughout."""
 
 from __future__ import annotations
