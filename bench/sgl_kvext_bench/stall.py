@@ -9,7 +9,7 @@ every gap between two of its tokens is recorded, while one load at a time runs b
 - ``prewarm_oversized``: a text longer than the model's context and 350k tokens in one
   request (both refused after the HTTP side tokenized them);
 - ``chunks_1024x100k``: a generate request with 1,024 ``kvext_chunks`` of 100k characters
-  (a 100 MB body: refused unread, ``--kvext-max-request-bytes``);
+  (a 100 MB body: refused unparsed, ``--kvext-max-request-bytes``);
 - ``prewarm_registration``: a 16-document corpus registered (computed at the lowest CPU
   priority on the scheduler's worker thread, written through every tier);
 - ``traffic`` and ``traffic_s3_late``: requests of the same shape (new prompts that push

@@ -241,7 +241,7 @@ class KVExtConfig:
     max_request_bytes: int = _opt(16 * MiB, "--kvext-max-request-bytes",
                                   "Largest body of a generation request (/generate, "
                                   "/v1/completions, /v1/chat/completions); a larger one gets "
-                                  "HTTP 413 unread.", parse_size)
+                                  "HTTP 413 unparsed.", parse_size)
     tiers: TierConfig = field(default_factory=TierConfig)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)

@@ -2,7 +2,7 @@
 
 SGLang parses a request's JSON on its HTTP event loop, so one huge body holds up every other
 client's stream while it is parsed (measured: 1,024 ``kvext_chunks`` of 100k characters, a
-100 MB body, delayed a decoding client's tokens by ~250 ms) and is held in memory whole. With
+100 MB body, delayed a decoding client's tokens by ~230 ms) and is held in memory whole. With
 the plugin on, :class:`BodyLimit` answers HTTP 413 to a generation request whose declared
 ``Content-Length`` is over the bound without parsing a byte of it (the body is dropped as
 it arrives, so the client reads the answer), and ends one sent without a length once its
