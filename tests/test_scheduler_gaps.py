@@ -55,7 +55,28 @@ def test_a_failing_forward_is_timed_and_raised() -> None:
 def test_the_control_method_reports_then_resets() -> None:
     first = handle({"reset": True})
     assert set(first) == {"batches", "longest_gap_s", "slow_gaps", "longest_forward_s",
-                          "forward_s", "window_s"}
+                          "forward_s", "window_s", "longest_gc_s", "gc_s"}
     assert handle({})["batches"] == 0
     with pytest.raises(ValueError, match="reset must be true or false"):
         handle({"reset": 1})
+
+
+def test_garbage_collections_are_timed() -> None:
+    import gc
+
+    gaps = SchedulerGaps()
+    gc.callbacks.append(gaps.on_gc)
+    try:
+        garbage = []
+        for _ in range(20_000):            # cycles only the collector frees
+            a: list[object] = []
+            a.append(a)
+            garbage.append(a)
+        del garbage, a
+        gc.collect()
+    finally:
+        gc.callbacks.remove(gaps.on_gc)
+    report = gaps.report()
+    assert 0.0 < report.longest_gc_s <= report.gc_s < 5.0
+    gaps.reset()
+    assert gaps.report().gc_s == 0.0

@@ -29,13 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     mt = _command(sub, "multiturn", "multi-turn chat TTFT: no cache vs SGLang's radix "
                                     "cache vs --enable-hierarchical-kv")
     _server_args(mt)
-    mt.add_argument("--users", type=int, default=4)
-    mt.add_argument("--turns", type=int, default=8)
-    mt.add_argument("--system-words", type=int, default=300)
-    mt.add_argument("--question-words", type=int, default=45)
-    mt.add_argument("--answer-tokens", type=int, default=24)
-    mt.add_argument("--pool-fraction", type=float, default=0.25,
-                    help="device KV pool as a share of the working set")
+    _chat_args(mt, users=4)
     mt.add_argument("--configs", default="no_cache,radix,hierarchical",
                     help="comma-separated subset of no_cache, radix, hierarchical")
     mt.add_argument("--no-host-hit", action="store_true",
@@ -46,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
                          "--export-trace, arrivals 1/QPS apart")
     _trace_args(mt)
     _url_arg(mt)
+    su = _command(sub, "sustained", "sustained request rate at a p90 TTFT goal: the "
+                                    "multi-turn workload at several arrival rates, each on a "
+                                    "fresh server")
+    _server_args(su)
+    _chat_args(su, users=8)
+    su.add_argument("--configs", default="radix,hierarchical",
+                    help="comma-separated subset of no_cache, radix, hierarchical")
+    su.add_argument("--rates", default="0.5,1,2,4",
+                    help="comma-separated arrival rates (requests per second)")
+    su.add_argument("--goal-p90", type=float, default=1.0,
+                    help="p90 TTFT goal in seconds a sustained rate must meet")
     bl = _command(sub, "blend", "blend methods at several recompute ratios vs the exact "
                                 "prefill of the same prompts, offline (TTFT, accuracy, KL, "
                                 "top-1 agreement)")
@@ -174,6 +179,17 @@ def _rag_set_args(parser: argparse.ArgumentParser, questions: int, documents: in
 def _model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", type=Path, default=None,
                         help="checkpoint folder (default: the prepared SmolLM2)")
+
+
+def _chat_args(p: argparse.ArgumentParser, users: int) -> None:
+    """The multi-turn chat workload's knobs and the device pool's share of it."""
+    p.add_argument("--users", type=int, default=users)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--system-words", type=int, default=300)
+    p.add_argument("--question-words", type=int, default=45)
+    p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument("--pool-fraction", type=float, default=0.25,
+                   help="device KV pool as a share of the working set")
 
 
 def _url_arg(parser: argparse.ArgumentParser) -> None:

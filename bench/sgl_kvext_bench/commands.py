@@ -57,6 +57,37 @@ def multiturn(args: argparse.Namespace) -> int:
     return finish(args, results, table, rows, "multiturn", extra)
 
 
+def sustained(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.multiturn import NAMES, Workload
+    from sgl_kvext_bench.sustained import run_sustained
+
+    configs = parse_configs(args.configs, NAMES)
+    require_positive(args, "users", "turns", "answer_tokens", "system_words", "question_words")
+    try:
+        rates = [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        raise BadOption(f"--rates {args.rates!r}: comma-separated numbers > 0") from None
+    if not rates or min(rates) <= 0 or args.goal_p90 <= 0 or not 0 < args.pool_fraction <= 1:
+        raise BadOption("--rates must be > 0, --goal-p90 > 0 and --pool-fraction in (0, 1]")
+    work = Workload(args.users, args.turns, args.system_words, args.question_words,
+                    args.answer_tokens)
+    with progress_bar() as progress:
+        results = run_sustained(serving_for(args), work, configs, sorted(rates), args.goal_p90,
+                                args.pool_fraction, progress)
+    table = markdown(["configuration", "offered (req/s)", "achieved (req/s)", "TTFT p50 (s)",
+                      "p90 (s)", "cached"],
+                     [[r["name"], r["offered_rps"], r["achieved_rps"], r["ttft_p50_s"],
+                       r["ttft_p90_s"], r["cached_share"]] for r in results["runs"]])
+    extra = [f"sustained at p90 <= {args.goal_p90:g}s: " + ", ".join(
+        f"{name} {rate if rate is not None else 'none tried'}"
+        for name, rate in results["sustained_rps"].items())]
+    if results["hierarchical_over_radix"] is not None:
+        extra.append(f"hierarchical / radix: {results['hierarchical_over_radix']:.1f}x")
+    rows = [{k: v for k, v in q.items() if k != "itl_s"} for r in results["runs"]
+            for q in r["requests"]]
+    return finish(args, results, table, rows, extra=extra)
+
+
 def rag(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.configs import CONFIGS
     from sgl_kvext_bench.rag import run_rag
@@ -235,10 +266,11 @@ def stall(args: argparse.Namespace) -> int:
                             serving.server_args, args.repeats, tuple(loads))
     table = markdown(["load", "longest token gap (ms, median)", "p50 gap (ms)", "reference",
                       "stall beyond it (ms)", "scheduler: longest gap (ms)",
-                      "longest forward (ms)"],
+                      "longest forward (ms)", "longest GC (ms)"],
                      [[name, r["max_gap_s"] * 1e3, r["p50_gap_s"] * 1e3, r["reference"],
                        None if r["stall_s"] is None else r["stall_s"] * 1e3,
-                       r["scheduler_gap_s"] * 1e3, r["scheduler_forward_s"] * 1e3]
+                       r["scheduler_gap_s"] * 1e3, r["scheduler_forward_s"] * 1e3,
+                       r["scheduler_gc_s"] * 1e3]
                       for name, r in results["loads"].items()])
     rows = [{"load": name, "round": i, **{k: v for k, v in run.items() if k != "answer"}}
             for name, r in results["loads"].items() for i, run in enumerate(r["runs"], 1)]
@@ -250,7 +282,7 @@ def stall(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "multiturn": multiturn, "rag": rag, "code": code, "replay": replay,
+    "multiturn": multiturn, "sustained": sustained, "rag": rag, "code": code, "replay": replay,
     "attention": attention, "blend": blend, "tiers": tiers, "soak": soak, "tree": tree,
     "compare": compare, "stall": stall}
 

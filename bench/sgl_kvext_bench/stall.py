@@ -209,7 +209,8 @@ def run_stall(model_path: Path, log_dir: Path, progress: Callable[[str], None] =
                     progress(f"stall: round {r + 1}/{repeats} {name}: longest token gap "
                              f"{runs[name][-1]['max_gap_s'] * 1e3:.0f} ms, scheduler gap "
                              f"{server_side['longest_gap_s'] * 1e3:.0f} ms, forward "
-                             f"{server_side['longest_forward_s'] * 1e3:.0f} ms")
+                             f"{server_side['longest_forward_s'] * 1e3:.0f} ms, GC "
+                             f"{server_side.get('longest_gc_s', 0.0) * 1e3:.0f} ms")
     return summarize(runs)
 
 
@@ -222,6 +223,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                       "scheduler_gap_s": max(g["scheduler"]["longest_gap_s"] for g in got),
                       "scheduler_forward_s": max(g["scheduler"]["longest_forward_s"]
                                                  for g in got),
+                      "scheduler_gc_s": max(g["scheduler"].get("longest_gc_s", 0.0)
+                                            for g in got),
                       "runs": got}
     for name, row in rows.items():
         ref = REFERENCE.get(name, "idle")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +72,16 @@ class LoadPlan:
     @property
     def tokens(self) -> int:
         return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class SpillJob:
+    """Pages to store: ``keys[i]``'s KV is in pool ``slots[i]`` (one page's slots, in order);
+    ``tail``: ``(chain key before it, its tokens)`` when the path ends with a partial page."""
+
+    keys: tuple[bytes, ...]
+    slots: torch.Tensor
+    tail: tuple[bytes, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +152,8 @@ class KVTiering:
     # ------------------------------------------------------------------ spill
     def spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
               from_token: int, prefix: Iterable[tuple[Hashable, int]] = ()) -> int:
-        """Store the full pages of ``tokens`` that end after ``from_token``.
+        """Store the full pages of ``tokens`` that end after ``from_token`` (and the
+        partial page it ends with): :meth:`prepare_spill` then :meth:`store`.
 
         Parameters
         ----------
@@ -162,6 +173,14 @@ class KVTiering:
         -------
         Pages handed to the chain.
         """
+        job = self.prepare_spill(tenant, tokens, slots, from_token, prefix)
+        return self.store(job) if job is not None else 0
+
+    def prepare_spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
+                      from_token: int, prefix: Iterable[tuple[Hashable, int]] = ()
+                      ) -> SpillJob | None:
+        """The pages :meth:`spill` would store, not yet copied (None: all stored already).
+        Hashes on the calling thread (the scheduler's: the key memory is not thread-safe)."""
         t = self.tokens
         first = from_token // t
         chain = self.keys.from_page(tenant, tokens, first, prefix)   # pages first.. only
@@ -169,22 +188,34 @@ class KVTiering:
         keys = list(chain.keys)
         page_slots = slots[: full * t].view(full, t)[first:]
         n_tail = len(tokens) - full * t
+        tail = None
         if n_tail:     # the last partial page, padded with its last slot (never read back)
             after = keys[-1] if keys else chain.before
             keys.append(tail_key(after, np.asarray(tokens[full * t:], dtype=np.int64)))
             pad = slots[full * t:]
             pad = torch.cat((pad, pad[-1:].expand(t - n_tail)))
             page_slots = torch.cat((page_slots, pad.view(1, t)))
+            tail = (after, n_tail)
         todo = [p for p in range(len(keys)) if not self._known.seen(keys[p])]
         if not todo:
+            return None
+        return SpillJob(tuple(keys[p] for p in todo),
+                        page_slots[torch.tensor(todo, dtype=torch.int64)],
+                        tail)
+
+    def store(self, job: SpillJob, intact: Callable[[], bool] = lambda: True) -> int:
+        """Copy ``job``'s pages out of the pool into the chain; any thread. ``intact()``,
+        asked after the copy, says whether the slots held the job's KV throughout (False:
+        nothing is stored). Returns the pages handed to the chain."""
+        data = self.pool.gather_pages(job.slots)
+        if not intact():
             return 0
-        data = self.pool.gather_pages(page_slots[torch.tensor(todo, dtype=torch.int64)])
-        raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
-        pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
-                 for i, p in enumerate(todo)]
-        self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
-        if n_tail:
-            self._tails.add_length(after, n_tail)
+        raw = data.view(torch.uint8).reshape(len(job.keys), -1).numpy()
+        pages = [KVPage(key, raw[i].data, _dtype_name(data), self.pool.page_shape)
+                 for i, key in enumerate(job.keys)]
+        self._known.add(job.keys)   # before put: a loss during it is heard after
+        if job.tail is not None:
+            self._tails.add_length(*job.tail)
         self.chain.put(pages)
         with self._lock:
             self.counters["spilled_pages"] += len(pages)

@@ -20,12 +20,13 @@ from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.identity import model_identity
 from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
+from sgl_kvext.sglang_plugin.process_config import scheduler_config
 from sgl_kvext.sglang_plugin.surface import (
     TreeCacheBuildContext,
     register_radix_cache_backend,
     registered_radix_cache_backends,
 )
-from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache, scheduler_config
+from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.factory import build_chain
 from sgl_kvext_kernels import RopeConfig

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from sgl_kvext.fragments.index import locate_chunks
+from sgl_kvext.sglang_plugin.process_config import process_config
 from sgl_kvext.sglang_plugin.surface import HOOK_CREATE_REQ, HOOK_TOKENIZE, HookRegistry, HookType
 from sgl_kvext.sglang_plugin.tenant import with_blend_mark
-from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache, process_config
+from sgl_kvext.sglang_plugin.tree import HierarchicalRadixCache
 
 logger = logging.getLogger("sgl_kvext")
 EXACT, CHUNKS, SPANS = "kvext_exact", "kvext_chunks", "kvext_chunk_spans"

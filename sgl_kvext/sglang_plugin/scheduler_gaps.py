@@ -6,7 +6,8 @@ blends, control messages, processing results). :class:`SchedulerGaps` times both
 scheduler's own clock, around ``Scheduler.run_batch``; a gap counts only when the scheduler
 did not idle in between (an idle loop has nothing to run, so nobody waits). The longest gap
 is the longest stall any running request saw beyond its batch's compute; the longest forward
-shows compute slowed by something sharing the cores.
+shows compute slowed by something sharing the cores. Python's garbage collections are timed
+too (they stop every thread of the process, the scheduler's included).
 
 ``POST /kvext/scheduler`` answers :meth:`SchedulerGaps.report` (``{"reset": true}`` starts a
 new window), so a benchmark can measure each load from the server's side.
@@ -14,6 +15,7 @@ new window), so a benchmark can measure each load from the server's side.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Any, NamedTuple
@@ -34,6 +36,8 @@ class GapReport(NamedTuple):
     longest_forward_s: float
     forward_s: float            # all forwards together
     window_s: float
+    longest_gc_s: float         # Python's longest garbage collection (any generation)
+    gc_s: float                 # all collections together
 
 
 class SchedulerGaps:
@@ -52,6 +56,7 @@ class SchedulerGaps:
             self._window_start = time.monotonic()
             self._batches, self._slow = 0, 0
             self._longest_gap = self._longest_forward = self._forward = 0.0
+            self._longest_gc = self._gc = 0.0
 
     def around_run_batch(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """The ``Scheduler.run_batch`` hook: times it and the gap before it."""
@@ -74,11 +79,22 @@ class SchedulerGaps:
                 self._longest_gap = max(self._longest_gap, gap)
                 self._slow += gap > SLOW_GAP_S
 
+    def on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        """A ``gc.callbacks`` entry: times each collection (no lock taken in ``start``)."""
+        if phase == "start":
+            self._gc_start = time.monotonic()
+            return
+        took = time.monotonic() - getattr(self, "_gc_start", time.monotonic())
+        with self._lock:
+            self._gc += took
+            self._longest_gc = max(self._longest_gc, took)
+
     def report(self) -> GapReport:
         with self._lock:
             return GapReport(self._batches, self._longest_gap, self._slow,
                              self._longest_forward, self._forward,
-                             time.monotonic() - self._window_start)
+                             time.monotonic() - self._window_start, self._longest_gc,
+                             self._gc)
 
 
 #: The scheduler process's meter (SGLang runs one scheduler per process).
@@ -87,10 +103,12 @@ _registered = False
 
 
 def register_hooks() -> None:
-    """Time every ``run_batch`` (two clock reads: no change to what the scheduler does)."""
+    """Time every ``run_batch`` and every garbage collection (clock reads: no change to
+    what the scheduler does)."""
     global _registered
     if not _registered:
         HookRegistry.register(HOOK_RUN_BATCH, GAPS.around_run_batch, HookType.AROUND)
+        gc.callbacks.append(GAPS.on_gc)
         _registered = True
 
 

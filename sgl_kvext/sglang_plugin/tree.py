@@ -8,7 +8,8 @@ tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not 
 
 - **Evict = demote.** Each evicted leaf's full tier pages (including the page it shares with
   its parent) are copied out of the device pool into the tier chain before its slots are
-  reused. With ``write_through`` a finished request's pages are stored at once as well.
+  reused. With ``write_through`` a finished request's pages are stored at once as well, by a
+  background worker while its node stays locked (:mod:`.write_through`).
 - **Match = promote.** After the device match, one question to the tiering
   (:meth:`KVTiering.admit`) decides: a run of pages the host tier holds is reported as
   ``host_hit_length`` and :meth:`init_load_back` allocates slots, copies the pages in and
@@ -30,7 +31,6 @@ three types: :class:`_Hold`, :class:`_Load`, :class:`_Blend`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from collections import OrderedDict
@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sgl_kvext.config import env
 from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import BlendPlan, NoBlend
 from sgl_kvext.fragments.report import BlendReport, Outcome
@@ -59,6 +58,7 @@ from sgl_kvext.sglang_plugin.surface import (
     TreeNode,
 )
 from sgl_kvext.sglang_plugin.tenant import tenant_of
+from sgl_kvext.sglang_plugin.write_through import WriteThrough
 
 logger = logging.getLogger("sgl_kvext")
 #: The response's ``meta_info`` key holding ``[BlendReport.as_dict()]`` (SGLang's
@@ -132,6 +132,9 @@ class HierarchicalRadixCache(RadixCache):
         self._chunk_spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
         self._victims: list[_Victim] | None = None
         self._heap = HeapTrimmer()
+        self._write_through = (
+            WriteThrough(tiering, self.inc_lock_ref, self.dec_lock_ref)
+            if tiering is not None and config.tiers.write_policy == "write_through" else None)
         super().__init__(params)
 
     @property
@@ -149,6 +152,8 @@ class HierarchicalRadixCache(RadixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         if self.tiering is None:
             return super().evict(params)
+        if self._write_through is not None:
+            self._write_through.make_room(params.num_tokens, lambda: self.evictable_size_)
         self._victims = []
         try:
             result = super().evict(params)
@@ -199,10 +204,13 @@ class HierarchicalRadixCache(RadixCache):
                 self.tiering.observe_prefill(up_to - req.prefix_len,
                                              time.perf_counter() - started)
         super().checkpoint(req, up_to=up_to)
-        if (self.tiering is not None and not self.disable and req.finished()
-                and self.kvext_config.tiers.write_policy == "write_through"):
+        if self._write_through is not None and not self.disable and req.finished():
             tokens, slots = self._path(req.last_node)
-            self._spill(_Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
+            try:      # copied on the write-behind worker, the node locked meanwhile
+                self._write_through.store(tenant_of(req.last_node.key), tokens, slots,
+                                          req.last_node)
+            except Exception:   # a tier failure must never fail the request
+                logger.exception("sgl-kvext: writing %d tokens through failed", len(tokens))
 
     # ----------------------------------------------------------------- match
     def supports_fast_match_prefix(self) -> bool:
@@ -210,6 +218,8 @@ class HierarchicalRadixCache(RadixCache):
         return self.tiering is not None
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        if self._write_through is not None:
+            self._write_through.release()      # before SGLang sizes what it can admit
         base = super().match_prefix(params)
         req = params.req
         if self.tiering is None or self.disable or req is None or len(params.key) == 0:
@@ -346,6 +356,9 @@ class HierarchicalRadixCache(RadixCache):
 
     # ------------------------------------------------------------- lifecycle
     def reset(self) -> None:
+        write_through = getattr(self, "_write_through", None)   # also from RadixCache.__init__
+        if write_through is not None:
+            write_through.reset()
         super().reset()
         if hasattr(self, "_pending"):   # reset() also runs inside RadixCache.__init__
             self._pending.clear()
@@ -362,6 +375,9 @@ class HierarchicalRadixCache(RadixCache):
         for close in self._closers:
             close()
         self._closers.clear()
+        if self._write_through is not None:
+            self._write_through.close()
+            self._write_through = None
         if self.blend is not None:
             self.blend.blender.close()
             self.blend = None
@@ -374,25 +390,3 @@ def _report(req: Any, report: BlendReport) -> None:
     """Put ``report`` in the request's response (``meta_info[REPORT_KEY]``)."""
     if req is not None:
         req.customized_info = {**(req.customized_info or {}), REPORT_KEY: [report.as_dict()]}
-
-
-def process_config() -> KVExtConfig | None:
-    """The launcher's resolved config in a process SGLang spawned, else None (launcher)."""
-    resolved = env.get(env.RESOLVED_CONFIG)
-    return _parsed(resolved) if resolved else None
-
-
-@functools.lru_cache(maxsize=4)
-def _parsed(resolved: str) -> KVExtConfig:
-    # Parsed once: validating it probes the disk folder with a file (a write on every
-    # request when the scheduler asked per request).
-    return KVExtConfig.from_json(resolved)
-
-
-def scheduler_config() -> KVExtConfig:
-    """The config the launcher resolved (inherited JSON), else one read from YAML / variables.
-
-    The backend was selected explicitly when this runs, so the result is always enabled.
-    """
-    config = process_config() or KVExtConfig.load()
-    return config if config.enabled else dataclasses.replace(config, enabled=True)

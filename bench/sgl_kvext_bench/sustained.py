@@ -1,0 +1,81 @@
+"""Sustained request rate at a TTFT goal (``sgl-kvext-bench sustained``).
+
+The multi-turn chat workload (:mod:`sgl_kvext_bench.multiturn`) at several arrival rates:
+for each configuration and rate a fresh server (the same device pool, a quarter of the
+working set), users running concurrently, request ``k`` sent at ``k / rate`` s or when its
+user's previous answer is in (closed loop per user, so an overloaded server is not sent more
+than its users can wait for). Per run: TTFT p50 / p90 over every request, and the rate
+achieved (requests / wall time).
+
+A configuration *sustains* a rate when its p90 TTFT is within the goal and it achieved at
+least :data:`KEPT_UP` of the offered rate; its sustained rate is the highest such rate tried.
+The figure compared is ``hierarchical``'s sustained rate over ``radix``'s, both measured in
+one run (the same machine state, interleaved by rate).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from sgl_kvext_bench.configs import CONFIGS
+from sgl_kvext_bench.multiturn import Workload, run_workload, working_set_tokens
+from sgl_kvext_bench.serving import Serving
+
+#: A run keeps up when it achieves at least this share of the offered rate.
+KEPT_UP = 0.9
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def sustained_rates(runs: Sequence[dict[str, Any]], goal_p90_s: float
+                    ) -> dict[str, float | None]:
+    """Per configuration, the highest offered rate it sustained (None: none of those tried)."""
+    out: dict[str, float | None] = {}
+    for run in runs:
+        ok = (run["ttft_p90_s"] <= goal_p90_s
+              and run["achieved_rps"] >= KEPT_UP * run["offered_rps"])
+        best = out.get(run["name"])
+        out[run["name"]] = (max(best or 0.0, run["offered_rps"]) if ok else best)
+    return out
+
+
+def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
+                  rates: Sequence[float], goal_p90_s: float, pool_fraction: float = 0.25,
+                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every configuration at every rate, each on a fresh server (see the module doc)."""
+    from transformers import AutoTokenizer
+
+    if serving.model_path is None:
+        raise ValueError("sustained starts its own servers: it needs the model, not --url")
+    total, longest = working_set_tokens(work, AutoTokenizer.from_pretrained(serving.model_path))
+    pool = max(int(total * pool_fraction), longest + 256)
+    runs: list[dict[str, Any]] = []
+    for rate in rates:                          # by rate, then configuration: interleaved
+        for name in configs:
+            args = ("--max-total-tokens", str(pool), *CONFIGS.get(name, ()))
+            with serving.serve(f"sustained-{rate:g}", name, args) as target:
+                started = time.perf_counter()
+                samples = run_workload(target, name, work, progress, rate)
+                wall = time.perf_counter() - started
+            ttfts = [s.ttft_s for s in samples]
+            runs.append({"name": name, "offered_rps": rate,
+                         "achieved_rps": len(samples) / wall,
+                         "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
+                         "cached_share": sum(s.cached_tokens for s in samples)
+                         / max(1, sum(s.prompt_tokens for s in samples)),
+                         "wall_s": wall, "requests": [asdict(s) for s in samples]})
+            progress(f"sustained: {name} at {rate:g} req/s: p90 TTFT "
+                     f"{runs[-1]['ttft_p90_s']:.2f}s, achieved {runs[-1]['achieved_rps']:.2f}")
+    sustained = sustained_rates(runs, goal_p90_s)
+    ours, theirs = sustained.get("hierarchical"), sustained.get("radix")
+    return {"workload": asdict(work), "working_set_tokens": total, "pool_tokens": pool,
+            "goal_p90_s": goal_p90_s, "rates": list(rates), "runs": runs,
+            "sustained_rps": sustained,
+            "hierarchical_over_radix": (ours / theirs if ours and theirs else None)}

@@ -1,0 +1,35 @@
+"""sgl-kvext-bench sustained: which rate a configuration sustains at the TTFT goal, and its
+options (the measurement itself starts servers: docs/benchmarks.md has the run)."""
+
+import pytest
+
+from sgl_kvext_bench.cli import main
+from sgl_kvext_bench.sustained import sustained_rates
+
+
+def _run(name: str, offered: float, achieved: float, p90: float) -> dict:
+    return {"name": name, "offered_rps": offered, "achieved_rps": achieved, "ttft_p90_s": p90}
+
+
+def test_the_sustained_rate_is_the_highest_kept_up_within_the_goal() -> None:
+    runs = [_run("radix", 0.5, 0.5, 0.6), _run("hierarchical", 0.5, 0.5, 0.2),
+            _run("radix", 1.0, 0.97, 1.4),               # over the p90 goal
+            _run("hierarchical", 1.0, 0.95, 0.3),
+            _run("radix", 2.0, 1.1, 0.9),                # within the goal, fell behind
+            _run("hierarchical", 2.0, 1.85, 0.8),
+            _run("no_cache", 0.5, 0.5, 3.0)]
+    assert sustained_rates(runs, goal_p90_s=1.0) == {"radix": 0.5, "hierarchical": 2.0,
+                                                     "no_cache": None}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rates", "1,x"], "--rates '1,x': comma-separated numbers > 0"),
+    (["--rates", "0,1"], "--rates must be > 0"),
+    (["--goal-p90", "0"], "--goal-p90 > 0"),
+    (["--configs", "radix,nope"], "--configs: unknown ['nope']"),
+    (["--users", "0"], "--users"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message) -> None:
+    assert main(["sustained", "--json", str(tmp_path / "s.json"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
