@@ -147,4 +147,6 @@ def chain(seaweed, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
 
     from tiers_common import Chain
 
-    return Chain(tmp_path_factory.mktemp("chain-disk"), uuid.uuid4().hex, seaweed)
+    from sgl_kvext.harness.server import free_port
+
+    return Chain(tmp_path_factory.mktemp("chain-disk"), uuid.uuid4().hex, seaweed, free_port())

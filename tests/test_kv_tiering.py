@@ -8,7 +8,8 @@ from sgl_kvext.pages import tiering as kv_tiering
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity, Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.tiering import MISS, Hold, KVTiering, LoadPlan
+from sgl_kvext.pages.plans import MISS, Hold, LoadPlan
+from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.host import HostTier
 

@@ -14,7 +14,8 @@ from helpers import remote_disk_fake
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.tiering import DIRECT_READ_S, MISS, KVTiering, LoadPlan
+from sgl_kvext.pages.plans import MISS, LoadPlan
+from sgl_kvext.pages.tiering import DIRECT_READ_S, KVTiering
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier

@@ -25,6 +25,7 @@ from tiers_common import (
     MAX_NEW,
     PROMPTS,
     Chain,
+    KVEvents,
     ask,
     evict_context,
     metric,
@@ -48,11 +49,18 @@ def expected(hf_greedy: Callable[..., list[list[int]]]) -> list[list[int]]:
 def test_evicted_prefix_comes_back_exact_from_the_tiers(servers: ServerPool, chain: Chain,
                                                        expected: list[list[int]]) -> None:
     srv, tenant = chain.server(servers), salt()
-    before = metrics(srv)
-    first = ask(srv, 0, tenant)
-    evict_context(srv)
-    second = ask(srv, 1, tenant)
-    after = metrics(srv)
+    events = KVEvents(chain.events_port)
+    try:
+        before = metrics(srv)
+        first = ask(srv, 0, tenant)
+        evict_context(srv)
+        second = ask(srv, 1, tenant)
+        after = metrics(srv)
+        # Every tier's residency is published beside the device tree's (tier_events.py).
+        heard = events.wait_for(srv, {"GPU", "CPU_PINNED", "DISK", "EXTERNAL"})
+    finally:
+        events.close()
+    assert {"GPU", "CPU_PINNED", "DISK", "EXTERNAL"} <= heard, heard
     assert first.output_ids == expected[0]
     assert second.output_ids == expected[1]
     assert second.cached_tokens >= FROM_TIER, second

@@ -256,3 +256,26 @@ def test_a_dropped_batch_is_reported_and_a_failing_listener_is_contained() -> No
     assert len(heard) == chain.counters["dropped_pages"] >= 1
     stuck.release.set()
     chain.close()
+
+
+def test_event_listeners_hear_what_each_tier_stores_and_removes(tmp_path: Path) -> None:
+    from sgl_kvext.tiers.chain import TierEvent
+
+    chain = small_chain(tmp_path, host_pages=2)
+    heard: list[TierEvent] = []
+    chain.on_event(heard.append)
+    chain.on_event(lambda event: 1 / 0)                       # a failing listener is contained
+    chain.put([page_of(i) for i in range(3)])                 # host keeps 1, 2; 0 demoted
+    chain.flush(timeout_s=10)
+    stored = {(e.tier, k) for e in heard if e.stored for k in e.keys}
+    removed = {(e.tier, k) for e in heard if not e.stored for k in e.keys}
+    assert stored == {(0, key_of(0)), (0, key_of(1)), (0, key_of(2)), (1, key_of(0))}
+    assert removed == {(0, key_of(0))}
+    heard.clear()
+    chain.get([key_of(0)])                                    # promoted: stored in host again
+    chain.flush(timeout_s=10)                                 # (what it evicts goes to disk)
+    assert {(e.tier, e.stored) for e in heard for _ in e.keys} >= {(0, True), (0, False)}
+    heard.clear()
+    chain.delete([key_of(0)])
+    assert [(e.stored, e.keys) for e in heard if e.tier == 1] == [(False, (key_of(0),))]
+    chain.close()

@@ -54,8 +54,8 @@ def kv_of(tokens: list[int], salt: str = "") -> torch.Tensor:
 
 class Harness:
     def __init__(self, root: Path, pool_tokens: int = 256, host_pages: int = 64,
-                 disk: bool = False, policy: str = "best_effort", remote: bool = False
-                 ) -> None:
+                 disk: bool = False, policy: str = "best_effort", remote: bool = False,
+                 kv_events: bool = False) -> None:
         self.holds = 0
         self.pool = MHATokenToKVPool(pool_tokens, 1, torch.float32, HEADS, DIM, LAYERS, "cpu",
                                      False)
@@ -70,7 +70,8 @@ class Harness:
                                  ModelIdentity("cfg", "w", "float32", T, "test"),
                                  prefetch_policy=policy)
         params = CacheInitParams(disable=False, req_to_token_pool=None,
-                                 token_to_kv_pool_allocator=self.alloc, page_size=1)
+                                 token_to_kv_pool_allocator=self.alloc, page_size=1,
+                                 enable_kv_cache_events=kv_events)
         config = KVExtConfig(enabled=True, tiers=TierConfig(prefetch_policy=policy))
         self.tree = HierarchicalRadixCache(params, config, self.tiering)
         self.total = self.alloc.available_size()

@@ -20,7 +20,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from test_tree import Harness, kv_of, seq
 
 from sgl_kvext.pages.keys import DEFAULT_TENANT
-from sgl_kvext.pages.tiering import SpillJob
+from sgl_kvext.pages.plans import SpillJob
 from sgl_kvext.pages.write_behind import WriteBehind
 from sgl_kvext.sglang_plugin import write_through
 from sgl_kvext.sglang_plugin.write_through import WriteThrough
@@ -200,4 +200,29 @@ def test_a_copy_still_running_after_a_reset_stores_nothing(
         assert h.fetch(a) == 0
     finally:
         gate.open()
+        wt.close()
+
+
+def test_a_failed_copy_leaves_its_pages_to_be_spilled_at_eviction(harness: Harness) -> None:
+    h, a = harness, seq(1000, 32)
+    h.insert(a)
+    real = h.tiering.store
+
+    def failing_store_fake(job: SpillJob, intact=lambda: True) -> int:  # type: ignore[no-untyped-def]
+        raise OSError("the host tier refused it (a fault a real tier does not give on cue)")
+
+    h.tiering.store = failing_store_fake  # type: ignore[method-assign]
+    wt = WriteThrough(h.tiering, h.tree.inc_lock_ref, h.tree.dec_lock_ref)
+    try:
+        node, slots = _node(h, a)
+        wt.store(DEFAULT_TENANT, a, slots, node)
+        assert wt._writer.wait(10)
+        wt.release()
+        assert h.tree.protected_size() == 0 and wt.counters["failed"] == 1
+        h.tiering.store = real  # type: ignore[method-assign]
+        h.tree.evict(EvictParams(num_tokens=1000))    # the eviction stores what failed
+        assert h.tiering.counters["spilled_pages"] == 4
+        assert h.fetch(a) == 32
+        torch.testing.assert_close(h.device_kv(a), kv_of(a), rtol=0, atol=0)
+    finally:
         wt.close()

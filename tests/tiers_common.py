@@ -4,6 +4,7 @@ flags, and readers for ``/metrics``. float32 throughout (see test_server.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -33,10 +34,13 @@ class Chain(NamedTuple):
     disk: Path
     s3_prefix: str
     seaweed: SeaweedFS
+    events_port: int        # SGLang's KV events (device and tiers) published on loopback
 
     def args(self) -> list[str]:
+        events = {"publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{self.events_port}",
+                  "bind": True}
         return [*BASE, "--enable-metrics", *SMALL_HOST, "--kvext-disk-dir", str(self.disk),
-                *s3_args(self.seaweed, self.s3_prefix)]
+                *s3_args(self.seaweed, self.s3_prefix), "--kv-events-config", json.dumps(events)]
 
     def server(self, pool: ServerPool) -> SGLangServer:
         return pool.get("chain", self.args(), seaweed_env(self.seaweed))
@@ -101,3 +105,38 @@ def metric(text: str, name: str, tier: str | None = None) -> float:
         if line.startswith(name + "{") and (tier is None or f'tier="{tier}"' in line):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class KVEvents:
+    """A subscriber to a server's KV events (SGLang's ZMQ publisher): the media it heard."""
+
+    def __init__(self, port: int) -> None:
+        import zmq
+
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.connect(f"tcp://127.0.0.1:{port}")
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.media: set[str] = set()
+        time.sleep(1.0)             # ZMQ drops what is published before the subscription lands
+
+    def wait_for(self, srv: SGLangServer, media: set[str], timeout_s: float = 60.0) -> set[str]:
+        """Read events until ``media`` were all heard (or the timeout); tier events written on
+        tier threads go out with the next batch's, so a one-token request is sent meanwhile."""
+        import msgspec
+        from sglang.srt.disaggregation.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        deadline = time.monotonic() + timeout_s
+        while not media <= self.media and time.monotonic() < deadline:
+            if self._sub.poll(1000):
+                payload = self._sub.recv_multipart()[-1]
+                self.media.update(str(getattr(e, "medium", None))
+                                  for e in decoder.decode(payload).events)
+            else:
+                srv.generate("Hi", max_new_tokens=1)
+        return self.media
+
+    def close(self) -> None:
+        self._sub.close(0)
+        self._ctx.term()

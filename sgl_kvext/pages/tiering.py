@@ -3,7 +3,9 @@
 The tree calls this module and knows nothing of tiers; the tiers know nothing of the tree.
 
 - :meth:`KVTiering.spill` stores the full tier pages of a token path (e.g. an evicted node and
-  the partial page it shares with its parent) under their chained page keys.
+  the partial page it shares with its parent) under their chained page keys; in two steps
+  when the copy runs elsewhere: :meth:`KVTiering.prepare_spill` (keys, on the scheduler
+  thread) and :meth:`KVTiering.store` (the copy, any thread).
 - :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the local
   tiers hold now (host memory, then disk: a page on disk is read straight into the pool when
   that is expected to beat recomputing it, so a load never needs the host tier to hold it),
@@ -24,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.key_chains import PathKeys
 from sgl_kvext.pages.keys import ModelIdentity, Tenant, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.plans import MISS, Hold, LoadPlan, Miss, SpillJob
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
 from sgl_kvext.tiers.chain import TierChain
@@ -52,53 +54,6 @@ DIRECT_READ_S = 0.25
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPlan:
-    """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new.
-    ``tiers[i]`` is the chain index of the local tier ``keys[i]`` was found in."""
-
-    keys: tuple[bytes, ...]
-    first_page: int
-    start: int
-    end: int
-    tiers: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.tiers) != len(self.keys):
-            raise ValueError(f"{len(self.tiers)} tiers for {len(self.keys)} pages")
-
-    @property
-    def tokens(self) -> int:
-        return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class SpillJob:
-    """Pages to store: ``keys[i]``'s KV is in pool ``slots[i]`` (one page's slots, in order);
-    ``tail``: ``(chain key before it, its tokens)`` when the path ends with a partial page."""
-
-    keys: tuple[bytes, ...]
-    slots: torch.Tensor
-    tail: tuple[bytes, int] | None
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """Keep the request waiting: a prefetch of its pages is running and waiting is still
-    expected to beat recomputing. ``tokens`` is the host hit to report meanwhile (SGLang asks
-    the tree again only about a request it believes has one)."""
-
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Miss:
-    """Nothing to load now: the device match is all the tiers can give."""
-
-
-MISS = Miss()
 
 
 class KVTiering:
@@ -174,7 +129,13 @@ class KVTiering:
         Pages handed to the chain.
         """
         job = self.prepare_spill(tenant, tokens, slots, from_token, prefix)
-        return self.store(job) if job is not None else 0
+        if job is None:
+            return 0
+        try:
+            return self.store(job)
+        except Exception:
+            self.unmark(job)
+            raise
 
     def prepare_spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
                       from_token: int, prefix: Iterable[tuple[Hashable, int]] = ()
@@ -199,9 +160,16 @@ class KVTiering:
         todo = [p for p in range(len(keys)) if not self._known.seen(keys[p])]
         if not todo:
             return None
-        return SpillJob(tuple(keys[p] for p in todo),
-                        page_slots[torch.tensor(todo, dtype=torch.int64)],
-                        tail)
+        job = SpillJob(tuple(keys[p] for p in todo),
+                       page_slots[torch.tensor(todo, dtype=torch.int64)], tail)
+        # Known from now (a loss during the put is heard after): a spill of the same pages
+        # before this job is stored skips them; :meth:`unmark` if the job is not stored.
+        self._known.add(job.keys)
+        return job
+
+    def unmark(self, job: SpillJob) -> None:
+        """``job`` will not be stored (dropped, failed): a later spill stores its pages."""
+        self._known.discard(job.keys)
 
     def store(self, job: SpillJob, intact: Callable[[], bool] = lambda: True) -> int:
         """Copy ``job``'s pages out of the pool into the chain; any thread. ``intact()``,
@@ -209,11 +177,11 @@ class KVTiering:
         nothing is stored). Returns the pages handed to the chain."""
         data = self.pool.gather_pages(job.slots)
         if not intact():
+            self.unmark(job)
             return 0
         raw = data.view(torch.uint8).reshape(len(job.keys), -1).numpy()
         pages = [KVPage(key, raw[i].data, _dtype_name(data), self.pool.page_shape)
                  for i, key in enumerate(job.keys)]
-        self._known.add(job.keys)   # before put: a loss during it is heard after
         if job.tail is not None:
             self._tails.add_length(*job.tail)
         self.chain.put(pages)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sgl_kvext.pages.tiering import SpillJob
+from sgl_kvext.pages.plans import SpillJob
 
 logger = logging.getLogger("sgl_kvext")
 Token = TypeVar("Token")

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sglang.srt.disaggregation.kv_events import BlockRemoved, BlockStored
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.base_prefix_cache import (
     EvictParams,
@@ -35,8 +36,9 @@ from sglang.srt.mem_cache.registry import (
 )
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-__all__ = ["CacheInitParams", "EvictParams", "EvictResult", "HookRegistry", "HookType",
-           "InitLoadBackParams", "MatchPrefixParams", "MatchResult", "RadixCache", "RadixKey",
+__all__ = ["BlockRemoved", "BlockStored", "CacheInitParams", "EvictParams", "EvictResult",
+           "HookRegistry", "HookType", "InitLoadBackParams", "MatchPrefixParams", "MatchResult",
+           "RadixCache", "RadixKey",
            "TorchNativeAttnBackend", "TreeCacheBuildContext", "TreeNode",
            "register_radix_cache_backend", "registered_radix_cache_backends"]
 
@@ -109,6 +111,13 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.reset", ("self",)),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.path_device_indices",
              ("self", "node")),
+    Internal("sglang.srt.mem_cache.radix_cache:RadixCache.take_events", ("self",),
+             why="tier events published with the device tree's (--kv-events-config)"),
+    Internal("sglang.srt.disaggregation.kv_events:BlockStored",
+             fields=("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                     "medium")),
+    Internal("sglang.srt.disaggregation.kv_events:BlockRemoved",
+             fields=("block_hashes", "medium")),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.inc_lock_ref", ("self", "node")),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.dec_lock_ref", ("self", "node")),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache",

@@ -43,7 +43,8 @@ from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import BlendPlan, NoBlend
 from sgl_kvext.fragments.report import BlendReport, Outcome
 from sgl_kvext.pages.keys import Tenant
-from sgl_kvext.pages.tiering import Hold, KVTiering, LoadPlan
+from sgl_kvext.pages.plans import Hold, LoadPlan
+from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
 from sgl_kvext.sglang_plugin.surface import (
@@ -58,6 +59,7 @@ from sgl_kvext.sglang_plugin.surface import (
     TreeNode,
 )
 from sgl_kvext.sglang_plugin.tenant import tenant_of
+from sgl_kvext.sglang_plugin.tier_events import TierEventLog
 from sgl_kvext.sglang_plugin.write_through import WriteThrough
 
 logger = logging.getLogger("sgl_kvext")
@@ -136,6 +138,11 @@ class HierarchicalRadixCache(RadixCache):
             WriteThrough(tiering, self.inc_lock_ref, self.dec_lock_ref)
             if tiering is not None and config.tiers.write_policy == "write_through" else None)
         super().__init__(params)
+        self._tier_events = None          # tier residency in SGLang's KV events, if published
+        if tiering is not None and self.kv_events.enabled:
+            self._tier_events = TierEventLog([t.name for t in tiering.chain.tiers],
+                                             tiering.tokens)
+            tiering.chain.on_event(self._tier_events.add)
 
     @property
     def blender(self) -> Any:
@@ -353,6 +360,10 @@ class HierarchicalRadixCache(RadixCache):
         self._update_leaf_status(new_node)
         self.kv_events.record_store(new_node)
         return new_node
+
+    def take_events(self) -> list[Any]:
+        events: list[Any] = super().take_events()
+        return events + self._tier_events.take() if self._tier_events is not None else events
 
     # ------------------------------------------------------------- lifecycle
     def reset(self) -> None:

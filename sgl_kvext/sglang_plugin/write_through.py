@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 import torch
 
 from sgl_kvext.pages.keys import Tenant
-from sgl_kvext.pages.tiering import KVTiering, SpillJob
+from sgl_kvext.pages.plans import SpillJob
+from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.pages.write_behind import WriteBehind
 
 #: Longest an eviction waits for the running copy (a few pages: milliseconds).
@@ -33,10 +34,11 @@ DRAIN_S = 10.0
 
 
 class _Locked(NamedTuple):
-    """A node locked for a copy, in the tree of ``epoch`` (bumped by each reset)."""
+    """A node locked for ``job``'s copy, in the tree of ``epoch`` (bumped by each reset)."""
 
     epoch: int
     node: Any
+    job: SpillJob
 
 
 class WriteThrough:
@@ -68,7 +70,7 @@ class WriteThrough:
         if job is None:
             return
         self._lock(node)
-        if not self._writer.submit(job, _Locked(self._epoch, node)):
+        if not self._writer.submit(job, _Locked(self._epoch, node, job)):
             self._unlock(node)
             self._tiering.store(job)
 
@@ -82,7 +84,7 @@ class WriteThrough:
         self.release()
         if not self._writer.pending or evictable() >= needed:
             return
-        self._unlock_all(self._writer.cancel_queued())
+        self._drop(self._writer.cancel_queued())
         if evictable() < needed:
             self._writer.wait_running(ROOM_WAIT_S)
         self.release()
@@ -91,11 +93,14 @@ class WriteThrough:
         """The tree and the pool are about to be reset: finish the copies, unlock."""
         self._writer.wait(DRAIN_S)
         self.release()
-        self._unlock_all(self._writer.cancel_queued())
+        self._drop(self._writer.cancel_queued())
         self._epoch += 1
 
     def close(self) -> None:
         """Stop the worker after the queued copies (shutdown)."""
+        self._writer.wait(DRAIN_S)
+        self.release()
+        self._drop(self._writer.cancel_queued())
         self._unlock_all(self._writer.close(DRAIN_S))
 
     def _unlock_all(self, locked: list[_Locked]) -> None:
@@ -103,5 +108,15 @@ class WriteThrough:
             if entry.epoch == self._epoch:
                 self._unlock(entry.node)
 
+    def _drop(self, locked: list[_Locked]) -> None:
+        """Copies that will not run (or may not have): their pages are spilled again."""
+        for entry in locked:
+            self._tiering.unmark(entry.job)
+        self._unlock_all(locked)
+
     def _store(self, job: SpillJob, locked: _Locked) -> int:      # the worker thread
-        return self._tiering.store(job, intact=lambda: locked.epoch == self._epoch)
+        try:
+            return self._tiering.store(job, intact=lambda: locked.epoch == self._epoch)
+        except Exception:
+            self._tiering.unmark(job)
+            raise

@@ -10,6 +10,8 @@
   tier of each page; ``get`` loads that run and promotes pages found below into the first tier.
 - Loss listeners (``on_loss``) hear of every page this process sees leave the chain, so a
   caller that remembers what it stored can store it again.
+- Event listeners (``on_event``) hear which pages each tier stored or removed (for SGLang's
+  KV events, by tier).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sgl_kvext.tiers.base import Tier
 from sgl_kvext.tiers.objects import KVPage
@@ -28,6 +31,17 @@ logger = logging.getLogger("sgl_kvext")
 
 WRITE_POLICIES = ("write_back", "write_through")
 LossListener = Callable[[Sequence[bytes]], None]
+
+
+class TierEvent(NamedTuple):
+    """Pages ``keys`` entered (``stored``) or left tier ``tier`` (its index in the chain)."""
+
+    stored: bool
+    tier: int
+    keys: tuple[bytes, ...]
+
+
+EventListener = Callable[[TierEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +133,7 @@ class TierChain:
         self._writers = {i: _Writer(self, i, queue_bytes) for i in range(1, len(self.tiers))}
         self._lock = threading.Lock()
         self._loss_listeners: list[LossListener] = []
+        self._event_listeners: list[EventListener] = []
         self.counters = {"dropped_pages": 0, "demoted_pages": 0, "promoted_pages": 0}
 
     def on_loss(self, listener: LossListener) -> None:
@@ -178,10 +193,18 @@ class TierChain:
                 self.counters["promoted_pages"] += len(promote)
         return ChainGet(tuple(pages), tuple(tiers))
 
+    def on_event(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for the pages each tier of this process stores (puts,
+        demotions, write-through, promotions) and removes (evictions, deletions); on the
+        thread that did it, so ``listener`` must be quick and thread-safe. What other
+        processes sharing a tier store or remove is not heard."""
+        self._event_listeners.append(listener)
+
     def delete(self, keys: Sequence[bytes]) -> None:
         self.flush()
-        for tier in self.tiers:
-            tier.delete(keys)
+        for index, tier in enumerate(self.tiers):
+            if tier.delete(keys):
+                self._emit(False, index, keys)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued write reached its tier (at most ``timeout_s`` in all);
@@ -209,6 +232,8 @@ class TierChain:
     # ------------------------------------------------------------- internals
     def _store(self, index: int, pages: list[KVPage]) -> None:
         result = self.tiers[index].put(pages)
+        self._emit(True, index, result.stored)
+        self._emit(False, index, [p.key for p in result.evicted])
         overflow = list(result.evicted)
         if result.rejected:
             rejected = set(result.rejected)
@@ -232,6 +257,15 @@ class TierChain:
                 listener(keys)
             except Exception:      # a listener's bug must not break a write or a read
                 logger.exception("sgl-kvext: a tier-chain loss listener failed")
+
+    def _emit(self, stored: bool, index: int, keys: Sequence[bytes]) -> None:
+        if keys and self._event_listeners:
+            event = TierEvent(stored, index, tuple(keys))
+            for listener in self._event_listeners:
+                try:
+                    listener(event)
+                except Exception:      # a listener's bug must not break a write
+                    logger.exception("sgl-kvext: a tier-chain event listener failed")
 
     def _exists(self, index: int, keys: list[bytes]) -> list[bool]:
         writer = self._writers.get(index)

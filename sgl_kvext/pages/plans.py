@@ -1,0 +1,55 @@
+"""What the tiering decides and hands around: a spill's pages (:class:`SpillJob`) and a
+waiting request's admission (:class:`LoadPlan`, :class:`Hold` or :class:`Miss`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new.
+    ``tiers[i]`` is the chain index of the local tier ``keys[i]`` was found in."""
+
+    keys: tuple[bytes, ...]
+    first_page: int
+    start: int
+    end: int
+    tiers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.tiers) != len(self.keys):
+            raise ValueError(f"{len(self.tiers)} tiers for {len(self.keys)} pages")
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class SpillJob:
+    """Pages to store: ``keys[i]``'s KV is in pool ``slots[i]`` (one page's slots, in order);
+    ``tail``: ``(chain key before it, its tokens)`` when the path ends with a partial page."""
+
+    keys: tuple[bytes, ...]
+    slots: torch.Tensor
+    tail: tuple[bytes, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Keep the request waiting: a prefetch of its pages is running and waiting is still
+    expected to beat recomputing. ``tokens`` is the host hit to report meanwhile (SGLang asks
+    the tree again only about a request it believes has one)."""
+
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Nothing to load now: the device match is all the tiers can give."""
+
+
+MISS = Miss()
