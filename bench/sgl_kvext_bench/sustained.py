@@ -5,7 +5,8 @@ for each configuration and rate a fresh server (the same device pool, a quarter 
 working set), users running concurrently, request ``k`` sent at ``k / rate`` s or when its
 user's previous answer is in (closed loop per user, so an overloaded server is not sent more
 than its users can wait for). Per run: TTFT p50 / p90 over every request, and the rate
-achieved (requests / wall time).
+achieved (requests over the span of their send times: a server too slow for the offered rate
+delays its users' next turns, so the sends spread out).
 
 A configuration *sustains* a rate when its p90 TTFT is within the goal and it achieved at
 least :data:`KEPT_UP` of the offered rate; its sustained rate is the highest such rate tried.
@@ -64,9 +65,10 @@ def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
                 started = time.perf_counter()
                 samples = run_workload(target, name, work, progress, rate)
                 wall = time.perf_counter() - started
-            ttfts = [s.ttft_s for s in samples]
+            ttfts, sent = [s.ttft_s for s in samples], [s.sent_s for s in samples]
+            span = max(sent) - min(sent)
             runs.append({"name": name, "offered_rps": rate,
-                         "achieved_rps": len(samples) / wall,
+                         "achieved_rps": (len(sent) - 1) / span if span > 0 else 0.0,
                          "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
                          "cached_share": sum(s.cached_tokens for s in samples)
                          / max(1, sum(s.prompt_tokens for s in samples)),
