@@ -191,3 +191,22 @@ def test_another_prompt_under_the_same_request_id_gets_its_own_keys(tiering):
     assert isinstance(tiering.admit(T0, a, 0, request_id="same"), LoadPlan)
     assert tiering.admit(T0, b, 0, request_id="same") == MISS
     assert isinstance(tiering.admit(T0, a, 0, request_id="same"), LoadPlan)
+
+
+def test_a_tail_with_other_tokens_is_skipped_without_asking_the_tiers(tiering) -> None:
+    path = list(range(3000, 3042))                  # 10 full pages and 2 tokens
+    tiering.spill(T0, path, torch.arange(42), 0)
+    host = tiering.chain.tiers[0]
+    asked: list[int] = []
+    real = host.exists
+
+    def spy(keys):                                  # counts the real tier's answers
+        asked.append(len(keys))
+        return real(keys)
+
+    host.exists = spy
+    assert tiering.plan(T0, path[:41] + [1], 40) == MISS
+    assert asked == []                              # the other tail: no lookup at all
+    asked.clear()
+    assert tiering.plan(T0, path, 40).end == 42      # the stored tail: looked up
+    assert sum(asked) >= 1

@@ -216,7 +216,9 @@ class KVTiering:
         for n in self._tails.lengths(after):            # longest first
             if at + n <= len(tokens) and at + n > device_len and (at + n) % align == 0:
                 key = tail_key(after, np.asarray(tokens[at:at + n], dtype=np.int64))
-                holder = self._holder(key, self._local)
+                # Only a tail this process stored can be known here (its lengths are): one
+                # with other tokens is skipped without asking the tiers (a stat per length).
+                holder = self._holder(key, self._local) if self._known.seen(key) else []
                 if holder:
                     keys, tiers, end = (*keys, key), [*tiers, holder[0]], at + n
                     break
