@@ -3,9 +3,8 @@
 The tree calls this module and knows nothing of tiers; the tiers know nothing of the tree.
 
 - :meth:`KVTiering.spill` stores the full tier pages of a token path (e.g. an evicted node and
-  the partial page it shares with its parent) under their chained page keys; in two steps
-  when the copy runs elsewhere: :meth:`KVTiering.prepare_spill` (keys, on the scheduler
-  thread) and :meth:`KVTiering.store` (the copy, any thread).
+  the partial page it shares with its parent) under their chained page keys
+  (:meth:`KVTiering.prepare_spill` hashes, :meth:`KVTiering.store` copies).
 - :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the local
   tiers hold now (host memory, then disk: a page on disk is read straight into the pool when
   that is expected to beat recomputing it, so a load never needs the host tier to hold it),
@@ -25,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -171,14 +170,10 @@ class KVTiering:
         """``job`` will not be stored (dropped, failed): a later spill stores its pages."""
         self._known.discard(job.keys)
 
-    def store(self, job: SpillJob, intact: Callable[[], bool] = lambda: True) -> int:
-        """Copy ``job``'s pages out of the pool into the chain; any thread. ``intact()``,
-        asked after the copy, says whether the slots held the job's KV throughout (False:
-        nothing is stored). Returns the pages handed to the chain."""
+    def store(self, job: SpillJob) -> int:
+        """Copy ``job``'s pages out of the pool into the chain (the slots must hold the
+        job's KV until it returns). Returns the pages handed to the chain."""
         data = self.pool.gather_pages(job.slots)
-        if not intact():
-            self.unmark(job)
-            return 0
         raw = data.view(torch.uint8).reshape(len(job.keys), -1).numpy()
         pages = [KVPage(key, raw[i].data, _dtype_name(data), self.pool.page_shape)
                  for i, key in enumerate(job.keys)]

@@ -8,8 +8,7 @@ tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not 
 
 - **Evict = demote.** Each evicted leaf's full tier pages (including the page it shares with
   its parent) are copied out of the device pool into the tier chain before its slots are
-  reused. With ``write_through`` a finished request's pages are stored at once as well, by a
-  background worker while its node stays locked (:mod:`.write_through`).
+  reused. With ``write_through`` a finished request's pages are stored at once as well.
 - **Match = promote.** After the device match, one question to the tiering
   (:meth:`KVTiering.admit`) decides: a run of pages the host tier holds is reported as
   ``host_hit_length`` and :meth:`init_load_back` allocates slots, copies the pages in and
@@ -60,7 +59,6 @@ from sgl_kvext.sglang_plugin.surface import (
 )
 from sgl_kvext.sglang_plugin.tenant import tenant_of
 from sgl_kvext.sglang_plugin.tier_events import TierEventLog
-from sgl_kvext.sglang_plugin.write_through import WriteThrough
 
 logger = logging.getLogger("sgl_kvext")
 #: The response's ``meta_info`` key holding ``[BlendReport.as_dict()]`` (SGLang's
@@ -134,9 +132,6 @@ class HierarchicalRadixCache(RadixCache):
         self._chunk_spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
         self._victims: list[_Victim] | None = None
         self._heap = HeapTrimmer()
-        self._write_through = (
-            WriteThrough(tiering, self.inc_lock_ref, self.dec_lock_ref)
-            if tiering is not None and config.tiers.write_policy == "write_through" else None)
         super().__init__(params)
         self._tier_events = None          # tier residency in SGLang's KV events, if published
         if tiering is not None and self.kv_events.enabled:
@@ -159,8 +154,6 @@ class HierarchicalRadixCache(RadixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         if self.tiering is None:
             return super().evict(params)
-        if self._write_through is not None:
-            self._write_through.make_room(params.num_tokens, lambda: self.evictable_size_)
         self._victims = []
         try:
             result = super().evict(params)
@@ -211,13 +204,10 @@ class HierarchicalRadixCache(RadixCache):
                 self.tiering.observe_prefill(up_to - req.prefix_len,
                                              time.perf_counter() - started)
         super().checkpoint(req, up_to=up_to)
-        if self._write_through is not None and not self.disable and req.finished():
+        if (self.tiering is not None and not self.disable and req.finished()
+                and self.kvext_config.tiers.write_policy == "write_through"):
             tokens, slots = self._path(req.last_node)
-            try:      # copied on the write-behind worker, the node locked meanwhile
-                self._write_through.store(tenant_of(req.last_node.key), tokens, slots,
-                                          req.last_node)
-            except Exception:   # a tier failure must never fail the request
-                logger.exception("sgl-kvext: writing %d tokens through failed", len(tokens))
+            self._spill(_Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
 
     # ----------------------------------------------------------------- match
     def supports_fast_match_prefix(self) -> bool:
@@ -225,8 +215,6 @@ class HierarchicalRadixCache(RadixCache):
         return self.tiering is not None
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
-        if self._write_through is not None:
-            self._write_through.release()      # before SGLang sizes what it can admit
         base = super().match_prefix(params)
         req = params.req
         if self.tiering is None or self.disable or req is None or len(params.key) == 0:
@@ -367,9 +355,6 @@ class HierarchicalRadixCache(RadixCache):
 
     # ------------------------------------------------------------- lifecycle
     def reset(self) -> None:
-        write_through = getattr(self, "_write_through", None)   # also from RadixCache.__init__
-        if write_through is not None:
-            write_through.reset()
         super().reset()
         if hasattr(self, "_pending"):   # reset() also runs inside RadixCache.__init__
             self._pending.clear()
@@ -386,9 +371,6 @@ class HierarchicalRadixCache(RadixCache):
         for close in self._closers:
             close()
         self._closers.clear()
-        if self._write_through is not None:
-            self._write_through.close()
-            self._write_through = None
         if self.blend is not None:
             self.blend.blender.close()
             self.blend = None
