@@ -136,7 +136,7 @@ def trace_requests(work: Workload, interval_s: float) -> list[Any]:
     return out
 
 
-def _pct(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
@@ -146,9 +146,10 @@ def summarize(config: str, samples: list[Sample], from_turn: int,
     late = [s.ttft_s for s in samples if s.turn >= from_turn]
     every = [s.ttft_s for s in samples]
     gaps = [g for s in samples for g in s.itl_s]
-    return {"name": config, "ttft_p50_s": statistics.median(late), "ttft_p90_s": _pct(late, 0.9),
+    return {"name": config, "ttft_p50_s": statistics.median(late),
+            "ttft_p90_s": percentile(late, 0.9),
             "ttft_p50_s_all_turns": statistics.median(every),
-            "ttft_p90_s_all_turns": _pct(every, 0.9), "from_turn": from_turn,
+            "ttft_p90_s_all_turns": percentile(every, 0.9), "from_turn": from_turn,
             "itl_p50_s": statistics.median(gaps) if gaps else None,
             "output_tokens_per_s": sum(s.completion_tokens for s in samples) / wall_s,
             "requests": [asdict(s) for s in samples]}

@@ -23,16 +23,11 @@ from dataclasses import asdict
 from typing import Any
 
 from sgl_kvext_bench.configs import CONFIGS
-from sgl_kvext_bench.multiturn import Workload, run_workload, working_set_tokens
+from sgl_kvext_bench.multiturn import Workload, percentile, run_workload, working_set_tokens
 from sgl_kvext_bench.serving import Serving
 
 #: A run keeps up when it achieves at least this share of the offered rate.
 KEPT_UP = 0.9
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def sustained_rates(runs: Sequence[dict[str, Any]], goal_p90_s: float
@@ -69,7 +64,8 @@ def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
             span = max(sent) - min(sent)
             runs.append({"name": name, "offered_rps": rate,
                          "achieved_rps": (len(sent) - 1) / span if span > 0 else 0.0,
-                         "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": _pct(ttfts, 0.9),
+                         "ttft_p50_s": statistics.median(ttfts),
+                         "ttft_p90_s": percentile(ttfts, 0.9),
                          "cached_share": sum(s.cached_tokens for s in samples)
                          / max(1, sum(s.prompt_tokens for s in samples)),
                          "wall_s": wall, "requests": [asdict(s) for s in samples]})

@@ -1,11 +1,9 @@
-"""What the tiering decides and hands around: a spill's pages (:class:`SpillJob`) and a
-waiting request's admission (:class:`LoadPlan`, :class:`Hold` or :class:`Miss`)."""
+"""What the tiering decides for a waiting request: :class:`LoadPlan`, :class:`Hold` or
+:class:`Miss`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,16 +24,6 @@ class LoadPlan:
     @property
     def tokens(self) -> int:
         return self.end - self.start
-
-
-@dataclass(frozen=True, slots=True)
-class SpillJob:
-    """Pages to store: ``keys[i]``'s KV is in pool ``slots[i]`` (one page's slots, in order);
-    ``tail``: ``(chain key before it, its tokens)`` when the path ends with a partial page."""
-
-    keys: tuple[bytes, ...]
-    slots: torch.Tensor
-    tail: tuple[bytes, int] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,7 @@
 The tree calls this module and knows nothing of tiers; the tiers know nothing of the tree.
 
 - :meth:`KVTiering.spill` stores the full tier pages of a token path (e.g. an evicted node and
-  the partial page it shares with its parent) under their chained page keys
-  (:meth:`KVTiering.prepare_spill` hashes, :meth:`KVTiering.store` copies).
+  the partial page it shares with its parent) under their chained page keys.
 - :meth:`KVTiering.plan` finds, after the device-resident prefix, the run of pages the local
   tiers hold now (host memory, then disk: a page on disk is read straight into the pool when
   that is expected to beat recomputing it, so a load never needs the host tier to hold it),
@@ -33,7 +32,7 @@ from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.key_chains import PathKeys
 from sgl_kvext.pages.keys import ModelIdentity, Tenant, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.plans import MISS, Hold, LoadPlan, Miss, SpillJob
+from sgl_kvext.pages.plans import MISS, Hold, LoadPlan, Miss
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
 from sgl_kvext.tiers.chain import TierChain
@@ -106,8 +105,7 @@ class KVTiering:
     # ------------------------------------------------------------------ spill
     def spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
               from_token: int, prefix: Iterable[tuple[Hashable, int]] = ()) -> int:
-        """Store the full pages of ``tokens`` that end after ``from_token`` (and the
-        partial page it ends with): :meth:`prepare_spill` then :meth:`store`.
+        """Store the full pages of ``tokens`` that end after ``from_token``.
 
         Parameters
         ----------
@@ -127,20 +125,6 @@ class KVTiering:
         -------
         Pages handed to the chain.
         """
-        job = self.prepare_spill(tenant, tokens, slots, from_token, prefix)
-        if job is None:
-            return 0
-        try:
-            return self.store(job)
-        except Exception:
-            self.unmark(job)
-            raise
-
-    def prepare_spill(self, tenant: Tenant, tokens: Sequence[int], slots: torch.Tensor,
-                      from_token: int, prefix: Iterable[tuple[Hashable, int]] = ()
-                      ) -> SpillJob | None:
-        """The pages :meth:`spill` would store, not yet copied (None: all stored already).
-        Hashes on the calling thread (the scheduler's: the key memory is not thread-safe)."""
         t = self.tokens
         first = from_token // t
         chain = self.keys.from_page(tenant, tokens, first, prefix)   # pages first.. only
@@ -148,37 +132,22 @@ class KVTiering:
         keys = list(chain.keys)
         page_slots = slots[: full * t].view(full, t)[first:]
         n_tail = len(tokens) - full * t
-        tail = None
         if n_tail:     # the last partial page, padded with its last slot (never read back)
             after = keys[-1] if keys else chain.before
             keys.append(tail_key(after, np.asarray(tokens[full * t:], dtype=np.int64)))
             pad = slots[full * t:]
             pad = torch.cat((pad, pad[-1:].expand(t - n_tail)))
             page_slots = torch.cat((page_slots, pad.view(1, t)))
-            tail = (after, n_tail)
         todo = [p for p in range(len(keys)) if not self._known.seen(keys[p])]
         if not todo:
-            return None
-        job = SpillJob(tuple(keys[p] for p in todo),
-                       page_slots[torch.tensor(todo, dtype=torch.int64)], tail)
-        # Known from now (a loss during the put is heard after): a spill of the same pages
-        # before this job is stored skips them; :meth:`unmark` if the job is not stored.
-        self._known.add(job.keys)
-        return job
-
-    def unmark(self, job: SpillJob) -> None:
-        """``job`` will not be stored (dropped, failed): a later spill stores its pages."""
-        self._known.discard(job.keys)
-
-    def store(self, job: SpillJob) -> int:
-        """Copy ``job``'s pages out of the pool into the chain (the slots must hold the
-        job's KV until it returns). Returns the pages handed to the chain."""
-        data = self.pool.gather_pages(job.slots)
-        raw = data.view(torch.uint8).reshape(len(job.keys), -1).numpy()
-        pages = [KVPage(key, raw[i].data, _dtype_name(data), self.pool.page_shape)
-                 for i, key in enumerate(job.keys)]
-        if job.tail is not None:
-            self._tails.add_length(*job.tail)
+            return 0
+        data = self.pool.gather_pages(page_slots[torch.tensor(todo, dtype=torch.int64)])
+        raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
+        pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
+                 for i, p in enumerate(todo)]
+        self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
+        if n_tail:
+            self._tails.add_length(after, n_tail)
         self.chain.put(pages)
         with self._lock:
             self.counters["spilled_pages"] += len(pages)
