@@ -166,6 +166,9 @@ def test_admission_holds_a_request_while_its_prefetch_runs_within_the_policy(tie
         def request(self, request_id: object, keys: object) -> None:
             pass
 
+        def forget(self, request_id: object) -> None:
+            pass
+
         def close(self) -> None:
             pass
 

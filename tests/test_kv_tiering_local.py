@@ -27,11 +27,12 @@ NS = bytes(range(32))
 PATH = list(range(1000, 1040))     # 10 pages
 
 
-def _tiering(lower: DiskTier, host_pages: int = 4) -> KVTiering:
+def _tiering(lower: DiskTier, host_pages: int = 4, write_policy: str = "write_back"
+             ) -> KVTiering:
     gen = torch.Generator().manual_seed(0)
     k = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
     v = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
-    chain = TierChain([HostTier(host_pages * BLOCK, block_bytes=BLOCK), lower])
+    chain = TierChain([HostTier(host_pages * BLOCK, block_bytes=BLOCK), lower], write_policy)
     tiering = KVTiering(PagedKV(k, v, T), chain, IDENTITY, prefetch_threads=1)
     tiering.cost.prefill_tps = 1.0           # recomputing is slow: reading disk wins
     return tiering
@@ -109,5 +110,30 @@ def test_a_remote_tier_is_prefetched_never_read_on_the_scheduler(tmp_path: Path)
         plan = tiering.plan(T0, PATH, 0, prefetch_id="r")
         assert not isinstance(plan, LoadPlan) or set(plan.tiers) == {0}
         assert tiering.prefetcher.counters["started"] == 1
+    finally:
+        tiering.close()
+
+
+def test_pages_no_tier_holds_are_prefetched_once_and_admission_stops_waiting(
+        tmp_path: Path) -> None:
+    # The fleet bench's failover turn: history in the remote tier, a new question no tier
+    # holds. Asking for the new pages again on every pass kept a prefetch running, so
+    # admission held the request until its deadline (30 s with wait_complete).
+    tiering = _tiering(remote_disk_fake(tmp_path / "remote", 1 << 20, NS), host_pages=16,
+                       write_policy="write_through")
+    try:
+        tiering.spill(T0, PATH, torch.arange(40), 0)
+        assert tiering.chain.flush(10.0)
+        tiering.chain.tiers[0].delete(tiering.keys.all(T0, PATH))  # only the remote tier
+        prompt = PATH + list(range(7000, 7012))                     # 3 pages never stored
+        tiering.prefetch_policy = "wait_complete"
+        first = tiering.admit(T0, prompt, 0, request_id="r")
+        assert tiering.prefetcher.wait("r", 10.0)
+        passes = [tiering.admit(T0, prompt, 0, request_id="r") for _ in range(3)]
+        assert tiering.prefetcher.counters["started"] == 1, first
+        assert all(isinstance(p, LoadPlan) and p.end == 40 for p in passes), passes
+        tiering.forget("r")                         # the request left: its id starts afresh
+        tiering.admit(T0, prompt, 0, request_id="r")
+        assert tiering.prefetcher.counters["started"] == 2
     finally:
         tiering.close()

@@ -1,15 +1,18 @@
 """Background promotion of pages from slow tiers (disk, S3) into the fastest one.
 
 A request's prefetch starts the first time the tree sees it waiting; the scheduler never
-waits on it. Requests are keyed by an id (the request handle): a repeated request for the same
-id is ignored while one is running. At most ``max_pending`` prefetches queue up; beyond
-that new ones are dropped (and counted), so a burst cannot build an unbounded backlog.
+waits on it. Requests are keyed by an id (the request handle): one prefetch per id until
+:meth:`Prefetcher.forget` (the request left), so the pages no tier holds (the prompt's new
+tokens) are asked for once, not again on every scheduling pass while admission waits for a
+prefetch to finish. At most ``max_pending`` prefetches queue up; beyond that new ones are
+dropped (and counted), so a burst cannot build an unbounded backlog.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -23,22 +26,30 @@ class Prefetcher:
         self.chain, self.cost = chain, cost
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-prefetch")
-        self._running: dict[Hashable, Future[int]] = {}
+        #: Prefetches by request id, oldest first: running ones, and finished ones until
+        #: :meth:`forget` (or until more than ``4 * max_pending`` have finished).
+        self._running: OrderedDict[Hashable, Future[int]] = OrderedDict()
         self._lock = threading.Lock()
         self.counters = {"started": 0, "dropped": 0, "promoted_pages": 0, "seconds_x1000": 0}
 
     def request(self, request_id: Hashable, keys: Sequence[bytes]) -> None:
         """Bring the longest held run of ``keys`` up to tier 0, in the background."""
         with self._lock:
-            if request_id in self._running and not self._running[request_id].done():
+            if request_id in self._running:     # running, or done: once per request
                 return
             if sum(not f.done() for f in self._running.values()) >= self.max_pending:
                 self.counters["dropped"] += 1
                 return
             self.counters["started"] += 1
             self._running[request_id] = self._pool.submit(self._fetch, list(keys))
-            for rid in [r for r, f in self._running.items() if f.done()][:64]:
-                del self._running[rid]          # forget finished ones as we go
+            excess = len(self._running) - 4 * self.max_pending
+            for rid in [r for r, f in self._running.items() if f.done()][:max(0, excess)]:
+                del self._running[rid]          # the oldest finished ones, past the bound
+
+    def forget(self, request_id: Hashable) -> None:
+        """The request left: a new one under its id may prefetch again."""
+        with self._lock:
+            self._running.pop(request_id, None)
 
     def pending(self, request_id: Hashable) -> bool:
         with self._lock:

@@ -260,9 +260,10 @@ class KVTiering:
         self.cost.observe_prefill(tokens, seconds)
 
     def forget(self, request_id: Hashable) -> None:
-        """The request left: drop its wait deadline and cached keys."""
+        """The request left: drop its wait deadline, cached keys and prefetch."""
         self._deadlines.pop(request_id, None)
         self.keys.forget(request_id)
+        self.prefetcher.forget(request_id)
 
     def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
         """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.
