@@ -8,16 +8,28 @@ tells which instance holds a prompt where. float32 throughout
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tiers_common import BASE, CONTEXT, MAX_NEW, PROMPTS, metric, s3_args, seaweed_env
+from tiers_common import (
+    BASE,
+    CONTEXT,
+    FILLERS,
+    MAX_NEW,
+    PROMPTS,
+    metric,
+    s3_args,
+    seaweed_env,
+)
 
 from sgl_kvext.harness.fleet import Fleet
 from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.harness.server import Endpoint, free_port
+from sgl_kvext.harness.tier_router import TierAwareRouter
 
 pytestmark = pytest.mark.e2e
 
@@ -33,8 +45,9 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
         hf_greedy: Callable[..., list[list[int]]], n_tokens: Callable[[str], int]) -> None:
     expected = hf_greedy(PROMPTS[:2], MAX_NEW)
     args = [*BASE, "--enable-metrics", "--kvext-host-size", "64MiB", *s3_args(seaweed)]
-    with Fleet(model_path, 2, args, log_dir=log_dir / "fleet", policy="round_robin",
-               env=seaweed_env(seaweed)) as fleet:
+    with contextlib.ExitStack() as stack:
+        fleet = stack.enter_context(Fleet(model_path, 2, args, log_dir=log_dir / "fleet",
+                                          policy="round_robin", env=seaweed_env(seaweed)))
         first = fleet.router.generate(PROMPTS[0], MAX_NEW)
         # Write-through to S3 runs in the background, a page at a time: wait until S3 holds
         # the whole prompt as the other instance sees it (its first pages land first).
@@ -50,12 +63,24 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
         second = fleet.router.generate(PROMPTS[1], MAX_NEW)     # round robin: the other one
         time.sleep(2.5)                           # the exporter copies counters every second
         hits = _s3(fleet, "hits")
+        # The tier-aware router in front of the same two: a new context's second question
+        # goes where its first was answered (round robin would alternate).
+        tiered = TierAwareRouter([s.url for s in fleet.servers], free_port()).start()
+        stack.callback(tiered.stop)
+        routed = Endpoint(tiered.url)
+        fresh = [FILLERS[0] + f" Question {i}:" for i in (1, 2)]
+        placed = [routed.generate(p, MAX_NEW) for p in fresh]
+        holders = [s.post("/kvext/lookup", {"text": FILLERS[0]})["device"]
+                   for s in fleet.servers]
         fleet.servers[0].kill()                   # SIGKILL: a crash
         deadline = time.monotonic() + 30
         while fleet.healthy_workers() != 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert fleet.healthy_workers() == 1
         after = [fleet.router.generate(p, MAX_NEW) for p in (*PROMPTS[:2], PROMPTS[0])]
+        # The tier-aware router ranks the dead one last (its lookup fails): nothing fails.
+        survived = [routed.generate(p, MAX_NEW) for p in fresh]
+        counts = tiered.counts
     assert first.output_ids == expected[0] and second.output_ids == expected[1]
     assert first.cached_tokens < 0.1 * first.prompt_tokens
     # Only an instance that had never seen the context reads it from S3 (a repeat on the same
@@ -74,3 +99,9 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
     # shared history cached for each (its own device, or S3 for what the dead one wrote).
     assert [a.output_ids for a in after] == [expected[0], expected[1], expected[0]]
     assert all(a.cached_tokens >= 0.9 * n_tokens(CONTEXT) for a in after), after
+    # Tier-aware: the second question was a device hit on the server that answered the
+    # first, and only that one holds the context on device.
+    filler = n_tokens(FILLERS[0])
+    assert placed[1].cached_tokens >= 0.9 * filler, placed
+    assert sorted(h >= 0.9 * filler for h in holders) == [False, True], holders
+    assert len(survived) == 2 and counts["by_lookup"] == 4, counts

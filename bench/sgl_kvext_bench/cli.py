@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated arrival rates (requests per second)")
     su.add_argument("--goal-p90", type=float, default=1.0,
                     help="p90 TTFT goal in seconds a sustained rate must meet")
+    fl = _command(sub, "fleet", "a 2-server fleet sharing one S3 (SeaweedFS on loopback) "
+                                "behind round-robin, cache-aware and tier-aware routing, "
+                                "against one server; one server killed and restarted midway")
+    _server_args(fl)
+    _chat_args(fl, users=4)
+    fl.set_defaults(turns=6)
+    fl.add_argument("--arms", default="single,round_robin,cache_aware,tier_aware",
+                    help="comma-separated subset of single, round_robin, cache_aware, "
+                         "tier_aware")
     bl = _command(sub, "blend", "blend methods at several recompute ratios vs the exact "
                                 "prefill of the same prompts, offline (TTFT, accuracy, KL, "
                                 "top-1 agreement)")

@@ -88,6 +88,48 @@ def sustained(args: argparse.Namespace) -> int:
     return finish(args, results, table, rows, extra=extra)
 
 
+def fleet(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.fleet import ARMS, run_fleet
+    from sgl_kvext_bench.multiturn import Workload
+
+    arms = parse_configs(args.arms, ARMS, "--arms")
+    require_positive(args, "users", "answer_tokens", "system_words", "question_words")
+    if args.turns < 3 or not 0 < args.pool_fraction <= 1:
+        raise BadOption("--turns must be >= 3 (before, failover, after the restart) and "
+                        "--pool-fraction in (0, 1]")
+    work = Workload(args.users, args.turns, args.system_words, args.question_words,
+                    args.answer_tokens)
+    serving = serving_for(args)
+    assert serving.model_path is not None          # no --url: fleet starts its servers
+    with progress_bar() as progress:
+        results = run_fleet(serving.model_path, serving.log_dir, work, arms,
+                            serving.server_args, pool_fraction=args.pool_fraction,
+                            progress=progress)
+    table = markdown(["arm", "hit rate", "after restart", "TTFT p50 (s)", "p90 (s)",
+                      "p50 after restart (s)", "p50 failover turn (s)", "failed"],
+                     [[a["name"], a["hit_rate"], a["hit_rate_after_restart"], a["ttft_p50_s"],
+                       a["ttft_p90_s"], a["ttft_p50_after_restart_s"],
+                       a["ttft_p50_failover_s"], a["failed"]] for a in results["arms"]])
+    extra = [f"{a['name']}: tokens loaded per tier {a['tier_tokens']}, restart "
+             f"{a['restart_s']:.1f}s" + (f", marked down after {a['mark_down_s']:.1f}s"
+                                         if "mark_down_s" in a else "")
+             for a in results["arms"]]
+    probe = results.get("cross_instance")
+    if probe:
+        delay = probe["write_through_delay_s"]
+        extra.append("cross-instance: 90% in S3 for the other server "
+                     + (f"{delay:.2f}s after the answer" if delay is not None else
+                        f"not within 60 s (last lookup {probe['lookup']})")
+                     + "; TTFT cold "
+                     f"{probe['ttft_cold_s']:.3f}s, same instance "
+                     f"{probe['ttft_same_instance_s']:.3f}s, other instance "
+                     f"{probe['ttft_other_instance_s']:.3f}s, host-tier hit "
+                     f"{probe['ttft_host_hit_s']:.3f}s "
+                     f"({probe['other_instance_cached_tokens']}/{probe['prompt_tokens']} cached)")
+    rows = [r for a in results["arms"] for r in a["requests"]]
+    return finish(args, results, table, rows, "fleet", extra)
+
+
 def rag(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.configs import CONFIGS
     from sgl_kvext_bench.rag import run_rag
@@ -282,9 +324,9 @@ def stall(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "multiturn": multiturn, "sustained": sustained, "rag": rag, "code": code, "replay": replay,
-    "attention": attention, "blend": blend, "tiers": tiers, "soak": soak, "tree": tree,
-    "compare": compare, "stall": stall}
+    "multiturn": multiturn, "sustained": sustained, "fleet": fleet, "rag": rag, "code": code,
+    "replay": replay, "attention": attention, "blend": blend, "tiers": tiers, "soak": soak,
+    "tree": tree, "compare": compare, "stall": stall}
 
 
 def run(args: argparse.Namespace) -> int:

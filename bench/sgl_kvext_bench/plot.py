@@ -139,3 +139,32 @@ def plot_soak(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"Soak: {results.get('requests', 0)} requests, "
                  f"{results.get('errors', 0)} errors")
     return _save(plt, fig, path)
+
+
+def plot_fleet(results: dict[str, Any], path: Path) -> Path:
+    """Per turn and arm of ``run_fleet``'s results, to ``path``: median TTFT (left) and the
+    share of prompt tokens served from cache (right); the dotted line marks the restart."""
+    import statistics
+
+    plt = _pyplot()
+    fig, (ttft, hit) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in results["arms"]:
+        turns = sorted({r["turn"] for r in arm["requests"] if r["ok"]})
+        rows = [[r for r in arm["requests"] if r["ok"] and r["turn"] == t] for t in turns]
+        ttft.plot(turns, [statistics.median(r["ttft_s"] for r in rs) for rs in rows], "o-",
+                  label=arm["name"])
+        hit.plot(turns, [sum(r["cached_tokens"] for r in rs)
+                         / max(1, sum(r["prompt_tokens"] for r in rs)) for rs in rows], "o-",
+                 label=arm["name"])
+    failover = [r["turn"] for a in results["arms"] for r in a["requests"]
+                if r["phase"] == "failover"]
+    for ax in (ttft, hit):
+        if failover:
+            ax.axvline(min(failover) - 0.5, color="grey", ls=":")
+        ax.legend(fontsize=7)
+    ttft.set(xlabel="turn", ylabel="TTFT p50 (s)", title="Time to first token")
+    hit.set(xlabel="turn", ylabel="prompt tokens cached", title="Hit rate", ylim=(0, 1.02))
+    work = results["workload"]
+    fig.suptitle(f"Fleet of 2 vs one server: {work['users']} users x {work['turns']} turns, "
+                 "server 0 killed and restarted at the dotted line")
+    return _save(plt, fig, path)

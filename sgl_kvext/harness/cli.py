@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "until Ctrl-C")
     fleet.add_argument("--servers", type=int, default=2)
     fleet.add_argument("--policy", default="cache_aware",
-                       help="router policy: round_robin, cache_aware, random, power_of_two")
+                       help="router policy: round_robin, cache_aware, random, power_of_two "
+                       "(SGLang's router), tier_aware (sgl-kvext's lookup-based router)")
     fleet.add_argument("--model-path", type=Path, default=None,
                        help="checkpoint folder (default: the prepared SmolLM2)")
     fleet.add_argument("--s3-url", default=None,

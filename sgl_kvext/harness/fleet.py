@@ -28,9 +28,11 @@ from pathlib import Path
 from types import TracebackType
 
 from sgl_kvext.harness.server import HOST, Endpoint, ServerStartError, SGLangServer, free_port
+from sgl_kvext.harness.tier_router import TierAwareRouter
 
 ROUTER = (sys.executable, "-m", "sglang_router.launch_router")
-POLICIES = ("round_robin", "cache_aware", "random", "power_of_two")
+#: The router's own policies, and ``tier_aware``: :mod:`.tier_router` in its place.
+POLICIES = ("round_robin", "cache_aware", "random", "power_of_two", "tier_aware")
 
 
 class Fleet:
@@ -48,7 +50,8 @@ class Fleet:
     log_dir
         Gets ``server-<i>.log`` and ``router.log``.
     policy
-        The router's ``--policy``: one of :data:`POLICIES`.
+        The router's ``--policy``, or ``tier_aware`` for :class:`.TierAwareRouter` (the
+        servers' ``/kvext/lookup`` decides) in place of SGLang's router.
     env
         Extra environment for the servers (e.g. S3 credentials).
     health_interval_s
@@ -72,6 +75,7 @@ class Fleet:
         #: The router: what clients talk to (``generate``, ``post``, ...).
         self.router = Endpoint(f"http://{HOST}:{self.port}")
         self._router: subprocess.Popen[bytes] | None = None
+        self._tier_router: TierAwareRouter | None = None
 
     @property
     def url(self) -> str:
@@ -91,6 +95,10 @@ class Fleet:
         return self
 
     def _start_router(self) -> None:
+        if self.policy == "tier_aware":
+            self._tier_router = TierAwareRouter([s.url for s in self.servers], self.port,
+                                                host=HOST).start()
+            return
         cmd = [*ROUTER, "--host", HOST, "--port", str(self.port), "--policy", self.policy,
                "--worker-urls", *(s.url for s in self.servers),
                "--health-check-interval-secs", str(self.health_interval_s),
@@ -113,7 +121,9 @@ class Fleet:
     def healthy_workers(self) -> int:
         """Servers the router routes to now (its ``/readiness``; 0 while it cannot answer).
         It registers them in the background after start, and marks one down after two failed
-        health checks."""
+        health checks. With ``tier_aware``: the servers answering ``/health``."""
+        if self._tier_router is not None:
+            return self._tier_router.healthy_workers()
         try:
             with urllib.request.urlopen(self.url + "/readiness", timeout=5) as resp:
                 return int(json.loads(resp.read()).get("healthy_workers", 0))
@@ -123,6 +133,9 @@ class Fleet:
     def stop(self) -> None:
         """The router first (no new requests), then every server; by process group id."""
         router, self._router = self._router, None
+        tier_router, self._tier_router = self._tier_router, None
+        if tier_router is not None:
+            tier_router.stop()
         if router is not None and router.poll() is None:
             try:
                 os.killpg(router.pid, signal.SIGTERM)

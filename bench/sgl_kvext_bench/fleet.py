@@ -1,0 +1,243 @@
+"""A fleet against one server (``sgl-kvext-bench fleet``): routing policies side by side.
+
+The multi-turn chat workload (:mod:`sgl_kvext_bench.multiturn`, one request at a time) runs
+on each arm in turn, every arm with its own S3 prefix on one SeaweedFS:
+
+- ``single``: one ``--enable-hierarchical-kv`` server;
+- ``round_robin``, ``cache_aware``: two such servers sharing the prefix behind SGLang's router
+  with that policy (round robin is the worst case for locality);
+- ``tier_aware``: the same two behind :class:`sgl_kvext.harness.tier_router.TierAwareRouter`
+  (each request where ``/kvext/lookup`` finds most of its prompt).
+
+Every server gets the multi-turn bench's device pool (a quarter of the working set) and a
+1 GiB host tier. Halfway through, server 0 is SIGKILLed: the arm waits until its router counts
+it down (the time is reported), runs one turn on the survivor (the failover turn: its failed
+requests and TTFT), restarts server 0 on its port (device tree and host tier empty, S3 still
+full) and runs the remaining turns. ``single`` restarts its only server at the same point
+and runs the failover turn on it. Per arm: prompt tokens served from cache (the hit rate),
+TTFT p50 / p90 over every turn and over the turns after the restart, failed requests, and the
+tokens each tier loaded (from the servers' ``/metrics``). A cross-instance probe measures the
+write-through delay (how long after a prompt is answered on one server the other finds it in
+S3) and that server's TTFT then.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import urllib.error
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sgl_kvext.harness.demo import build_context
+from sgl_kvext.harness.fleet import Fleet
+from sgl_kvext.harness.seaweedfs import SeaweedFS
+from sgl_kvext.harness.server import SGLangServer
+from sgl_kvext_bench.client import kvext_counters, post_json, stream_generate
+from sgl_kvext_bench.multiturn import Workload, percentile, working_set_tokens
+
+ARMS = ("single", "round_robin", "cache_aware", "tier_aware")
+#: How long a router may take to count a killed server down, or a restarted one up.
+SETTLE_S = 120.0
+
+
+@dataclass(frozen=True)
+class Request:
+    arm: str
+    user: int
+    turn: int
+    phase: str                  # before / failover / after (the restart)
+    ok: bool
+    ttft_s: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def _wait(what: str, ready: Callable[[], bool], timeout_s: float = SETTLE_S) -> float:
+    """Seconds until ``ready()``; RuntimeError naming ``what`` after ``timeout_s``."""
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"fleet bench: {what} not within {timeout_s:.0f} s")
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+def _tier_tokens(urls: Sequence[str], page_tokens: int) -> dict[str, float]:
+    """Tokens each tier loaded on these servers so far (its hits are pages)."""
+    out: dict[str, float] = {}
+    for url in urls:
+        for tier, counts in kvext_counters(url).items():
+            if "hits" in counts and tier in ("host", "disk", "s3"):
+                out[tier] = out.get(tier, 0.0) + counts["hits"] * page_tokens
+    return out
+
+
+class _Arm:
+    """One arm's servers: a fleet, or one server behind nothing."""
+
+    def __init__(self, name: str, model_path: Path, args: Sequence[str], log_dir: Path,
+                 env: dict[str, str]) -> None:
+        self.name = name
+        if name == "single":
+            self.servers = [SGLangServer(model_path, args, log_path=log_dir / "single.log",
+                                         env=env)]
+            self.fleet: Fleet | None = None
+        else:
+            self.fleet = Fleet(model_path, 2, args, log_dir=log_dir / name, policy=name, env=env)
+            self.servers = self.fleet.servers
+
+    @property
+    def url(self) -> str:
+        return self.fleet.url if self.fleet is not None else self.servers[0].url
+
+    def __enter__(self) -> _Arm:
+        if self.fleet is not None:
+            self.fleet.start()
+        else:
+            self.servers[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
+        else:
+            self.servers[0].stop()
+
+
+def run_arm(arm: _Arm, work: Workload, page_tokens: int,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    system, histories = work.system_prompt(), [""] * work.users
+    requests: list[Request] = []
+    killed_at = max(1, (work.turns - 1) // 2)
+    stats: dict[str, Any] = {}
+    loaded: dict[str, float] = {}
+
+    def turn(t: int, phase: str) -> None:
+        for user in range(work.users):
+            question = work.question(user, t)
+            try:
+                r = stream_generate(arm.url, system + histories[user] + question,
+                                    work.answer_tokens, timeout_s=300)
+            except (urllib.error.URLError, OSError, RuntimeError):
+                requests.append(Request(arm.name, user, t, phase, False, 0.0, 0, 0))
+                continue
+            histories[user] += question + r.text + "\n"
+            requests.append(Request(arm.name, user, t, phase, True, r.ttft_s, r.prompt_tokens,
+                                    r.cached_tokens))
+            progress(f"fleet {arm.name}: turn {t} user {user + 1} ({phase}) ttft "
+                     f"{r.ttft_s:.2f}s, {r.cached_tokens}/{r.prompt_tokens} cached")
+
+    for t in range(1, killed_at + 1):
+        turn(t, "before")
+    loaded = _tier_tokens([arm.servers[0].url], page_tokens)   # its counters die with it
+    arm.servers[0].kill()
+    arm.servers[0].stop()
+    fleet = arm.fleet
+    if fleet is not None:                   # the survivor serves the failover turn
+        stats["mark_down_s"] = _wait("the router counting the killed server down",
+                                     lambda: fleet.healthy_workers() == 1)
+        turn(killed_at + 1, "failover")
+    started = time.monotonic()
+    arm.servers[0].start()
+    if fleet is not None:
+        _wait("the router counting the restarted server up",
+              lambda: fleet.healthy_workers() == len(fleet.servers))
+    else:                                   # one server: its first turn after the restart
+        turn(killed_at + 1, "failover")
+    stats["restart_s"] = time.monotonic() - started
+    for t in range(killed_at + 2, work.turns + 1):
+        turn(t, "after")
+    for tier, tokens in _tier_tokens([s.url for s in arm.servers], page_tokens).items():
+        loaded[tier] = loaded.get(tier, 0.0) + tokens
+    if arm.name == "tier_aware" and arm.fleet is not None:
+        stats["router"] = arm.fleet.router.get("/kvext/router")
+    return {"name": arm.name, **summarize(requests), **stats, "tier_tokens": loaded,
+            "requests": [asdict(r) for r in requests]}
+
+
+def summarize(requests: Sequence[Request]) -> dict[str, Any]:
+    """Hit rate and TTFT over all answered requests, and over those after the restart."""
+    ok = [r for r in requests if r.ok]
+    after = [r for r in ok if r.phase == "after"]
+    failover = [r.ttft_s for r in ok if r.phase == "failover"]
+
+    def hit(rs: Sequence[Request]) -> float:
+        return sum(r.cached_tokens for r in rs) / max(1, sum(r.prompt_tokens for r in rs))
+
+    ttft = [r.ttft_s for r in ok]
+    return {"requests_sent": len(requests), "failed": len(requests) - len(ok),
+            "hit_rate": hit(ok), "hit_rate_after_restart": hit(after),
+            "ttft_p50_s": statistics.median(ttft) if ttft else None,
+            "ttft_p90_s": percentile(ttft, 0.9) if ttft else None,
+            "ttft_p50_after_restart_s": (statistics.median([r.ttft_s for r in after])
+                                         if after else None),
+            "ttft_p50_failover_s": statistics.median(failover) if failover else None}
+
+
+def cross_instance(fleet: Fleet, answer_tokens: int, pool_tokens: int) -> dict[str, Any]:
+    """A fresh prompt of about half the device pool answered on server 0, then asked on
+    server 1 once S3 holds it there: the write-through delay and the TTFTs (cold, device hit
+    on server 0, S3 hit on server 1, then a host-tier hit on server 0 once fillers pushed it
+    out of its device pool)."""
+    a, b = fleet.servers
+    context = build_context(max(4, pool_tokens // 2 // 25), seed=31)[0]   # ~25 tokens each
+    cold = stream_generate(a.url, context + "Question one?", answer_tokens)
+    answered = time.monotonic()
+    seen: list[dict[str, Any]] = []
+
+    def in_s3() -> bool:
+        seen.append(post_json(b.url, "/kvext/lookup", {"text": context}, timeout_s=30))
+        return bool(seen[-1]["tiers"].get("s3", 0) >= 0.9 * seen[-1]["tokens"])
+
+    delay: float | None
+    try:
+        _wait("S3", in_s3, timeout_s=60)
+        delay = time.monotonic() - answered
+    except RuntimeError:
+        delay = None                      # reported as such, with what the lookup saw last
+    again = stream_generate(a.url, context + "Question two?", answer_tokens)
+    other = stream_generate(b.url, context + "Question three?", answer_tokens)
+    for seed in (32, 33):                   # push it out of server 0's device pool
+        filler = build_context(max(4, pool_tokens // 2 // 25), seed=seed)[0]
+        stream_generate(a.url, filler + "Go on.", 2)
+    host = stream_generate(a.url, context + "Question four?", answer_tokens)
+    return {"prompt_tokens": other.prompt_tokens, "ttft_cold_s": cold.ttft_s,
+            "ttft_same_instance_s": again.ttft_s, "ttft_other_instance_s": other.ttft_s,
+            "other_instance_cached_tokens": other.cached_tokens,
+            "ttft_host_hit_s": host.ttft_s, "host_hit_cached_tokens": host.cached_tokens,
+            "host_hit_from_tier_tokens": host.host_cached_tokens,
+            "write_through_delay_s": delay, "lookup": seen[-1]}
+
+
+def run_fleet(model_path: Path, log_dir: Path, work: Workload, arms: Sequence[str],
+              server_args: Sequence[str], page_tokens: int = 32, pool_fraction: float = 0.25,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every arm in turn (see the module doc); one SeaweedFS for all, a prefix per arm."""
+    from transformers import AutoTokenizer
+
+    if work.turns < 3:
+        raise ValueError("the fleet bench needs at least 3 turns (before, failover, after)")
+    total, longest = working_set_tokens(work, AutoTokenizer.from_pretrained(model_path))
+    pool = max(int(total * pool_fraction), longest + 256)
+    results: dict[str, Any] = {"workload": asdict(work), "working_set_tokens": total,
+                               "pool_tokens": pool, "arms": []}
+    with SeaweedFS(log_dir / "fleet-seaweed", log_path=log_dir / "fleet-seaweed.log") as weed:
+        env = {"AWS_ACCESS_KEY_ID": weed.credentials["aws_access_key_id"],
+               "AWS_SECRET_ACCESS_KEY": weed.credentials["aws_secret_access_key"]}
+        for name in arms:
+            args = ["--enable-hierarchical-kv", "--enable-metrics",
+                    "--kvext-page-tokens", str(page_tokens),
+                    "--kvext-s3-url", f"s3://kvext-bench/{uuid.uuid4().hex[:12]}",
+                    "--kvext-s3-endpoint", weed.endpoint, "--max-total-tokens", str(pool),
+                    "--kvext-host-size", "1GiB", *server_args]
+            with _Arm(name, model_path, args, log_dir, env) as arm:
+                stream_generate(arm.url, "Hello", 1)                 # warm-up
+                results["arms"].append(run_arm(arm, work, page_tokens, progress))
+                if arm.fleet is not None and "cross_instance" not in results:
+                    results["cross_instance"] = cross_instance(arm.fleet, work.answer_tokens,
+                                                               pool)
+    return results

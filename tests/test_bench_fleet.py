@@ -1,0 +1,36 @@
+"""sgl-kvext-bench fleet: how an arm's requests are summarized, and its options (the run
+itself starts fleets: docs/benchmarks.md has it)."""
+
+import pytest
+
+from sgl_kvext_bench.cli import main
+from sgl_kvext_bench.fleet import Request, summarize
+
+
+def _req(turn: int, phase: str, ttft: float, prompt: int, cached: int, ok: bool = True
+         ) -> Request:
+    return Request("cache_aware", 0, turn, phase, ok, ttft, prompt, cached)
+
+
+def test_hit_rate_and_ttft_count_answered_requests_and_split_at_the_restart() -> None:
+    out = summarize([_req(1, "before", 2.0, 400, 0), _req(2, "before", 0.2, 500, 400),
+                     _req(3, "failover", 0.5, 600, 450), _req(3, "failover", 0, 0, 0, ok=False),
+                     _req(4, "after", 0.3, 700, 600), _req(5, "after", 0.1, 800, 750)])
+    assert out["requests_sent"] == 6 and out["failed"] == 1
+    assert out["hit_rate"] == pytest.approx(2200 / 3000)
+    assert out["hit_rate_after_restart"] == pytest.approx(1350 / 1500)
+    assert out["ttft_p50_s"] == 0.3 and out["ttft_p90_s"] == 2.0
+    assert out["ttft_p50_after_restart_s"] == pytest.approx(0.2)
+    assert out["ttft_p50_failover_s"] == 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arms", "single,nope"], "--arms: unknown ['nope']"),
+    (["--turns", "2"], "--turns must be >= 3"),
+    (["--pool-fraction", "0"], "--pool-fraction in (0, 1]"),
+    (["--users", "0"], "--users"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message) -> None:
+    assert main(["fleet", "--json", str(tmp_path / "f.json"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
