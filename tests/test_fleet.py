@@ -60,6 +60,10 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
             time.sleep(0.5)
         with pytest.raises(urllib.error.HTTPError) as bad:
             fleet.servers[0].post("/kvext/lookup", {"input_ids": ["x"]})
+        with pytest.raises(urllib.error.HTTPError) as bad_remote:
+            fleet.servers[0].post("/kvext/lookup", {"text": "x", "remote": "no"})
+        local_only = [s.post("/kvext/lookup", {"text": PROMPTS[0], "remote": False})
+                      for s in fleet.servers]
         second = fleet.router.generate(PROMPTS[1], MAX_NEW)     # round robin: the other one
         time.sleep(2.5)                           # the exporter copies counters every second
         hits = _s3(fleet, "hits")
@@ -95,6 +99,13 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
     assert other["device"] == 0 and other["tiers"]["host"] == 0
     assert other["tiers"]["s3"] >= 0.9 * prompt - 32 and other["cached"] == other["tiers"]["s3"]
     assert bad.value.code == 400 and "input_ids" in bad.value.read().decode()
+    assert bad_remote.value.code == 400 and "remote" in bad_remote.value.read().decode()
+    # Without the remote tiers: the same device and local figures, no S3, nothing cached
+    # on the instance that holds it only in S3.
+    by_device = sorted(local_only, key=lambda r: -r["device"])
+    assert "s3" not in by_device[0]["tiers"] and "s3" not in by_device[1]["tiers"]
+    assert by_device[0]["cached"] >= by_device[0]["device"] >= 0.9 * prompt
+    assert by_device[1]["cached"] == 0
     # The survivor serves every user (no request failed: generate raises on any error), the
     # shared history cached for each (its own device, or S3 for what the dead one wrote).
     assert [a.output_ids for a in after] == [expected[0], expected[1], expected[0]]

@@ -44,12 +44,13 @@ def test_servers_rank_by_score_less_running_requests_and_ties_rotate() -> None:
 
 
 def test_only_single_prompt_requests_are_looked_up_with_their_tenant() -> None:
+    local = {"remote": False}                   # S3 is shared: the same for every server
     assert lookup_body("/generate", {"text": "hi", "cache_salt": "t1"}) == {
-        "text": "hi", "cache_salt": "t1"}
+        **local, "text": "hi", "cache_salt": "t1"}
     assert lookup_body("/generate", {"input_ids": [1, 2], "text": "ignored",
-                                     "extra_key": "k"}) == {"input_ids": [1, 2],
+                                     "extra_key": "k"}) == {**local, "input_ids": [1, 2],
                                                             "extra_key": "k"}
-    assert lookup_body("/v1/completions", {"prompt": "hi"}) == {"text": "hi"}
+    assert lookup_body("/v1/completions", {"prompt": "hi"}) == {**local, "text": "hi"}
     for path, body in [("/generate", {"text": ["a", "b"]}),     # a batch: no single prompt
                        ("/generate", {"text": ""}), ("/generate", {}),
                        ("/v1/completions", {"prompt": [[1], [2]]})]:

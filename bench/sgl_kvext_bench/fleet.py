@@ -178,13 +178,29 @@ def summarize(requests: Sequence[Request]) -> dict[str, Any]:
             "ttft_p50_failover_s": statistics.median(failover) if failover else None}
 
 
+#: Contexts the cross-instance probe measures (their seeds); medians are reported.
+PROBE_SEEDS = (31, 41, 51)
+
+
 def cross_instance(fleet: Fleet, answer_tokens: int, pool_tokens: int) -> dict[str, Any]:
-    """A fresh prompt of about half the device pool answered on server 0, then asked on
-    server 1 once S3 holds it there: the write-through delay and the TTFTs (cold, device hit
+    """Per probe context (about half the device pool): answered on server 0, then asked on
+    server 1 once S3 holds it there; the write-through delay and the TTFTs (cold, device hit
     on server 0, S3 hit on server 1, then a host-tier hit on server 0 once fillers pushed it
-    out of its device pool)."""
+    out of its device pool). Medians over :data:`PROBE_SEEDS`, and each probe."""
+    probes = [_probe(fleet, answer_tokens, pool_tokens, seed) for seed in PROBE_SEEDS]
+    out: dict[str, Any] = {"probes": probes}
+    for name in ("ttft_cold_s", "ttft_same_instance_s", "ttft_other_instance_s",
+                 "ttft_host_hit_s", "other_instance_cached_share"):
+        out[name] = statistics.median(p[name] for p in probes)
+    delays = [p["write_through_delay_s"] for p in probes]
+    out["write_through_delay_s"] = (statistics.median(delays) if None not in delays else None)
+    return out
+
+
+def _probe(fleet: Fleet, answer_tokens: int, pool_tokens: int, seed: int) -> dict[str, Any]:
     a, b = fleet.servers
-    context = build_context(max(4, pool_tokens // 2 // 25), seed=31)[0]   # ~25 tokens each
+    sentences = max(4, pool_tokens // 2 // 25)                     # ~25 tokens each
+    context = build_context(sentences, seed=seed)[0]
     cold = stream_generate(a.url, context + "Question one?", answer_tokens)
     answered = time.monotonic()
     seen: list[dict[str, Any]] = []
@@ -201,13 +217,14 @@ def cross_instance(fleet: Fleet, answer_tokens: int, pool_tokens: int) -> dict[s
         delay = None                      # reported as such, with what the lookup saw last
     again = stream_generate(a.url, context + "Question two?", answer_tokens)
     other = stream_generate(b.url, context + "Question three?", answer_tokens)
-    for seed in (32, 33):                   # push it out of server 0's device pool
-        filler = build_context(max(4, pool_tokens // 2 // 25), seed=seed)[0]
+    for filler_seed in range(seed + 1, seed + 4):      # push it out of server 0's device pool
+        filler = build_context(sentences, seed=filler_seed)[0]
         stream_generate(a.url, filler + "Go on.", 2)
     host = stream_generate(a.url, context + "Question four?", answer_tokens)
-    return {"prompt_tokens": other.prompt_tokens, "ttft_cold_s": cold.ttft_s,
+    return {"seed": seed, "prompt_tokens": other.prompt_tokens, "ttft_cold_s": cold.ttft_s,
             "ttft_same_instance_s": again.ttft_s, "ttft_other_instance_s": other.ttft_s,
             "other_instance_cached_tokens": other.cached_tokens,
+            "other_instance_cached_share": other.cached_tokens / max(1, other.prompt_tokens),
             "ttft_host_hit_s": host.ttft_s, "host_hit_cached_tokens": host.cached_tokens,
             "host_hit_from_tier_tokens": host.host_cached_tokens,
             "write_through_delay_s": delay, "lookup": seen[-1]}

@@ -2,7 +2,9 @@
 
 For a router or an operator deciding where a prompt's KV is (docs/fleet.md). The body names
 the prompt (``input_ids``, or ``text`` tokenized by the route off its event loop) and
-optionally the tenant (``cache_salt``, ``extra_key``); the answer::
+optionally the tenant (``cache_salt``, ``extra_key``) and ``"remote": false`` (leave the
+remote tiers out: they are the same for every server sharing them, and asking S3 is most of
+a lookup's time); the answer::
 
     {"tokens": 1200, "page_tokens": 32, "device": 1187,
      "tiers": {"host": 1184, "disk": 1184, "s3": 1152}, "cached": 1187}

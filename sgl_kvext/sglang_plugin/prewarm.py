@@ -182,6 +182,9 @@ def add_routes(config: KVExtConfig, app: Any = None) -> None:
                               else _prompt_ids(manager, body))
             except ValueError as exc:
                 return _error(400, str(exc))
+        ask_remote = body.get("remote", True) if method == "lookup" else False
+        if not isinstance(ask_remote, bool):
+            return _error(400, "remote must be true or false")
         results = await manager.dumper_control(
             DumperControlReqInput(method=PREFIX + method, body=body))
         errors = [r.error for r in results if not r.success]
@@ -191,7 +194,8 @@ def add_routes(config: KVExtConfig, app: Any = None) -> None:
         if errors:
             return _error(400, errors[0])
         if method == "lookup":
-            return ORJSONResponse(content=await lookup.answer(results[0].response[0], remote))
+            return ORJSONResponse(content=await lookup.answer(
+                results[0].response[0], remote if ask_remote else None))
         return ORJSONResponse(content=results[0].response[0])
 
     admin = auth_level_admin()        # gated like SGLang's own control routes
