@@ -22,6 +22,7 @@ def test_hit_rate_and_ttft_count_answered_requests_and_split_at_the_restart() ->
     assert out["ttft_p50_s"] == 0.3 and out["ttft_p90_s"] == 2.0
     assert out["ttft_p50_after_restart_s"] == pytest.approx(0.2)
     assert out["ttft_p50_failover_s"] == 0.5
+    assert out["ttft_p50_first_after_restart_s"] == 0.3
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "behind round-robin, cache-aware and tier-aware routing, "
                                 "against one server; one server killed and restarted midway")
     _server_args(fl)
-    _chat_args(fl, users=4)
+    _chat_args(fl, users=8)
     fl.set_defaults(turns=6)
     fl.add_argument("--arms", default="single,round_robin,cache_aware,tier_aware",
                     help="comma-separated subset of single, round_robin, cache_aware, "

@@ -106,10 +106,12 @@ def fleet(args: argparse.Namespace) -> int:
                             serving.server_args, pool_fraction=args.pool_fraction,
                             progress=progress)
     table = markdown(["arm", "hit rate", "after restart", "TTFT p50 (s)", "p90 (s)",
-                      "p50 after restart (s)", "p50 failover turn (s)", "failed"],
+                      "p50 failover turn (s)", "p50 first turn after restart (s)",
+                      "p50 after restart (s)", "failed"],
                      [[a["name"], a["hit_rate"], a["hit_rate_after_restart"], a["ttft_p50_s"],
-                       a["ttft_p90_s"], a["ttft_p50_after_restart_s"],
-                       a["ttft_p50_failover_s"], a["failed"]] for a in results["arms"]])
+                       a["ttft_p90_s"], a["ttft_p50_failover_s"],
+                       a["ttft_p50_first_after_restart_s"], a["ttft_p50_after_restart_s"],
+                       a["failed"]] for a in results["arms"]])
     extra = [f"{a['name']}: tokens loaded per tier {a['tier_tokens']}, restart "
              f"{a['restart_s']:.1f}s" + (f", marked down after {a['mark_down_s']:.1f}s"
                                          if "mark_down_s" in a else "")

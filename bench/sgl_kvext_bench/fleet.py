@@ -163,6 +163,7 @@ def summarize(requests: Sequence[Request]) -> dict[str, Any]:
     """Hit rate and TTFT over all answered requests, and over those after the restart."""
     ok = [r for r in requests if r.ok]
     after = [r for r in ok if r.phase == "after"]
+    first_after = [r.ttft_s for r in after if r.turn == min(a.turn for a in after)]
     failover = [r.ttft_s for r in ok if r.phase == "failover"]
 
     def hit(rs: Sequence[Request]) -> float:
@@ -175,7 +176,10 @@ def summarize(requests: Sequence[Request]) -> dict[str, Any]:
             "ttft_p90_s": percentile(ttft, 0.9) if ttft else None,
             "ttft_p50_after_restart_s": (statistics.median([r.ttft_s for r in after])
                                          if after else None),
-            "ttft_p50_failover_s": statistics.median(failover) if failover else None}
+            "ttft_p50_failover_s": statistics.median(failover) if failover else None,
+            # the first turn with the restarted server back: where its users are sent now
+            "ttft_p50_first_after_restart_s": (statistics.median(first_after)
+                                               if first_after else None)}
 
 
 #: Contexts the cross-instance probe measures (their seeds); medians are reported.

@@ -143,7 +143,9 @@ def plot_soak(results: dict[str, Any], path: Path) -> Path:
 
 def plot_fleet(results: dict[str, Any], path: Path) -> Path:
     """Per turn and arm of ``run_fleet``'s results, to ``path``: median TTFT (left) and the
-    share of prompt tokens served from cache (right); the dotted line marks the restart."""
+    share of prompt tokens served from cache (right); the dotted line marks the kill (a fleet
+    serves the next turn on the survivor, then gets server 0 back; ``single`` restarts at
+    once)."""
     import statistics
 
     plt = _pyplot()
@@ -165,6 +167,6 @@ def plot_fleet(results: dict[str, Any], path: Path) -> Path:
     ttft.set(xlabel="turn", ylabel="TTFT p50 (s)", title="Time to first token")
     hit.set(xlabel="turn", ylabel="prompt tokens cached", title="Hit rate", ylim=(0, 1.02))
     work = results["workload"]
-    fig.suptitle(f"Fleet of 2 vs one server: {work['users']} users x {work['turns']} turns, "
-                 "server 0 killed and restarted at the dotted line")
+    fig.suptitle(f"Fleet of 2 vs one server: {work['users']} users x {work['turns']} turns; "
+                 "server 0 killed at the dotted line, back for the turn after it")
     return _save(plt, fig, path)
