@@ -10,12 +10,13 @@ on each arm in turn, every arm with its own S3 prefix on one SeaweedFS:
   (each request where ``/kvext/lookup`` finds most of its prompt).
 
 Every server gets the multi-turn bench's device pool (a quarter of the working set) and a
-1 GiB host tier. Halfway through, server 0 is SIGKILLed: the arm waits until its router counts
-it down (the time is reported), runs one turn on the survivor (the failover turn: its failed
-requests and TTFT), restarts server 0 on its port (device tree and host tier empty, S3 still
-full) and runs the remaining turns. ``single`` restarts its only server at the same point
-and runs the failover turn on it. Per arm: prompt tokens served from cache (the hit rate),
-TTFT p50 / p90 over every turn and over the turns after the restart, failed requests, and the
+1 GiB host tier. Halfway through, the server that has processed most prompt tokens (the one
+holding most users; its index is reported) is SIGKILLed: the arm waits until its router
+counts it down (the time is reported), runs one turn on the survivor (the failover turn: its
+failed requests and TTFT), restarts the killed server on its port (device tree and host tier
+empty, S3 still full) and runs the remaining turns. ``single`` restarts its only server at the
+same point and runs the failover turn on it. Per arm: prompt tokens served from cache (the hit
+rate), TTFT p50 / p90 over every turn and over the turns after the restart, failed requests, and the
 tokens each tier loaded (from the servers' ``/metrics``). A cross-instance probe measures the
 write-through delay (how long after a prompt is answered on one server the other finds it in
 S3) and that server's TTFT then.
@@ -64,6 +65,16 @@ def _wait(what: str, ready: Callable[[], bool], timeout_s: float = SETTLE_S) -> 
             raise RuntimeError(f"fleet bench: {what} not within {timeout_s:.0f} s")
         time.sleep(0.25)
     return time.monotonic() - start
+
+
+def _busiest(servers: Sequence[SGLangServer]) -> SGLangServer:
+    """The server that has processed the most prompt tokens (SGLang's ``/metrics``)."""
+    def prompt_tokens(server: SGLangServer) -> float:
+        text = server.get_text("/metrics")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("sglang:prompt_tokens_total"))
+
+    return max(servers, key=prompt_tokens)
 
 
 def _tier_tokens(urls: Sequence[str], page_tokens: int) -> dict[str, float]:
@@ -133,16 +144,18 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
 
     for t in range(1, killed_at + 1):
         turn(t, "before")
-    loaded = _tier_tokens([arm.servers[0].url], page_tokens)   # its counters die with it
-    arm.servers[0].kill()
-    arm.servers[0].stop()
+    victim = _busiest(arm.servers)     # the one holding most users: the failover that costs
+    stats["killed"] = arm.servers.index(victim)
+    loaded = _tier_tokens([victim.url], page_tokens)           # its counters die with it
+    victim.kill()
+    victim.stop()
     fleet = arm.fleet
     if fleet is not None:                   # the survivor serves the failover turn
         stats["mark_down_s"] = _wait("the router counting the killed server down",
                                      lambda: fleet.healthy_workers() == 1)
         turn(killed_at + 1, "failover")
     started = time.monotonic()
-    arm.servers[0].start()
+    victim.start()
     if fleet is not None:
         _wait("the router counting the restarted server up",
               lambda: fleet.healthy_workers() == len(fleet.servers))

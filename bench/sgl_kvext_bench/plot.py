@@ -144,7 +144,7 @@ def plot_soak(results: dict[str, Any], path: Path) -> Path:
 def plot_fleet(results: dict[str, Any], path: Path) -> Path:
     """Per turn and arm of ``run_fleet``'s results, to ``path``: median TTFT (left) and the
     share of prompt tokens served from cache (right); the dotted line marks the kill (a fleet
-    serves the next turn on the survivor, then gets server 0 back; ``single`` restarts at
+    serves the next turn on the survivor, then gets the killed server back; ``single`` restarts at
     once)."""
     import statistics
 
@@ -168,5 +168,5 @@ def plot_fleet(results: dict[str, Any], path: Path) -> Path:
     hit.set(xlabel="turn", ylabel="prompt tokens cached", title="Hit rate", ylim=(0, 1.02))
     work = results["workload"]
     fig.suptitle(f"Fleet of 2 vs one server: {work['users']} users x {work['turns']} turns; "
-                 "server 0 killed at the dotted line, back for the turn after it")
+                 "the busier server killed at the dotted line, back for the turn after it")
     return _save(plt, fig, path)
