@@ -79,9 +79,10 @@ def _busiest(servers: Sequence[SGLangServer]) -> SGLangServer:
 
 def _tier_tokens(urls: Sequence[str], page_tokens: int) -> dict[str, float]:
     """Tokens each tier loaded on these servers so far (its hits are pages)."""
+    time.sleep(1.5)                       # the servers copy their counters once a second
     out: dict[str, float] = {}
     for url in urls:
-        for tier, counts in kvext_counters(url).items():
+        for tier, counts in kvext_counters(url, settle_s=0).items():
             if "hits" in counts and tier in ("host", "disk", "s3"):
                 out[tier] = out.get(tier, 0.0) + counts["hits"] * page_tokens
     return out
@@ -125,7 +126,6 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
     requests: list[Request] = []
     killed_at = max(1, (work.turns - 1) // 2)
     stats: dict[str, Any] = {}
-    loaded: dict[str, float] = {}
 
     def turn(t: int, phase: str) -> None:
         for user in range(work.users):
@@ -176,7 +176,8 @@ def summarize(requests: Sequence[Request]) -> dict[str, Any]:
     """Hit rate and TTFT over all answered requests, and over those after the restart."""
     ok = [r for r in requests if r.ok]
     after = [r for r in ok if r.phase == "after"]
-    first_after = [r.ttft_s for r in after if r.turn == min(a.turn for a in after)]
+    first = min((r.turn for r in after), default=0)
+    first_after = [r.ttft_s for r in after if r.turn == first]
     failover = [r.ttft_s for r in ok if r.phase == "failover"]
 
     def hit(rs: Sequence[Request]) -> float:

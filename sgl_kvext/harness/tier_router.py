@@ -181,20 +181,24 @@ class TierAwareRouter:
         with self._lock:
             self.counts["by_lookup" if choice.by_lookup else "round_robin"] += 1
         for attempt, i in enumerate(choice.order):
+            with self._lock:
+                self._in_flight[i] += 1
             try:
-                conn, resp = self._open(i, method, path, raw, handler)
-            except OSError:
-                with self._lock:
-                    self._down_until[i] = time.monotonic() + DOWN_S
-                    self.counts["retried"] += attempt == 0
-                continue
-            try:
-                _relay(resp, handler)
+                try:
+                    conn, resp = self._open(i, method, path, raw, handler)
+                except OSError:
+                    with self._lock:
+                        self._down_until[i] = time.monotonic() + DOWN_S
+                        self.counts["retried"] += attempt == 0
+                    continue
+                try:
+                    _relay(resp, handler)
+                finally:
+                    conn.close()
+                return
             finally:
-                conn.close()
                 with self._lock:
                     self._in_flight[i] -= 1
-            return
         _reply(handler, 503, "no server reachable: "
                + ", ".join(self.workers[i] for i in choice.order))
 
@@ -206,14 +210,7 @@ class TierAwareRouter:
                    if k.lower() in ("content-type", "authorization", "accept")}
         try:
             conn.request(method, path, body=raw if method == "POST" else None, headers=headers)
-            with self._lock:
-                self._in_flight[i] += 1
-            try:
-                return conn, conn.getresponse()
-            except BaseException:
-                with self._lock:
-                    self._in_flight[i] -= 1
-                raise
+            return conn, conn.getresponse()
         except BaseException:
             conn.close()
             raise
