@@ -269,7 +269,7 @@ def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[Reu
             # Every token was computed here: choose by deviation (and what the tail attends).
             deviation = kv_deviation(cached_k[layer, reuse_idx], k[reuse_idx])
             attention = tail_attention(q, k, tail, ops.scale)[reuse_idx] \
-                if settings.query_share > 0 and tail.numel() else None
+                if settings.needs_attention and tail.numel() else None
             count = settings.narrowed(reuse_idx.numel(), 0)
             chosen = choose(settings, deviation, chunk_of[reuse_idx], sinks, attention, count)
             keep = ~reused

@@ -7,7 +7,8 @@ the quality sweep (docs/cacheblend.md) tried beside it, each off in ``BlendSetti
 on the one that won (``query_share`` 0.5):
 
 - ``spread="chunk"``: the budget is split over the chunks by length, top deviation within
-  each (plain: one ranking over the whole prompt);
+  each (plain: one ranking over the whole prompt); ``spread="attention"``: split by the
+  attention the prompt's tail (the question) pays each chunk at the check layer;
 - ``query_share``: that share of the budget goes to the reused tokens the prompt's tail (the
   tokens after the last reused chunk: the question) attends to most at the check layer;
 - ``sink_tokens``: each chunk's first tokens are always recomputed (EPIC; computed alone,
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-SPREADS = ("prompt", "chunk")
+SPREADS = ("prompt", "chunk", "attention")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,11 @@ class BlendSettings:
             raise ValueError(f"query_share {self.query_share} must be in [0, 1]")
         if self.gradual < 1.0 or self.narrow_layers < 1:
             raise ValueError("gradual must be >= 1 and narrow_layers >= 1")
+
+    @property
+    def needs_attention(self) -> bool:
+        """The choice reads what the prompt's tail attends to at the check layer."""
+        return self.query_share > 0 or self.spread == "attention"
 
     def budget(self, reused: int) -> int:
         """Reused tokens recomputed after narrowing: ``ceil(ratio * reused)``, at least
@@ -112,7 +118,8 @@ def choose(settings: BlendSettings, deviation: torch.Tensor, chunk_of: torch.Ten
     is_sink : [R] bool
         The token is one of its chunk's first ``sink_tokens``.
     attention : [R] or None
-        What the prompt's tail pays each token (``query_share`` > 0 needs it).
+        What the prompt's tail pays each token (``needs_attention`` settings need it;
+        without it ``spread="attention"`` splits by length).
     """
     n = deviation.numel()
     taken = torch.zeros(n, dtype=torch.bool)
@@ -129,12 +136,36 @@ def choose(settings: BlendSettings, deviation: torch.Tensor, chunk_of: torch.Ten
         if settings.spread == "prompt":
             taken[top_indices(score, left)] = True
         else:
-            chunks, sizes = torch.unique(chunk_of, return_counts=True)
-            share = sizes.float() / sizes.sum() * left
-            quota = share.floor().long()
-            extra = left - int(quota.sum())               # largest remainders get one more
-            quota[top_indices(share - quota, extra)] += 1
+            chunks = torch.unique(chunk_of)
+            slot = torch.searchsorted(chunks, chunk_of)
+            room = torch.zeros(chunks.numel()).index_add_(0, slot, (~taken).float())
+            weight = room
+            if settings.spread == "attention" and attention is not None:
+                weight = torch.zeros(chunks.numel()).index_add_(0, slot, attention.float())
+            quota = split(weight, room, left)
             for chunk, q in zip(chunks.tolist(), quota.tolist(), strict=True):
                 rows = (chunk_of == chunk).nonzero().flatten()
                 taken[rows[top_indices(score[rows], q)]] = True
     return taken.nonzero().flatten()
+
+
+def split(weight: torch.Tensor, room: torch.Tensor, total: int) -> torch.Tensor:
+    """``total`` (at most ``room.sum()``) split over slots in proportion to ``weight`` (>= 0;
+    all 0: in proportion to ``room``), no slot over its ``room``: a full slot's excess goes
+    to the others by the same proportion, remainders to the largest fractions. -> int64."""
+    weight = weight.float().clamp(min=0)
+    room = room.float()
+    total = min(total, int(room.sum()))
+    share = torch.zeros_like(room)
+    for _ in range(room.numel() + 1):               # each round fills at least one slot
+        left = total - float(share.sum())
+        open_ = share < room
+        if left < 1e-6 or not bool(open_.any()):
+            break
+        w = torch.where(open_, weight, torch.zeros_like(weight))
+        if float(w.sum()) <= 0:
+            w = torch.where(open_, room - share, torch.zeros_like(room))
+        share = torch.minimum(share + w / w.sum() * left, room)
+    quota = share.floor().long()
+    quota[top_indices(share - quota, total - int(quota.sum()))] += 1
+    return quota
