@@ -41,6 +41,25 @@ def test_gaps_between_forwards_count_only_without_an_idle_loop_between() -> None
     assert idle.batches == 1 and idle.longest_gap_s == 0.0 and idle.slow_gaps == 0
 
 
+def test_the_longest_gap_names_the_timed_work_in_it() -> None:
+    gaps, sched = SchedulerGaps(), _Scheduler()
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)
+    with gaps.timed("load"):
+        time.sleep(0.01)
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)     # a short gap: a 10 ms load
+    with gaps.timed("write_through"):
+        time.sleep(0.03)
+    with gaps.timed("write_through"):
+        time.sleep(0.01)
+    time.sleep(0.01)                                          # untimed work in the gap too
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)     # the longest gap
+    report = gaps.report()
+    assert set(report.longest_gap_parts) == {"write_through"}
+    assert 0.04 <= report.longest_gap_parts["write_through"] < report.longest_gap_s
+    gaps.reset()
+    assert gaps.report().longest_gap_parts == {}
+
+
 def test_a_failing_forward_is_timed_and_raised() -> None:
     gaps, sched = SchedulerGaps(), _Scheduler()
 
@@ -55,7 +74,8 @@ def test_a_failing_forward_is_timed_and_raised() -> None:
 def test_the_control_method_reports_then_resets() -> None:
     first = handle({"reset": True})
     assert set(first) == {"batches", "longest_gap_s", "slow_gaps", "longest_forward_s",
-                          "forward_s", "window_s", "longest_gc_s", "gc_s"}
+                          "forward_s", "window_s", "longest_gc_s", "gc_s",
+                          "longest_gap_parts"}
     assert handle({})["batches"] == 0
     with pytest.raises(ValueError, match="reset must be true or false"):
         handle({"reset": 1})

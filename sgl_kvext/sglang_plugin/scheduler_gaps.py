@@ -7,7 +7,11 @@ scheduler's own clock, around ``Scheduler.run_batch``; a gap counts only when th
 did not idle in between (an idle loop has nothing to run, so nobody waits). The longest gap
 is the longest stall any running request saw beyond its batch's compute; the longest forward
 shows compute slowed by something sharing the cores. Python's garbage collections are timed
-too (they stop every thread of the process, the scheduler's included).
+too (they stop every thread of the process, the scheduler's included). The tree's own work
+between forwards is timed by part (:meth:`SchedulerGaps.timed`: tier admission, spills, loads,
+blends), and so are the scheduler loop's phases (``sglang.*``: receiving requests, choosing
+the next batch, processing a result). The longest gap reports its parts, so a stall names
+what filled it; parts nest (an admission runs inside ``sglang.get_next_batch_to_run``).
 
 ``POST /kvext/scheduler`` answers :meth:`SchedulerGaps.report` (``{"reset": true}`` starts a
 new window), so a benchmark can measure each load from the server's side.
@@ -18,9 +22,16 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from sgl_kvext.sglang_plugin.surface import HOOK_RUN_BATCH, HookRegistry, HookType
+from sgl_kvext.sglang_plugin.surface import (
+    HOOK_GAP_PHASES,
+    HOOK_RUN_BATCH,
+    HookRegistry,
+    HookType,
+)
 
 METHOD = "kvext.scheduler"
 #: Gaps longer than this are counted apart (the stall budget, docs/reliability.md).
@@ -38,6 +49,7 @@ class GapReport(NamedTuple):
     window_s: float
     longest_gc_s: float         # Python's longest garbage collection (any generation)
     gc_s: float                 # all collections together
+    longest_gap_parts: dict[str, float]   # the tree's timed work in the longest gap, by part
 
 
 class SchedulerGaps:
@@ -49,6 +61,7 @@ class SchedulerGaps:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_end = 0.0
+        self._parts: dict[str, float] = {}     # scheduler thread only: the current gap's
         self.reset()
 
     def reset(self) -> None:
@@ -57,26 +70,48 @@ class SchedulerGaps:
             self._batches, self._slow = 0, 0
             self._longest_gap = self._longest_forward = self._forward = 0.0
             self._longest_gc = self._gc = 0.0
+            self._longest_parts: dict[str, float] = {}
 
     def around_run_batch(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """The ``Scheduler.run_batch`` hook: times it and the gap before it."""
         idled = bool(getattr(scheduler, "_sched_idled", True))   # read before run_batch clears it
+        parts, self._parts = self._parts, {}
         start = time.monotonic()
         try:
             return original(scheduler, *args, **kwargs)
         finally:
             end = time.monotonic()
             self._record(start, end, gap=None if idled or not self._last_end
-                         else start - self._last_end)
+                         else start - self._last_end, parts=parts)
             self._last_end = end
 
-    def _record(self, start: float, end: float, gap: float | None) -> None:
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Time scheduler-thread work between two forwards as ``part`` of the gap it falls
+        in (work inside a forward lands in the next gap: callers time only what runs
+        between forwards)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self._parts[part] = self._parts.get(part, 0.0) + time.monotonic() - start
+
+    def phase(self, part: str) -> Any:
+        """An ``AROUND`` hook timing a scheduler-loop method as ``part`` (see :meth:`timed`)."""
+        def around(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+            with self.timed(part):
+                return original(scheduler, *args, **kwargs)
+        return around
+
+    def _record(self, start: float, end: float, gap: float | None,
+                parts: dict[str, float] | None = None) -> None:
         with self._lock:
             self._batches += 1
             self._forward += end - start
             self._longest_forward = max(self._longest_forward, end - start)
             if gap is not None and start >= self._window_start:
-                self._longest_gap = max(self._longest_gap, gap)
+                if gap > self._longest_gap:
+                    self._longest_gap, self._longest_parts = gap, dict(parts or {})
                 self._slow += gap > SLOW_GAP_S
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -94,7 +129,7 @@ class SchedulerGaps:
             return GapReport(self._batches, self._longest_gap, self._slow,
                              self._longest_forward, self._forward,
                              time.monotonic() - self._window_start, self._longest_gc,
-                             self._gc)
+                             self._gc, dict(self._longest_parts))
 
 
 #: The scheduler process's meter (SGLang runs one scheduler per process).
@@ -108,6 +143,8 @@ def register_hooks() -> None:
     global _registered
     if not _registered:
         HookRegistry.register(HOOK_RUN_BATCH, GAPS.around_run_batch, HookType.AROUND)
+        for part, target in HOOK_GAP_PHASES.items():
+            HookRegistry.register(target, GAPS.phase(part), HookType.AROUND)
         gc.callbacks.append(GAPS.on_gc)
         _registered = True
 

@@ -49,6 +49,14 @@ HOOK_CREATE_REQ = "sglang.srt.managers.scheduler.Scheduler._create_generation_re
 HOOK_TOKENIZE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object"
 HOOK_CONTROL = "sglang.srt.managers.scheduler.Scheduler.handle_dumper_control"
 HOOK_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
+#: The scheduler loop's phases between two forwards, timed as parts of a gap.
+HOOK_GAP_PHASES = {
+    "sglang.ingest_requests": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
+    "sglang.get_next_batch_to_run":
+        "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
+    "sglang.process_batch_result":
+        "sglang.srt.managers.scheduler.Scheduler.process_batch_result",
+}
 #: The ASGI app SGLang's HTTP workers serve unless ``SGLANG_HTTP_SERVER_APP_PATH`` names another.
 HTTP_APP_DEFAULT = "sglang.srt.entrypoints.http_server:app"
 
@@ -149,6 +157,13 @@ INTERNALS: tuple[Internal, ...] = (
              ("self", "recv_req"), why="the /kvext routes' channel to the scheduler"),
     Internal("sglang.srt.managers.scheduler:Scheduler.run_batch", ("self", "batch"),
              why="timing forwards and the gaps between them (/kvext/scheduler)"),
+    Internal("sglang.srt.managers.scheduler:Scheduler.ingest_requests", ("self",),
+             why="the gap report's parts (/kvext/scheduler)"),
+    Internal("sglang.srt.managers.scheduler:Scheduler.get_next_batch_to_run",
+             ("self", "running_batch", "last_batch"),
+             why="the gap report's parts (/kvext/scheduler)"),
+    Internal("sglang.srt.managers.scheduler:Scheduler.process_batch_result",
+             ("self", "batch", "result"), why="the gap report's parts (/kvext/scheduler)"),
     Internal("sglang.srt.managers.scheduler:Scheduler", fields=("_sched_idled",),
              why="a gap after an idle loop is not a stall"),
     Internal("sglang.srt.managers.tokenizer_manager:TokenizerManager._create_tokenized_object",

@@ -46,6 +46,7 @@ from sgl_kvext.pages.plans import Hold, LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
+from sgl_kvext.sglang_plugin.scheduler_gaps import GAPS
 from sgl_kvext.sglang_plugin.surface import (
     CacheInitParams,
     EvictParams,
@@ -160,8 +161,9 @@ class HierarchicalRadixCache(RadixCache):
             victims = self._victims
         finally:
             self._victims = None
-        for victim in victims:          # slots are freed but not yet reused
-            self._spill(victim)
+        with GAPS.timed("evict_spill"):
+            for victim in victims:          # slots are freed but not yet reused
+                self._spill(victim)
         return result
 
     def _delete_leaf(self, node: TreeNode) -> None:
@@ -206,8 +208,9 @@ class HierarchicalRadixCache(RadixCache):
         super().checkpoint(req, up_to=up_to)
         if (self.tiering is not None and not self.disable and req.finished()
                 and self.kvext_config.tiers.write_policy == "write_through"):
-            tokens, slots = self._path(req.last_node)
-            self._spill(_Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
+            with GAPS.timed("write_through"):
+                tokens, slots = self._path(req.last_node)
+                self._spill(_Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
 
     # ----------------------------------------------------------------- match
     def supports_fast_match_prefix(self) -> bool:
@@ -225,8 +228,9 @@ class HierarchicalRadixCache(RadixCache):
         tokens, tenant, node = key.raw_token_ids(), tenant_of(key), base.last_device_node
         device_len = base.device_prefix_len
         try:
-            step = self.tiering.admit(tenant, tokens, device_len, handle, self.page_size,
-                                      self._ancestry(node, device_len))
+            with GAPS.timed("admit"):
+                step = self.tiering.admit(tenant, tokens, device_len, handle, self.page_size,
+                                          self._ancestry(node, device_len))
         except Exception:
             logger.exception("sgl-kvext: tier lookup failed; serving the device match only")
             return base
@@ -270,13 +274,15 @@ class HierarchicalRadixCache(RadixCache):
                 _report(req, pending.plan.report.but(outcome=Outcome.DECLINED))
             return 0, node
         if isinstance(pending, _Blend):
-            return self._load_blend(req, node, pending)
+            with GAPS.timed("blend"):
+                return self._load_blend(req, node, pending)
         n = pending.plan.tokens
         slots = self._alloc(node, n)
         if slots is None:
             return 0, node
         try:
-            loaded = self.tiering.load(pending.plan, slots)
+            with GAPS.timed("load"):
+                loaded = self.tiering.load(pending.plan, slots)
         except Exception:
             logger.exception("sgl-kvext: loading %d tokens failed; recomputing them", n)
             loaded = False
