@@ -107,6 +107,7 @@ def test_disk_dir_that_does_not_exist_yet_is_fine_and_not_created(tmp_path: Path
     (BlendConfig, {"recompute_ratio": "lots"}, "must be a number"),
     (BlendConfig, {"check_layer": -1}, ">= 0"),
     (BlendConfig, {"query_share": -0.1}, "= -0.1: must be within [0, 1]"),
+    (BlendConfig, {"spread": "question"}, "prompt, chunk, attention"),
     (FragmentConfig, {"min_tokens": 0}, ">= 1"),
     (FragmentConfig, {"chunking": "regex"}, "explicit, auto, both"),
     (FragmentConfig, {"enabled": "maybe"}, "must be a boolean"),

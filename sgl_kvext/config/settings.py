@@ -210,6 +210,10 @@ class BlendConfig:
                               "Share of the recompute budget given to the reused tokens the "
                               "prompt's question attends to most, in [0, 1] (0: plain "
                               "CacheBlend).", parse_float)
+    spread: str = _opt("prompt", "--kvext-blend-spread",
+                       "How the rest of the budget is spread: one ranking over the prompt "
+                       "(CacheBlend), per chunk by length, or per chunk by the attention "
+                       "the question pays it.", choices=("prompt", "chunk", "attention"))
 
     def __post_init__(self) -> None:
         _normalize(self, "blend")

@@ -101,13 +101,14 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
     blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
                               BlendSettings(config.blend.recompute_ratio,
                                             config.blend.check_layer,
-                                            query_share=config.blend.query_share),
+                                            query_share=config.blend.query_share,
+                                            spread=config.blend.spread),
                               prewarm_pending=frag.prewarm_queue,
                               max_text_tokens=int(ctx.model_config.context_len))
     logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "
-                "ratio %.2f at layer %d, %.2f of it for the question", frag.chunking,
-                frag.min_tokens, config.blend.recompute_ratio, config.blend.check_layer,
-                config.blend.query_share)
+                "ratio %.2f at layer %d, %.2f of it for the question, spread %s",
+                frag.chunking, frag.min_tokens, config.blend.recompute_ratio,
+                config.blend.check_layer, config.blend.query_share, config.blend.spread)
     return blender
 
 
