@@ -223,6 +223,10 @@ def test_scheduler_route_times_the_passes_of_a_request(server: SGLangServer) -> 
     assert got["batches"] >= MAX_NEW, got
     assert 0 < got["longest_forward_s"] <= got["forward_s"] < got["window_s"], got
     assert 0 < got["longest_gap_s"] < got["window_s"], got     # between its own decode steps
+    parts = got["longest_gap_parts"]            # SGLang's loop phases, hooked in the server
+    assert {"sglang.ingest_requests", "sglang.get_next_batch_to_run",
+            "sglang.process_batch_result"} <= set(parts), got
+    assert all(0 <= s <= got["longest_gap_s"] for s in parts.values()), got
     fresh = _scheduler_window(server, {})               # a new window: nothing ran since
     assert fresh["batches"] == 0 and fresh["longest_gap_s"] == 0.0, fresh
     with pytest.raises(urllib.error.HTTPError) as err:
