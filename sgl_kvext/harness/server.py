@@ -163,11 +163,18 @@ class SGLangServer(Endpoint):
                      "--host", HOST, "--port", str(self.port), *device_flags(), *args]
         self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self._proc: subprocess.Popen[bytes] | None = None
+        self._starts = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> SGLangServer:
+        """Start the server and wait for ``/health``. The first start truncates the log; a
+        restart appends to it after a marker line (a killed run's log is kept)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
+        self._starts += 1
+        with open(self.log_path, "wb" if self._starts == 1 else "ab") as log:
+            if self._starts > 1:
+                log.write(f"--- sgl-kvext: server start {self._starts} ---\n".encode())
+                log.flush()
             self._proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT,
                                           env=self._env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
