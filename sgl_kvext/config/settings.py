@@ -204,8 +204,10 @@ class BlendConfig:
 
     recompute_ratio: float = _opt(0.15, "--kvext-blend-recompute-ratio",
                                   "Share of fragment tokens recomputed, in [0, 1].", parse_float)
-    check_layer: int = _opt(1, "--kvext-blend-check-layer",
-                            "Layer whose K deviation selects the recomputed tokens.", parse_int)
+    check_layer: int = _opt(4, "--kvext-blend-check-layer",
+                            "Layer whose K deviation selects the recomputed tokens (layers up "
+                            "to it run over every token; 1 is CacheBlend's, faster, fewer "
+                            "right answers).", parse_int)
     query_share: float = _opt(0.5, "--kvext-blend-query-share",
                               "Share of the recompute budget given to the reused tokens the "
                               "prompt's question attends to most, in [0, 1] (0: plain "
