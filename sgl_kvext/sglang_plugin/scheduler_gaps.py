@@ -49,7 +49,7 @@ class GapReport(NamedTuple):
     window_s: float
     longest_gc_s: float         # Python's longest garbage collection (any generation)
     gc_s: float                 # all collections together
-    longest_gap_parts: dict[str, float]   # the tree's timed work in the longest gap, by part
+    longest_gap_parts: dict[str, float]   # timed work in the longest gap, by part (they nest)
 
 
 class SchedulerGaps:
@@ -104,14 +104,14 @@ class SchedulerGaps:
         return around
 
     def _record(self, start: float, end: float, gap: float | None,
-                parts: dict[str, float] | None = None) -> None:
+                parts: dict[str, float]) -> None:
         with self._lock:
             self._batches += 1
             self._forward += end - start
             self._longest_forward = max(self._longest_forward, end - start)
             if gap is not None and start >= self._window_start:
                 if gap > self._longest_gap:
-                    self._longest_gap, self._longest_parts = gap, dict(parts or {})
+                    self._longest_gap, self._longest_parts = gap, parts
                 self._slow += gap > SLOW_GAP_S
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
