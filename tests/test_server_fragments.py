@@ -224,8 +224,11 @@ def test_scheduler_route_times_the_passes_of_a_request(server: SGLangServer) -> 
     assert 0 < got["longest_forward_s"] <= got["forward_s"] < got["window_s"], got
     assert 0 < got["longest_gap_s"] < got["window_s"], got     # between its own decode steps
     parts = got["longest_gap_parts"]            # SGLang's loop phases, hooked in the server
-    assert {"sglang.ingest_requests", "sglang.get_next_batch_to_run",
-            "sglang.process_batch_result"} <= set(parts), got
+    # Every pass receives and schedules before it runs a batch; SGLang's overlap loop (on by
+    # default, CPU included) processes a result one pass late, so not every gap holds one.
+    assert {"sglang.ingest_requests", "sglang.get_next_batch_to_run"} <= set(parts), got
+    assert set(parts) <= {"sglang.ingest_requests", "sglang.get_next_batch_to_run",
+                          "sglang.process_batch_result", "admit", "write_through"}, got
     assert all(0 <= s <= got["longest_gap_s"] for s in parts.values()), got
     fresh = _scheduler_window(server, {})               # a new window: nothing ran since
     assert fresh["batches"] == 0 and fresh["longest_gap_s"] == 0.0, fresh
