@@ -9,6 +9,7 @@ from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity, Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.plans import MISS, Hold, LoadPlan
+from sgl_kvext.pages.read_ahead import ReadAhead
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.host import HostTier
@@ -160,6 +161,8 @@ def test_a_spilled_paths_last_partial_page_comes_back_exactly(tiering, device_le
 
 def test_admission_holds_a_request_while_its_prefetch_runs_within_the_policy(tiering):
     class NeverEndingPrefetchFake:      # a prefetch no real tier keeps running on demand
+        read_ahead = ReadAhead()
+
         def pending(self, request_id: object) -> bool:
             return True
 

@@ -14,7 +14,7 @@ from helpers import remote_disk_fake
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.plans import MISS, LoadPlan
+from sgl_kvext.pages.plans import MISS, Hold, LoadPlan
 from sgl_kvext.pages.tiering import DIRECT_READ_S, KVTiering
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
@@ -137,3 +137,38 @@ def test_pages_no_tier_holds_are_prefetched_once_and_admission_stops_waiting(
         assert tiering.prefetcher.counters["started"] == 2
     finally:
         tiering.close()
+
+
+def test_pages_past_the_direct_budget_are_read_ahead_and_loaded_from_memory(
+        spilled: KVTiering) -> None:
+    # 4 host pages, 10 on the path: the prefetch's promotions cannot all stay in the host
+    # tier, so without the read-ahead the load would read them from disk on this thread.
+    spilled.cost.tier_bps[1] = spilled.pool.page_nbytes / (DIRECT_READ_S / 2.5)
+    held = spilled.admit(T0, PATH, 0, request_id="r")          # 2 pages direct, then a hold
+    assert isinstance(held, Hold), held
+    assert spilled.prefetcher.wait("r", 10.0)
+    assert spilled.prefetcher.read_ahead.bytes == 8 * spilled.pool.page_nbytes
+    plan = spilled.admit(T0, PATH, 0, request_id="r")
+    assert isinstance(plan, LoadPlan) and (plan.start, plan.end) == (0, 40), plan
+    assert len(plan.ahead) == 8 and plan.tiers == (1, 1) + (0,) * 8
+    assert spilled.prefetcher.read_ahead.bytes == 0               # the plan holds them now
+    slots = torch.arange(100, 140)
+    assert spilled.load(plan, slots)
+    assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(40)))
+    assert spilled.counters["streamed_pages"] == 2                # disk read here: 2 pages
+
+
+def test_read_ahead_is_bounded_and_released_when_the_request_leaves(
+        spilled: KVTiering) -> None:
+    ahead = spilled.prefetcher.read_ahead
+    spilled.cost.tier_bps[1] = spilled.pool.page_nbytes / (DIRECT_READ_S / 2.5)
+    assert isinstance(spilled.admit(T0, PATH, 0, request_id="r"), Hold)
+    assert spilled.prefetcher.wait("r", 10.0) and ahead.bytes > 0
+    spilled.forget("r")
+    assert ahead.bytes == 0
+    kept = ahead.counters["kept_pages"]
+    ahead.max_bytes = 3 * spilled.pool.page_nbytes                 # less than the run
+    assert isinstance(spilled.admit(T0, PATH, 0, request_id="q"), Hold)
+    assert spilled.prefetcher.wait("q", 10.0)
+    assert ahead.bytes == 0 and ahead.counters["kept_pages"] == kept    # all or none
+    assert ahead.counters["refused_pages"] > 3

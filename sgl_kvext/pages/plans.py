@@ -3,19 +3,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sgl_kvext.pages.read_ahead import NOTHING
+from sgl_kvext.tiers.objects import KVPage
 
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
     """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new.
-    ``tiers[i]`` is the chain index of the local tier ``keys[i]`` was found in."""
+    ``tiers[i]`` is the chain index of the local tier ``keys[i]`` was found in (0 for a page
+    in ``ahead``: read ahead for this request, :mod:`~sgl_kvext.pages.read_ahead`)."""
 
     keys: tuple[bytes, ...]
     first_page: int
     start: int
     end: int
     tiers: tuple[int, ...]
+    ahead: Mapping[bytes, KVPage] = field(default_factory=lambda: NOTHING, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.tiers) != len(self.keys):

@@ -5,7 +5,9 @@ waits on it. Requests are keyed by an id (the request handle): one prefetch per 
 :meth:`Prefetcher.forget` (the request left), so the pages no tier holds (the prompt's new
 tokens) are asked for once, not again on every scheduling pass while admission waits for a
 prefetch to finish. At most ``max_pending`` prefetches queue up; beyond that new ones are
-dropped (and counted), so a burst cannot build an unbounded backlog.
+dropped (and counted), so a burst cannot build an unbounded backlog. The pages a prefetch
+read, when any came from below tier 0, are also kept for its request (:class:`ReadAhead`,
+bounded), so its load finds them even when the host tier could not keep them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from sgl_kvext.pages.cost_model import CostModel
+from sgl_kvext.pages.read_ahead import ReadAhead
 from sgl_kvext.tiers.chain import TierChain
 
 
 class Prefetcher:
     def __init__(self, chain: TierChain, threads: int = 2, max_pending: int = 256,
-                 cost: CostModel | None = None) -> None:
+                 cost: CostModel | None = None, read_ahead: ReadAhead | None = None) -> None:
         self.chain, self.cost = chain, cost
+        self.read_ahead = read_ahead if read_ahead is not None else ReadAhead()
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-prefetch")
         #: Prefetches by request id, oldest first: running ones, and finished ones until
@@ -41,15 +45,17 @@ class Prefetcher:
                 self.counters["dropped"] += 1
                 return
             self.counters["started"] += 1
-            self._running[request_id] = self._pool.submit(self._fetch, list(keys))
+            self._running[request_id] = self._pool.submit(self._fetch, request_id, list(keys))
             excess = len(self._running) - 4 * self.max_pending
             for rid in [r for r, f in self._running.items() if f.done()][:max(0, excess)]:
                 del self._running[rid]          # the oldest finished ones, past the bound
+                self.read_ahead.drop(rid)
 
     def forget(self, request_id: Hashable) -> None:
         """The request left: a new one under its id may prefetch again."""
         with self._lock:
             self._running.pop(request_id, None)
+            self.read_ahead.drop(request_id)
 
     def pending(self, request_id: Hashable) -> bool:
         with self._lock:
@@ -68,12 +74,15 @@ class Prefetcher:
             return future.done()
         return True
 
-    def _fetch(self, keys: list[bytes]) -> int:
+    def _fetch(self, request_id: Hashable, keys: list[bytes]) -> int:
         start = time.perf_counter()
         got = self.chain.get(keys)        # loads the held run; pages below tier 0 are promoted
         seconds = time.perf_counter() - start
         below = [(p, t) for p, t in zip(got.pages, got.tiers, strict=True) if t > 0]
         promoted = len(below)
+        with self._lock:                  # not for a request that left meanwhile
+            if below and request_id in self._running:   # the whole run: promoting it may
+                self.read_ahead.keep(request_id, got.pages)   # evict its own host pages
         if below and self.cost is not None:   # attributed to the slowest tier involved
             self.cost.observe_load(max(t for _, t in below), sum(p.nbytes for p, _ in below),
                                    seconds)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ from sgl_kvext.pages.keys import ModelIdentity, Tenant, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.plans import MISS, Hold, LoadPlan, Miss
 from sgl_kvext.pages.prefetch import Prefetcher
+from sgl_kvext.pages.read_ahead import NOTHING
 from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
+from sgl_kvext.tiers.base import copy_into
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
 
@@ -46,9 +48,10 @@ _STAGING_BYTES = 64 << 20
 #: Chain keys that end a spilled partial page, each with its tail lengths.
 _TAILS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
-#: thread; pages past it are prefetched in the background instead, so one request's cached
-#: prompt never stalls the others' decoding for long.
-DIRECT_READ_S = 0.25
+#: thread; pages past it are read on the prefetcher's thread while the request is held, and
+#: kept for its load (read_ahead.py), so one request's cached prompt never stalls the others'
+#: decoding for long (the stall budget is 50 ms a pass, SGLang's own work included).
+DIRECT_READ_S = 0.02
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
@@ -168,7 +171,8 @@ class KVTiering:
         first = device_len // self.tokens
         chain = self.keys.for_request(tenant, tokens, first, prefetch_id, prefix)
         rest = chain.keys
-        tiers = self._run_tiers(rest, first * self.tokens - device_len)
+        ahead = NOTHING if prefetch_id is None else self.prefetcher.read_ahead.peek(prefetch_id)
+        tiers = self._run_tiers(rest, first * self.tokens - device_len, ahead)
         run = len(tiers)
         if run < len(rest) and len(self.chain.tiers) == 1:
             self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
@@ -188,26 +192,29 @@ class KVTiering:
                     break
         if end <= device_len:
             return MISS
-        return LoadPlan(keys, first, device_len, end, tuple(tiers))
+        return LoadPlan(keys, first, device_len, end, tuple(tiers),
+                        ahead if any(k in ahead for k in keys) else NOTHING)
 
     def _holder(self, key: bytes, tiers: Sequence[int]) -> list[int]:
         """``[i]`` for the first of ``tiers`` holding ``key``, else ``[]`` (a hint: it may
         move)."""
         return next(([i] for i in tiers if self.chain.tiers[i].exists([key])[0]), [])
 
-    def _run_tiers(self, keys: Sequence[bytes], skipped: int) -> list[int]:
-        """The tier to read each page of the leading run of ``keys`` that the local tiers hold
-        (the fastest holding it). Cut before its first page from a lower tier when reading
-        those pages is not expected to beat recomputing the tokens from there (``skipped``:
-        tokens of the first page that are on the device already, a negative count), and
-        where reading lower tiers would take more than :data:`DIRECT_READ_S`."""
+    def _run_tiers(self, keys: Sequence[bytes], skipped: int,
+                   ahead: Mapping[bytes, KVPage] = NOTHING) -> list[int]:
+        """The tier to read each page of the leading run of ``keys`` that the local tiers or
+        ``ahead`` (read ahead, counted as tier 0) hold (the fastest holding it). Cut before
+        its first page from a lower tier when reading those pages is not expected to beat
+        recomputing the tokens from there (``skipped``: tokens of the first page that are on
+        the device already, a negative count), and where reading lower tiers would take more
+        than :data:`DIRECT_READ_S`."""
         if not keys:
             return []
         held = self.chain.tiers[0].exists(keys)
         tiers: list[int] = []
         spent = 0.0
         for key, here in zip(keys, held, strict=True):
-            holder = [0] if here else self._holder(key, self._local[1:])
+            holder = [0] if here or key in ahead else self._holder(key, self._local[1:])
             if not holder:
                 break
             if holder[0]:
@@ -238,6 +245,7 @@ class KVTiering:
             plan = MISS
         if self._holding(request_id, len(tokens), plan, device_len):
             return Hold(plan.tokens if isinstance(plan, LoadPlan) else align)
+        self.prefetcher.read_ahead.drop(request_id)     # the plan holds what it needs
         return plan
 
     def _holding(self, request_id: Hashable, n_tokens: int, plan: LoadPlan | Miss,
@@ -278,7 +286,8 @@ class KVTiering:
         for lo_page in range(0, len(plan.keys), staging.shape[0]):
             keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
             views = [staging[i].numpy().data for i in range(len(keys))]
-            read = self._read_into(keys, plan.tiers[lo_page:lo_page + len(keys)], views)
+            read = self._read_into(keys, plan.tiers[lo_page:lo_page + len(keys)], views,
+                                   plan.ahead)
             if not all(read):
                 self._known.discard(k for k, ok in zip(keys, read, strict=True) if not ok)
                 with self._lock:
@@ -297,12 +306,14 @@ class KVTiering:
             self.counters["loaded_pages"] += len(plan.keys)
         return True
 
-    def _read_into(self, keys: list[bytes], tiers: Sequence[int],
-                   views: list[memoryview]) -> list[bool]:
-        """Read each page from its planned tier, then look for the ones that moved since in
-        every local tier. Lower-tier reads feed the cost model's speed for that tier."""
-        read = [False] * len(keys)
-        planned = [(t, [i for i, at in enumerate(tiers) if at == t]) for t in sorted(set(tiers))]
+    def _read_into(self, keys: list[bytes], tiers: Sequence[int], views: list[memoryview],
+                   ahead: Mapping[bytes, KVPage]) -> list[bool]:
+        """Copy each page read ahead, read the others from their planned tier, then look for
+        the ones that moved since in every local tier. Lower-tier reads feed the cost model's
+        speed for that tier."""
+        read = [_copy_page(ahead.get(key), view) for key, view in zip(keys, views, strict=True)]
+        planned = [(t, [i for i, at in enumerate(tiers) if at == t and not read[i]])
+                   for t in sorted(set(tiers))]
         for tier, todo in planned:
             self._read_from(tier, todo, keys, views, read)
         for tier in self._local:
@@ -344,6 +355,14 @@ class KVTiering:
     def close(self) -> None:
         self.prefetcher.close()
         self.chain.close()
+
+
+def _copy_page(page: KVPage | None, dst: memoryview) -> bool:
+    """Copy ``page`` into ``dst`` when it fits exactly (see ``Tier.read_into``)."""
+    if page is None or page.nbytes != dst.nbytes:
+        return False
+    copy_into(dst, page.data)
+    return True
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -98,7 +98,7 @@ class Tier(ABC):
             fits = page is not None and page.nbytes == memoryview(dst).nbytes
             if fits:
                 assert page is not None
-                _copy_into(dst, page.data)
+                copy_into(dst, page.data)
             done.append(fits)
         return done
 
@@ -110,7 +110,8 @@ class Tier(ABC):
         """Release threads, files and connections; the tier is unusable afterwards."""
 
 
-def _copy_into(dst: memoryview, data: bytes | bytearray | memoryview) -> None:
+def copy_into(dst: memoryview, data: bytes | bytearray | memoryview) -> None:
+    """Copy ``data`` to the start of ``dst`` (raises if it does not fit)."""
     src = memoryview(data).cast("B")
     view = memoryview(dst).cast("B")
     if len(view) < len(src):
