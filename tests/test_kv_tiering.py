@@ -55,7 +55,7 @@ def test_a_page_missing_in_a_later_batch_is_a_miss(tiering):
     tiering.chain.tiers[0].delete([plan.keys[7]])         # third batch
     assert not tiering.load(plan, torch.arange(100, 140))
     assert tiering.counters == {"spilled_pages": 10, "loaded_pages": 0, "failed_loads": 1,
-                                "streamed_pages": 0}
+                                "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0}
 
 
 def _tiering_over(chain):

@@ -147,15 +147,17 @@ def test_pages_past_the_direct_budget_are_read_ahead_and_loaded_from_memory(
     held = spilled.admit(T0, PATH, 0, request_id="r")          # 2 pages direct, then a hold
     assert isinstance(held, Hold), held
     assert spilled.prefetcher.wait("r", 10.0)
-    assert spilled.prefetcher.read_ahead.bytes == 8 * spilled.pool.page_nbytes
+    assert spilled.prefetcher.read_ahead.bytes == 10 * spilled.pool.page_nbytes  # the run
     plan = spilled.admit(T0, PATH, 0, request_id="r")
     assert isinstance(plan, LoadPlan) and (plan.start, plan.end) == (0, 40), plan
-    assert len(plan.ahead) == 8 and plan.tiers == (1, 1) + (0,) * 8
-    assert spilled.prefetcher.read_ahead.bytes == 0               # the plan holds them now
+    assert len(plan.ahead) == 10 and plan.tiers == (0,) * 10
+    assert spilled.admit(T0, PATH, 0, request_id="r") == plan     # matched again: the same
     slots = torch.arange(100, 140)
-    assert spilled.load(plan, slots)
+    assert spilled.load(plan, slots, "r")
+    assert spilled.prefetcher.read_ahead.bytes == 0               # released by the load
     assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(40)))
-    assert spilled.counters["streamed_pages"] == 2                # disk read here: 2 pages
+    assert spilled.counters["streamed_pages"] == 0                # no disk read here
+    assert spilled.counters["ahead_pages"] == 10
 
 
 def test_read_ahead_is_bounded_and_released_when_the_request_leaves(
@@ -172,3 +174,29 @@ def test_read_ahead_is_bounded_and_released_when_the_request_leaves(
     assert spilled.prefetcher.wait("q", 10.0)
     assert ahead.bytes == 0 and ahead.counters["kept_pages"] == kept    # all or none
     assert ahead.counters["refused_pages"] > 3
+
+
+def test_a_hold_for_disk_pages_is_budgeted_at_the_disk_speed_not_the_remote_one(
+        tmp_path: Path) -> None:
+    # host, disk, then a remote tier far too slow to wait for: pages past the direct-read
+    # budget are on disk, so waiting for them is worth it (budgeted at the slowest tier, the
+    # request was never held and its disk pages were recomputed)
+    gen = torch.Generator().manual_seed(0)
+    kv = [[torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
+          for _ in range(2)]
+    chain = TierChain([HostTier(4 * BLOCK, block_bytes=BLOCK),
+                       DiskTier(tmp_path / "disk", 1 << 20, NS, codec="none"),
+                       remote_disk_fake(tmp_path / "remote", 1 << 20, NS)], "write_back")
+    tiering = KVTiering(PagedKV(kv[0], kv[1], T), chain, IDENTITY, prefetch_threads=1)
+    try:
+        assert tiering.spill(T0, PATH, torch.arange(40), 0) == 10 and chain.flush(10.0)
+        page_s = DIRECT_READ_S / 2.5                        # 2 disk pages fit the budget
+        tiering.cost.tier_bps[1] = tiering.pool.page_nbytes / page_s
+        tiering.cost.tier_bps[2] = tiering.pool.page_nbytes / 100.0   # remote: 100 s a page
+        tiering.cost.prefill_tps = T / (10 * page_s)        # a page's recompute: 10 reads
+        assert isinstance(tiering.admit(T0, PATH, 0, request_id="r"), Hold)
+        assert tiering.prefetcher.wait("r", 10.0)
+        plan = tiering.admit(T0, PATH, 0, request_id="r")
+        assert isinstance(plan, LoadPlan) and plan.end == 40 and len(plan.ahead) == 10
+    finally:
+        tiering.close()

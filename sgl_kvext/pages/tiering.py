@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +56,19 @@ DIRECT_READ_S = 0.02
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
+
+
+class _Run(NamedTuple):
+    """The local run of a request's pages: each page's tier, then the tier the page after
+    it is expected from (the slowest tier when no local tier holds it)."""
+
+    tiers: list[int]
+    rest_tier: int
+
+
+class _Planned(NamedTuple):
+    plan: LoadPlan | Miss
+    rest_tier: int
 
 
 class KVTiering:
@@ -99,7 +113,7 @@ class KVTiering:
         self._tails = TailLengths(_TAILS)
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0,
-                         "streamed_pages": 0}
+                         "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0}
 
     def keys_for(self, tenant: Tenant, tokens: Sequence[int]) -> list[bytes]:
         """Page keys of ``tokens`` (a path from the root) for ``tenant``."""
@@ -168,16 +182,23 @@ class KVTiering:
         finds them. ``prefix``: the device match's nodes, deepest first (see
         :meth:`PathKeys.from_page <sgl_kvext.pages.key_chains.PathKeys.from_page>`).
         """
+        return self._plan(tenant, tokens, device_len, prefetch_id, prefix, align).plan
+
+    def _plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
+              prefetch_id: Hashable | None, prefix: Iterable[tuple[Hashable, int]],
+              align: int) -> _Planned:
         first = device_len // self.tokens
         chain = self.keys.for_request(tenant, tokens, first, prefetch_id, prefix)
         rest = chain.keys
         ahead = NOTHING if prefetch_id is None else self.prefetcher.read_ahead.peek(prefetch_id)
-        tiers = self._run_tiers(rest, first * self.tokens - device_len, ahead)
+        tiers, rest_tier = self._run_tiers(rest, first * self.tokens - device_len, ahead)
         run = len(tiers)
         if run < len(rest) and len(self.chain.tiers) == 1:
             self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
         if run < len(rest) and prefetch_id is not None and len(self.chain.tiers) > 1:
-            self.prefetcher.request(prefetch_id, rest[run:])
+            # the whole run, not only its rest: promotions may push its host pages down to
+            # disk meanwhile, and the read-ahead keeps every page the load will need
+            self.prefetcher.request(prefetch_id, rest)
         at = (first + run) * self.tokens
         keys, end = tuple(rest[:run]), at
         after = rest[run - 1] if run else chain.before
@@ -191,9 +212,9 @@ class KVTiering:
                     keys, tiers, end = (*keys, key), [*tiers, holder[0]], at + n
                     break
         if end <= device_len:
-            return MISS
-        return LoadPlan(keys, first, device_len, end, tuple(tiers),
-                        ahead if any(k in ahead for k in keys) else NOTHING)
+            return _Planned(MISS, rest_tier)
+        return _Planned(LoadPlan(keys, first, device_len, end, tuple(tiers),
+                                 ahead if any(k in ahead for k in keys) else NOTHING), rest_tier)
 
     def _holder(self, key: bytes, tiers: Sequence[int]) -> list[int]:
         """``[i]`` for the first of ``tiers`` holding ``key``, else ``[]`` (a hint: it may
@@ -201,18 +222,19 @@ class KVTiering:
         return next(([i] for i in tiers if self.chain.tiers[i].exists([key])[0]), [])
 
     def _run_tiers(self, keys: Sequence[bytes], skipped: int,
-                   ahead: Mapping[bytes, KVPage] = NOTHING) -> list[int]:
+                   ahead: Mapping[bytes, KVPage] = NOTHING) -> _Run:
         """The tier to read each page of the leading run of ``keys`` that the local tiers or
         ``ahead`` (read ahead, counted as tier 0) hold (the fastest holding it). Cut before
         its first page from a lower tier when reading those pages is not expected to beat
         recomputing the tokens from there (``skipped``: tokens of the first page that are on
         the device already, a negative count), and where reading lower tiers would take more
         than :data:`DIRECT_READ_S`."""
+        slowest = len(self.chain.tiers) - 1
         if not keys:
-            return []
+            return _Run([], slowest)
         held = self.chain.tiers[0].exists(keys)
         tiers: list[int] = []
-        spent = 0.0
+        spent, rest_tier = 0.0, slowest
         for key, here in zip(keys, held, strict=True):
             holder = [0] if here or key in ahead else self._holder(key, self._local[1:])
             if not holder:
@@ -220,6 +242,7 @@ class KVTiering:
             if holder[0]:
                 spent += self.cost.load_s(self.pool.page_nbytes, holder[0])
                 if spent > DIRECT_READ_S:
+                    rest_tier = holder[0]
                     break
             tiers.append(holder[0])
         lower = next((i for i, t in enumerate(tiers) if t), len(tiers))
@@ -229,8 +252,9 @@ class KVTiering:
                          for t in set(tiers[lower:]) - {0})
             if load_s >= self.cost.recompute_s((len(tiers) - lower) * self.tokens
                                                + (skipped if lower == 0 else 0)):
+                rest_tier = tiers[lower]
                 del tiers[lower:]
-        return tiers
+        return _Run(tiers, rest_tier)
 
     def admit(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
               request_id: Hashable, align: int = 1,
@@ -239,18 +263,17 @@ class KVTiering:
         a run now, hold it for its running prefetch (prefetch policy), or nothing. A run that
         does not end on an ``align`` boundary (SGLang's page size) is not loaded.
         ``prefix``: the device match's nodes (see :meth:`plan`)."""
-        plan = self.plan(tenant, tokens, device_len, prefetch_id=request_id, prefix=prefix,
-                         align=align)
+        plan, rest_tier = self._plan(tenant, tokens, device_len, request_id, prefix, align)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
-        if self._holding(request_id, len(tokens), plan, device_len):
+        if self._holding(request_id, len(tokens), plan, device_len, rest_tier):
             return Hold(plan.tokens if isinstance(plan, LoadPlan) else align)
-        self.prefetcher.read_ahead.drop(request_id)     # the plan holds what it needs
         return plan
 
     def _holding(self, request_id: Hashable, n_tokens: int, plan: LoadPlan | Miss,
-                 device_len: int) -> bool:
-        """Whether to keep the request waiting for its running prefetch."""
+                 device_len: int, rest_tier: int) -> bool:
+        """Whether to keep the request waiting for its running prefetch (of pages expected
+        from ``rest_tier`` or faster)."""
         if self.prefetch_policy == "best_effort" or not self.prefetcher.pending(request_id):
             self._deadlines.pop(request_id, None)
             return False
@@ -259,9 +282,14 @@ class KVTiering:
         if deadline is None:
             missing = n_tokens - (plan.end if isinstance(plan, LoadPlan) else device_len)
             budget = WAIT_CAP_S if self.prefetch_policy == "wait_complete" else \
-                self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S)
-            deadline = self._deadlines[request_id] = now + budget
-        return now < deadline
+                self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S, rest_tier)
+            self._deadlines[request_id] = now + budget
+            return budget > 0
+        if now < deadline:
+            return True
+        with self._lock:      # held, then let go while its prefetch still runs
+            self.counters["hold_timeouts"] += 1
+        return False
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """A prefill of ``tokens`` took ``seconds`` (the cost model's recompute speed)."""
@@ -273,12 +301,17 @@ class KVTiering:
         self.keys.forget(request_id)
         self.prefetcher.forget(request_id)
 
-    def load(self, plan: LoadPlan, slots: torch.Tensor) -> bool:
+    def load(self, plan: LoadPlan, slots: torch.Tensor,
+             request_id: Hashable | None = None) -> bool:
         """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.
+        The pages read ahead for ``request_id`` are released (SGLang may match a waiting
+        request more than once per pass: they stay until the load that uses them).
 
         Pages are read and scattered in batches that fit the staging buffer; after a miss the
         slots may hold part of the KV and must be freed by the caller, never used.
         """
+        if request_id is not None:
+            self.prefetcher.read_ahead.drop(request_id)
         if slots.numel() != plan.tokens:
             raise ValueError(f"{slots.numel()} slots for {plan.tokens} tokens")
         staging = self._staging_buffer()
@@ -312,6 +345,9 @@ class KVTiering:
         the ones that moved since in every local tier. Lower-tier reads feed the cost model's
         speed for that tier."""
         read = [_copy_page(ahead.get(key), view) for key, view in zip(keys, views, strict=True)]
+        if ahead:
+            with self._lock:
+                self.counters["ahead_pages"] += sum(read)
         planned = [(t, [i for i, at in enumerate(tiers) if at == t and not read[i]])
                    for t in sorted(set(tiers))]
         for tier, todo in planned:

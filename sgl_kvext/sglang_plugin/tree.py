@@ -282,7 +282,7 @@ class HierarchicalRadixCache(RadixCache):
             return 0, node
         try:
             with GAPS.timed("load"):
-                loaded = self.tiering.load(pending.plan, slots)
+                loaded = self.tiering.load(pending.plan, slots, req.cache_request_handle)
         except Exception:
             logger.exception("sgl-kvext: loading %d tokens failed; recomputing them", n)
             loaded = False
