@@ -158,6 +158,7 @@ def test_pages_past_the_direct_budget_are_read_ahead_and_loaded_from_memory(
     assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(40)))
     assert spilled.counters["streamed_pages"] == 0                # no disk read here
     assert spilled.counters["ahead_pages"] == 10
+    assert spilled.chain.counters["promoted_pages"] == 0          # the host tier left alone
 
 
 def test_read_ahead_is_bounded_and_released_when_the_request_leaves(
@@ -170,10 +171,13 @@ def test_read_ahead_is_bounded_and_released_when_the_request_leaves(
     assert ahead.bytes == 0
     kept = ahead.counters["kept_pages"]
     ahead.max_bytes = 3 * spilled.pool.page_nbytes                 # less than the run
+    spilled.cost.tier_bps[1] = spilled.pool.page_nbytes / (DIRECT_READ_S / 2.5)  # re-measured
+    host_promoted = spilled.chain.counters["promoted_pages"]
     assert isinstance(spilled.admit(T0, PATH, 0, request_id="q"), Hold)
     assert spilled.prefetcher.wait("q", 10.0)
     assert ahead.bytes == 0 and ahead.counters["kept_pages"] == kept    # all or none
-    assert ahead.counters["refused_pages"] > 3
+    assert ahead.counters["refused_pages"] == 10
+    assert spilled.chain.counters["promoted_pages"] == host_promoted + 6   # promoted instead
 
 
 def test_a_hold_for_disk_pages_is_budgeted_at_the_disk_speed_not_the_remote_one(

@@ -1,13 +1,18 @@
-"""Background promotion of pages from slow tiers (disk, S3) into the fastest one.
+"""Background reads of a waiting request's pages from slow tiers (disk, S3).
 
 A request's prefetch starts the first time the tree sees it waiting; the scheduler never
 waits on it. Requests are keyed by an id (the request handle): one prefetch per id until
 :meth:`Prefetcher.forget` (the request left), so the pages no tier holds (the prompt's new
 tokens) are asked for once, not again on every scheduling pass while admission waits for a
 prefetch to finish. At most ``max_pending`` prefetches queue up; beyond that new ones are
-dropped (and counted), so a burst cannot build an unbounded backlog. The pages a prefetch
-read, when any came from below tier 0, are also kept for its request (:class:`ReadAhead`,
-bounded), so its load finds them even when the host tier could not keep them.
+dropped (and counted), so a burst cannot build an unbounded backlog.
+
+Where the pages go: for a request that waits for them (``keep``), the run is kept for it
+(:class:`ReadAhead`, bounded) and its load copies it from there; otherwise, or when the
+read-ahead has no room, the pages read from below tier 0 are promoted into tier 0 for later
+requests. (Promoting a waiting request's run instead would, for a run larger than the host
+tier, only push the run's own host pages down to disk, its puts holding the host tier's lock
+against the scheduler's lookups.)
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ class Prefetcher:
         self._lock = threading.Lock()
         self.counters = {"started": 0, "dropped": 0, "promoted_pages": 0, "seconds_x1000": 0}
 
-    def request(self, request_id: Hashable, keys: Sequence[bytes]) -> None:
-        """Bring the longest held run of ``keys`` up to tier 0, in the background."""
+    def request(self, request_id: Hashable, keys: Sequence[bytes], keep: bool = False) -> None:
+        """Read the longest held run of ``keys`` in the background: for the request's load
+        (``keep``: the request waits for it), or into tier 0 for later requests."""
         with self._lock:
             if request_id in self._running:     # running, or done: once per request
                 return
@@ -45,7 +51,8 @@ class Prefetcher:
                 self.counters["dropped"] += 1
                 return
             self.counters["started"] += 1
-            self._running[request_id] = self._pool.submit(self._fetch, request_id, list(keys))
+            self._running[request_id] = self._pool.submit(self._fetch, request_id, list(keys),
+                                                          keep)
             excess = len(self._running) - 4 * self.max_pending
             for rid in [r for r, f in self._running.items() if f.done()][:max(0, excess)]:
                 del self._running[rid]          # the oldest finished ones, past the bound
@@ -74,15 +81,17 @@ class Prefetcher:
             return future.done()
         return True
 
-    def _fetch(self, request_id: Hashable, keys: list[bytes]) -> int:
+    def _fetch(self, request_id: Hashable, keys: list[bytes], keep: bool) -> int:
         start = time.perf_counter()
-        got = self.chain.get(keys)        # loads the held run; pages below tier 0 are promoted
+        got = self.chain.get(keys, promote=False)       # the held run, from any tier
         seconds = time.perf_counter() - start
         below = [(p, t) for p, t in zip(got.pages, got.tiers, strict=True) if t > 0]
-        promoted = len(below)
         with self._lock:                  # not for a request that left meanwhile
-            if below and request_id in self._running:   # the whole run: promoting it may
-                self.read_ahead.keep(request_id, got.pages)   # evict its own host pages
+            kept = keep and bool(below) and request_id in self._running \
+                and self.read_ahead.keep(request_id, got.pages)
+        promoted = 0 if kept else len(below)
+        if promoted:
+            self.chain.promote([p for p, _ in below])
         if below and self.cost is not None:   # attributed to the slowest tier involved
             self.cost.observe_load(max(t for _, t in below), sum(p.nbytes for p, _ in below),
                                    seconds)

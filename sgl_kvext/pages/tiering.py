@@ -69,6 +69,12 @@ class _Run(NamedTuple):
 class _Planned(NamedTuple):
     plan: LoadPlan | Miss
     rest_tier: int
+    fetch: tuple[bytes, ...]   # to prefetch: the run and what follows, when it is cut short
+
+
+class _Wait(NamedTuple):
+    until: float               # time.monotonic()
+    budget_s: float
 
 
 class KVTiering:
@@ -108,7 +114,7 @@ class KVTiering:
         self._local = [0] + [i for i, tier in enumerate(chain.tiers)
                              if i and tier.capabilities.local]
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
-        self._deadlines: dict[Hashable, float] = {}
+        self._deadlines: dict[Hashable, _Wait] = {}
         self.keys = PathKeys(identity, self.tokens)
         self._tails = TailLengths(_TAILS)
         self._lock = threading.Lock()
@@ -182,7 +188,10 @@ class KVTiering:
         finds them. ``prefix``: the device match's nodes, deepest first (see
         :meth:`PathKeys.from_page <sgl_kvext.pages.key_chains.PathKeys.from_page>`).
         """
-        return self._plan(tenant, tokens, device_len, prefetch_id, prefix, align).plan
+        planned = self._plan(tenant, tokens, device_len, prefetch_id, prefix, align)
+        if planned.fetch and prefetch_id is not None:
+            self.prefetcher.request(prefetch_id, planned.fetch)
+        return planned.plan
 
     def _plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
               prefetch_id: Hashable | None, prefix: Iterable[tuple[Hashable, int]],
@@ -195,10 +204,8 @@ class KVTiering:
         run = len(tiers)
         if run < len(rest) and len(self.chain.tiers) == 1:
             self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
-        if run < len(rest) and prefetch_id is not None and len(self.chain.tiers) > 1:
-            # the whole run, not only its rest: promotions may push its host pages down to
-            # disk meanwhile, and the read-ahead keeps every page the load will need
-            self.prefetcher.request(prefetch_id, rest)
+        # the whole run, not only its rest: a read-ahead then holds every page the load needs
+        fetch = tuple(rest) if run < len(rest) and len(self.chain.tiers) > 1 else ()
         at = (first + run) * self.tokens
         keys, end = tuple(rest[:run]), at
         after = rest[run - 1] if run else chain.before
@@ -212,9 +219,10 @@ class KVTiering:
                     keys, tiers, end = (*keys, key), [*tiers, holder[0]], at + n
                     break
         if end <= device_len:
-            return _Planned(MISS, rest_tier)
+            return _Planned(MISS, rest_tier, fetch)
         return _Planned(LoadPlan(keys, first, device_len, end, tuple(tiers),
-                                 ahead if any(k in ahead for k in keys) else NOTHING), rest_tier)
+                                 ahead if any(k in ahead for k in keys) else NOTHING),
+                        rest_tier, fetch)
 
     def _holder(self, key: bytes, tiers: Sequence[int]) -> list[int]:
         """``[i]`` for the first of ``tiers`` holding ``key``, else ``[]`` (a hint: it may
@@ -263,33 +271,35 @@ class KVTiering:
         a run now, hold it for its running prefetch (prefetch policy), or nothing. A run that
         does not end on an ``align`` boundary (SGLang's page size) is not loaded.
         ``prefix``: the device match's nodes (see :meth:`plan`)."""
-        plan, rest_tier = self._plan(tenant, tokens, device_len, request_id, prefix, align)
+        plan, rest_tier, fetch = self._plan(tenant, tokens, device_len, request_id, prefix,
+                                            align)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
-        if self._holding(request_id, len(tokens), plan, device_len, rest_tier):
-            return Hold(plan.tokens if isinstance(plan, LoadPlan) else align)
-        return plan
-
-    def _holding(self, request_id: Hashable, n_tokens: int, plan: LoadPlan | Miss,
-                 device_len: int, rest_tier: int) -> bool:
-        """Whether to keep the request waiting for its running prefetch (of pages expected
-        from ``rest_tier`` or faster)."""
+        wait = self._wait(request_id, len(tokens), plan, device_len, rest_tier)
+        if fetch:    # read ahead for a request that will wait for it; else for the next one
+            self.prefetcher.request(request_id, fetch, keep=wait.budget_s > 0)
         if self.prefetch_policy == "best_effort" or not self.prefetcher.pending(request_id):
             self._deadlines.pop(request_id, None)
-            return False
-        now = time.monotonic()
-        deadline = self._deadlines.get(request_id)
-        if deadline is None:
+            return plan
+        if time.monotonic() < wait.until:
+            return Hold(plan.tokens if isinstance(plan, LoadPlan) else align)
+        if wait.budget_s > 0:
+            with self._lock:      # held, then let go while its prefetch still runs
+                self.counters["hold_timeouts"] += 1
+        return plan
+
+    def _wait(self, request_id: Hashable, n_tokens: int, plan: LoadPlan | Miss,
+              device_len: int, rest_tier: int) -> _Wait:
+        """How long the request may be held for its prefetch (of pages expected from
+        ``rest_tier`` or faster), fixed at its first pass by the prefetch policy."""
+        wait = self._deadlines.get(request_id)
+        if wait is None:
             missing = n_tokens - (plan.end if isinstance(plan, LoadPlan) else device_len)
-            budget = WAIT_CAP_S if self.prefetch_policy == "wait_complete" else \
+            budget = 0.0 if self.prefetch_policy == "best_effort" else WAIT_CAP_S \
+                if self.prefetch_policy == "wait_complete" else \
                 self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S, rest_tier)
-            self._deadlines[request_id] = now + budget
-            return budget > 0
-        if now < deadline:
-            return True
-        with self._lock:      # held, then let go while its prefetch still runs
-            self.counters["hold_timeouts"] += 1
-        return False
+            wait = self._deadlines[request_id] = _Wait(time.monotonic() + budget, budget)
+        return wait
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """A prefill of ``tokens`` took ``seconds`` (the cost model's recompute speed)."""

@@ -168,8 +168,9 @@ class TierChain:
             self._lost(keys[run:run + 1])
         return ChainLookup(run, tuple(int(h) for h in holder[:run] if h is not None))
 
-    def get(self, keys: Sequence[bytes]) -> ChainGet:
-        """Load the longest held run of ``keys``; pages found below tier 0 are promoted."""
+    def get(self, keys: Sequence[bytes], promote: bool = True) -> ChainGet:
+        """Load the longest held run of ``keys``; pages found below tier 0 are promoted
+        (unless ``promote`` is false: see :meth:`promote`)."""
         found = self.lookup(keys)
         by_tier: dict[int, list[bytes]] = {}
         for i in range(found.run):
@@ -186,12 +187,16 @@ class TierChain:
                 break
             pages.append(loaded[key][0])
             tiers.append(loaded[key][1])
-        promote = [p for p, t in zip(pages, tiers, strict=True) if t > 0]
         if promote:
-            self._store(0, promote)
-            with self._lock:
-                self.counters["promoted_pages"] += len(promote)
+            self.promote([p for p, t in zip(pages, tiers, strict=True) if t > 0])
         return ChainGet(tuple(pages), tuple(tiers))
+
+    def promote(self, pages: Sequence[KVPage]) -> None:
+        """Store ``pages``, read from lower tiers, in tier 0 (what it evicts moves down)."""
+        if pages:
+            self._store(0, list(pages))
+            with self._lock:
+                self.counters["promoted_pages"] += len(pages)
 
     def on_event(self, listener: EventListener) -> None:
         """Call ``listener(event)`` for the pages each tier of this process stores (puts,
