@@ -26,5 +26,6 @@ def test_wait_budget() -> None:
     budget = model.hold_budget_s(1000, 23_000, cap_s=30)
     assert budget == pytest.approx(min(1.0, 3 * 0.23 + 0.25))
     assert model.hold_budget_s(1000, 23_000, cap_s=0.1) == 0.1
+    assert model.hold_budget_s(1000, 23_000, cap_s=30, local=True) == pytest.approx(1.0)
     model.tier_bps[1] = 10e6                        # now 2.3 s to load: recompute instead
     assert model.hold_budget_s(1000, 23_000, cap_s=30) == 0.0

@@ -62,17 +62,19 @@ class CostModel:
         return max(nbytes, 0) / self.tier_bps[min(tier, len(self.tier_bps) - 1)]
 
     def hold_budget_s(self, tokens: int, bytes_per_token: float, cap_s: float,
-                      tier: int | None = None) -> float:
+                      tier: int | None = None, local: bool = False) -> float:
         """How long a request may wait for ``tokens`` to arrive from ``tier`` (by default the
         slowest).
 
         Zero when loading them is not expected to beat recomputing them; otherwise three
         times the expected load time plus 0.25 s (a prefetch also queues, looks up and
-        promotes), never more than recomputing would take.
+        promotes), never more than recomputing would take. From a ``local`` tier (disk: a
+        read that cannot stall like a remote call) the wait may last as long as recomputing:
+        the first reads of a cold disk run well below the speed measured so far.
         """
         recompute = self.recompute_s(tokens)
         tier = len(self.tier_bps) - 1 if tier is None else tier
         load = self.load_s(int(tokens * bytes_per_token), tier)
         if load >= recompute:
             return 0.0
-        return min(cap_s, recompute, 3 * load + 0.25)
+        return min(cap_s, recompute, recompute if local else 3 * load + 0.25)
