@@ -295,10 +295,13 @@ class KVTiering:
         wait = self._deadlines.get(request_id)
         if wait is None:
             missing = n_tokens - (plan.end if isinstance(plan, LoadPlan) else device_len)
-            budget = 0.0 if self.prefetch_policy == "best_effort" else WAIT_CAP_S \
-                if self.prefetch_policy == "wait_complete" else \
-                self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S, rest_tier,
-                                        local=rest_tier in self._local)
+            if self.prefetch_policy == "best_effort":
+                budget = 0.0
+            elif self.prefetch_policy == "wait_complete":
+                budget = WAIT_CAP_S
+            else:
+                budget = self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S,
+                                                 rest_tier, local=rest_tier in self._local)
             wait = self._deadlines[request_id] = _Wait(time.monotonic() + budget, budget)
         return wait
 
