@@ -230,7 +230,7 @@ class KVTiering:
         return next(([i] for i in tiers if self.chain.tiers[i].exists([key])[0]), [])
 
     def _run_tiers(self, keys: Sequence[bytes], skipped: int,
-                   ahead: Mapping[bytes, KVPage]) -> _Run:
+                   ahead: Mapping[bytes, KVPage] = NOTHING) -> _Run:
         """The tier to read each page of the leading run of ``keys`` that the local tiers or
         ``ahead`` (read ahead, counted as tier 0) hold (the fastest holding it). Cut before
         its first page from a lower tier when reading those pages is not expected to beat
@@ -275,13 +275,12 @@ class KVTiering:
                                             align)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
+        wait = self._wait(request_id, len(tokens), plan, device_len, rest_tier)
         if fetch:    # read ahead for a request that will wait for it; else for the next one
-            wait = self._wait(request_id, len(tokens), plan, device_len, rest_tier)
             self.prefetcher.request(request_id, fetch, keep=wait.budget_s > 0)
         if self.prefetch_policy == "best_effort" or not self.prefetcher.pending(request_id):
             self._deadlines.pop(request_id, None)
             return plan
-        wait = self._wait(request_id, len(tokens), plan, device_len, rest_tier)
         if time.monotonic() < wait.until:
             return Hold(plan.tokens if isinstance(plan, LoadPlan) else align)
         if wait.budget_s > 0:
