@@ -51,8 +51,10 @@ _TAILS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
 #: thread; pages past it are read on the prefetcher's thread while the request is held, and
 #: kept for its load (read_ahead.py), so one request's cached prompt never stalls the others'
-#: decoding for long (the stall budget is 50 ms a pass, SGLang's own work included).
-DIRECT_READ_S = 0.02
+#: decoding for long. At 0.02 s the traffic stall bench's longest gaps were 38-71 ms, but a
+#: fresh instance's first hold on a cold disk sometimes expired (64 of 608 tokens loaded in
+#: tests/test_server_tiers.py), so the bound stays at 0.25 s until that is understood.
+DIRECT_READ_S = 0.25
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
