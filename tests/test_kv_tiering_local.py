@@ -4,6 +4,7 @@ expected to beat recomputing them; remote tiers are only prefetched."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,30 @@ def test_pages_past_the_direct_budget_are_read_ahead_and_loaded_from_memory(
     assert spilled.counters["streamed_pages"] == 0                # no disk read here
     assert spilled.counters["ahead_pages"] == 10
     assert spilled.chain.counters["promoted_pages"] == 0          # the host tier left alone
+
+
+def test_a_prefetch_finishing_while_admission_plans_holds_for_one_more_pass(
+        spilled: KVTiering) -> None:
+    # Seen on the real server: the read-ahead was peeked before the prefetch finished and
+    # the prefetch was found done right after, so a plan of the 2 direct pages was loaded
+    # and the other 8 recomputed. A fake for a race a real part cannot time on demand.
+    spilled.cost.tier_bps[1] = spilled.pool.page_nbytes / (DIRECT_READ_S / 2.5)
+    release, get = threading.Event(), spilled.chain.get
+    spilled.chain.get = lambda *a, **k: (release.wait(10.0), get(*a, **k))[1]  # type: ignore
+    assert isinstance(spilled.admit(T0, PATH, 0, request_id="r"), Hold)
+    ahead, peek = spilled.prefetcher.read_ahead, spilled.prefetcher.read_ahead.peek
+
+    def peek_then_finish(request_id: object) -> object:
+        pages = peek(request_id)       # before the prefetch finishes: nothing yet
+        release.set()
+        assert spilled.prefetcher.wait("r", 10.0)
+        return pages
+
+    ahead.peek = peek_then_finish      # type: ignore[method-assign]
+    assert isinstance(spilled.admit(T0, PATH, 0, request_id="r"), Hold)
+    ahead.peek = peek                  # type: ignore[method-assign]
+    plan = spilled.admit(T0, PATH, 0, request_id="r")
+    assert isinstance(plan, LoadPlan) and plan.end == 40 and len(plan.ahead) == 10, plan
 
 
 def test_read_ahead_is_bounded_and_released_when_the_request_leaves(

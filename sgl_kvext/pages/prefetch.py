@@ -41,15 +41,16 @@ class Prefetcher:
         self._lock = threading.Lock()
         self.counters = {"started": 0, "dropped": 0, "promoted_pages": 0, "seconds_x1000": 0}
 
-    def request(self, request_id: Hashable, keys: Sequence[bytes], keep: bool = False) -> None:
+    def request(self, request_id: Hashable, keys: Sequence[bytes], keep: bool = False) -> bool:
         """Read the longest held run of ``keys`` in the background: for the request's load
-        (``keep``: the request waits for it), or into tier 0 for later requests."""
+        (``keep``: the request waits for it), or into tier 0 for later requests. True when
+        this call started it (False: one ran for this id already, or too many queue)."""
         with self._lock:
             if request_id in self._running:     # running, or done: once per request
-                return
+                return False
             if sum(not f.done() for f in self._running.values()) >= self.max_pending:
                 self.counters["dropped"] += 1
-                return
+                return False
             self.counters["started"] += 1
             self._running[request_id] = self._pool.submit(self._fetch, request_id, list(keys),
                                                           keep)
@@ -57,6 +58,7 @@ class Prefetcher:
             for rid in [r for r, f in self._running.items() if f.done()][:max(0, excess)]:
                 del self._running[rid]          # the oldest finished ones, past the bound
                 self.read_ahead.drop(rid)
+        return True
 
     def forget(self, request_id: Hashable) -> None:
         """The request left: a new one under its id may prefetch again."""

@@ -51,10 +51,8 @@ _TAILS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
 #: thread; pages past it are read on the prefetcher's thread while the request is held, and
 #: kept for its load (read_ahead.py), so one request's cached prompt never stalls the others'
-#: decoding for long. At 0.02 s the traffic stall bench's longest gaps were 38-71 ms, but a
-#: fresh instance's first hold on a cold disk sometimes expired (64 of 608 tokens loaded in
-#: tests/test_server_tiers.py), so the bound stays at 0.25 s until that is understood.
-DIRECT_READ_S = 0.25
+#: decoding for long.
+DIRECT_READ_S = 0.02
 #: Longest a request is held for a prefetch (``wait_complete``, and the cap of ``timeout``).
 WAIT_CAP_S = 30.0
 PREFETCH_POLICIES = ("best_effort", "timeout", "wait_complete")
@@ -273,14 +271,22 @@ class KVTiering:
         a run now, hold it for its running prefetch (prefetch policy), or nothing. A run that
         does not end on an ``align`` boundary (SGLang's page size) is not loaded.
         ``prefix``: the device match's nodes (see :meth:`plan`)."""
+        # Asked before the plan peeks at the read-ahead: a prefetch finishing in between
+        # leaves this plan without its pages, so the request is held for one more pass.
+        running = self.prefetcher.pending(request_id)
         plan, rest_tier, fetch = self._plan(tenant, tokens, device_len, request_id, prefix,
                                             align)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
+        if self.prefetch_policy == "best_effort" or not (fetch or running):
+            if fetch:     # never waited for: read into tier 0 for the next request
+                self.prefetcher.request(request_id, fetch)
+            self._deadlines.pop(request_id, None)
+            return plan
         wait = self._wait(request_id, len(tokens), plan, device_len, rest_tier)
         if fetch:    # read ahead for a request that will wait for it; else for the next one
-            self.prefetcher.request(request_id, fetch, keep=wait.budget_s > 0)
-        if self.prefetch_policy == "best_effort" or not self.prefetcher.pending(request_id):
+            running |= self.prefetcher.request(request_id, fetch, keep=wait.budget_s > 0)
+        if not running:
             self._deadlines.pop(request_id, None)
             return plan
         if time.monotonic() < wait.until:
@@ -297,9 +303,7 @@ class KVTiering:
         wait = self._deadlines.get(request_id)
         if wait is None:
             missing = n_tokens - (plan.end if isinstance(plan, LoadPlan) else device_len)
-            if self.prefetch_policy == "best_effort":
-                budget = 0.0
-            elif self.prefetch_policy == "wait_complete":
+            if self.prefetch_policy == "wait_complete":
                 budget = WAIT_CAP_S
             else:
                 budget = self.cost.hold_budget_s(missing, self.bytes_per_token, WAIT_CAP_S,
