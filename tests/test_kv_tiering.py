@@ -8,7 +8,7 @@ from sgl_kvext.pages import tiering as kv_tiering
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity, Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.plans import MISS, Hold, LoadPlan
+from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.read_ahead import ReadAhead
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.tiers.chain import TierChain
@@ -42,7 +42,7 @@ def test_a_load_larger_than_the_staging_buffer_is_exact(tiering, device_len):
     plan = tiering.plan(T0, tokens, device_len)
     assert (plan.start, plan.end) == (device_len, 40)
     dst = torch.arange(100, 100 + plan.tokens)
-    assert tiering.load(plan, dst)
+    assert tiering.load(plan, dst) is LoadOutcome.LOADED
     assert torch.equal(_kv(tiering, dst), _kv(tiering, torch.arange(device_len, 40)))
     assert tiering._staging.shape[0] == 3                 # never grows with the load
     assert tiering.counters["loaded_pages"] == len(plan.keys)
@@ -53,9 +53,10 @@ def test_a_page_missing_in_a_later_batch_is_a_miss(tiering):
     tiering.spill(T0, tokens, torch.arange(40), 0)
     plan = tiering.plan(T0, tokens, 0)
     tiering.chain.tiers[0].delete([plan.keys[7]])         # third batch
-    assert not tiering.load(plan, torch.arange(100, 140))
+    assert tiering.load(plan, torch.arange(100, 140)) is LoadOutcome.MISSING
     assert tiering.counters == {"spilled_pages": 10, "loaded_pages": 0, "failed_loads": 1,
-                                "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0}
+                                "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0,
+                                "moved_loads": 0}
 
 
 def _tiering_over(chain):
@@ -74,7 +75,8 @@ def test_a_page_the_chain_dropped_is_spilled_again():
     assert not any(tiering.chain.tiers[0].exists(tiering.keys_for(T0, first)))  # evicted
     assert tiering.spill(T0, first, torch.arange(8), 0) == 2  # so stored again
     plan = tiering.plan(T0, first, 0)
-    assert isinstance(plan, LoadPlan) and tiering.load(plan, torch.arange(100, 108))
+    assert isinstance(plan, LoadPlan)
+    assert tiering.load(plan, torch.arange(100, 108)) is LoadOutcome.LOADED
     assert torch.equal(_kv(tiering, torch.arange(100, 108)), _kv(tiering, torch.arange(8)))
     tiering.close()
 
@@ -84,9 +86,11 @@ def test_a_page_found_missing_on_load_is_spilled_again(tiering):
     tiering.spill(T0, tokens, torch.arange(40), 0)
     plan = tiering.plan(T0, tokens, 0)
     tiering.chain.tiers[0].delete([plan.keys[7]])   # as a quarantine or another process would
-    assert not tiering.load(plan, torch.arange(100, 140))
+    assert tiering.load(plan, torch.arange(100, 140)) is LoadOutcome.MISSING
     assert tiering.spill(T0, tokens, torch.arange(40), 0) == 1
-    assert tiering.load(tiering.plan(T0, tokens, 0), torch.arange(100, 140))
+    again = tiering.plan(T0, tokens, 0)
+    assert isinstance(again, LoadPlan)
+    assert tiering.load(again, torch.arange(100, 140)) is LoadOutcome.LOADED
 
 
 def test_admission_loads_what_the_host_tier_holds_and_hashes_a_request_once(
@@ -144,7 +148,7 @@ def test_a_spilled_paths_last_partial_page_comes_back_exactly(tiering, device_le
         plan = tiering.plan(T0, prompt, device_len)
         assert (plan.start, plan.end, len(plan.keys)) == (device_len, 42, 11 - device_len // T)
         slots = torch.arange(100, 100 + plan.tokens)
-        assert tiering.load(plan, slots)
+        assert tiering.load(plan, slots) is LoadOutcome.LOADED
         assert torch.equal(_kv(tiering, slots), _kv(tiering, torch.arange(device_len, 42)))
 
     def end(prompt, align=1):

@@ -15,7 +15,7 @@ from helpers import remote_disk_fake
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.plans import MISS, Hold, LoadPlan
+from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.tiering import DIRECT_READ_S, KVTiering
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
@@ -62,7 +62,7 @@ def test_pages_on_disk_load_straight_into_the_pool(spilled: KVTiering, device_le
     from_disk = plan.tiers.count(1)
     assert from_disk >= 6 - device_len // T and set(plan.tiers) == {0, 1}
     slots = torch.arange(100, 100 + plan.tokens)
-    assert spilled.load(plan, slots)
+    assert spilled.load(plan, slots) is LoadOutcome.LOADED
     assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(device_len, 40)))
     assert spilled.counters["streamed_pages"] == from_disk
     assert spilled.chain.tiers[0].used_bytes == host_before     # nothing promoted on the way
@@ -97,10 +97,32 @@ def test_a_page_that_moved_between_plan_and_load_is_found_in_its_new_tier(
     host.put([*disk.get([on_disk]).values()])          # promoted by a prefetch meanwhile
     disk.delete([on_disk])
     slots = torch.arange(100, 140)
-    assert spilled.load(plan, slots)
+    assert spilled.load(plan, slots) is LoadOutcome.LOADED
     assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(40)))
     disk.delete([on_host])                             # now gone from every tier: a miss
-    assert not spilled.load(plan, slots)
+    assert spilled.load(plan, slots) is LoadOutcome.MISSING
+
+
+def test_pages_demoted_between_plan_and_load_are_read_within_the_bound_or_planned_again(
+        spilled: KVTiering) -> None:
+    # The stall bench's 16 MiB host tier demotes pages between a match and its load: reading
+    # them all from disk on the scheduler took up to 91 ms with a 20 ms bound.
+    spilled.cost.tier_bps[1] = spilled.pool.page_nbytes / (DIRECT_READ_S / 2.5)
+    plan = spilled.plan(T0, PATH, 24)                  # pages 6-9, all in the host tier
+    assert isinstance(plan, LoadPlan) and plan.tiers == (0,) * 4, plan
+    host, disk = spilled.chain.tiers
+    disk.put([*host.get(list(plan.keys[1:])).values()])    # 3 demoted: 1.2x the bound
+    host.delete(list(plan.keys[1:]))
+    slots = torch.arange(100, 116)
+    assert spilled.load(plan, slots, "r") is LoadOutcome.MOVED
+    assert spilled.counters["streamed_pages"] == 0        # none read on this thread
+    assert spilled.load(plan, slots, "r") is LoadOutcome.LOADED   # once: then unbounded
+    assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(24, 40)))
+    host.put([*disk.get([plan.keys[1]]).values()])     # 2 moved: within the bound
+    streamed = spilled.counters["streamed_pages"]
+    assert spilled.load(plan, slots, "q") is LoadOutcome.LOADED
+    assert spilled.counters["streamed_pages"] == streamed + 2
+    assert spilled.counters["moved_loads"] == 1
 
 
 def test_a_remote_tier_is_prefetched_never_read_on_the_scheduler(tmp_path: Path) -> None:
@@ -154,7 +176,7 @@ def test_pages_past_the_direct_budget_are_read_ahead_and_loaded_from_memory(
     assert len(plan.ahead) == 10 and plan.tiers == (0,) * 10
     assert spilled.admit(T0, PATH, 0, request_id="r") == plan     # matched again: the same
     slots = torch.arange(100, 140)
-    assert spilled.load(plan, slots, "r")
+    assert spilled.load(plan, slots, "r") is LoadOutcome.LOADED
     assert spilled.prefetcher.read_ahead.bytes == 0               # released by the load
     assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(40)))
     assert spilled.counters["streamed_pages"] == 0                # no disk read here

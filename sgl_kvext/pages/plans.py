@@ -1,8 +1,9 @@
 """What the tiering decides for a waiting request: :class:`LoadPlan`, :class:`Hold` or
-:class:`Miss`."""
+:class:`Miss`; and what a load did (:class:`LoadOutcome`)."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,3 +48,12 @@ class Miss:
 
 
 MISS = Miss()
+
+
+class LoadOutcome(enum.Enum):
+    """What :meth:`KVTiering.load <sgl_kvext.pages.tiering.KVTiering.load>` did."""
+
+    LOADED = "loaded"    # every planned token is in the slots
+    MISSING = "missing"  # a page is in no local tier any more: recompute it
+    MOVED = "moved"      # pages moved below their planned tier, too many to read on the
+    #                      scheduler thread (DIRECT_READ_S): plan the request again

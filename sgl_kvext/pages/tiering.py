@@ -14,8 +14,9 @@ The tree calls this module and knows nothing of tiers; the tiers know nothing of
   A request's page keys are hashed once, not on every pass, and only after its device
   prefix (:class:`~sgl_kvext.pages.key_chains.PathKeys`).
 - :meth:`KVTiering.load` copies a planned run into freshly allocated pool slots, each page
-  from the tier the plan found it in (or another local tier, if it moved since); any page
-  that has gone missing makes the whole load fail (the caller recomputes).
+  from the tier the plan found it in (or another local tier, if it moved since, within
+  :data:`DIRECT_READ_S`); any page that has gone missing makes the whole load fail (the
+  caller recomputes); too many moved down make it ask for a new plan.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.key_chains import PathKeys
 from sgl_kvext.pages.keys import ModelIdentity, Tenant, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
-from sgl_kvext.pages.plans import MISS, Hold, LoadPlan, Miss
+from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan, Miss
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.read_ahead import NOTHING
 from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
@@ -77,6 +78,13 @@ class _Wait(NamedTuple):
     budget_s: float
 
 
+class _Batch(NamedTuple):
+    read: list[bool]           # per page of the batch
+    spent_s: float             # expected reading of pages that moved below their planned tier
+    ahead: int                 # pages copied from the read-ahead
+    moved: bool                # more moved pages than the direct-read bound allows: none read
+
+
 class KVTiering:
     """Page KV between one model's device pool and a tier chain.
 
@@ -115,11 +123,13 @@ class KVTiering:
                              if i and tier.capabilities.local]
         self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._deadlines: dict[Hashable, _Wait] = {}
+        self._moved: set[Hashable] = set()    # requests whose last load answered MOVED
         self.keys = PathKeys(identity, self.tokens)
         self._tails = TailLengths(_TAILS)
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0,
-                         "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0}
+                         "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0,
+                         "moved_loads": 0}
 
     def keys_for(self, tenant: Tenant, tokens: Sequence[int]) -> list[bytes]:
         """Page keys of ``tokens`` (a path from the root) for ``tenant``."""
@@ -318,34 +328,60 @@ class KVTiering:
     def forget(self, request_id: Hashable) -> None:
         """The request left: drop its wait deadline, cached keys and prefetch."""
         self._deadlines.pop(request_id, None)
+        self._moved.discard(request_id)
         self.keys.forget(request_id)
         self.prefetcher.forget(request_id)
 
     def load(self, plan: LoadPlan, slots: torch.Tensor,
-             request_id: Hashable | None = None) -> bool:
-        """Copy the planned tokens into ``slots`` (``plan.tokens`` of them); False on a miss.
-        The pages read ahead for ``request_id`` are released (SGLang may match a waiting
-        request more than once per pass: they stay until the load that uses them).
+             request_id: Hashable | None = None) -> LoadOutcome:
+        """Copy the planned tokens into ``slots`` (``plan.tokens`` of them). The pages read
+        ahead for ``request_id`` are released (SGLang may match a waiting request more than
+        once per pass: they stay until the load that uses them).
 
-        Pages are read and scattered in batches that fit the staging buffer; after a miss the
-        slots may hold part of the KV and must be freed by the caller, never used.
+        A page that moved since the plan is read from the local tier holding it now, as long
+        as the load's expected reading of lower tiers stays within :data:`DIRECT_READ_S`
+        (a small host tier demotes pages between plan and load); past that it reads none and
+        answers ``MOVED``: plan again, with the pages where they are now (the read-ahead is
+        kept). The next load for ``request_id`` reads moved pages without a bound, so a
+        request is re-planned at most once.
+        Pages are read and scattered in batches that fit the staging buffer; unless ``LOADED``
+        the slots may hold part of the KV and must be freed by the caller, never used.
         """
-        if request_id is not None:
-            self.prefetcher.read_ahead.drop(request_id)
         if slots.numel() != plan.tokens:
             raise ValueError(f"{slots.numel()} slots for {plan.tokens} tokens")
+        bounded = request_id not in self._moved
+        outcome = self._load(plan, slots, DIRECT_READ_S if bounded else float("inf"))
+        if request_id is not None:
+            if outcome is LoadOutcome.MOVED:
+                self._moved.add(request_id)
+            else:
+                self._moved.discard(request_id)
+                self.prefetcher.read_ahead.drop(request_id)
+        return outcome
+
+    def _load(self, plan: LoadPlan, slots: torch.Tensor, bound_s: float) -> LoadOutcome:
         staging = self._staging_buffer()
         base = plan.first_page * self.tokens   # token index of the first page's first token
+        budget = bound_s - sum(self.cost.load_s(self.pool.page_nbytes, t)
+                               for t in plan.tiers if t)
+        ahead = 0
         for lo_page in range(0, len(plan.keys), staging.shape[0]):
             keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
             views = [staging[i].numpy().data for i in range(len(keys))]
-            read = self._read_into(keys, plan.tiers[lo_page:lo_page + len(keys)], views,
-                                   plan.ahead)
-            if not all(read):
-                self._known.discard(k for k, ok in zip(keys, read, strict=True) if not ok)
+            batch = self._read_into(keys, plan.tiers[lo_page:lo_page + len(keys)], views,
+                                    plan.ahead, budget)
+            budget -= batch.spent_s
+            ahead += batch.ahead
+            if batch.moved:
+                with self._lock:
+                    self.counters["moved_loads"] += 1
+                return LoadOutcome.MOVED
+            if not all(batch.read):
+                self._known.discard(k for k, ok in zip(keys, batch.read, strict=True)
+                                    if not ok)
                 with self._lock:
                     self.counters["failed_loads"] += 1
-                return False
+                return LoadOutcome.MISSING
             first_token = base + lo_page * self.tokens
             lo = max(plan.start, first_token)
             hi = min(plan.end, first_token + len(keys) * self.tokens)
@@ -357,24 +393,33 @@ class KVTiering:
                 torch.cuda.current_stream(self.pool.device).synchronize()   # finish it first
         with self._lock:
             self.counters["loaded_pages"] += len(plan.keys)
-        return True
+            self.counters["ahead_pages"] += ahead
+        return LoadOutcome.LOADED
 
     def _read_into(self, keys: list[bytes], tiers: Sequence[int], views: list[memoryview],
-                   ahead: Mapping[bytes, KVPage]) -> list[bool]:
+                   ahead: Mapping[bytes, KVPage], budget_s: float) -> _Batch:
         """Copy each page read ahead, read the others from their planned tier, then look for
-        the ones that moved since in every local tier. Lower-tier reads feed the cost model's
-        speed for that tier."""
+        the ones that moved since in every local tier: in a lower one only while their
+        expected reading fits ``budget_s``. Lower-tier reads feed the cost model's speed for
+        that tier."""
         read = [_copy_page(ahead.get(key), view) for key, view in zip(keys, views, strict=True)]
-        if ahead:
-            with self._lock:
-                self.counters["ahead_pages"] += sum(read)
+        copied = sum(read)
         planned = [(t, [i for i, at in enumerate(tiers) if at == t and not read[i]])
                    for t in sorted(set(tiers))]
         for tier, todo in planned:
             self._read_from(tier, todo, keys, views, read)
+        spent = 0.0
         for tier in self._local:
-            self._read_from(tier, [i for i, ok in enumerate(read) if not ok], keys, views, read)
-        return read
+            todo = [i for i, ok in enumerate(read) if not ok]
+            if tier and todo:    # moved down since the plan: read here within the budget
+                held = self.chain.tiers[tier].exists([keys[i] for i in todo])
+                todo = [i for i, here in zip(todo, held, strict=True) if here]
+                cost = self.cost.load_s(len(todo) * self.pool.page_nbytes, tier)
+                if spent + cost > budget_s:
+                    return _Batch(read, spent, copied, moved=True)
+                spent += cost
+            self._read_from(tier, todo, keys, views, read)
+        return _Batch(read, spent, copied, moved=False)
 
     def _read_from(self, tier: int, todo: list[int], keys: list[bytes],
                    views: list[memoryview], read: list[bool]) -> None:

@@ -29,7 +29,7 @@ from sgl_kvext.tiers.metrics import MeteredTier
 TIER_COUNTERS = ("hits", "misses", "bytes_in", "bytes_out", "evictions", "rejected",
                  "quarantined", "errors", "timeouts")
 TIERING_COUNTERS = ("spilled_pages", "loaded_pages", "failed_loads", "streamed_pages",
-                    "ahead_pages", "hold_timeouts")
+                    "ahead_pages", "hold_timeouts", "moved_loads")
 PREFETCH_COUNTERS = ("started", "dropped", "promoted_pages")
 CHAIN_COUNTERS = ("dropped_pages", "demoted_pages", "promoted_pages")
 FRAGMENT_COUNTERS = ("blends", "fragment_hits", "fragment_misses", "blended_tokens",

@@ -42,7 +42,7 @@ from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import BlendPlan, NoBlend
 from sgl_kvext.fragments.report import BlendReport, Outcome
 from sgl_kvext.pages.keys import Tenant
-from sgl_kvext.pages.plans import Hold, LoadPlan
+from sgl_kvext.pages.plans import Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
@@ -285,10 +285,11 @@ class HierarchicalRadixCache(RadixCache):
                 loaded = self.tiering.load(pending.plan, slots, req.cache_request_handle)
         except Exception:
             logger.exception("sgl-kvext: loading %d tokens failed; recomputing them", n)
-            loaded = False
-        if not loaded:
+            loaded = LoadOutcome.MISSING
+        if loaded is not LoadOutcome.LOADED:
             self.token_to_kv_pool_allocator.free(slots)
-            return 0, node
+            # MOVED: SGLang keeps the request queued and matches it again (a new plan)
+            return None if loaded is LoadOutcome.MOVED else (0, node)
         new_node = self._attach(node, pending.key, slots)
         if getattr(self, "metrics_collector", None) is not None:
             self.metrics_collector.increment_load_back_num_tokens(n, pool="kv")
