@@ -5,11 +5,13 @@
 #   make test-all  the same with every test
 #   make bench  installs everything, prepares SmolLM2, runs the RAG comparison (table + plot)
 #   make soak   installs everything, prepares SmolLM2, runs the 30-minute memory soak
+#   make gpu-wheels  downloads the wheels bench/gpu/check.sh installs on a GPU machine that has
+#               no package index (CPython 3.12, x86_64: the project's H200 image)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install model demo test test-all bench soak
+.PHONY: install model demo test test-all bench soak gpu-wheels
 
 # pip unpacks ~2 GB of wheels in its temporary folder: keep that beside the venv (a small
 # tmpfs /tmp must not fail the install) and keep no download cache (the venv is ~11 GB).
@@ -42,3 +44,12 @@ test: model
 
 test-all: model
 	$(BIN)/python -m pytest -q
+
+GPU_PY ?= 312
+gpu-wheels:
+	mkdir -p .gpu-wheels
+	$(PYTHON) -m pip download --quiet --no-deps -d .gpu-wheels pytest pluggy iniconfig packaging \
+		pytest-xdist execnet pycparser
+	$(PYTHON) -m pip download --quiet --no-deps -d .gpu-wheels --only-binary=:all: \
+		--python-version $(GPU_PY) --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 zstandard xxhash cryptography cffi

@@ -150,3 +150,17 @@ def chain(seaweed, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     from sgl_kvext.harness.server import free_port
 
     return Chain(tmp_path_factory.mktemp("chain-disk"), uuid.uuid4().hex, seaweed, free_port())
+
+
+@pytest.fixture
+def meta_default_device() -> Iterator[None]:
+    """torch's default device is ``meta`` on this thread: a tensor made without an explicit
+    device lands there and fails loudly when mixed with real ones (the CUDA-readiness check
+    for code that may only ever make tensors on the model's or the pool's device)."""
+    import torch
+
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

@@ -251,3 +251,42 @@ def test_a_hold_for_disk_pages_is_budgeted_at_the_disk_speed_not_the_remote_one(
         assert isinstance(plan, LoadPlan) and plan.end == 40 and len(plan.ahead) == 10
     finally:
         tiering.close()
+
+
+class StalledDiskFake(DiskTier):
+    """A disk whose writes wait until released (a slow device a real test disk is not)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)   # type: ignore[arg-type]
+        self.release = threading.Event()
+
+    def put(self, pages):  # type: ignore[no-untyped-def]
+        assert self.release.wait(10.0)
+        return super().put(pages)
+
+
+@pytest.mark.parametrize("write_policy", ["write_back", "write_through"])
+def test_spilled_pages_survive_the_reuse_of_the_spill_buffer(tmp_path: Path,
+                                                             write_policy: str) -> None:
+    """Spills go through one reused staging buffer: the pages queued for the disk (write
+    through, or demoted past a 1-page host tier) are copies, never the buffer's next bytes."""
+    disk = StalledDiskFake(tmp_path / "disk", 1 << 20, NS, codec="none")
+    tiering = _tiering(disk, host_pages=1, write_policy=write_policy)
+    try:
+        other = list(range(5000, 5040))
+        assert tiering.spill(T0, PATH, torch.arange(40), 0) == 10     # queued, not written
+        assert tiering.spill(T0, other, torch.arange(40, 80), 0) == 10   # same buffer, new KV
+        disk.release.set()
+        assert tiering.chain.flush(10.0)
+        for path, slots in ((PATH, torch.arange(40)), (other, torch.arange(40, 80))):
+            keys = tiering.keys_for(T0, path)
+            pages = disk.get(keys)
+            assert len(pages) >= 9                  # all but what the host tier still holds
+            for i, key in enumerate(keys):
+                if key in pages:
+                    got = torch.frombuffer(bytearray(pages[key].data), dtype=torch.float32)
+                    want = _kv(tiering, slots[i * T:(i + 1) * T]).reshape(-1)   # page layout
+                    assert torch.equal(got, want), f"page {i} of a spilled path"
+    finally:
+        disk.release.set()
+        tiering.close()

@@ -22,7 +22,8 @@ def greedy_continue(ops: LayerOps, prefill: PrefillResult, next_position: int,
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     t = prefill.k.shape[1]
-    kv_pos = torch.arange(next_position - t, next_position)
+    dev = prefill.k.device
+    kv_pos = torch.arange(next_position - t, next_position, device=dev)
     ks = [prefill.k[layer] for layer in range(ops.num_layers)]
     vs = [prefill.v[layer] for layer in range(ops.num_layers)]
     token = int(prefill.last_logits.argmax())
@@ -30,9 +31,9 @@ def greedy_continue(ops: LayerOps, prefill: PrefillResult, next_position: int,
     for step in range(max_new_tokens - 1):
         if token in stop_ids:
             break
-        pos = torch.tensor([next_position + step])
+        pos = torch.tensor([next_position + step], device=dev)
         kv_pos = torch.cat([kv_pos, pos])
-        h = ops.embed(torch.tensor([token]))
+        h = ops.embed(torch.tensor([token], device=dev))
         for layer in range(ops.num_layers):
             q, k, v = ops.qkv(layer, h, pos)
             ks[layer] = torch.cat([ks[layer], k])

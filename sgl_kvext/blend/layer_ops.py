@@ -37,6 +37,12 @@ class LayerOps(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: the blend makes every tensor there (never on torch's
+        default device)."""
+        ...
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` [T] int64 -> hidden states [T, hidden]."""
         ...

@@ -118,7 +118,7 @@ def _attend(ops: LayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor
         p = len(prefix)
         k = torch.cat((prefix.k[layer], k))
         v = torch.cat((prefix.v[layer], v))
-        kv_pos = torch.cat((torch.arange(p, dtype=kv_pos.dtype), kv_pos))
+        kv_pos = torch.cat((torch.arange(p, dtype=kv_pos.dtype, device=kv_pos.device), kv_pos))
         return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
     if q.shape[0] == k.shape[0] and torch.equal(q_pos, kv_pos):
         # Every token queries: plain causal attention (positions are increasing).
@@ -140,7 +140,8 @@ def _span_positions(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Ten
         if tuple(prefix.k.shape) != want or prefix.v.shape != prefix.k.shape:
             raise ValueError(f"prefix KV must be {want}, got {tuple(prefix.k.shape)} / "
                              f"{tuple(prefix.v.shape)}")
-    pos = torch.arange(p, p + input_ids.shape[0]) if positions is None else positions
+    pos = torch.arange(p, p + input_ids.shape[0], device=input_ids.device) \
+        if positions is None else positions.to(input_ids.device)
     if pos.shape != input_ids.shape:
         raise ValueError(f"positions {tuple(pos.shape)} must match input_ids "
                          f"{tuple(input_ids.shape)}")
@@ -181,30 +182,30 @@ def _place_chunks(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tenso
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cached K (re-rotated) / V [L, T, H, D], the reuse mask [T] and each token's chunk
     (its index in start order, -1 outside every chunk) for the span."""
-    t = int(input_ids.shape[0])
+    t, dev = int(input_ids.shape[0]), input_ids.device
     shape = (ops.num_layers, t, ops.kv_heads, ops.head_dim)
-    cached_k = torch.zeros(shape, dtype=ops.dtype)
-    cached_v = torch.zeros(shape, dtype=ops.dtype)
-    reused = torch.zeros(t, dtype=torch.bool)
-    chunk_of = torch.full((t,), -1, dtype=torch.int64)
+    cached_k = torch.zeros(shape, dtype=ops.dtype, device=dev)
+    cached_v = torch.zeros(shape, dtype=ops.dtype, device=dev)
+    reused = torch.zeros(t, dtype=torch.bool, device=dev)
+    chunk_of = torch.full((t,), -1, dtype=torch.int64, device=dev)
     for i, chunk in enumerate(sorted(chunks, key=lambda c: c.start)):
         n, s = len(chunk.kv), chunk.start
         if s < 0 or s + n > t:
             raise ValueError(f"chunk at {s} of {n} tokens does not fit a span of {t} tokens")
         if bool(reused[s:s + n].any()):
             raise ValueError(f"chunk at {s} overlaps another reused chunk")
-        if not torch.equal(input_ids[s:s + n], chunk.kv.token_ids):
+        if not torch.equal(input_ids[s:s + n], chunk.kv.token_ids.to(dev)):
             raise ValueError(f"chunk at {s}: its token ids differ from the span's")
         if tuple(chunk.kv.k.shape) != (ops.num_layers, n, ops.kv_heads, ops.head_dim):
             raise ValueError(f"chunk at {s}: KV shape {tuple(chunk.kv.k.shape)} does not fit "
                              f"the model ({ops.num_layers}, n, {ops.kv_heads}, {ops.head_dim})")
-        old = torch.arange(chunk.kv.position, chunk.kv.position + n)
+        old = torch.arange(chunk.kv.position, chunk.kv.position + n, device=dev)
         new = positions[s:s + n]
         # Every layer at once: tokens first, (layer, head) pairs as heads.
-        k = chunk.kv.k.transpose(0, 1).reshape(n, -1, ops.head_dim)
+        k = chunk.kv.k.to(dev).transpose(0, 1).reshape(n, -1, ops.head_dim)
         cached_k[:, s:s + n] = rerotate_k(k, old, new, rope).view(
             n, ops.num_layers, ops.kv_heads, ops.head_dim).transpose(0, 1)
-        cached_v[:, s:s + n] = chunk.kv.v
+        cached_v[:, s:s + n] = chunk.kv.v.to(dev)
         reused[s:s + n] = True
         chunk_of[s:s + n] = i
     return cached_k, cached_v, reused, chunk_of
@@ -248,7 +249,7 @@ def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[Reu
     sinks = _sinks(chunk_of, settings.sink_tokens)[reuse_idx]
     tail = (~reused).nonzero().flatten()
     tail = tail[tail > int(reuse_idx.max())] if reuse_idx.numel() else tail[:0]
-    active = torch.arange(t)                    # tokens whose hidden state is carried
+    active = torch.arange(t, device=input_ids.device)   # tokens whose hidden state is carried
     h = ops.embed(input_ids)
     ks, vs = [], []
     for layer in range(ops.num_layers):
@@ -290,9 +291,10 @@ def blended_prefill(ops: LayerOps, input_ids: torch.Tensor, chunks: Sequence[Reu
 
 def _sinks(chunk_of: torch.Tensor, n: int) -> torch.Tensor:
     """[T] bool: the first ``n`` tokens of each reused chunk (``chunk_of`` -1 outside)."""
-    sink = torch.zeros(chunk_of.numel(), dtype=torch.bool)
+    sink = torch.zeros(chunk_of.numel(), dtype=torch.bool, device=chunk_of.device)
     if n:
-        before = torch.cat((torch.full((1,), -2, dtype=torch.int64), chunk_of[:-1]))
+        before = torch.cat((torch.full((1,), -2, dtype=torch.int64, device=chunk_of.device),
+                            chunk_of[:-1]))
         for s in ((chunk_of >= 0) & (chunk_of != before)).nonzero().flatten().tolist():
             sink[s:s + n] = chunk_of[s:s + n] == chunk_of[s]
     return sink

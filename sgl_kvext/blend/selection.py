@@ -93,7 +93,7 @@ def tail_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor,
     qs = q[queries].float().transpose(0, 1)                       # [Hq, S, D]
     ks = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, T, D]
     scores = qs @ ks.transpose(1, 2) * scale                       # [Hq, S, T]
-    future = torch.arange(k.shape[0]).unsqueeze(0) > queries.unsqueeze(1)
+    future = torch.arange(k.shape[0], device=k.device).unsqueeze(0) > queries.unsqueeze(1)
     scores.masked_fill_(future.unsqueeze(0), float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
 
@@ -101,7 +101,7 @@ def tail_attention(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor,
 def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores (NaN first: a corrupt entry is recomputed)."""
     if k <= 0:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int64, device=score.device)
     score = torch.nan_to_num(score.float(), nan=float("inf"))
     return torch.topk(score, min(k, score.numel())).indices
 
@@ -123,7 +123,7 @@ def choose(settings: BlendSettings, deviation: torch.Tensor, chunk_of: torch.Ten
         without it ``spread="attention"`` splits by length).
     """
     n = deviation.numel()
-    taken = torch.zeros(n, dtype=torch.bool)
+    taken = torch.zeros(n, dtype=torch.bool, device=deviation.device)
     taken[is_sink] = True
     left = count - int(taken.sum())
     if attention is not None and settings.query_share > 0 and left > 0:
@@ -139,10 +139,12 @@ def choose(settings: BlendSettings, deviation: torch.Tensor, chunk_of: torch.Ten
         else:
             chunks = torch.unique(chunk_of)
             slot = torch.searchsorted(chunks, chunk_of)
-            room = torch.zeros(chunks.numel()).index_add_(0, slot, (~taken).float())
+            room = torch.zeros(chunks.numel(), device=deviation.device).index_add_(
+                0, slot, (~taken).float())
             weight = room
             if settings.spread == "attention" and attention is not None:
-                weight = torch.zeros(chunks.numel()).index_add_(0, slot, attention.float())
+                weight = torch.zeros(chunks.numel(), device=deviation.device).index_add_(
+                    0, slot, attention.float())
             quota = split(weight, room, left)
             for chunk, q in zip(chunks.tolist(), quota.tolist(), strict=True):
                 rows = (chunk_of == chunk).nonzero().flatten()

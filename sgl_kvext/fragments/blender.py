@@ -203,9 +203,8 @@ class FragmentBlender:
         if len(prefix) != plan.start:
             raise ValueError(f"prefix holds {len(prefix)} tokens, the plan starts at "
                              f"{plan.start}")
-        ids = torch.as_tensor(np.asarray(tokens[plan.start:plan.end], dtype=np.int64))
-        whole = [torch.as_tensor(np.asarray(tokens[m.start:m.end], dtype=np.int64))
-                 for m in plan.fragments]
+        ids = _on(self.ops.device, tokens[plan.start:plan.end])
+        whole = [_on(torch.device("cpu"), tokens[m.start:m.end]) for m in plan.fragments]
         fetch_started = time.perf_counter()
         found = self.store.get(tenant, whole, local_only=True)   # host memory only
         fetch_s = time.perf_counter() - fetch_started
@@ -290,14 +289,14 @@ class FragmentBlender:
         # registration also needs it in the last tier, which other instances read: a copy
         # only in host memory (its write down failed before) is written through again.
         last = self.store.chain.tiers[-1]
-        kv = self.store.get(tenant, [torch.as_tensor(ids)]).get(0)
+        kv = self.store.get(tenant, [ids]).get(0)
         if kv is not None and (not durable or last.exists([key])[0]):
             self.index.add(key)
             with self._lock:
                 self.counters["found_stored"] += 1
             return
         self.store.put(tenant, kv if kv is not None else
-                       compute_chunk_kv(self.ops, torch.as_tensor(ids)))
+                       compute_chunk_kv(self.ops, _on(self.ops.device, ids)))
         if durable and not (self.store.chain.flush(timeout_s=120.0) and last.exists([key])[0]):
             # Not in the last tier (a write timed out or was refused): not known, so other
             # instances are not promised it and a later pre-warm tries again.
@@ -309,6 +308,15 @@ class FragmentBlender:
 
     def _register_loop(self) -> None:
         _lower_priority()
+        # On CUDA, registration's prefills run on a stream of their own: on the legacy default
+        # stream every kernel would wait for, and hold up, the scheduler's streams.
+        if self.ops.device.type == "cuda":
+            with torch.cuda.stream(torch.cuda.Stream(self.ops.device)):
+                self._drain()
+        else:
+            self._drain()
+
+    def _drain(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -343,3 +351,8 @@ class FragmentBlender:
         self._queue.put(_STOP)
         self._worker.join(timeout=30.0)
         self.store.close()
+
+
+def _on(device: torch.device, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """Token ids as an int64 tensor on ``device`` (never on torch's default device)."""
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int64).copy()).to(device)

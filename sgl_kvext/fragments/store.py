@@ -66,10 +66,14 @@ class FragmentStore:
         Model identity, the namespace's model part (the request's tenant is the other).
     layout
         The model's KV geometry and dtype; stored fragments must match it.
+    device
+        Where :meth:`get` hands fragment KV out (the model's device).
     """
 
-    def __init__(self, chain: TierChain, identity: ModelIdentity, layout: KVLayout) -> None:
+    def __init__(self, chain: TierChain, identity: ModelIdentity, layout: KVLayout,
+                 device: torch.device | str = "cpu") -> None:
         self.chain, self.identity, self.layout = chain, identity, layout
+        self.device = torch.device(device)
         self._lock = threading.Lock()
         self.counters = {"stored": 0, "hits": 0, "misses": 0, "bad_objects": 0,
                          "promoted": 0}
@@ -98,15 +102,16 @@ class FragmentStore:
             self.counters["stored"] += 1
         return key
 
-    def get(self, tenant: Tenant, fragments: Sequence[torch.Tensor],
+    def get(self, tenant: Tenant, fragments: Sequence[torch.Tensor | np.ndarray],
             local_only: bool = False) -> dict[int, ChunkKV]:
-        """KV of the held fragments, by their index in ``fragments`` (each [n] token ids).
+        """KV of the held fragments, by their index in ``fragments`` (each [n] token ids), on
+        the store's device.
 
         Fragments not held, or held as an object that does not fit, are absent. With
         ``local_only`` only the first tier is read; the others are brought up in the
         background (see the module doc)."""
         found: dict[int, ChunkKV] = {}
-        ids_list = [torch.as_tensor(_ids(ids), dtype=torch.int64) for ids in fragments]
+        ids_list = [torch.from_numpy(_ids(ids).astype(np.int64)) for ids in fragments]
         keys = [self.key(tenant, ids) for ids in ids_list]
         local = self.chain.tiers[0].get(keys) if local_only else {}
         for i, (ids, key) in enumerate(zip(ids_list, keys, strict=True)):
@@ -166,7 +171,7 @@ class FragmentStore:
             return None
         # A copy: the tier may reuse the buffer it handed out.
         raw = torch.frombuffer(bytearray(view), dtype=torch.uint8)
-        return raw.view(self.layout.dtype).view(shape)
+        return raw.view(self.layout.dtype).view(shape).to(self.device)
 
 
 def _ids(token_ids: torch.Tensor | Sequence[int] | np.ndarray) -> np.ndarray:

@@ -54,30 +54,43 @@ class PagedKV:
         return 2 * self.layers * self.tokens * self.kv_heads * self.head_dim * \
             self.dtype.itemsize
 
-    def gather_pages(self, slots: torch.Tensor) -> torch.Tensor:
+    def gather_pages(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """KV of whole pages, on the CPU.
 
         Parameters
         ----------
         slots : (pages, tokens_per_page) int64
             Pool slots of each page's tokens, in order.
+        out
+            Contiguous CPU tensor of the pool's dtype to fill (pinned, for a DMA from a CUDA
+            pool); a fresh one when omitted.
 
         Returns
         -------
-        (pages, 2, layers, tokens_per_page, kv_heads, head_dim) contiguous CPU tensor.
+        (pages, 2, layers, tokens_per_page, kv_heads, head_dim) contiguous CPU tensor
+        (``out``), complete when this returns.
         """
         if slots.dim() != 2 or slots.shape[1] != self.tokens:
             raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
-        flat = slots.reshape(-1).to(self.device, torch.int64)
         n = slots.shape[0]
-        out = torch.empty((n, 2, self.layers, self.tokens, self.kv_heads, self.head_dim),
-                          dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        shape = (n, *self.page_shape)
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype, device="cpu")
+        if tuple(out.shape) != shape or out.dtype != self.dtype or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous CPU {self.dtype} tensor {shape}")
+        flat = slots.reshape(-1).to(self.device, torch.int64)
+        # On CUDA the pages are assembled on the device and cross in one contiguous copy (a
+        # DMA when ``out`` is pinned); a strided host destination would go through a
+        # pageable temporary.
+        pages = out if self.device.type == "cpu" else \
+            torch.empty(shape, dtype=self.dtype, device=self.device)
         for side, buffers in enumerate((self.k, self.v)):
             for layer, buf in enumerate(buffers):
-                rows = buf.index_select(0, flat).view(n, self.tokens, self.kv_heads,
-                                                      self.head_dim)
-                out[:, side, layer].copy_(rows, non_blocking=True)
-        if self.device.type == "cuda":
+                pages[:, side, layer] = buf.index_select(0, flat).view(
+                    n, self.tokens, self.kv_heads, self.head_dim)
+        if pages is not out:
+            out.copy_(pages, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         return out
 

@@ -174,17 +174,24 @@ class KVTiering:
         todo = [p for p in range(len(keys)) if not self._known.seen(keys[p])]
         if not todo:
             return 0
-        data = self.pool.gather_pages(page_slots[torch.tensor(todo, dtype=torch.int64)])
-        raw = data.view(torch.uint8).reshape(len(todo), -1).numpy()
-        pages = [KVPage(keys[p], raw[i].data, _dtype_name(data), self.pool.page_shape)
-                 for i, p in enumerate(todo)]
         self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
         if n_tail:
             self._tails.add_length(after, n_tail)
-        self.chain.put(pages)
+        # Through the reused staging buffer, a batch at a time: the chain copies what it
+        # keeps (``borrowed``), so no page outlives its batch here.
+        staging = self._staging_buffer()
+        todo_slots = page_slots[torch.tensor(todo, dtype=torch.int64, device=page_slots.device)]
+        for lo in range(0, len(todo), staging.shape[0]):
+            batch = todo[lo:lo + staging.shape[0]]
+            out = staging[:len(batch)].view(self.pool.dtype).view(len(batch),
+                                                                  *self.pool.page_shape)
+            self.pool.gather_pages(todo_slots[lo:lo + len(batch)], out=out)
+            raw = staging[:len(batch)].numpy()
+            self.chain.put([KVPage(keys[p], raw[i].data, _dtype_name(out), self.pool.page_shape)
+                            for i, p in enumerate(batch)], borrowed=True)
         with self._lock:
-            self.counters["spilled_pages"] += len(pages)
-        return len(pages)
+            self.counters["spilled_pages"] += len(todo)
+        return len(todo)
 
     # ------------------------------------------------------------------- load
     def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
@@ -438,14 +445,18 @@ class KVTiering:
             read[i] = ok
 
     def _staging_buffer(self) -> torch.Tensor:
-        """The reused (pages, page_nbytes) load buffer: fresh memory costs page faults per load.
+        """The reused (pages, page_nbytes) spill and load buffer (scheduler thread only):
+        fresh memory costs page faults per use, and pinned memory from torch's allocator is
+        kept by it for good.
 
         Allocated once at its full size, so the resident set does not step up with the
-        largest load seen so far.
+        largest load seen so far; pinned for a CUDA pool (64 MiB: a power of two, which
+        torch's pinned allocator would round up to).
         """
         if self._staging is None:
             pages = max(1, _STAGING_BYTES // self.pool.page_nbytes)
             self._staging = torch.empty((pages, self.pool.page_nbytes), dtype=torch.uint8,
+                                        device="cpu",
                                         pin_memory=self.pool.device.type == "cuda")
         return self._staging
 

@@ -98,7 +98,8 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
     frag = config.fragments
     index = FragmentIndex(frag.min_tokens, frag.chunking)
     chain.on_loss(index.discard)        # a fragment dropped by the tiers is registered anew
-    blender = FragmentBlender(ops, rope, FragmentStore(chain, identity, layout), index,
+    store = FragmentStore(chain, identity, layout, ops.device)
+    blender = FragmentBlender(ops, rope, store, index,
                               BlendSettings(config.blend.recompute_ratio,
                                             config.blend.check_layer,
                                             query_share=config.blend.query_share,

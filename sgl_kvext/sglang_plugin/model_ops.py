@@ -55,6 +55,10 @@ class LlamaLayerOps:
     def dtype(self) -> torch.dtype:
         return self._lm.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self._lm.embed_tokens.weight.device
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` [T] int64 -> hidden states [T, hidden]."""
         return self._lm.embed_tokens(input_ids)

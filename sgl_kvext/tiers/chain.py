@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -147,12 +148,17 @@ class TierChain:
         """
         self._loss_listeners.append(listener)
 
-    def put(self, pages: Sequence[KVPage]) -> None:
-        """Store ``pages`` in the first tier (and below, per the write policy)."""
-        self._store(0, list(pages))
+    def put(self, pages: Sequence[KVPage], borrowed: bool = False) -> None:
+        """Store ``pages`` in the first tier (and below, per the write policy).
+
+        ``borrowed``: the pages' bytes are the caller's to reuse once this returns, so every
+        page queued for a lower tier is copied first (the first tier copies on ``put``)."""
+        pages = list(pages)
+        self._store(0, pages, borrowed)
         if self.write_policy == "write_through":
+            queued = [_owned(p) for p in pages] if borrowed else pages
             for index in self._writers:
-                self._enqueue(index, list(pages))
+                self._enqueue(index, queued)
 
     def lookup(self, keys: Sequence[bytes]) -> ChainLookup:
         holder: list[int | None] = [None] * len(keys)
@@ -235,14 +241,14 @@ class TierChain:
             tier.close()
 
     # ------------------------------------------------------------- internals
-    def _store(self, index: int, pages: list[KVPage]) -> None:
+    def _store(self, index: int, pages: list[KVPage], borrowed: bool = False) -> None:
         result = self.tiers[index].put(pages)
         self._emit(True, index, result.stored)
         self._emit(False, index, [p.key for p in result.evicted])
-        overflow = list(result.evicted)
+        overflow = list(result.evicted)     # the tier's own copies
         if result.rejected:
             rejected = set(result.rejected)
-            overflow += [p for p in pages if p.key in rejected]
+            overflow += [_owned(p) if borrowed else p for p in pages if p.key in rejected]
         if overflow and index + 1 < len(self.tiers):
             with self._lock:
                 self.counters["demoted_pages"] += len(result.evicted)
@@ -288,3 +294,8 @@ class TierChain:
                 queued = {k: writer.pending[k] for k in keys if k in writer.pending}
         rest = [k for k in keys if k not in queued]
         return {**queued, **(self.tiers[index].get(rest) if rest else {})}
+
+
+def _owned(page: KVPage) -> KVPage:
+    """``page`` with a private copy of its bytes."""
+    return dataclasses.replace(page, data=bytes(memoryview(page.data).cast("B")))

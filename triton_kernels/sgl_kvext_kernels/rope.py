@@ -142,7 +142,8 @@ def inv_freq(cfg: RopeConfig) -> torch.Tensor:
     ``_compute_llama3_parameters``), so the values match bit for bit.
     """
     dim = cfg.rotary_dim
-    freq = 1.0 / (cfg.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu")
+    freq = 1.0 / (cfg.theta ** (steps.float() / dim))
     s = cfg.scaling
     if s is None:
         return freq
