@@ -49,6 +49,8 @@ class ModelIdentity:
         KV geometry, e.g. ``"mha:layers=30,kv_heads=3,head_dim=64"``.
     tp_rank, tp_size
         Tensor-parallel position: each rank stores its own head shard.
+    pp_rank, pp_size
+        Pipeline-parallel position: each stage stores its own layers.
     quantization
         SGLang's ``--quantization`` (the same checkpoint quantized computes other KV).
     object_format
@@ -63,6 +65,8 @@ class ModelIdentity:
     tp_rank: int = 0
     tp_size: int = 1
     quantization: str = ""
+    pp_rank: int = 0
+    pp_size: int = 1
     object_format: int = 1
 
     def __post_init__(self) -> None:
@@ -70,6 +74,8 @@ class ModelIdentity:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank must be in [0, tp_size), got {self.tp_rank}/{self.tp_size}")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank must be in [0, pp_size), got {self.pp_rank}/{self.pp_size}")
 
     def digest(self) -> bytes:
         return _identity_digest(self)
@@ -115,7 +121,10 @@ class Namespace:
 # pass; json + BLAKE2b of the identity took ~0.5 ms each time).
 @functools.lru_cache(maxsize=256)
 def _identity_digest(identity: ModelIdentity) -> bytes:
-    canonical = json.dumps(asdict(identity), sort_keys=True, separators=(",", ":")).encode()
+    fields = asdict(identity)
+    if identity.pp_size == 1:   # no pipeline: the keys stored before pp_* existed still match
+        del fields["pp_rank"], fields["pp_size"]
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=_NS_PERSON).digest()
 
 

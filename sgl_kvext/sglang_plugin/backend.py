@@ -14,6 +14,7 @@ from sgl_kvext.config.values import format_size
 from sgl_kvext.fragments.blender import FragmentBlender
 from sgl_kvext.fragments.index import FragmentIndex
 from sgl_kvext.fragments.store import FragmentStore, KVLayout
+from sgl_kvext.pages.agreement import RankAgreement
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.tiering import KVTiering
@@ -68,7 +69,8 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
     identity = model_identity(ctx.model_config, str(paged.dtype).removeprefix("torch."),
                               tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
                               ctx.tp_rank, ctx.tp_size,
-                              getattr(ctx.server_args, "quantization", None))
+                              getattr(ctx.server_args, "quantization", None),
+                              ctx.params.pp_rank, ctx.params.pp_size)
     chain = build_chain(tiers, identity.digest(), page_bytes=paged.page_nbytes)
     tiering = KVTiering(paged, chain, identity, prefetch_policy=tiers.prefetch_policy)
     logger.info("sgl-kvext: HierarchicalRadixCache active (tp %d/%d): pages of %d tokens "
@@ -83,7 +85,9 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
 
         closers.append(MetricsExporter(tiering, ctx.tp_rank, blender).close)
     blend = BlendLoader(blender, paged) if blender is not None else None
-    return HierarchicalRadixCache(ctx.params, config, tiering, closers, blend)
+    group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
+    return HierarchicalRadixCache(ctx.params, config, tiering, closers, blend,
+                                  RankAgreement(group, tiers.page_tokens))
 
 
 def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: TierChain,

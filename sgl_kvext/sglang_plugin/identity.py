@@ -69,7 +69,8 @@ def config_digest(hf_config: Any) -> str:
 
 def model_identity(model_config: Any, kv_dtype: str, page_tokens: int, layers: int,
                    kv_heads: int, head_dim: int, tp_rank: int, tp_size: int,
-                   quantization: str | None = None) -> ModelIdentity:
+                   quantization: str | None = None, pp_rank: int = 0,
+                   pp_size: int = 1) -> ModelIdentity:
     """:class:`ModelIdentity` of the served model (``model_config``: SGLang's ModelConfig)."""
     return ModelIdentity(
         config=config_digest(getattr(model_config, "hf_config", model_config)),
@@ -78,4 +79,5 @@ def model_identity(model_config: Any, kv_dtype: str, page_tokens: int, layers: i
         dtype=kv_dtype, page_size=page_tokens,
         kv_layout=f"mha:layers={layers},kv_heads={kv_heads},head_dim={head_dim}",
         tp_rank=tp_rank, tp_size=tp_size, quantization=quantization or "",
+        pp_rank=pp_rank, pp_size=pp_size,
         object_format=VERSION)

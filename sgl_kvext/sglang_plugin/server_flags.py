@@ -120,7 +120,7 @@ def _check_compatible(args: argparse.Namespace) -> None:
             raise ConfigError(f"--enable-hierarchical-kv cannot be combined with {flag}")
     if (getattr(args, "pp_size", 1) or 1) > 1:
         raise ConfigError("--enable-hierarchical-kv does not support --pp-size > 1 yet "
-                          "(pipeline stages would store their layers under the same keys)")
+                          "(pipeline stages do not agree on admissions; allowed: 1)")
     backend = getattr(args, "radix_cache_backend", None)
     if backend not in (None, BACKEND_NAME):
         raise ConfigError(f"--enable-hierarchical-kv selects --radix-cache-backend {BACKEND_NAME}, "

@@ -98,7 +98,7 @@ INTERNALS: tuple[Internal, ...] = (
                      "is_hybrid_swa", "is_hybrid_ssm", "is_dsa"), why="building the tree"),
     Internal("sglang.srt.mem_cache.cache_init_params:CacheInitParams",
              fields=("page_size", "token_to_kv_pool_allocator", "disable", "is_eagle",
-                     "enable_metrics")),
+                     "enable_metrics", "tp_cache_group", "pp_rank", "pp_size")),
     Internal("sglang.srt.layers.attention.attention_registry:register_attention_backend",
              ("name",), why="--attention-backend kvext_cpu"),
     Internal("sglang.srt.arg_groups.choices:ATTENTION_BACKEND_CHOICES"),

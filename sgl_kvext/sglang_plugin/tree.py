@@ -41,8 +41,9 @@ import torch
 from sgl_kvext.config.settings import KVExtConfig
 from sgl_kvext.fragments.blender import BlendPlan, NoBlend
 from sgl_kvext.fragments.report import BlendReport, Outcome
+from sgl_kvext.pages.agreement import RankAgreement
 from sgl_kvext.pages.keys import Tenant
-from sgl_kvext.pages.plans import Hold, LoadOutcome, LoadPlan
+from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
@@ -119,15 +120,19 @@ class HierarchicalRadixCache(RadixCache):
         Called (before the tiers close) when SGLang releases host resources at shutdown.
     blend
         The blend path (``--kvext-fragment-blend``), or None.
+    agreement
+        How the tensor-parallel ranks agree on each admission and load (one rank: none).
     """
 
     def __init__(self, params: CacheInitParams, config: KVExtConfig,
                  tiering: KVTiering | None = None,
                  closers: Sequence[Callable[[], None]] = (),
-                 blend: BlendLoader | None = None) -> None:
+                 blend: BlendLoader | None = None,
+                 agreement: RankAgreement | None = None) -> None:
         self.kvext_config = config
         self.tiering = tiering
         self.blend = blend
+        self.agreement = agreement or RankAgreement(None, 1)
         self._closers = list(closers)
         self._pending: dict[Any, _Hold | _Load | _Blend] = {}
         self._chunk_spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
@@ -227,12 +232,16 @@ class HierarchicalRadixCache(RadixCache):
         key = params.key.page_aligned(self.page_size)
         tokens, tenant, node = key.raw_token_ids(), tenant_of(key), base.last_device_node
         device_len = base.device_prefix_len
+        failed = False
         try:
             with GAPS.timed("admit"):
                 step = self.tiering.admit(tenant, tokens, device_len, handle, self.page_size,
                                           self._ancestry(node, device_len))
         except Exception:
             logger.exception("sgl-kvext: tier lookup failed; serving the device match only")
+            step, failed = MISS, True
+        step = self.agreement.admission(step)     # every rank gets here, failed or not
+        if failed:
             return base
         if isinstance(step, Hold):
             self._pending[handle] = _Hold()
@@ -286,6 +295,7 @@ class HierarchicalRadixCache(RadixCache):
         except Exception:
             logger.exception("sgl-kvext: loading %d tokens failed; recomputing them", n)
             loaded = LoadOutcome.MISSING
+        loaded = self.agreement.outcome(loaded)
         if loaded is not LoadOutcome.LOADED:
             self.token_to_kv_pool_allocator.free(slots)
             # MOVED: SGLang keeps the request queued and matches it again (a new plan)
