@@ -284,3 +284,20 @@ def test_random_operations_never_serve_wrong_kv(tmp_path: Path, ops: list) -> No
         for node, _, _ in locked:
             h.tree.dec_lock_ref(node)
         h.close()
+
+
+def test_spill_and_load_back_make_no_tensor_on_the_default_device(
+        harness: Harness, meta_default_device: None) -> None:
+    """The tree's paths (insert, evict and spill, match, hold, load back) with torch's default
+    device ``meta``: a tensor made without the pool's device would fail here (CUDA readiness,
+    see tests/test_device_placement.py)."""
+    a, b = seq(1000, 50), seq(1000, 30) + seq(5000, 20)
+    with torch.device("cpu"):        # the test's stand-in for a forward pass writing KV
+        harness.insert(a)
+        harness.insert(b)
+    harness.tree.evict(EvictParams(num_tokens=1000))
+    assert harness.fetch(a) == 50 and harness.fetch(b) == 50
+    got = harness.device_kv(b)
+    with torch.device("cpu"):        # the test's own reference KV
+        torch.testing.assert_close(got, kv_of(b), rtol=0, atol=0)
+    harness.check_accounting()

@@ -191,7 +191,7 @@ def fragments() -> None:
     from sgl_kvext.pages.keys import ModelIdentity, Tenant
     from sgl_kvext.tiers.chain import TierChain
     from sgl_kvext.tiers.host import HostTier
-    ops = _llama(layers=4)
+    ops = _llama(layers=6)
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     store = FragmentStore(TierChain([HostTier(1 << 30)]), ModelIdentity("c", "w", "bfloat16", 1,
                                                                          "mha"), layout,

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
-from sgl_kvext.tiers.disk_io import UnsafeFile, make_io, open_object
+from sgl_kvext.tiers.disk_io import FileIO, UnsafeFile, make_io, open_object
 from sgl_kvext.tiers.disk_ledger import SUFFIX, DiskLedger, scan_objects
 from sgl_kvext.tiers.objects import (
     MAX_META_BYTES,
@@ -53,7 +53,8 @@ class DiskTier(Tier):
     codec, level
         Stored-object codec (``zstd`` or ``none``) and zstd level.
     io
-        ``auto`` (kvikio with CUDA, else POSIX), ``posix``, ``direct`` (O_DIRECT) or ``kvikio``.
+        ``auto`` (POSIX), ``posix``, ``direct`` (O_DIRECT) or ``kvikio`` (see ``disk_io``), or a
+        backend instance.
     threads
         I/O thread pool size for batch calls.
     """
@@ -61,11 +62,11 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, root: Path, capacity_bytes: int, namespace: bytes, codec: str = "zstd",
-                 level: int = 1, io: str = "auto", threads: int = 4,
+                 level: int = 1, io: str | FileIO = "auto", threads: int = 4,
                  protection: Protection = PLAIN) -> None:
         self.root, self.namespace, self.codec, self.level = Path(root), namespace, codec, level
         self.protection = protection
-        self._io = make_io(io)
+        self._io = io if isinstance(io, FileIO) else make_io(io)
         self._ledger = DiskLedger(self.root, capacity_bytes)
         self._dir = self._ledger.objects / namespace.hex()[:32]
         self._tmp = self.root / "tmp"

@@ -3,18 +3,28 @@
 Each backend writes a whole new file and reads a whole file. Writes go to a temporary name,
 are fsynced, and are published by the caller with a hard link (atomic, fails if the name
 exists), so a reader sees a complete object or none.
+
+The disk tier stores host bytes (pages the host tier demoted, encoded and compressed), so
+none of these is GPUDirect Storage: kvikio given host memory runs in its POSIX mode with one
+more copy. ``auto`` therefore picks POSIX; ``kvikio`` stays available explicitly (its mode is
+logged when it starts). A GDS path would move uncompressed pages between the device pool and
+files, which this tier does not do.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
+import logging
 import mmap
 import os
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+logger = logging.getLogger("sgl_kvext")
 ALIGN = 4096
 Parts = Sequence[bytes | bytearray | memoryview]
 #: Largest object file read (the largest decoded payload plus zstd's worst-case growth,
@@ -138,20 +148,33 @@ class DirectIO(FileIO):
 
 
 class KvikioIO(FileIO):
-    """kvikio CuFile (GPUDirect Storage when available). Needs a CUDA driver."""
+    """kvikio CuFile on host bytes (its POSIX mode: see the module doc). Needs a CUDA driver.
+
+    ``CuFile.read`` / ``write`` may move fewer bytes than asked (they return the count):
+    both loop until the whole object moved, so a short read is never taken for a damaged
+    file (which the tier would quarantine). ``kvikio``: the module (a test passes a stand-in).
+    """
 
     name = "kvikio"
 
-    def __init__(self) -> None:
-        import kvikio  # noqa: F401  (fails early where kvikio is missing)
-
-        self._kvikio = kvikio
+    def __init__(self, kvikio: Any = None) -> None:
+        # fails early where kvikio is missing
+        self._kvikio = kvikio if kvikio is not None else importlib.import_module("kvikio")
+        logger.info("sgl-kvext: disk tier through kvikio, compat mode %s (host bytes: POSIX "
+                    "I/O, not GPUDirect)", _compat_mode(self._kvikio))
 
     def write(self, path: Path, parts: Parts) -> None:
         import numpy as np
 
+        data = np.frombuffer(b"".join(parts), dtype=np.uint8)
         with self._kvikio.CuFile(path, "w") as f:
-            f.write(np.frombuffer(b"".join(parts), dtype=np.uint8))
+            done = 0
+            while done < data.size:
+                n = int(f.write(data[done:], data.size - done, done))
+                if n <= 0:
+                    raise OSError(errno.EIO, f"kvikio wrote nothing at byte {done} of "
+                                  f"{data.size}", str(path))
+                done += n
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -164,9 +187,26 @@ class KvikioIO(FileIO):
         fd, size = open_object(path)          # checked first: kvikio follows links
         os.close(fd)
         out = bytearray(size)
+        buf = np.frombuffer(out, dtype=np.uint8)
         with self._kvikio.CuFile(path, "r") as f:
-            f.read(np.frombuffer(out, dtype=np.uint8))
+            done = 0
+            while done < size:
+                n = int(f.read(buf[done:], size - done, done))
+                if n <= 0:          # the file ended early (truncated since): what is there
+                    return out[:done]
+                done += n
         return out
+
+
+def _compat_mode(kvikio: Any) -> str:
+    """kvikio's compat (POSIX) mode setting, across its API versions."""
+    defaults: Any = getattr(kvikio, "defaults", None)
+    for read in (lambda: defaults.get("compat_mode"), lambda: defaults.compat_mode()):
+        try:
+            return str(read())
+        except Exception:   # noqa: BLE001  (an older or newer API: try the other)
+            continue
+    return "unknown"
 
 
 def _remaining(views: list[memoryview], offset: int) -> list[memoryview]:
@@ -182,9 +222,10 @@ def _remaining(views: list[memoryview], offset: int) -> list[memoryview]:
 
 
 def make_io(name: str) -> FileIO:
-    """``posix``, ``direct`` or ``kvikio``; ``auto`` picks kvikio when CUDA is usable."""
+    """``posix``, ``direct`` or ``kvikio``; ``auto`` is POSIX (the tier's bytes are host
+    bytes: kvikio would add a copy, see the module doc)."""
     if name == "auto":
-        name = "kvikio" if _cuda_and_kvikio() else "posix"
+        name = "posix"
     backends: dict[str, type[FileIO]] = {"posix": PosixIO, "direct": DirectIO,
                                          "kvikio": KvikioIO}
     if name not in backends:
@@ -192,14 +233,3 @@ def make_io(name: str) -> FileIO:
                          f"{', '.join(backends)}")
     return backends[name]()
 
-
-def _cuda_and_kvikio() -> bool:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False
-        import kvikio  # noqa: F401
-    except ImportError:
-        return False
-    return True
