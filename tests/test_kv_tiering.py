@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from sgl_kvext.pages import key_chains
-from sgl_kvext.pages import tiering as kv_tiering
+from sgl_kvext.pages import key_chains, loads
 from sgl_kvext.pages.keys import DEFAULT_TENANT as T0
 from sgl_kvext.pages.keys import ModelIdentity, Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
@@ -20,7 +19,7 @@ IDENTITY = ModelIdentity("cfg", "weights", "float32", T, "mha:layers=2,kv_heads=
 
 @pytest.fixture
 def tiering(monkeypatch):
-    monkeypatch.setattr(kv_tiering, "_STAGING_BYTES", 3 * 2 * LAYERS * T * HEADS * DIM * 4 + 1)
+    monkeypatch.setattr(loads, "_STAGING_BYTES", 3 * 2 * LAYERS * T * HEADS * DIM * 4 + 1)
     gen = torch.Generator().manual_seed(0)
     k = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
     v = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
@@ -44,7 +43,7 @@ def test_a_load_larger_than_the_staging_buffer_is_exact(tiering, device_len):
     dst = torch.arange(100, 100 + plan.tokens)
     assert tiering.load(plan, dst) is LoadOutcome.LOADED
     assert torch.equal(_kv(tiering, dst), _kv(tiering, torch.arange(device_len, 40)))
-    assert tiering._staging.shape[0] == 3                 # never grows with the load
+    assert tiering.loader.staging().shape[0] == 3                 # never grows with the load
     assert tiering.counters["loaded_pages"] == len(plan.keys)
 
 

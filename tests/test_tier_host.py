@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tier_contract import PAGE, BoundedTierContract, key_of, page_of
 
@@ -83,3 +85,58 @@ def test_the_pool_reports_when_its_memory_is_faulted_in() -> None:
     tier = HostTier(64 << 20, block_bytes=1 << 20)
     assert tier.wait_populated(30)
     assert HostTier(0).wait_populated(0)               # nothing to fault in
+
+
+class CpuDmaHostTierFake(HostTier):
+    """The DMA paths over CPU tensors (they serve CUDA ones; there is no GPU here): the block
+    runs, the eviction of a page whose copy is in flight, rejections."""
+
+    dma_devices = ("cpu",)
+
+    def __init__(self, capacity: int, block: int) -> None:
+        super().__init__(capacity, block_bytes=block)
+        self.pinned = True
+
+
+def test_device_puts_and_reads_move_exactly_the_pages_bytes() -> None:
+    import torch
+
+    tier = CpuDmaHostTierFake(10 * 300, 300)                   # 10 blocks, 3 per page
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 256, (5, 800), dtype=torch.uint8, generator=g)
+    keys = [key_of(i) for i in range(5)]
+    result = tier.put_from_device(keys[:2], rows[:2], "uint8", (800,))
+    assert result is not None and result.stored == tuple(keys[:2]) and not result.evicted
+    tier.delete([keys[0]])                                      # its blocks: a hole of 3
+    result = tier.put_from_device(keys[2:], rows[2:], "uint8", (800,))
+    assert result is not None and [p.key for p in result.evicted] == [keys[1]]
+    assert bytes(result.evicted[0].data) == rows[1].numpy().tobytes()   # read before reuse
+    out = torch.zeros((4, 800), dtype=torch.uint8)
+    assert tier.read_to_device(keys[1:], out, [3, 0, 1, 2]) == [False, True, True, True]
+    assert torch.equal(out[:3], rows[2:]) and not out[3].any()
+    assert tier.get([keys[3]])[keys[3]].data == rows[3].numpy().tobytes()   # host reads too
+    big = tier.put_from_device([key_of(9)], torch.zeros((1, 3001), dtype=torch.uint8), "uint8",
+                               (3001,))
+    assert big is not None and big.rejected == (key_of(9),)
+    assert HostTier(3000, block_bytes=300).read_to_device(keys, out, [0] * 5) is None   # unpinned
+
+
+def test_a_chain_demotes_what_a_device_put_evicted_and_refuses_write_through(
+        tmp_path: Path) -> None:
+    import torch
+
+    from sgl_kvext.tiers.chain import TierChain
+    from sgl_kvext.tiers.disk import DiskTier
+
+    rows = torch.arange(4 * 600, dtype=torch.int64).remainder(251).to(torch.uint8).view(4, 600)
+    keys = [key_of(i) for i in range(4)]
+    disk = DiskTier(tmp_path / "d", 1 << 20, bytes(32), codec="none")
+    chain = TierChain([CpuDmaHostTierFake(2 * 600, 600), disk])
+    assert chain.put_from_device(keys, rows, "uint8", (600,))
+    assert chain.flush(10.0)
+    assert disk.exists(keys) == [True, True, False, False]     # the two evicted went down
+    assert bytes(disk.get([keys[0]])[keys[0]].data) == rows[0].numpy().tobytes()
+    through = TierChain([CpuDmaHostTierFake(2 * 600, 600)], write_policy="write_through")
+    assert not through.put_from_device(keys, rows, "uint8", (600,))   # host bytes, please
+    chain.close()
+    through.close()

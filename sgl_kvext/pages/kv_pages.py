@@ -79,19 +79,32 @@ class PagedKV:
         if tuple(out.shape) != shape or out.dtype != self.dtype or out.device.type != "cpu" \
                 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous CPU {self.dtype} tensor {shape}")
-        flat = slots.reshape(-1).to(self.device, torch.int64)
+        if self.device.type == "cpu":
+            return self._gather(slots, out)
         # On CUDA the pages are assembled on the device and cross in one contiguous copy (a
         # DMA when ``out`` is pinned); a strided host destination would go through a
         # pageable temporary.
-        pages = out if self.device.type == "cpu" else \
-            torch.empty(shape, dtype=self.dtype, device=self.device)
+        out.copy_(self.gather_on_device(slots), non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def gather_on_device(self, slots: torch.Tensor) -> torch.Tensor:
+        """KV of whole pages (``slots`` as in :meth:`gather_pages`) as a new contiguous
+        tensor on the pool's device."""
+        if slots.dim() != 2 or slots.shape[1] != self.tokens:
+            raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
+        pages = torch.empty((slots.shape[0], *self.page_shape), dtype=self.dtype,
+                            device=self.device)
+        return self._gather(slots, pages)
+
+    def _gather(self, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (on the pool's device) with the pages' KV."""
+        n = slots.shape[0]
+        flat = slots.reshape(-1).to(self.device, torch.int64)
         for side, buffers in enumerate((self.k, self.v)):
             for layer, buf in enumerate(buffers):
-                pages[:, side, layer] = buf.index_select(0, flat).view(
+                out[:, side, layer] = buf.index_select(0, flat).view(
                     n, self.tokens, self.kv_heads, self.head_dim)
-        if pages is not out:
-            out.copy_(pages, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
         return out
 
     def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0) -> None:

@@ -34,19 +34,16 @@ from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.key_chains import PathKeys
 from sgl_kvext.pages.keys import ModelIdentity, Tenant, tail_key
 from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.loads import PageLoader
 from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan, Miss
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.read_ahead import NOTHING
 from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
-from sgl_kvext.tiers.base import copy_into
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
 
 logger = logging.getLogger("sgl_kvext")
 _KNOWN_KEYS = 1 << 16
-# Loads go through one reused staging buffer of at most this size, in batches of pages: a
-# buffer sized to the largest load would keep up to the whole pool's bytes resident.
-_STAGING_BYTES = 64 << 20
 #: Chain keys that end a spilled partial page, each with its tail lengths.
 _TAILS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
@@ -76,13 +73,6 @@ class _Planned(NamedTuple):
 class _Wait(NamedTuple):
     until: float               # time.monotonic()
     budget_s: float
-
-
-class _Batch(NamedTuple):
-    read: list[bool]           # per page of the batch
-    spent_s: float             # expected reading of pages that moved below their planned tier
-    ahead: int                 # pages copied from the read-ahead
-    moved: bool                # more moved pages than the direct-read bound allows: none read
 
 
 class KVTiering:
@@ -121,7 +111,6 @@ class KVTiering:
         # Tiers a load may read from on the scheduler thread: tier 0, then local lower ones.
         self._local = [0] + [i for i, tier in enumerate(chain.tiers)
                              if i and tier.capabilities.local]
-        self._staging: torch.Tensor | None = None   # used by load() on the scheduler thread
         self._deadlines: dict[Hashable, _Wait] = {}
         self._moved: set[Hashable] = set()    # requests whose last load answered MOVED
         self.keys = PathKeys(identity, self.tokens)
@@ -130,6 +119,8 @@ class KVTiering:
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0,
                          "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0,
                          "moved_loads": 0}
+        self.loader = PageLoader(pool, chain, self.cost, self._local, self._known,
+                                 self.counters, self._lock)
 
     def keys_for(self, tenant: Tenant, tokens: Sequence[int]) -> list[bytes]:
         """Page keys of ``tokens`` (a path from the root) for ``tenant``."""
@@ -177,18 +168,25 @@ class KVTiering:
         self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
         if n_tail:
             self._tails.add_length(after, n_tail)
-        # Through the reused staging buffer, a batch at a time: the chain copies what it
-        # keeps (``borrowed``), so no page outlives its batch here.
-        staging = self._staging_buffer()
+        # A batch at a time, the staging buffer's size: on a CUDA pool gathered on the device
+        # and DMA'd into a page-locked host tier where the chain can; else through the
+        # staging buffer, whose bytes the chain copies where it keeps them (``borrowed``).
+        staging = self.loader.staging()
         todo_slots = page_slots[torch.tensor(todo, dtype=torch.int64, device=page_slots.device)]
+        dtype = _dtype_name(staging.view(self.pool.dtype))
         for lo in range(0, len(todo), staging.shape[0]):
-            batch = todo[lo:lo + staging.shape[0]]
+            batch = [keys[p] for p in todo[lo:lo + staging.shape[0]]]
+            slots_of = todo_slots[lo:lo + len(batch)]
+            if self.pool.device.type == "cuda":
+                rows = self.pool.gather_on_device(slots_of).view(torch.uint8).view(len(batch), -1)
+                if self.chain.put_from_device(batch, rows, dtype, self.pool.page_shape):
+                    continue
             out = staging[:len(batch)].view(self.pool.dtype).view(len(batch),
                                                                   *self.pool.page_shape)
-            self.pool.gather_pages(todo_slots[lo:lo + len(batch)], out=out)
+            self.pool.gather_pages(slots_of, out=out)
             raw = staging[:len(batch)].numpy()
-            self.chain.put([KVPage(keys[p], raw[i].data, _dtype_name(out), self.pool.page_shape)
-                            for i, p in enumerate(batch)], borrowed=True)
+            self.chain.put([KVPage(key, raw[i].data, dtype, self.pool.page_shape)
+                            for i, key in enumerate(batch)], borrowed=True)
         with self._lock:
             self.counters["spilled_pages"] += len(todo)
         return len(todo)
@@ -357,7 +355,7 @@ class KVTiering:
         if slots.numel() != plan.tokens:
             raise ValueError(f"{slots.numel()} slots for {plan.tokens} tokens")
         bounded = request_id not in self._moved
-        outcome = self._load(plan, slots, DIRECT_READ_S if bounded else float("inf"))
+        outcome = self.loader.load(plan, slots, DIRECT_READ_S if bounded else float("inf"))
         if request_id is not None:
             if outcome is LoadOutcome.MOVED:
                 self._moved.add(request_id)
@@ -366,100 +364,6 @@ class KVTiering:
                 self.prefetcher.read_ahead.drop(request_id)
         return outcome
 
-    def _load(self, plan: LoadPlan, slots: torch.Tensor, bound_s: float) -> LoadOutcome:
-        staging = self._staging_buffer()
-        base = plan.first_page * self.tokens   # token index of the first page's first token
-        budget = bound_s - sum(self.cost.load_s(self.pool.page_nbytes, t)
-                               for t in plan.tiers if t)
-        ahead = 0
-        for lo_page in range(0, len(plan.keys), staging.shape[0]):
-            keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
-            views = [staging[i].numpy().data for i in range(len(keys))]
-            batch = self._read_into(keys, plan.tiers[lo_page:lo_page + len(keys)], views,
-                                    plan.ahead, budget)
-            budget -= batch.spent_s
-            ahead += batch.ahead
-            if batch.moved:
-                with self._lock:
-                    self.counters["moved_loads"] += 1
-                return LoadOutcome.MOVED
-            if not all(batch.read):
-                self._known.discard(k for k, ok in zip(keys, batch.read, strict=True)
-                                    if not ok)
-                with self._lock:
-                    self.counters["failed_loads"] += 1
-                return LoadOutcome.MISSING
-            first_token = base + lo_page * self.tokens
-            lo = max(plan.start, first_token)
-            hi = min(plan.end, first_token + len(keys) * self.tokens)
-            pages = staging[:len(keys)].view(self.pool.dtype).view(len(keys),
-                                                                   *self.pool.page_shape)
-            self.pool.scatter_tokens(slots[lo - plan.start:hi - plan.start], pages,
-                                     skip=lo - first_token)
-            if self.pool.device.type == "cuda":   # the copy out of pinned staging is async:
-                torch.cuda.current_stream(self.pool.device).synchronize()   # finish it first
-        with self._lock:
-            self.counters["loaded_pages"] += len(plan.keys)
-            self.counters["ahead_pages"] += ahead
-        return LoadOutcome.LOADED
-
-    def _read_into(self, keys: list[bytes], tiers: Sequence[int], views: list[memoryview],
-                   ahead: Mapping[bytes, KVPage], budget_s: float) -> _Batch:
-        """Copy each page read ahead, read the others from their planned tier, then look for
-        the ones that moved since in every local tier: in a lower one only while their
-        expected reading fits ``budget_s``. Lower-tier reads feed the cost model's speed for
-        that tier."""
-        read = [_copy_page(ahead.get(key), view) for key, view in zip(keys, views, strict=True)]
-        copied = sum(read)
-        planned = [(t, [i for i, at in enumerate(tiers) if at == t and not read[i]])
-                   for t in sorted(set(tiers))]
-        for tier, todo in planned:
-            self._read_from(tier, todo, keys, views, read)
-        spent = 0.0
-        for tier in self._local:
-            todo = [i for i, ok in enumerate(read) if not ok]
-            if tier and todo:    # moved down since the plan: read here within the budget
-                held = self.chain.tiers[tier].exists([keys[i] for i in todo])
-                todo = [i for i, here in zip(todo, held, strict=True) if here]
-                cost = self.cost.load_s(len(todo) * self.pool.page_nbytes, tier)
-                if spent + cost > budget_s:
-                    return _Batch(read, spent, copied, moved=True)
-                spent += cost
-            self._read_from(tier, todo, keys, views, read)
-        return _Batch(read, spent, copied, moved=False)
-
-    def _read_from(self, tier: int, todo: list[int], keys: list[bytes],
-                   views: list[memoryview], read: list[bool]) -> None:
-        """Pages ``todo`` (indices into ``keys``) from ``tier``; marks ``read``."""
-        if not todo:
-            return
-        started = time.perf_counter()
-        got = self.chain.tiers[tier].read_into([keys[i] for i in todo], [views[i] for i in todo])
-        done = sum(got)
-        if tier and done:
-            self.cost.observe_load(tier, done * self.pool.page_nbytes,
-                                   time.perf_counter() - started)
-            with self._lock:
-                self.counters["streamed_pages"] += done
-        for i, ok in zip(todo, got, strict=True):
-            read[i] = ok
-
-    def _staging_buffer(self) -> torch.Tensor:
-        """The reused (pages, page_nbytes) spill and load buffer (scheduler thread only):
-        fresh memory costs page faults per use, and pinned memory from torch's allocator is
-        kept by it for good.
-
-        Allocated once at its full size, so the resident set does not step up with the
-        largest load seen so far; pinned for a CUDA pool (64 MiB: a power of two, which
-        torch's pinned allocator would round up to).
-        """
-        if self._staging is None:
-            pages = max(1, _STAGING_BYTES // self.pool.page_nbytes)
-            self._staging = torch.empty((pages, self.pool.page_nbytes), dtype=torch.uint8,
-                                        device="cpu",
-                                        pin_memory=self.pool.device.type == "cuda")
-        return self._staging
-
     @property
     def bytes_per_token(self) -> float:
         return self.pool.page_nbytes / self.tokens
@@ -467,14 +371,6 @@ class KVTiering:
     def close(self) -> None:
         self.prefetcher.close()
         self.chain.close()
-
-
-def _copy_page(page: KVPage | None, dst: memoryview) -> bool:
-    """Copy ``page`` into ``dst`` when it fits exactly (see ``Tier.read_into``)."""
-    if page is None or page.nbytes != dst.nbytes:
-        return False
-    copy_into(dst, page.data)
-    return True
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -10,8 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sgl_kvext.tiers.objects import KVPage
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,20 @@ class Tier(ABC):
                 copy_into(dst, page.data)
             done.append(fits)
         return done
+
+    def read_to_device(self, keys: Sequence[bytes], out: torch.Tensor,
+                       rows: Sequence[int]) -> list[bool] | None:
+        """Copy each held page straight into ``out[rows[i]]`` (``out``: a CUDA uint8 tensor
+        [n, page bytes]), complete on return; which were copied, or None when this tier
+        cannot (the caller reads host bytes with :meth:`read_into`). Sizes as there."""
+        return None
+
+    def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
+                        shape: tuple[int, ...]) -> PutResult | None:
+        """:meth:`put` of pages whose bytes are the rows of a CUDA uint8 tensor [n, bytes]
+        (the pages' ``dtype`` / ``shape``), copied straight from the device, complete on
+        return; or None when this tier cannot (the caller passes host bytes to put)."""
+        return None
 
     def stats(self) -> dict[str, int]:
         """Tier-specific counters (e.g. ``quarantined``); empty by default."""

@@ -23,10 +23,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from sgl_kvext.tiers.base import Tier
+from sgl_kvext.tiers.base import PutResult, Tier
 from sgl_kvext.tiers.objects import KVPage
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("sgl_kvext")
 
@@ -160,6 +163,21 @@ class TierChain:
             for index in self._writers:
                 self._enqueue(index, queued)
 
+    def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
+                        shape: tuple[int, ...]) -> bool:
+        """Store pages whose bytes are the rows of a CUDA uint8 tensor straight into the
+        first tier (DMA into a page-locked host tier), when it can take them and nothing is
+        written through; False: nothing was stored, pass host bytes to :meth:`put`."""
+        if self.write_policy == "write_through":
+            return False
+        result = self.tiers[0].put_from_device(keys, rows, dtype, shape)
+        if result is None:
+            return False
+        rejected = set(result.rejected)        # copied out: the rows are the caller's
+        self._settle(0, result, [KVPage(k, rows[i].cpu().numpy().tobytes(), dtype, shape)
+                                 for i, k in enumerate(keys) if k in rejected])
+        return True
+
     def lookup(self, keys: Sequence[bytes]) -> ChainLookup:
         holder: list[int | None] = [None] * len(keys)
         for t in range(len(self.tiers)):
@@ -243,12 +261,15 @@ class TierChain:
     # ------------------------------------------------------------- internals
     def _store(self, index: int, pages: list[KVPage], borrowed: bool = False) -> None:
         result = self.tiers[index].put(pages)
+        rejected = set(result.rejected)
+        self._settle(index, result, [_owned(p) if borrowed else p for p in pages
+                                     if p.key in rejected])
+
+    def _settle(self, index: int, result: PutResult, rejected: list[KVPage]) -> None:
+        """Events for a put into tier ``index``; its evicted and ``rejected`` pages go down."""
         self._emit(True, index, result.stored)
         self._emit(False, index, [p.key for p in result.evicted])
-        overflow = list(result.evicted)     # the tier's own copies
-        if result.rejected:
-            rejected = set(result.rejected)
-            overflow += [_owned(p) if borrowed else p for p in pages if p.key in rejected]
+        overflow = [*result.evicted, *rejected]     # the tier's own copies, the caller's
         if overflow and index + 1 < len(self.tiers):
             with self._lock:
                 self.counters["demoted_pages"] += len(result.evicted)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.host_pinning import pin_host_memory, unpin_host_memory
 from sgl_kvext.tiers.objects import KVPage
 from sgl_kvext.tiers.policies import make_policy
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_BLOCK = 256 << 10
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux >= 5.14
@@ -83,6 +86,8 @@ class HostTier(Tier):
     """
 
     name = "host"
+    #: Devices whose tensors the DMA paths serve (with a page-locked pool).
+    dma_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, capacity_bytes: int, policy: str = "lru",
                  block_bytes: int = DEFAULT_BLOCK) -> None:
@@ -142,6 +147,64 @@ class HostTier(Tier):
                 done.append(fits)
         return done
 
+    def read_to_device(self, keys: Sequence[bytes], out: torch.Tensor,
+                       rows: Sequence[int]) -> list[bool] | None:
+        """DMA from the page-locked blocks (one copy per run of adjacent blocks); under the
+        lock until the copies finish, so no block is reused while one is in flight."""
+        if not self.pinned or out.device.type not in self.dma_devices:
+            return None
+        done = []
+        with self._lock:
+            pool = self._pool_tensor()
+            for key, row in zip(keys, rows, strict=True):
+                entry = self._index.get(key)
+                fits = entry is not None and entry.nbytes == out.shape[1]
+                if fits:
+                    assert entry is not None
+                    self._policy.touch(key)
+                    for at, lo, n in self._runs(entry.blocks, entry.nbytes):
+                        out[row, at:at + n].copy_(pool[lo:lo + n], non_blocking=True)
+                done.append(fits)
+            _sync(out)
+        return done
+
+    def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
+                        shape: tuple[int, ...]) -> PutResult | None:
+        """DMA into the page-locked blocks; an evicted page is read out after the copies in
+        flight finish (its blocks may be one of them)."""
+        if not self.pinned or rows.device.type not in self.dma_devices:
+            return None
+        nbytes = int(rows.shape[1])
+        need = -(-nbytes // self._block) if nbytes else 0
+        stored: list[bytes] = []
+        rejected: list[bytes] = []
+        evicted: list[KVPage] = []
+        with self._lock:
+            pool, pending = self._pool_tensor(), False
+            for key, src in zip(keys, rows, strict=True):
+                if key in self._index:
+                    self._policy.touch(key)
+                    stored.append(key)
+                    continue
+                if need * self._block > self.capacity_bytes:
+                    rejected.append(key)
+                    continue
+                if len(self._free) < need and pending:
+                    _sync(rows)
+                    pending = False
+                while len(self._free) < need:
+                    evicted.append(self._evict_one())
+                blocks = [self._free.pop() for _ in range(need)]
+                for at, lo, n in self._runs(blocks, nbytes):
+                    pool[lo:lo + n].copy_(src[at:at + n], non_blocking=True)
+                    pending = True
+                self._index[key] = _Entry(blocks, nbytes, dtype, shape)
+                self._policy.admit(key)
+                self._used += nbytes
+                stored.append(key)
+            _sync(rows)
+        return PutResult(tuple(stored), tuple(rejected), tuple(evicted))
+
     def put(self, pages: Sequence[KVPage]) -> PutResult:
         stored: list[bytes] = []
         rejected: list[bytes] = []
@@ -193,6 +256,23 @@ class HostTier(Tier):
         return removed
 
     # ------------------------------------------------------------- internals
+    def _pool_tensor(self) -> torch.Tensor:
+        """The pool as one flat uint8 CPU tensor sharing its memory (pinned: DMA-able)."""
+        import torch
+
+        return torch.from_numpy(self._pool.reshape(-1))
+
+    def _runs(self, blocks: list[int], nbytes: int) -> list[tuple[int, int, int]]:
+        """``(page offset, pool offset, bytes)`` per run of adjacent blocks of a page."""
+        out: list[tuple[int, int, int]] = []
+        for i, block in enumerate(blocks):
+            at, n = i * self._block, min(self._block, nbytes - i * self._block)
+            if out and out[-1][1] + out[-1][2] == block * self._block:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+            else:
+                out.append((at, block * self._block, n))
+        return out
+
     def _evict_one(self) -> KVPage:
         key = self._policy.victim()
         entry = self._index[key]
@@ -230,3 +310,11 @@ class HostTier(Tier):
         tail = entry.nbytes - full * self._block
         if tail:
             dst[full * self._block:entry.nbytes] = self._pool[entry.blocks[full], :tail]
+
+
+def _sync(t: torch.Tensor) -> None:
+    """Wait for the copies queued on ``t``'s device's current stream."""
+    import torch
+
+    if t.device.type == "cuda":
+        torch.cuda.current_stream(t.device).synchronize()

@@ -12,10 +12,13 @@ import bisect
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.objects import KVPage
+
+if TYPE_CHECKING:
+    import torch
 
 #: Latency bucket upper bounds in seconds (Prometheus style, +Inf implied).
 BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -84,6 +87,26 @@ class MeteredTier(Tier):
         stored = set(result.stored)
         self._timed("put", start, bytes_in=sum(p.nbytes for p in pages if p.key in stored),
                     evictions=len(result.evicted), rejected=len(result.rejected))
+        return result
+
+    def read_to_device(self, keys: Sequence[bytes], out: torch.Tensor,
+                       rows: Sequence[int]) -> list[bool] | None:
+        start = time.perf_counter()
+        done = self.inner.read_to_device(keys, out, rows)
+        if done is not None:
+            hits = sum(done)
+            self._timed("get", start, hits=hits, misses=len(keys) - hits,
+                        bytes_out=hits * int(out.shape[1]))
+        return done
+
+    def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
+                        shape: tuple[int, ...]) -> PutResult | None:
+        start = time.perf_counter()
+        result = self.inner.put_from_device(keys, rows, dtype, shape)
+        if result is not None:
+            stored = set(result.stored)
+            self._timed("put", start, bytes_in=int(rows.shape[1]) * sum(k in stored for k in keys),
+                        evictions=len(result.evicted), rejected=len(result.rejected))
         return result
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
