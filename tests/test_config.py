@@ -191,3 +191,18 @@ def test_every_option_has_a_distinct_flag_and_variable() -> None:
     assert len(set(flags)) == len(flags) and len(set(variables)) == len(variables)
     # SGLang rewrites SGL_* variables to SGLANG_*, so ours must not start with SGL_.
     assert all(v.startswith("KVEXT_") for v in variables)
+
+
+def test_host_ratio_sizes_the_host_tier_from_the_device_pool() -> None:
+    import torch
+
+    from sgl_kvext.pages.kv_pages import PagedKV
+    from sgl_kvext.sglang_plugin.backend import sized_tiers
+
+    paged = PagedKV([torch.zeros(1000, 2, 8)] * 3, [torch.zeros(1000, 2, 8)] * 3, 4)
+    pool_bytes = 1000 * 2 * 3 * 2 * 8 * 4                      # slots x K,V x layers x row
+    ratio = TierConfig(host_ratio=2.5)
+    assert sized_tiers(ratio, paged).host_size == int(2.5 * pool_bytes)
+    assert sized_tiers(TierConfig(host_size="1GiB"), paged).host_size == 1 << 30
+    with pytest.raises(ConfigError, match=r"--kvext-host-ratio .*must be in \[0, 100\]"):
+        TierConfig(host_ratio=-1)

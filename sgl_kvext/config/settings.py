@@ -99,6 +99,10 @@ class TierConfig:
                             parse_int)
     host_size: int = _opt(4 * GiB, "--kvext-host-size",
                           "Host-memory tier size, e.g. 4GiB (0 disables the tier).", parse_size)
+    host_ratio: float = _opt(0.0, "--kvext-host-ratio",
+                             "Host-memory tier size as a multiple of the device KV pool's bytes "
+                             "(like SGLang's --hicache-ratio); above 0 it replaces "
+                             "--kvext-host-size.", parse_float)
     disk_dir: Path | None = _opt(None, "--kvext-disk-dir",
                                  "Folder of the disk tier (unset disables it).",
                                  parse_optional_path)
@@ -148,6 +152,8 @@ class TierConfig:
         _normalize(self, "tiers")
         if not 1 <= self.page_tokens <= 1 << 16:
             _fail(self, "tiers", "page_tokens", "must be in [1, 65536]")
+        if not 0.0 <= self.host_ratio <= 100.0:
+            _fail(self, "tiers", "host_ratio", "must be in [0, 100] (0: use host_size)")
         if self.disk_dir is not None:
             problem = check_writable_dir(self.disk_dir)
             if problem:

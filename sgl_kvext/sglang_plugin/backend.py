@@ -6,6 +6,7 @@ SGLang's scheduler calls :func:`build_tree_cache` (``--radix-cache-backend kvext
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from sgl_kvext.blend import BlendSettings
@@ -46,6 +47,15 @@ def _check_supported(ctx: TreeCacheBuildContext, config: KVExtConfig) -> None:
                          f"of --page-size ({ctx.params.page_size})")
 
 
+def sized_tiers(tiers: TierConfig, paged: PagedKV) -> TierConfig:
+    """``tiers`` with the host tier sized by ``host_ratio`` (a multiple of the device pool's
+    bytes: an H200's pool is tens of GiB, far above a fixed default), when set."""
+    if tiers.host_ratio <= 0:
+        return tiers
+    pool_bytes = paged.page_nbytes // paged.tokens * int(paged.k[0].shape[0])
+    return dataclasses.replace(tiers, host_size=int(tiers.host_ratio * pool_bytes))
+
+
 def _paged_kv(ctx: TreeCacheBuildContext, page_tokens: int) -> PagedKV:
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     k, v = getattr(pool, "k_buffer", None), getattr(pool, "v_buffer", None)
@@ -64,8 +74,8 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
     _check_supported(ctx, config)
     if ctx.params.disable:
         return HierarchicalRadixCache(ctx.params, config)
-    tiers = config.tiers
-    paged = _paged_kv(ctx, tiers.page_tokens)
+    paged = _paged_kv(ctx, config.tiers.page_tokens)
+    tiers = sized_tiers(config.tiers, paged)
     identity = model_identity(ctx.model_config, str(paged.dtype).removeprefix("torch."),
                               tiers.page_tokens, paged.layers, paged.kv_heads, paged.head_dim,
                               ctx.tp_rank, ctx.tp_size,
