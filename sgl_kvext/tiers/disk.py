@@ -56,13 +56,15 @@ class DiskTier(Tier):
         ``auto`` (POSIX), ``posix``, ``direct`` (O_DIRECT) or ``kvikio`` (see ``disk_io``), or a
         backend instance.
     threads
-        I/O thread pool size for batch calls.
+        Thread pool of batch calls, which encode (zstd releases the GIL) and write pages in
+        parallel; default one per core, 4 to 16: one thread encodes ~0.45 GB/s of bf16 KV,
+        a busy GPU server spills GB/s (docs/benchmarks.md, GPU).
     """
 
     name = "disk"
 
     def __init__(self, root: Path, capacity_bytes: int, namespace: bytes, codec: str = "zstd",
-                 level: int = 1, io: str | FileIO = "auto", threads: int = 4,
+                 level: int = 1, io: str | FileIO = "auto", threads: int | None = None,
                  protection: Protection = PLAIN) -> None:
         self.root, self.namespace, self.codec, self.level = Path(root), namespace, codec, level
         self.protection = protection
@@ -73,6 +75,7 @@ class DiskTier(Tier):
         self._quarantine = self.root / "quarantine"
         for folder in (self._dir, self._tmp, self._quarantine):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        threads = max(4, min(16, os.cpu_count() or 4)) if threads is None else threads
         self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="kvext-disk")
         self._counters = {"quarantined": 0, "temp_removed": 0, "evicted": 0}
         self._counter_lock = threading.Lock()

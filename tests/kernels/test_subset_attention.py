@@ -218,3 +218,17 @@ def test_device_mismatch_raises() -> None:
     q, k, v = _qkv(4, 6, (4, 2), 64, torch.float32)
     with pytest.raises(ValueError, match="tensors must share one device"):
         subset_attention(q.cuda(), torch.arange(4), k, v, torch.arange(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_launch_tiles_fit_the_shared_memory_of_small_gpus(dtype: torch.dtype,
+                                                          head_dim: int) -> None:
+    """An L4 / A10G allows 99 KiB of shared memory per block, an H100 / H200 227 KiB: the
+    tiles shrink to fit the first and stay as they are on the second."""
+    from sgl_kvext_kernels.subset_attention import _shared_bytes, _tiles
+
+    small, big = 101_376, 232_448
+    fitted = _tiles(dtype, 4096, head_dim, head_dim, small)
+    assert _shared_bytes(fitted, dtype) <= small and fitted.block_kv >= 16
+    assert _tiles(dtype, 4096, head_dim, head_dim, big) == _tiles(dtype, 4096, head_dim, head_dim)

@@ -9,6 +9,7 @@ own. Query heads are grouped over KV heads (GQA): query head ``h`` reads KV head
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -45,17 +46,42 @@ class _Tiles(NamedTuple):
     num_stages: int
 
 
-def _tiles(dtype: torch.dtype, n_q: int, head_dim: int, head_dim_v: int) -> _Tiles:
+def _tiles(dtype: torch.dtype, n_q: int, head_dim: int, head_dim_v: int,
+           shared_bytes: int | None = None) -> _Tiles:
     """Launch shape: powers of two, every tl.dot dim >= 16. float32 tiles are halved and
-    pipelined less (about 100 KiB of shared memory at head_dim 256, within sm_80's 163 KiB);
-    head dims above 128 halve the KV block and double the warps."""
+    pipelined less; head dims above 128 halve the KV block and double the warps. Within
+    ``shared_bytes`` (the device's shared memory per block; None: unbounded) by pipelining
+    less, then halving the KV block: bf16 at head_dim 128 wants ~112 KiB in three stages, which
+    fits an H100 / H200 (227 KiB) but not an L4 / A10G (99 KiB), where two stages take 80 KiB."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     wide = max(block_d, block_dv) > 128
     fp32 = dtype == torch.float32
     block_q = min(32 if fp32 else 64, max(16, triton.next_power_of_2(n_q)))
     block_kv = (16 if wide else 32) if fp32 else (32 if wide else 64)
-    return _Tiles(block_q, block_kv, block_d, block_dv, 8 if wide else 4, 2 if fp32 else 3)
+    tiles = _Tiles(block_q, block_kv, block_d, block_dv, 8 if wide else 4, 2 if fp32 else 3)
+    while shared_bytes is not None and _shared_bytes(tiles, dtype) > shared_bytes:
+        if tiles.num_stages > 1:
+            tiles = tiles._replace(num_stages=tiles.num_stages - 1)
+        elif tiles.block_kv > 16:
+            tiles = tiles._replace(block_kv=tiles.block_kv // 2)
+        else:
+            break
+    return tiles
+
+
+def _shared_bytes(tiles: _Tiles, dtype: torch.dtype) -> int:
+    """Shared memory a launch needs, estimated: the pipelined K and V tiles and the Q tile."""
+    size = 4 if dtype == torch.float32 else 2
+    kv = tiles.block_kv * (tiles.block_d + tiles.block_dv) * size
+    return tiles.num_stages * kv + tiles.block_q * tiles.block_d * size
+
+
+@lru_cache(maxsize=16)
+def _device_shared_bytes(index: int) -> int:
+    """Shared memory per block the CUDA device ``index`` allows (Triton's driver query)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return int(props["max_shared_mem"])
 
 
 def _resolve_scale(scale: object, head_dim: int) -> float:
@@ -166,7 +192,9 @@ def subset_attention(
     # Triton's interpreter runs tl.dot on the raw bits of bfloat16: upcast there only.
     upcast = q.dtype == torch.bfloat16 and isinstance(subset_attention_kernel, InterpretedFunction)
 
-    tiles = _tiles(q.dtype, n_q, head_dim, head_dim_v)
+    shared = None if upcast or q.device.type != "cuda" else _device_shared_bytes(
+        q.device.index if q.device.index is not None else torch.cuda.current_device())
+    tiles = _tiles(q.dtype, n_q, head_dim, head_dim_v, shared)
     grid = (triton.cdiv(n_q, tiles.block_q), n_q_heads)
     subset_attention_kernel[grid](
         q,

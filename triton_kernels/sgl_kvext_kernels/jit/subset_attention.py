@@ -4,8 +4,10 @@
 Grid ``(cdiv(n_q, BLOCK_Q), n_q_heads)``: one program owns ``BLOCK_Q`` queries of one query
 head and streams every KV block of the matching KV head (``head // GROUP``) with an online
 softmax in float32. Key ``j`` is visible to query ``i`` iff ``kv_pos[j] <= q_pos[i]``;
-positions are compared, never assumed sorted, so no KV block is skipped. Masks cover the ragged
-ends of the query and KV ranges and of the head dims (``BLOCK_D >= D``, ``BLOCK_DV >= DV``).
+positions are compared, never assumed sorted. A KV block whose every key lies after the
+program's last query position adds nothing and is skipped (its positions are read, nothing
+else): a causal prefill visits about half the blocks. Masks cover the ragged ends of the
+query and KV ranges and of the head dims (``BLOCK_D >= D``, ``BLOCK_DV >= DV``).
 """
 
 # (Triton reads parameter annotations as specialisation hints: jit code stays unannotated.)
@@ -62,6 +64,7 @@ def subset_attention_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = tl.load(q_pos_ptr + offs_q, mask=q_mask, other=0).to(tl.int64)
+    q_last = tl.max(tl.where(q_mask, q_pos, -1), axis=0)
 
     # Running max (base-2 logits), running sum and unnormalised output, all float32.
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
@@ -71,37 +74,39 @@ def subset_attention_kernel(
     for start in range(0, n_kv, BLOCK_KV):
         offs_kv = start + tl.arange(0, BLOCK_KV)
         kv_mask = offs_kv < n_kv
-        kv_rows = offs_kv.to(tl.int64)
-        # K loaded transposed: [BLOCK_D, BLOCK_KV].
-        k = tl.load(
-            k_ptr + kv_rows[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
-            mask=d_mask[:, None] & kv_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
         kv_pos = tl.load(kv_pos_ptr + offs_kv, mask=kv_mask, other=0).to(tl.int64)
+        kv_first = tl.min(tl.where(kv_mask, kv_pos, q_last + 1), axis=0)
+        if kv_first <= q_last:   # else no key of the block is visible to any query here
+            kv_rows = offs_kv.to(tl.int64)
+            # K loaded transposed: [BLOCK_D, BLOCK_KV].
+            k = tl.load(
+                k_ptr + kv_rows[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
+                mask=d_mask[:, None] & kv_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                k = k.to(tl.float32)
 
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        visible = kv_mask[None, :] & (kv_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            visible = kv_mask[None, :] & (kv_pos[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen no visible key keeps m = -inf; shift by 0 to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen no visible key keeps m = -inf; shift by 0 (no inf - inf).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v = tl.load(
-            v_ptr + kv_rows[:, None] * stride_vn + kv_head * stride_vh + offs_dv[None, :],
-            mask=kv_mask[:, None] & dv_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            v = tl.load(
+                v_ptr + kv_rows[:, None] * stride_vn + kv_head * stride_vh + offs_dv[None, :],
+                mask=kv_mask[:, None] & dv_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
     # l_i == 0 exactly when no key was visible; acc is 0 there too, so the row is 0.
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
