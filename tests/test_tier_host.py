@@ -140,3 +140,27 @@ def test_a_chain_demotes_what_a_device_put_evicted_and_refuses_write_through(
     assert not through.put_from_device(keys, rows, "uint8", (600,))   # host bytes, please
     chain.close()
     through.close()
+
+
+def test_a_page_locked_pool_is_unlocked_when_closed_or_collected(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A registration outliving its mapping makes CUDA refuse the next one at that address
+    ("resource already mapped", seen on an H200): closing or dropping the tier unlocks it.
+    No CUDA here: the two driver calls are recorded instead."""
+    import gc
+
+    from sgl_kvext.tiers import host
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(host, "pin_host_memory", lambda a: calls.append(("pin", a.ctypes.data))
+                        or True)
+    monkeypatch.setattr(host, "unpin_host_memory",
+                        lambda a: calls.append(("unpin", a.ctypes.data)))
+    closed = HostTier(1 << 20)
+    assert closed.pinned
+    closed.close()
+    closed.close()                                     # once only
+    dropped = HostTier(1 << 20)
+    del dropped
+    gc.collect()
+    assert [c[0] for c in calls] == ["pin", "unpin", "pin", "unpin"]
+    assert calls[0][1] == calls[1][1] and calls[2][1] == calls[3][1]

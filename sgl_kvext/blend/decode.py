@@ -38,7 +38,8 @@ def greedy_continue(ops: LayerOps, prefill: PrefillResult, next_position: int,
             q, k, v = ops.qkv(layer, h, pos)
             ks[layer] = torch.cat([ks[layer], k])
             vs[layer] = torch.cat([vs[layer], v])
-            o = subset_attention(q, pos, ks[layer], vs[layer], kv_pos, scale=ops.scale)
+            o = subset_attention(q, pos, ks[layer], vs[layer], kv_pos, scale=ops.scale,
+                                 kv_sorted=True)   # positions ascend
             h = ops.finish(layer, h, o)
         token = int(ops.logits(h)[0].argmax())
         out.append(token)

@@ -113,20 +113,21 @@ class PrefillResult(NamedTuple):
 def _attend(ops: LayerOps, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor,
             v: torch.Tensor, kv_pos: torch.Tensor, prefix: PrefixKV | None = None,
             layer: int = 0) -> torch.Tensor:
-    """q [A, Hq, D] over (prefix +) k / v [T, H, D], position-causal mask -> [A, Hq, D]."""
+    """q [A, Hq, D] over (prefix +) k / v [T, H, D], position-causal mask -> [A, Hq, D].
+    KV positions ascend (the prefix's ``0..P-1``, then the span's, checked increasing)."""
     if prefix is not None and len(prefix):
         p = len(prefix)
         k = torch.cat((prefix.k[layer], k))
         v = torch.cat((prefix.v[layer], v))
         kv_pos = torch.cat((torch.arange(p, dtype=kv_pos.dtype, device=kv_pos.device), kv_pos))
-        return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
+        return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale, kv_sorted=True)
     if q.shape[0] == k.shape[0] and torch.equal(q_pos, kv_pos):
         # Every token queries: plain causal attention (positions are increasing).
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
                                            v.transpose(0, 1), is_causal=True, scale=ops.scale,
                                            enable_gqa=True)
         return o.transpose(0, 1)
-    return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale)
+    return subset_attention(q, q_pos, k, v, kv_pos, scale=ops.scale, kv_sorted=True)
 
 
 def _span_positions(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tensor | None,

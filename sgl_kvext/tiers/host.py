@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -96,10 +97,13 @@ class HostTier(Tier):
         self._block = block_bytes
         nblocks = capacity_bytes // block_bytes
         self._populated, self.pinned = threading.Event(), False
+        self._unpin: Callable[[], object] = lambda: None
         if nblocks:
             pool = _allocate_pool(nblocks * block_bytes)
             self._pool = pool.array.reshape(nblocks, block_bytes)
             self._populated, self.pinned = pool.populated, pool.pinned
+            if pool.pinned:   # unlocked before its memory is unmapped, closed or not
+                self._unpin = weakref.finalize(self, unpin_host_memory, pool.array)
         else:
             self._pool = np.empty((0, block_bytes), dtype=np.uint8)
             self._populated.set()
@@ -242,7 +246,7 @@ class HostTier(Tier):
         """Unlock a page-locked pool (its memory stays mapped while anything refers to it)."""
         with self._lock:
             if self.pinned:
-                unpin_host_memory(self._pool)
+                self._unpin()
                 self.pinned = False
 
     def delete(self, keys: Sequence[bytes]) -> int:

@@ -232,3 +232,21 @@ def test_launch_tiles_fit_the_shared_memory_of_small_gpus(dtype: torch.dtype,
     fitted = _tiles(dtype, 4096, head_dim, head_dim, small)
     assert _shared_bytes(fitted, dtype) <= small and fitted.block_kv >= 16
     assert _tiles(dtype, 4096, head_dim, head_dim, big) == _tiles(dtype, 4096, head_dim, head_dim)
+
+
+@pytest.mark.parametrize("n_kv", [1, 40, 150])
+@pytest.mark.parametrize("n_q", [1, 7, 70])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_sorted_kv_stops_at_the_last_query_and_matches(
+    device: torch.device, dtype: torch.dtype, n_q: int, n_kv: int
+) -> None:
+    """``kv_sorted``: the kernel stops where the keys pass the queries (a binary search over
+    ascending positions with gaps and repeats); same result as visiting every block."""
+    q, k, v = _qkv(n_q, n_kv, (4, 2), 64, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    kv_pos = torch.randint(0, 3, (n_kv,), generator=g).cumsum(0)   # ascending, repeats
+    q_pos = torch.randint(-2, int(kv_pos[-1]) + 3, (n_q,), generator=g)
+    ref = subset_attention(q, q_pos, k, v, kv_pos, backend="torch")
+    args = [t.to(device) for t in (q, q_pos, k, v, kv_pos)]
+    tri = subset_attention(*args, backend="triton", kv_sorted=True).cpu()
+    _close(tri, ref, dtype)

@@ -104,6 +104,7 @@ def subset_attention(
     scale: float | None = None,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    kv_sorted: bool = False,
 ) -> torch.Tensor:
     """Softmax attention of selected queries over a KV buffer with a position-causal mask.
 
@@ -132,6 +133,10 @@ def subset_attention(
         ``auto`` runs Triton on CUDA and the torch reference elsewhere.
     out : Tensor[n_q, n_q_heads, head_dim_v], optional
         Destination of ``q``'s dtype and device; allocated when omitted.
+    kv_sorted : bool
+        The caller promises ``kv_positions`` ascending (not checked: that would wait for the
+        device): the Triton kernel then stops at the first key after a query block's last
+        position instead of visiting every block.
 
     Returns
     -------
@@ -224,6 +229,7 @@ def subset_attention(
         # float32 dots in full precision (not TF32); 16-bit inputs take Triton's default.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else None,
         UPCAST=upcast,
+        KV_SORTED=bool(kv_sorted),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -151,7 +151,8 @@ def _blocked_flash(q: torch.Tensor, q_positions: torch.Tensor, k: torch.Tensor,
         if n == 0:
             continue                     # no query of the block sees a key: zero rows
         hidden = kv_pos[None, :n] > q_pos[lo:hi, None]   # [c, n]
-        mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+        mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            hidden, float("-inf"))
         o, _ = _FLASH_CPU(qs[lo:hi].transpose(0, 1).unsqueeze(0), kh[:, :, :n], vh[:, :, :n],
                           0.0, False, attn_mask=mask, scale=scale)
         # A row with no visible key has no defined softmax: those queries get zeros.
