@@ -195,6 +195,17 @@ class FragmentBlender:
             return NoBlend(report.but(outcome=Outcome.LITTLE_REUSE))
         return BlendPlan(start, end, used, report)
 
+    def promote_missing(self, plan: BlendPlan) -> int:
+        """How many of ``plan``'s fragments host memory (the tier :meth:`run` reads) lacks;
+        each is being brought up from a lower tier in the background (one no tier holds is
+        forgotten by the index, so the next plan leaves it out)."""
+        keys = [m.key for m in plan.fragments]
+        held = self.store.chain.tiers[0].exists(keys)
+        for key, here in zip(keys, held, strict=True):
+            if not here:
+                self.store.promote(key)
+        return held.count(False)
+
     # ------------------------------------------------------------------- run
     def run(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
             prefix: PrefixKV) -> BlendOutput | NoBlend:

@@ -118,7 +118,7 @@ class FragmentStore:
             if local_only:
                 page = local.get(key)
                 if page is None:
-                    self._promote(key)
+                    self.promote(key)
             else:
                 pages = self.chain.get([key]).pages
                 page = pages[0] if pages else None
@@ -130,7 +130,7 @@ class FragmentStore:
             self.counters["misses"] += len(fragments) - len(found)
         return found
 
-    def _promote(self, key: bytes) -> None:
+    def promote(self, key: bytes) -> None:
         """Bring ``key`` up to the first tier in the background (once at a time)."""
         with self._lock:
             if key in self._promoting or len(self._promoting) >= MAX_PROMOTING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,12 @@ import torch
 from sgl_kvext.blend import PrefixKV
 from sgl_kvext.fragments.blender import BlendOutput, BlendPlan, FragmentBlender, NoBlend
 from sgl_kvext.fragments.report import BlendReport, BlendSeconds, Outcome
+from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
+
+#: Longest a blend-namespace request is held while its fragments come up from disk / S3.
+FRAGMENT_WAIT_CAP_S = 5.0
 
 
 class BlendLoader:
@@ -28,6 +32,26 @@ class BlendLoader:
 
     def __init__(self, blender: FragmentBlender, pool: PagedKV) -> None:
         self.blender, self.pool = blender, pool
+        self._waits: dict[Hashable, float] = {}   # request -> hold deadline (monotonic)
+
+    def hold(self, request: Hashable, plan: BlendPlan, cost: CostModel,
+             bytes_per_token: float) -> bool:
+        """Whether to keep ``request`` queued while fragments of ``plan`` come up into host
+        memory, the only tier a blend reads (a marked document evicted there would otherwise
+        run unblended), within a budget fixed at its first pass: only while loading is
+        expected to beat recomputing the span, at most :data:`FRAGMENT_WAIT_CAP_S`."""
+        if not self.blender.promote_missing(plan):
+            self._waits.pop(request, None)
+            return False
+        until = self._waits.get(request)
+        if until is None:
+            budget = cost.hold_budget_s(plan.tokens, bytes_per_token, FRAGMENT_WAIT_CAP_S)
+            until = self._waits[request] = time.monotonic() + budget
+        return time.monotonic() < until
+
+    def forget(self, request: Hashable) -> None:
+        """The request left: drop its hold deadline."""
+        self._waits.pop(request, None)
 
     def compute(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
                 prefix_slots: torch.Tensor) -> BlendOutput | NoBlend:

@@ -252,8 +252,20 @@ class HierarchicalRadixCache(RadixCache):
         blend = self._plan_blend(req, tenant, tokens, device_len)
         if blend is None:
             return base
+        if self._hold_for_fragments(handle, blend):   # a marked document is below host memory
+            self._pending[handle] = _Hold()
+            return base._replace(host_hit_length=blend.tokens)
         self._pending[handle] = _Blend(node, key[blend.start:blend.end], blend, tuple(tokens))
         return base._replace(host_hit_length=blend.tokens)
+
+    def _hold_for_fragments(self, handle: Any, blend: BlendPlan) -> bool:
+        assert self.blend is not None and self.tiering is not None
+        try:
+            return self.blend.hold(handle, blend, self.tiering.cost,
+                                   self.tiering.bytes_per_token)
+        except Exception:
+            logger.exception("sgl-kvext: fragment promotion failed; blending what is held")
+            return False
 
     def _plan_blend(self, req: Any, tenant: Tenant, tokens: list[int],
                     device_len: int) -> BlendPlan | None:
@@ -378,6 +390,8 @@ class HierarchicalRadixCache(RadixCache):
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._pending.pop(req.cache_request_handle, None)
+        if self.blend is not None:
+            self.blend.forget(req.cache_request_handle)
         if self.tiering is not None:
             self.tiering.forget(req.cache_request_handle)
         if req.finished():
