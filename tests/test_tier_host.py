@@ -121,7 +121,7 @@ def test_device_puts_and_reads_move_exactly_the_pages_bytes() -> None:
     assert HostTier(3000, block_bytes=300).read_to_device(keys, out, [0] * 5) is None   # unpinned
 
 
-def test_a_chain_demotes_what_a_device_put_evicted_and_refuses_write_through(
+def test_a_chain_demotes_what_a_device_put_evicted_and_writes_it_through(
         tmp_path: Path) -> None:
     import torch
 
@@ -136,8 +136,12 @@ def test_a_chain_demotes_what_a_device_put_evicted_and_refuses_write_through(
     assert chain.flush(10.0)
     assert disk.exists(keys) == [True, True, False, False]     # the two evicted went down
     assert bytes(disk.get([keys[0]])[keys[0]].data) == rows[0].numpy().tobytes()
-    through = TierChain([CpuDmaHostTierFake(2 * 600, 600)], write_policy="write_through")
-    assert not through.put_from_device(keys, rows, "uint8", (600,))   # host bytes, please
+    lower = DiskTier(tmp_path / "t", 1 << 20, bytes(32), codec="none")
+    through = TierChain([CpuDmaHostTierFake(2 * 600, 600), lower], write_policy="write_through")
+    assert through.put_from_device(keys, rows, "uint8", (600,))
+    rows.zero_()                                   # the caller reuses its rows at once
+    assert through.flush(10.0) and lower.exists(keys) == [True] * 4
+    assert bytes(lower.get([keys[3]])[keys[3]].data) != bytes(600)   # copies, not the rows
     chain.close()
     through.close()
 

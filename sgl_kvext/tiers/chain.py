@@ -166,16 +166,22 @@ class TierChain:
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
                         shape: tuple[int, ...]) -> bool:
         """Store pages whose bytes are the rows of a CUDA uint8 tensor straight into the
-        first tier (DMA into a page-locked host tier), when it can take them and nothing is
-        written through; False: nothing was stored, pass host bytes to :meth:`put`."""
-        if self.write_policy == "write_through":
-            return False
+        first tier (DMA into a page-locked host tier), when it can take them; False: nothing
+        was stored, pass host bytes to :meth:`put`. Pages written through, or refused by the
+        first tier, cross to host memory of their own (the rows are the caller's)."""
         result = self.tiers[0].put_from_device(keys, rows, dtype, shape)
         if result is None:
             return False
-        rejected = set(result.rejected)        # copied out: the rows are the caller's
-        self._settle(0, result, [KVPage(k, rows[i].cpu().numpy().tobytes(), dtype, shape)
-                                 for i, k in enumerate(keys) if k in rejected])
+        through = self.write_policy == "write_through" and bool(self._writers)
+        rejected = set(result.rejected)
+        pages: list[KVPage] = []
+        if through or rejected:
+            host = rows.to("cpu", copy=True).numpy()      # one copy for every queue
+            pages = [KVPage(k, host[i].data, dtype, shape) for i, k in enumerate(keys)]
+        self._settle(0, result, [p for p in pages if p.key in rejected] if rejected else [])
+        if through:
+            for index in self._writers:
+                self._enqueue(index, pages)
         return True
 
     def lookup(self, keys: Sequence[bytes]) -> ChainLookup:
