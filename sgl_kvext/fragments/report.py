@@ -25,6 +25,7 @@ class Outcome(enum.Enum):
     FRAGMENTS_MISSING = "no fragment's KV could be fetched"
     FAILED = "the blend failed; computed in full"
     DECLINED = "not admitted as planned (the tree or the pool changed); computed in full"
+    PAGES = "the tiers hold the span's KV as pages (loaded, or coming up): not blended"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -243,13 +243,20 @@ class HierarchicalRadixCache(RadixCache):
         step = self.agreement.admission(step)     # every rank gets here, failed or not
         if failed:
             return base
-        if isinstance(step, Hold):
+        # A blend reaching past the pages the tiers hold (or are bringing up) wins: a loaded
+        # page run ends the match, and the prompt's documents after it would run unblended.
+        blend = self._plan_blend(req, tenant, tokens, device_len) \
+            if tenant.blend and self.blend is not None else None
+        past = blend is not None and blend.end > (step.end if isinstance(step, LoadPlan)
+                                                  else device_len)
+        if blend is not None and not past:
+            _report(req, blend.report.but(outcome=Outcome.PAGES))
+        if isinstance(step, Hold) and not past:
             self._pending[handle] = _Hold()
             return base._replace(host_hit_length=step.tokens)
-        if isinstance(step, LoadPlan):
+        if isinstance(step, LoadPlan) and not past:
             self._pending[handle] = _Load(node, key[step.start:step.end], step)
             return base._replace(host_hit_length=step.tokens)
-        blend = self._plan_blend(req, tenant, tokens, device_len)
         if blend is None:
             return base
         if self._hold_for_fragments(handle, blend):   # a marked document is below host memory
