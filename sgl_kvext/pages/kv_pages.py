@@ -70,10 +70,8 @@ class PagedKV:
         (pages, 2, layers, tokens_per_page, kv_heads, head_dim) contiguous CPU tensor
         (``out``), complete when this returns.
         """
-        if slots.dim() != 2 or slots.shape[1] != self.tokens:
-            raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
-        n = slots.shape[0]
-        shape = (n, *self.page_shape)
+        self._check_slots(slots)
+        shape = (slots.shape[0], *self.page_shape)
         if out is None:
             out = torch.empty(shape, dtype=self.dtype, device="cpu")
         if tuple(out.shape) != shape or out.dtype != self.dtype or out.device.type != "cpu" \
@@ -91,11 +89,14 @@ class PagedKV:
     def gather_on_device(self, slots: torch.Tensor) -> torch.Tensor:
         """KV of whole pages (``slots`` as in :meth:`gather_pages`) as a new contiguous
         tensor on the pool's device."""
-        if slots.dim() != 2 or slots.shape[1] != self.tokens:
-            raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
+        self._check_slots(slots)
         pages = torch.empty((slots.shape[0], *self.page_shape), dtype=self.dtype,
                             device=self.device)
         return self._gather(slots, pages)
+
+    def _check_slots(self, slots: torch.Tensor) -> None:
+        if slots.dim() != 2 or slots.shape[1] != self.tokens:
+            raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
 
     def _gather(self, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (on the pool's device) with the pages' KV."""

@@ -173,7 +173,7 @@ class KVTiering:
         # staging buffer, whose bytes the chain copies where it keeps them (``borrowed``).
         staging = self.loader.staging()
         todo_slots = page_slots[torch.tensor(todo, dtype=torch.int64, device=page_slots.device)]
-        dtype = _dtype_name(staging.view(self.pool.dtype))
+        dtype = str(self.pool.dtype).removeprefix("torch.")
         for lo in range(0, len(todo), staging.shape[0]):
             batch = [keys[p] for p in todo[lo:lo + staging.shape[0]]]
             slots_of = todo_slots[lo:lo + len(batch)]
@@ -371,8 +371,3 @@ class KVTiering:
     def close(self) -> None:
         self.prefetcher.close()
         self.chain.close()
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
