@@ -1,17 +1,23 @@
 """The tree's blend path: a blend-namespace request's span filled with blended KV.
 
-The tree plans a blend at match time and, when SGLang admits the request, hands the plan here:
-:meth:`BlendLoader.compute` reads the cached prefix's KV out of the pool and runs the blended
-prefill over stored fragment KV (on the scheduler thread: it replaces a longer prefill of the
-same span); :meth:`BlendLoader.write` puts the result into the slots the tree allocated. Every
-outcome carries the request's :class:`~sgl_kvext.fragments.report.BlendReport`.
+At match time the tree asks :meth:`BlendLoader.plan` for the request's blend (the marked chunk
+spans noted for it beside the request, :meth:`BlendLoader.note_chunk_spans`) and
+:meth:`BlendLoader.hold` whether to keep it queued while fragments come up from disk / S3;
+when SGLang admits the request, :meth:`BlendLoader.fill` reads the cached prefix's KV out of
+the pool, runs the blended prefill over stored fragment KV (on the scheduler thread: it
+replaces a longer prefill of the same span) and writes the result into slots the tree
+allocates. Every outcome goes into the request's response as its
+:class:`~sgl_kvext.fragments.report.BlendReport` (``meta_info[REPORT_KEY]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +29,21 @@ from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
 
+logger = logging.getLogger("sgl_kvext")
 #: Longest a blend-namespace request is held while its fragments come up from disk / S3.
 FRAGMENT_WAIT_CAP_S = 5.0
+#: The response's ``meta_info`` key holding ``[BlendReport.as_dict()]`` (SGLang's
+#: ``customized_info`` channel: a list with one entry, sent with the first output token).
+REPORT_KEY = "kvext_blend"
+#: Requests whose marked chunk spans are remembered (finished ones are forgotten first).
+_SPAN_REQUESTS = 4096
+
+
+def report_on(req: Any, report: BlendReport) -> None:
+    """Put ``report`` in the request's response (``meta_info[REPORT_KEY]``); the last one
+    put before the first output token is the one the response carries."""
+    if req is not None:
+        req.customized_info = {**(req.customized_info or {}), REPORT_KEY: [report.as_dict()]}
 
 
 class BlendLoader:
@@ -33,6 +52,27 @@ class BlendLoader:
     def __init__(self, blender: FragmentBlender, pool: PagedKV) -> None:
         self.blender, self.pool = blender, pool
         self._waits: dict[Hashable, float] = {}   # request -> hold deadline (monotonic)
+        self._spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
+
+    def note_chunk_spans(self, rid: Any, spans: Sequence[tuple[int, int]]) -> None:
+        """Remember a request's marked chunks (prompt token spans) until it finishes."""
+        self._spans[rid] = tuple(spans)
+        while len(self._spans) > _SPAN_REQUESTS:
+            self._spans.popitem(last=False)
+
+    def plan(self, req: Any, tenant: Tenant, tokens: Sequence[int], device_len: int,
+             page_size: int) -> BlendPlan | None:
+        """The blend of ``req``'s prompt after its ``device_len`` cached tokens, or None
+        (nothing to blend, or the lookup failed: the prompt is computed in full); the
+        report goes on the request either way."""
+        try:
+            blend = self.blender.plan(tenant, tokens, device_len,
+                                      self._spans.get(req.rid, ()), page_size)
+        except Exception:
+            logger.exception("sgl-kvext: fragment lookup failed; computing the prompt in full")
+            blend = NoBlend(BlendReport(Outcome.FAILED, device_len, device_len))
+        report_on(req, blend.report)
+        return blend if isinstance(blend, BlendPlan) else None
 
     def hold(self, request: Hashable, plan: BlendPlan, cost: CostModel,
              bytes_per_token: float) -> bool:
@@ -49,9 +89,36 @@ class BlendLoader:
             until = self._waits[request] = time.monotonic() + budget
         return time.monotonic() < until
 
-    def forget(self, request: Hashable) -> None:
-        """The request left: drop its hold deadline."""
+    def forget(self, request: Hashable, rid: Any = None) -> None:
+        """The request left (``rid``: it finished, so its chunk spans go too)."""
         self._waits.pop(request, None)
+        if rid is not None:
+            self._spans.pop(rid, None)
+
+    def fill(self, req: Any, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int],
+             prefix_slots: torch.Tensor, alloc: Callable[[int], torch.Tensor | None],
+             free: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
+        """Slots (from ``alloc``) holding the blended KV of ``plan``'s span after the prefix
+        in ``prefix_slots``, or None: nothing blended, the span is computed as usual (the
+        request's report says why). Never raises: a failing blend is a recompute."""
+        slots = None
+        try:
+            out = self.compute(tenant, plan, tokens, prefix_slots)
+            report_on(req, out.report)
+            if isinstance(out, NoBlend):
+                return None
+            slots = alloc(plan.tokens)
+            if slots is None:
+                report_on(req, out.report.but(outcome=Outcome.DECLINED))
+                return None
+            report_on(req, self.write(slots, out))
+            return slots
+        except Exception:
+            logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
+            report_on(req, plan.report.but(outcome=Outcome.FAILED))
+            if slots is not None:
+                free(slots)
+            return None
 
     def compute(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
                 prefix_slots: torch.Tensor) -> BlendOutput | NoBlend:

@@ -32,20 +32,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from sgl_kvext.config.settings import KVExtConfig
-from sgl_kvext.fragments.blender import BlendPlan, NoBlend
-from sgl_kvext.fragments.report import BlendReport, Outcome
+from sgl_kvext.fragments.blender import BlendPlan
+from sgl_kvext.fragments.report import Outcome
 from sgl_kvext.pages.agreement import RankAgreement
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
-from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
+from sgl_kvext.sglang_plugin.blend_loader import BlendLoader, report_on
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
 from sgl_kvext.sglang_plugin.scheduler_gaps import GAPS
 from sgl_kvext.sglang_plugin.surface import (
@@ -63,11 +62,6 @@ from sgl_kvext.sglang_plugin.tenant import tenant_of
 from sgl_kvext.sglang_plugin.tier_events import TierEventLog
 
 logger = logging.getLogger("sgl_kvext")
-#: The response's ``meta_info`` key holding ``[BlendReport.as_dict()]`` (SGLang's
-#: ``customized_info`` channel: a list with one entry, sent with the first output token).
-REPORT_KEY = "kvext_blend"
-#: Requests whose marked chunk spans are remembered (finished ones are forgotten first).
-_SPAN_REQUESTS = 4096
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,7 +129,6 @@ class HierarchicalRadixCache(RadixCache):
         self.agreement = agreement or RankAgreement(None, 1)
         self._closers = list(closers)
         self._pending: dict[Any, _Hold | _Load | _Blend] = {}
-        self._chunk_spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
         self._victims: list[_Victim] | None = None
         self._heap = HeapTrimmer()
         super().__init__(params)
@@ -152,9 +145,8 @@ class HierarchicalRadixCache(RadixCache):
 
     def note_chunk_spans(self, rid: Any, spans: Sequence[tuple[int, int]]) -> None:
         """Remember a request's marked chunks (prompt token spans) until it finishes."""
-        self._chunk_spans[rid] = tuple(spans)
-        while len(self._chunk_spans) > _SPAN_REQUESTS:
-            self._chunk_spans.popitem(last=False)
+        if self.blend is not None:
+            self.blend.note_chunk_spans(rid, spans)
 
     # ----------------------------------------------------------------- evict
     def evict(self, params: EvictParams) -> EvictResult:
@@ -245,12 +237,12 @@ class HierarchicalRadixCache(RadixCache):
             return base
         # A blend reaching past the pages the tiers hold (or are bringing up) wins: a loaded
         # page run ends the match, and the prompt's documents after it would run unblended.
-        blend = self._plan_blend(req, tenant, tokens, device_len) \
+        blend = self.blend.plan(req, tenant, tokens, device_len, self.page_size) \
             if tenant.blend and self.blend is not None else None
         past = blend is not None and blend.end > (step.end if isinstance(step, LoadPlan)
                                                   else device_len)
         if blend is not None and not past:
-            _report(req, blend.report.but(outcome=Outcome.PAGES))
+            report_on(req, blend.report.but(outcome=Outcome.PAGES))
         if isinstance(step, Hold) and not past:
             self._pending[handle] = _Hold()
             return base._replace(host_hit_length=step.tokens)
@@ -274,22 +266,6 @@ class HierarchicalRadixCache(RadixCache):
             logger.exception("sgl-kvext: fragment promotion failed; blending what is held")
             return False
 
-    def _plan_blend(self, req: Any, tenant: Tenant, tokens: list[int],
-                    device_len: int) -> BlendPlan | None:
-        """The request's blend, or None (outside the blend namespace, or nothing to blend);
-        its report goes on the request (the last match before admission is the one the
-        response carries)."""
-        if self.blend is None or not tenant.blend:
-            return None
-        try:
-            blend = self.blend.blender.plan(tenant, tokens, device_len,
-                                            self._chunk_spans.get(req.rid, ()), self.page_size)
-        except Exception:
-            logger.exception("sgl-kvext: fragment lookup failed; computing the prompt in full")
-            blend = NoBlend(BlendReport(Outcome.FAILED, device_len, device_len))
-        _report(req, blend.report)
-        return blend if isinstance(blend, BlendPlan) else None
-
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any] | None:
         node, req = params.best_match_node, params.req
         pending = self._pending.pop(req.cache_request_handle, None) if req is not None else None
@@ -299,11 +275,17 @@ class HierarchicalRadixCache(RadixCache):
                 or pending.key.child_key(self.page_size) in node.children \
                 or pending.plan.tokens != params.host_hit_length:     # the tree changed
             if isinstance(pending, _Blend):
-                _report(req, pending.plan.report.but(outcome=Outcome.DECLINED))
+                report_on(req, pending.plan.report.but(outcome=Outcome.DECLINED))
             return 0, node
         if isinstance(pending, _Blend):
+            assert self.blend is not None
             with GAPS.timed("blend"):
-                return self._load_blend(req, node, pending)
+                slots = self.blend.fill(req, tenant_of(pending.key), pending.plan,
+                                        pending.tokens, self.path_device_indices(node),
+                                        lambda n: self._alloc(node, n),
+                                        self.token_to_kv_pool_allocator.free)
+            return (0, node) if slots is None else (pending.plan.tokens,
+                                                    self._attach(node, pending.key, slots))
         n = pending.plan.tokens
         slots = self._alloc(node, n)
         if slots is None:
@@ -335,28 +317,6 @@ class HierarchicalRadixCache(RadixCache):
                 self.dec_lock_ref(node)
         slots: torch.Tensor | None = allocator.alloc(n)
         return slots
-
-    def _load_blend(self, req: Any, node: TreeNode, pending: _Blend) -> tuple[int, Any]:
-        assert self.blend is not None
-        plan, slots = pending.plan, None
-        try:
-            out = self.blend.compute(tenant_of(pending.key), plan, pending.tokens,
-                                     self.path_device_indices(node))
-            _report(req, out.report)
-            if isinstance(out, NoBlend):
-                return 0, node
-            slots = self._alloc(node, plan.tokens)
-            if slots is None:
-                _report(req, out.report.but(outcome=Outcome.DECLINED))
-                return 0, node
-            _report(req, self.blend.write(slots, out))
-        except Exception:
-            logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
-            _report(req, plan.report.but(outcome=Outcome.FAILED))
-            if slots is not None:
-                self.token_to_kv_pool_allocator.free(slots)
-            return 0, node
-        return plan.tokens, self._attach(node, pending.key, slots)
 
     def device_prefix_len(self, key: RadixKey) -> int:
         """Tokens of ``key`` the device tree holds, read only: no access times, no node splits
@@ -398,11 +358,9 @@ class HierarchicalRadixCache(RadixCache):
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._pending.pop(req.cache_request_handle, None)
         if self.blend is not None:
-            self.blend.forget(req.cache_request_handle)
+            self.blend.forget(req.cache_request_handle, req.rid if req.finished() else None)
         if self.tiering is not None:
             self.tiering.forget(req.cache_request_handle)
-        if req.finished():
-            self._chunk_spans.pop(req.rid, None)
         self._heap.maybe_trim()        # between forward passes: RSS stays flat (heap_trim.py)
 
     def release_host_resources(self) -> None:
@@ -416,8 +374,3 @@ class HierarchicalRadixCache(RadixCache):
             self.tiering.close()
             self.tiering = None
 
-
-def _report(req: Any, report: BlendReport) -> None:
-    """Put ``report`` in the request's response (``meta_info[REPORT_KEY]``)."""
-    if req is not None:
-        req.customized_info = {**(req.customized_info or {}), REPORT_KEY: [report.as_dict()]}
