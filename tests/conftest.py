@@ -17,6 +17,46 @@ from pathlib import Path
 import pytest
 
 TIERS = ("unit", "kernel", "e2e", "fault", "bench", "soak")
+#: (test id, seconds) of every SGLang server start in this session (summary at the end).
+_SERVER_STARTS: list[tuple[str, float]] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _count_server_starts() -> Iterator[None]:
+    """Time every real server start (the suite's largest cost) for the closing summary."""
+    import os
+    import time
+
+    from sgl_kvext.harness.server import SGLangServer
+
+    start = SGLangServer.start
+
+    def timed(self: SGLangServer) -> SGLangServer:
+        began = time.perf_counter()
+        try:
+            return start(self)
+        finally:
+            test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+            _SERVER_STARTS.append((test, time.perf_counter() - began))
+
+    SGLangServer.start = timed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SGLangServer.start = start  # type: ignore[method-assign]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SERVER_STARTS:
+        total = sum(s for _, s in _SERVER_STARTS)
+        terminalreporter.write_line(f"SGLang server starts: {len(_SERVER_STARTS)}, "
+                                    f"{total:.0f} s in all")
+        by_test: dict[str, list[float]] = {}
+        for test, seconds in _SERVER_STARTS:
+            by_test.setdefault(test, []).append(seconds)
+        for test, times in sorted(by_test.items(), key=lambda kv: -sum(kv[1])):
+            terminalreporter.write_line(f"  {len(times)} x {sum(times) / len(times):5.1f} s  "
+                                        f"{test}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

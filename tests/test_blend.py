@@ -79,6 +79,22 @@ pk, pv, pr, _ = _place_chunks(ops, ids, pos + 3, [ReusedChunk(sa + 5, chunks[0].
 out["part"] = {"k_diff": float((wk[:, sa + 5:sa + n] - pk[:, sa + 5:sa + n]).abs().max()),
                "v_diff": float((wv[:, sa + 5:sa + n] - pv[:, sa + 5:sa + n]).abs().max()),
                "reused": int(pr.sum()), "expected": n - 5}
+# A chunk computed after its lead token: that token's context, then dropped, K back at 0..n-1.
+led = compute_chunk_kv(ops, a[1:], a[:1], rope)
+from sgl_kvext_kernels import rerotate_k
+m = len(a) - 1
+back = rerotate_k(led.k.transpose(0, 1).reshape(m, -1, ops.head_dim), torch.arange(m),
+                  torch.arange(1, m + 1), rope).view(m, ops.num_layers, ops.kv_heads,
+                                                     ops.head_dim).transpose(0, 1)
+alone = full_prefill(ops, a)
+out["lead"] = {"k_diff": float((back - alone.k[:, 1:]).abs().max()),
+               "v_diff": float((led.v - alone.v[:, 1:]).abs().max()),
+               "differs_from_none": float((compute_chunk_kv(ops, a[1:]).v - led.v).abs().max()),
+               "tokens": len(led), "expected": m, "position": led.position}
+try:
+    compute_chunk_kv(ops, a[1:], a[:1])
+except ValueError as exc:
+    out["lead_error"] = str(exc)
 out["ids"] = ids.tolist()
 print("RESULT " + json.dumps(out))
 '''
@@ -135,6 +151,15 @@ def test_a_chunk_part_is_placed_as_the_whole_chunk_would_be(
     r = blend_run["part"]
     assert r["reused"] == r["expected"]
     assert r["k_diff"] < 1e-5 and r["v_diff"] == 0, r
+
+
+def test_a_chunk_after_its_lead_token_is_that_tokens_context_then_dropped(
+        blend_run: dict) -> None:  # type: ignore[type-arg]
+    r = blend_run["lead"]
+    assert r["tokens"] == r["expected"] and r["position"] == 0
+    assert r["k_diff"] < 1e-4 and r["v_diff"] < 1e-5, r     # the chunk as computed after it
+    assert r["differs_from_none"] > 1e-2                     # not the chunk computed alone
+    assert "RoPE" in blend_run["lead_error"]
 
 
 def test_full_prefill_matches_transformers(

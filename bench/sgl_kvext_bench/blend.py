@@ -1,17 +1,20 @@
 """Blend quality and speed offline: every blend method at several recompute ratios against
 the exact (full) prefill of the same prompts.
 
-Runs in-process on SGLang's own model (loaded once, CPU). Each document's KV is computed alone
-once and put into a host-memory tier under its fragment key (not timed). For every question
-the exact prefill runs once (its logits and greedy answer are the reference); then, per
-method and ratio, the documents' KV is fetched from the tier and blended; ``ttft_s`` is that
-time up to the first token's logits (no HTTP, no scheduling). One untimed prefill warms the
-allocator first. Quality per (method, ratio) comes from :mod:`sgl_kvext_bench.quality`.
+Runs in-process on SGLang's own model (loaded once, CPU), with the server's conventions: the
+prompt is tokenized whole, each document is found in it by its core (``marked_core``: the
+server's marked span) and the core's KV is computed the way the server registers it
+(``compute_chunk_kv`` after the document's first token), once, into a host-memory tier under
+its fragment key (not timed). For every question the exact prefill runs once (its logits and
+greedy answer are the reference); then, per method and ratio, the documents' KV is fetched
+from the tier and blended; ``ttft_s`` is that time up to the first token's logits (no HTTP,
+no scheduling). One untimed prefill warms the allocator first. Quality per (method, ratio)
+comes from :mod:`sgl_kvext_bench.quality`.
 
 Methods (:data:`METHODS`) are :class:`~sgl_kvext.blend.BlendSettings` variants (the ratio
-comes from ``--ratios``) plus how a chunk's KV is computed alone: ``context`` ``none``
-(positions ``0..n-1``, nothing before) or ``head`` (after the prompt's system head, stored
-without it, re-rotated like any chunk).
+comes from ``--ratios``) plus how a chunk's KV is computed alone: ``context`` ``none`` (after
+its first token only, as the server does) or ``head`` (after the prompt's system head and its
+first token, stored without them, re-rotated like any chunk).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from sgl_kvext_bench.quality import Pair, describe, kl_full, summarize
-from sgl_kvext_bench.rag_set import HEAD, RagQuestion, RagSpec, is_correct, question_tail
+from sgl_kvext_bench.rag_set import HEAD, RagQuestion, RagSpec, is_correct, prompt_text
 
 RATIOS = (0.0, 0.05, 0.15, 0.3)
 
@@ -67,10 +70,12 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
         BlendSettings,
         ReusedChunk,
         blended_prefill,
+        compute_chunk_kv,
         full_prefill,
     )
     from sgl_kvext.blend.decode import greedy_continue
     from sgl_kvext.blend.prefill import ChunkKV, PrefixKV
+    from sgl_kvext.fragments.index import locate_chunks
     from sgl_kvext.fragments.store import FragmentStore, KVLayout
     from sgl_kvext.pages.keys import DEFAULT_TENANT, ModelIdentity
     from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
@@ -109,24 +114,24 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
                                  f"mha:layers={ops.num_layers},kv_heads={ops.kv_heads},"
                                  f"head_dim={ops.head_dim}")
         stores[context] = store = FragmentStore(TierChain([host]), identity, layout)
-        for ids in (doc_ids[d] for d in used):
+        for ids in (doc_ids[d] for d in used):      # the core: without the first and last
             if context == "head":       # computed after the head, stored without it
                 r = full_prefill(ops, ids, prefix=PrefixKV(head_kv.k, head_kv.v))
-                store.put(DEFAULT_TENANT, ChunkKV(ids, r.k, r.v, position=len(head)))
+                store.put(DEFAULT_TENANT, ChunkKV(ids[1:-1].clone(), r.k[:, 1:-1],
+                                                  r.v[:, 1:-1], position=len(head) + 1))
             else:
-                r = full_prefill(ops, ids)
-                store.put(DEFAULT_TENANT, ChunkKV(ids.clone(), r.k, r.v))
+                store.put(DEFAULT_TENANT, compute_chunk_kv(ops, ids[1:-1], ids[:1], rope))
     progress(f"chunk KV for {len(used)} documents x {len(contexts)} context(s): "
              f"{time.perf_counter() - started:.1f}s")
 
     def prompt(q: RagQuestion) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        parts, spans, at = [head], [], len(head)
-        for d in q.documents:
-            spans.append((at, at + len(doc_ids[d])))
-            parts.append(doc_ids[d])
-            at += len(doc_ids[d])
-        parts.append(enc(question_tail(q)))
-        return torch.cat(parts), spans
+        """The prompt tokenized whole (as the server does) and its documents' core spans."""
+        ids = torch.tensor(tok(prompt_text(rag, q)).input_ids)
+        spans = locate_chunks(ids.numpy(), [doc_ids[d].numpy() for d in q.documents])
+        if len(spans) != len(q.documents):
+            raise RuntimeError(f"question {q.question!r}: a document's core is not in the "
+                               "tokenized prompt")
+        return ids, spans
 
     def fetch(context: str, ids: torch.Tensor, spans: list[tuple[int, int]]
               ) -> list[ReusedChunk]:
@@ -135,7 +140,7 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
             raise RuntimeError("the host tier lost a chunk's KV; it is sized to hold all")
         # The stored KV keeps the position it was computed at (0, or after the head).
         return [ReusedChunk(a, ChunkKV(found[i].token_ids, found[i].k, found[i].v,
-                                       len(head) if context == "head" else 0))
+                                       len(head) + 1 if context == "head" else 0))
                 for i, (a, _) in enumerate(spans)]
 
     full_prefill(ops, prompt(rag.questions[0])[0])      # warm-up, not measured

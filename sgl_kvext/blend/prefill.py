@@ -172,10 +172,28 @@ def full_prefill(ops: LayerOps, input_ids: torch.Tensor,
     return PrefillResult(torch.stack(ks), torch.stack(vs), ops.logits(h[-1:])[0], n, 0)
 
 
-def compute_chunk_kv(ops: LayerOps, token_ids: torch.Tensor) -> ChunkKV:
-    """A chunk's KV computed on its own, at positions ``0..n-1`` with nothing prepended."""
-    result = full_prefill(ops, token_ids)
-    return ChunkKV(token_ids.clone(), result.k, result.v)
+def compute_chunk_kv(ops: LayerOps, token_ids: torch.Tensor, lead: torch.Tensor | None = None,
+                     rope: RopeConfig | None = None) -> ChunkKV:
+    """A chunk's KV computed on its own: K rotated at positions ``0..n-1``.
+
+    ``lead`` [m]: tokens the chunk's own text starts with but its fragment leaves out (a
+    marked document's first token: its key covers the core only, :mod:`sgl_kvext.fragments`).
+    They are computed first, at ``0..m-1``, so the chunk's tokens see them as they do in the
+    document alone (the first token is the attention sink), then dropped; K is re-rotated
+    from ``m..m+n-1`` to ``0..n-1`` (``rope`` required)."""
+    if lead is None or lead.numel() == 0:
+        result = full_prefill(ops, token_ids)
+        return ChunkKV(token_ids.clone(), result.k, result.v)
+    if rope is None:
+        raise ValueError("a chunk computed after lead tokens needs the model's RoPE")
+    m, n = int(lead.numel()), int(token_ids.numel())
+    result = full_prefill(ops, torch.cat((lead.to(token_ids.device), token_ids)))
+    k, v = result.k[:, m:], result.v[:, m:].contiguous()
+    dev = k.device
+    rows = k.transpose(0, 1).reshape(n, -1, ops.head_dim).contiguous()   # every layer at once
+    k = rerotate_k(rows, torch.arange(m, m + n, device=dev), torch.arange(n, device=dev),
+                   rope).view(n, ops.num_layers, ops.kv_heads, ops.head_dim).transpose(0, 1)
+    return ChunkKV(token_ids.clone(), k.contiguous(), v)
 
 
 def _place_chunks(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tensor,

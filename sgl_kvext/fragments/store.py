@@ -1,6 +1,7 @@
 """Chunk (fragment) KV in the tier chain under position-independent keys.
 
-A fragment's KV is computed on its own at positions ``0..n-1`` (see ``sgl_kvext.blend``) and
+A fragment's KV is computed on its own, K rotated at positions ``0..n-1`` (see
+``sgl_kvext.blend.compute_chunk_kv``), and
 stored as one tier object shaped ``(2, layers, n, kv_heads, head_dim)`` (K then V) in the KV
 dtype, under :func:`sgl_kvext.pages.keys.fragment_key` (namespace + the fragment's tokens). The same
 chunk found anywhere in any prompt, by any server sharing the namespace and a disk folder or

@@ -29,6 +29,11 @@ HOST = "127.0.0.1"
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "kvext_cpu",
              "--sampling-backend", "pytorch", "--disable-cuda-graph", "--sleep-on-idle")
 
+#: SGLang treats a SIGTERM'd scheduler as a crash: it sleeps 5 s "to let GPU activity
+#: settle" and runs py-spy on the schedulers before exiting. A harness stop is no crash; the
+#: caller's environment can still turn the diagnostics back on.
+QUIET_STOP_ENV = {"SGLANG_PYSPY_DUMP_BEFORE_CRASH": "0", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH": "0"}
+
 #: The two user-facing entry points, taken from this interpreter's environment.
 LAUNCHERS = {"launch_server": (sys.executable, "-m", "sglang.launch_server"),
              "serve": (str(Path(sys.executable).parent / "sglang"), "serve")}
@@ -161,7 +166,7 @@ class SGLangServer(Endpoint):
         self.startup_timeout_s = startup_timeout_s
         self._cmd = [*LAUNCHERS[launcher], "--model-path", str(model_path),
                      "--host", HOST, "--port", str(self.port), *device_flags(), *args]
-        self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self._env = {**QUIET_STOP_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self._proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
 
