@@ -188,12 +188,20 @@ def compute_chunk_kv(ops: LayerOps, token_ids: torch.Tensor, lead: torch.Tensor 
         raise ValueError("a chunk computed after lead tokens needs the model's RoPE")
     m, n = int(lead.numel()), int(token_ids.numel())
     result = full_prefill(ops, torch.cat((lead.to(token_ids.device), token_ids)))
-    k, v = result.k[:, m:], result.v[:, m:].contiguous()
-    dev = k.device
-    rows = k.transpose(0, 1).reshape(n, -1, ops.head_dim).contiguous()   # every layer at once
-    k = rerotate_k(rows, torch.arange(m, m + n, device=dev), torch.arange(n, device=dev),
-                   rope).view(n, ops.num_layers, ops.kv_heads, ops.head_dim).transpose(0, 1)
-    return ChunkKV(token_ids.clone(), k.contiguous(), v)
+    dev = result.k.device
+    k = _rerotate_layers(ops, result.k[:, m:], torch.arange(m, m + n, device=dev),
+                         torch.arange(n, device=dev), rope)
+    return ChunkKV(token_ids.clone(), k.contiguous(), result.v[:, m:].contiguous())
+
+
+def _rerotate_layers(ops: LayerOps, k: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                     rope: RopeConfig) -> torch.Tensor:
+    """K [L, n, H, D] re-rotated from positions ``old`` to ``new`` [n], every layer at once
+    (tokens first, (layer, head) pairs as heads)."""
+    n = int(k.shape[1])
+    rows = k.transpose(0, 1).reshape(n, -1, ops.head_dim)
+    return rerotate_k(rows, old, new, rope).view(
+        n, ops.num_layers, ops.kv_heads, ops.head_dim).transpose(0, 1)
 
 
 def _place_chunks(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -220,10 +228,7 @@ def _place_chunks(ops: LayerOps, input_ids: torch.Tensor, positions: torch.Tenso
                              f"the model ({ops.num_layers}, n, {ops.kv_heads}, {ops.head_dim})")
         old = torch.arange(chunk.kv.position, chunk.kv.position + n, device=dev)
         new = positions[s:s + n]
-        # Every layer at once: tokens first, (layer, head) pairs as heads.
-        k = chunk.kv.k.to(dev).transpose(0, 1).reshape(n, -1, ops.head_dim)
-        cached_k[:, s:s + n] = rerotate_k(k, old, new, rope).view(
-            n, ops.num_layers, ops.kv_heads, ops.head_dim).transpose(0, 1)
+        cached_k[:, s:s + n] = _rerotate_layers(ops, chunk.kv.k.to(dev), old, new, rope)
         cached_v[:, s:s + n] = chunk.kv.v.to(dev)
         reused[s:s + n] = True
         chunk_of[s:s + n] = i
