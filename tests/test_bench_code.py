@@ -77,7 +77,8 @@ def test_code_rag_and_multiturn_measure_a_running_server(tmp_path: Path,
                                "--answer-tokens", "4"], capture_output=True, text=True,
                               timeout=900)
 
-    with SGLangServer(model_path, ["--enable-cache-report"],
+    # A bounded pool: SGLang's default takes most of the RAM, ~26 s to allocate here.
+    with SGLangServer(model_path, ["--enable-cache-report", "--max-total-tokens", "32768"],
                       log_path=tmp_path / "server.log") as server:
         code = bench("code", "--json", str(tmp_path / "code.json"), "--url", server.url,
                      "--functions", "12", "--edits", "2")

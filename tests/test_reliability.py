@@ -26,7 +26,7 @@ import boto3
 import pytest
 from server_pool import ServerPool, salt
 from tiers_common import (
-    FILLERS,
+    EVICTING,
     FROM_TIER,
     MAX_NEW,
     PROMPTS,
@@ -59,9 +59,9 @@ STORM = [build_context(45, seed=s)[0] + "Total crates:" for s in (31, 32, 33)]
 @pytest.fixture(scope="module")
 def expected(hf_greedy: Callable[..., list[list[int]]]) -> dict[str, list[int]]:
     prompts = hf_greedy(PROMPTS, MAX_NEW)
-    fillers = hf_greedy(FILLERS, 2)
+    fillers = hf_greedy(EVICTING, 2)
     return {**dict(zip(PROMPTS, prompts, strict=True)),
-            **dict(zip(FILLERS, fillers, strict=True))}
+            **dict(zip(EVICTING, fillers, strict=True))}
 
 
 def _record(name: str, **figures: object) -> None:
@@ -111,7 +111,7 @@ def test_corruption_while_traffic_runs_is_never_served(
         corrupter.start()
         try:
             for round_ in range(4):
-                for filler, done in zip(FILLERS, evict_context(srv), strict=True):
+                for filler, done in evict_context(srv):
                     outputs.append((filler, done.output_ids))
                 i = round_ % 2
                 outputs.append((PROMPTS[i], ask(srv, i).output_ids))
@@ -243,8 +243,7 @@ def test_full_disk_drops_writes_and_serving_goes_on(model_path: Path, log_dir: P
                          "--kvext-disk-dir", str(small), "--kvext-disk-size", "1GiB") as srv:
             outputs = [(PROMPTS[0], ask(srv, 0).output_ids)]
             for round_ in range(2):
-                outputs += [(f, c.output_ids)
-                            for f, c in zip(FILLERS, evict_context(srv), strict=True)]
+                outputs += [(f, c.output_ids) for f, c in evict_context(srv)]
                 outputs.append((PROMPTS[1 - round_], ask(srv, 1 - round_).output_ids))
             time.sleep(2.5)
             metrics = srv.get_text("/metrics")
@@ -294,7 +293,7 @@ def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
         out = []
         for i in order:
             out.append((PROMPTS[i], ask(srv, i).output_ids))
-            out += [(f, c.output_ids) for f, c in zip(FILLERS, evict_context(srv), strict=True)]
+            out += [(f, c.output_ids) for f, c in evict_context(srv)]
         return out
 
     watcher = threading.Thread(target=watch_disk, daemon=True)
