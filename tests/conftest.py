@@ -108,8 +108,7 @@ def hf_greedy(model_path: Path) -> Callable[[Sequence[str], int], list[list[int]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
-    # Several server tests ask for the same prompts; transformers runs each once per session
-    # (slowly: an idle SGLang scheduler keeps one of the two cores busy meanwhile).
+    # Several server tests ask for the same prompts; transformers runs each once per session.
     done: dict[tuple[str, int], list[int]] = {}
 
     def generate(prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
