@@ -242,8 +242,9 @@ def test_scheduler_route_times_the_passes_of_a_request(server: SGLangServer) -> 
     assert 0 < got["longest_forward_s"] <= got["forward_s"] < got["window_s"], got
     assert 0 < got["longest_gap_s"] < got["window_s"], got     # between its own decode steps
     parts = got["longest_gap_parts"]            # SGLang's loop phases, hooked in the server
-    # Every pass receives and schedules before it runs a batch; SGLang's overlap loop (on by
-    # default, CPU included) processes a result one pass late, so not every gap holds one.
+    # Every pass receives and schedules before it runs a batch; a result is processed right
+    # after its forward (the harness turns SGLang's overlap loop off on CPU; with it on, a
+    # result is processed one pass late), so these are all a gap may hold.
     assert {"sglang.ingest_requests", "sglang.get_next_batch_to_run"} <= set(parts), got
     assert set(parts) <= {"sglang.ingest_requests", "sglang.get_next_batch_to_run",
                           "sglang.process_batch_result", "admit", "write_through"}, got

@@ -12,8 +12,9 @@ between forwards is timed by part (:meth:`SchedulerGaps.timed`: tier admission, 
 blends), and so are the scheduler loop's phases (``sglang.*``: receiving requests, choosing
 the next batch, processing a result). The longest gap reports its parts, so a stall names
 what filled it; parts nest (an admission runs inside ``sglang.get_next_batch_to_run``).
-SGLang's overlap loop (its default, on CPU too) processes a batch's result after launching the
-next forward, so that work lands in the gap after; a gap may hold no result processing.
+SGLang's overlap loop (its default, on CPU too; the harness turns it off on CPU) processes a
+batch's result after launching the next forward, so that work lands in the gap after; a gap
+may hold no result processing.
 
 ``POST /kvext/scheduler`` answers :meth:`SchedulerGaps.report` (``{"reset": true}`` starts a
 new window), so a benchmark can measure each load from the server's side.
