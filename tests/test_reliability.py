@@ -141,7 +141,7 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
         start = time.perf_counter()
         assert ask(srv, 0).output_ids == expected[PROMPTS[0]]
         cold_s = time.perf_counter() - start
-        evict_context(srv)                           # the context now lives in S3 only
+        evict_context(srv, below_host=True)          # the context now lives in S3 only
         weed.stop()
         outage_s, failed = [], 0
         for i in (1, 0, 1):
@@ -153,7 +153,7 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
                 continue
             outage_s.append(time.perf_counter() - started)
             assert got.output_ids == expected[PROMPTS[i]]
-            evict_context(srv)
+            evict_context(srv, below_host=True)
         started = time.perf_counter()        # a registration S3 refused is reported, not awaited
         with pytest.raises(PrewarmFailed, match="fragments could not be registered"):
             prewarm_corpus(srv.url, [doc], timeout_s=300, attempts=2)
@@ -169,7 +169,7 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
             hits_after = metric(srv.get_text("/metrics"), "kvext_tier_hits_total", "s3")
             if hits_after > before and got.cached_tokens >= FROM_TIER:
                 break
-            evict_context(srv)
+            evict_context(srv, below_host=True)
         assert prewarm_corpus(srv.url, [doc], timeout_s=300).fragments >= 1
     _record("s3_outage", s3_timeout_s=timeout_s, cold_request_s=round(cold_s, 2),
             outage_requests=len(outage_s) + failed, failed=failed,
@@ -198,7 +198,7 @@ def test_sigkill_while_spilling_then_warm_restart(model_path: Path, log_dir: Pat
     srv = tier_server(model_path, log_dir, "killed", *args).start()
     try:
         assert ask(srv, 0).output_ids == expected[PROMPTS[0]]
-        evict_context(srv)                           # the context is on disk
+        evict_context(srv)                           # the context is written down to disk
         stored = len(list((disk / "objects").rglob("*.kvx")))
         storm = [threading.Thread(target=_ignore_errors, args=(srv.generate, f, 2))
                  for f in STORM]
@@ -324,23 +324,28 @@ def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
 
 
 def _tenants_stay_apart(srv: SGLangServer, record: str, tier_hits: Callable[[], float],
-                        expected: dict[str, list[int]], salts: tuple[str, str, str]) -> None:
-    """Tenant A's KV, on device and in the tiers, is never served to C or B; it is to A."""
+                        expected: dict[str, list[int]], salts: tuple[str, str, str],
+                        below_host: bool = False) -> None:
+    """Tenant A's KV, on device and in the tiers, is never served to C or B; it is to A
+    (from the host tier, or with ``below_host`` from the one under it)."""
     a, b, c = salts
     a_first = ask(srv, 0, salt=a)
     c_device = ask(srv, 0, salt=c)                   # A's KV is on device: not for C
-    evict_context(srv)
+    evict_context(srv, below_host)
     hits = tier_hits()
     b_tier = ask(srv, 1, salt=b)                     # A's and C's KV is in the tiers: not for B
     b_hits = tier_hits() - hits
-    evict_context(srv)
+    evict_context(srv, below_host)
+    hits = tier_hits()
     a_again = ask(srv, 1, salt=a)                    # ... but it is for A
+    a_hits = tier_hits() - hits
     _record(record, other_tenant_cached_tokens=[c_device.cached_tokens, b_tier.cached_tokens],
-            other_tenant_tier_hits=b_hits, own_cached_tokens=a_again.cached_tokens)
+            other_tenant_tier_hits=b_hits, own_cached_tokens=a_again.cached_tokens,
+            own_tier_hits=a_hits)
     assert a_first.output_ids == c_device.output_ids == expected[PROMPTS[0]]
     assert b_tier.output_ids == a_again.output_ids == expected[PROMPTS[1]]
     assert c_device.cached_tokens == 0 and b_tier.cached_tokens == 0 and b_hits == 0
-    assert a_again.cached_tokens >= FROM_TIER
+    assert a_again.cached_tokens >= FROM_TIER and a_hits > 0
 
 
 @pytest.mark.uses_server("chain")
@@ -363,4 +368,4 @@ def test_tenants_never_share_kv(tier: str, model_path: Path, log_dir: Path, tmp_
     with tier_server(model_path, log_dir, f"tenants-{tier}", "--enable-metrics",
                      *tier_args(tier, tmp_path, seaweed), env=seaweed_env(seaweed)) as srv:
         _tenants_stay_apart(srv, f"tenants_{tier}", tier_hits, expected,
-                            ("tenant-a", "tenant-b", "tenant-c"))
+                            ("tenant-a", "tenant-b", "tenant-c"), below_host=tier != "host")

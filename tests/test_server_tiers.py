@@ -107,7 +107,7 @@ def test_evicted_prefix_comes_back_exact(tier: str, model_path: Path, log_dir: P
     with tier_server(model_path, log_dir, tier, "--enable-metrics",
                  *tier_args(tier, tmp_path, seaweed), env=seaweed_env(seaweed)) as server:
         first = ask(server, 0)
-        evict_context(server)
+        evict_context(server, below_host=tier != "host")
         second = ask(server, 1)
         time.sleep(2.5)                            # the exporter copies counters every second
         metrics = server.get_text("/metrics")
@@ -131,7 +131,7 @@ def test_corrupt_disk_objects_mean_recompute(model_path: Path, log_dir: Path, tm
     args = ["--kvext-host-size", "40MiB", "--kvext-disk-dir", str(disk)]
     with tier_server(model_path, log_dir, "corrupt", *args) as server:
         assert ask(server, 0).output_ids == expected[0]
-        evict_context(server)
+        evict_context(server, below_host=True)
         objects = sorted((disk / "objects").rglob("*.kvx"))
         assert objects
         for path in objects:                       # flip a byte in every stored page

@@ -15,6 +15,7 @@ from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier
+from sgl_kvext.tiers.metrics import MeteredTier
 from sgl_kvext.tiers.objects import KVPage
 
 NS = bytes(range(32))
@@ -278,4 +279,17 @@ def test_event_listeners_hear_what_each_tier_stores_and_removes(tmp_path: Path) 
     heard.clear()
     chain.delete([key_of(0)])
     assert [(e.stored, e.keys) for e in heard if e.tier == 1] == [(False, (key_of(0),))]
+    chain.close()
+
+
+def test_a_page_read_from_a_write_queue_counts_as_that_tiers_hit() -> None:
+    stuck = _BlockedTier()
+    host, lower = MeteredTier(HostTier(1 * PAGE, "lru", block_bytes=PAGE)), MeteredTier(stuck)
+    chain = TierChain([host, lower], "write_back")
+    chain.put([page_of(0)])
+    chain.put([page_of(1)])                     # demotes page 0 into the stuck tier's queue
+    got = chain.get([key_of(0)], promote=False)
+    assert [p.key for p in got.pages] == [key_of(0)] and got.tiers == (1,)
+    assert lower.snapshot()["hits"] == 1 and lower.snapshot()["bytes_out"] == PAGE
+    stuck.release.set()
     chain.close()

@@ -60,16 +60,19 @@ def tier_server(model_path: Path, log_dir: Path, name: str, *args: str,
     return SGLangServer(model_path, [*BASE, *args], log_path=log_dir / f"{name}.log", env=env)
 
 
-#: Enough to push the context out of the device pool and the host tier: the first filler's
-#: ~1,100 new tokens do not fit beside the context in the 1,400-token pool, and its 35 pages
-#: overflow the 40 MiB host tier (28 pages), whose least recent are the context's.
-EVICTING = FILLERS[:1]
+#: What :func:`evict_context` may send. The first filler pushes the context out of the
+#: 1,400-token device pool into the host tier (its ~1,100 new tokens do not fit beside it);
+#: the second pushes the first one's 35 pages into the 40 MiB host tier (28 pages), whose
+#: least recent are the context's: they leave it (and stay on disk / S3). A page reaches the
+#: host tier only when the device evicts it, so one filler never gets the context below host.
+EVICTING = FILLERS[:2]
 
 
-def evict_context(srv: SGLangServer) -> list[tuple[str, Completion]]:
-    """The :data:`EVICTING` fillers, one after another, with their completions: the
-    context's pages leave the device pool and the host tier (they stay on disk / S3)."""
-    return [(filler, srv.generate(filler, max_new_tokens=2)) for filler in EVICTING]
+def evict_context(srv: SGLangServer, below_host: bool = False) -> list[tuple[str, Completion]]:
+    """:data:`EVICTING` fillers, one after another, with their completions: the context's
+    pages leave the device pool, and with ``below_host`` the host tier too."""
+    return [(filler, srv.generate(filler, max_new_tokens=2))
+            for filler in EVICTING[:2 if below_host else 1]]
 
 
 def metrics(srv: SGLangServer) -> str:

@@ -5,7 +5,8 @@
   Pages a tier rejects (too large) go to the next one.
 - Writes to lower tiers are asynchronous: one writer thread per lower tier drains a bounded
   queue bounded in bytes; a batch that does not fit is dropped at once and counted (a put
-  never blocks: it runs on the scheduler thread). Queued pages stay readable until written.
+  never blocks: it runs on the scheduler thread). Queued pages stay readable until written
+  (a read of one counts as a hit of its tier).
 - ``lookup`` answers, for consecutive page keys, the longest run held from the start and the
   tier of each page; ``get`` loads that run and promotes pages found below into the first tier.
 - Loss listeners (``on_loss``) hear of every page this process sees leave the chain, so a
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from sgl_kvext.tiers.base import PutResult, Tier
+from sgl_kvext.tiers.metrics import MeteredTier
 from sgl_kvext.tiers.objects import KVPage
 
 if TYPE_CHECKING:
@@ -319,6 +321,9 @@ class TierChain:
         if writer is not None:
             with writer.lock:
                 queued = {k: writer.pending[k] for k in keys if k in writer.pending}
+        tier = self.tiers[index]
+        if queued and isinstance(tier, MeteredTier):     # a hit of this tier all the same
+            tier.count_queued_hits(list(queued.values()))
         rest = [k for k in keys if k not in queued]
         return {**queued, **(self.tiers[index].get(rest) if rest else {})}
 

@@ -81,6 +81,13 @@ class MeteredTier(Tier):
                                                                               strict=True) if d))
         return done
 
+    def count_queued_hits(self, pages: Sequence[KVPage]) -> None:
+        """``pages`` were read from this tier's write queue (see ``TierChain``): hits of
+        this tier like any other; no operation ran, so no latency is observed."""
+        with self._lock:
+            self._counts["hits"] += len(pages)
+            self._counts["bytes_out"] += sum(p.nbytes for p in pages)
+
     def put(self, pages: Sequence[KVPage]) -> PutResult:
         start = time.perf_counter()
         result = self.inner.put(pages)
