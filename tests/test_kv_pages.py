@@ -1,5 +1,5 @@
 """PagedKV.scatter_tokens writes exactly the tokens asked for, into contiguous or scattered
-slots, from any token of the first page on."""
+slots, from any token of the first page on, from pages in order or picked by an index."""
 
 from __future__ import annotations
 
@@ -17,13 +17,20 @@ def _pool() -> PagedKV:
     return PagedKV(k, v, T)
 
 
+@pytest.mark.parametrize("indexed", [False, True])
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize(("skip", "n"), [(0, 12), (0, 10), (1, 3), (3, 9), (2, 1), (1, 11)])
-def test_scatter_writes_each_token_to_its_slot(contiguous: bool, skip: int, n: int) -> None:
+def test_scatter_writes_each_token_to_its_slot(indexed: bool, contiguous: bool, skip: int,
+                                               n: int) -> None:
     pool = _pool()
-    pages = torch.randn(3, 2, LAYERS, T, HEADS, DIM, generator=torch.Generator().manual_seed(n))
+    rows = torch.randn(7, 2, LAYERS, T, HEADS, DIM, generator=torch.Generator().manual_seed(n))
+    index = torch.tensor([5, 0, 3])                 # the rows of the three pages, in order
+    pages = rows[index]
     slots = torch.arange(20, 20 + n) if contiguous else torch.randperm(SLOTS)[:n]
-    pool.scatter_tokens(slots, pages, skip=skip)
+    if indexed:
+        pool.scatter_tokens(slots, rows, skip=skip, index=index)
+    else:
+        pool.scatter_tokens(slots, pages, skip=skip)
     flat = pages.permute(1, 2, 0, 3, 4, 5).reshape(2, LAYERS, 3 * T, HEADS, DIM)
     for side, buffers in enumerate((pool.k, pool.v)):
         for layer, buf in enumerate(buffers):

@@ -1,4 +1,5 @@
-"""KVTiering loads through a bounded staging buffer: batches of pages, exact KV, misses."""
+"""KVTiering loads through a bounded staging buffer or straight from the host tier's memory:
+batches of pages, exact KV, misses."""
 
 import pytest
 import torch
@@ -17,14 +18,16 @@ T, LAYERS, HEADS, DIM, SLOTS = 4, 2, 2, 4, 256
 IDENTITY = ModelIdentity("cfg", "weights", "float32", T, "mha:layers=2,kv_heads=2,head_dim=4")
 
 
-@pytest.fixture
-def tiering(monkeypatch):
+# Host blocks of one page each (a batch is scattered from the tier's memory in place) or of
+# less than a page (pages span blocks: read through the staging buffer).
+@pytest.fixture(params=[1024, 100], ids=["in-place", "staged"])
+def tiering(monkeypatch, request):
     monkeypatch.setattr(loads, "_STAGING_BYTES", 3 * 2 * LAYERS * T * HEADS * DIM * 4 + 1)
     gen = torch.Generator().manual_seed(0)
     k = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
     v = [torch.randn(SLOTS, HEADS, DIM, generator=gen) for _ in range(LAYERS)]
-    t = KVTiering(PagedKV(k, v, T), TierChain([HostTier(1 << 20, block_bytes=1024)]), IDENTITY,
-                  prefetch_threads=1)
+    chain = TierChain([HostTier(1 << 20, block_bytes=request.param)])
+    t = KVTiering(PagedKV(k, v, T), chain, IDENTITY, prefetch_threads=1)
     yield t
     t.close()
 

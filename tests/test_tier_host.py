@@ -168,3 +168,33 @@ def test_a_page_locked_pool_is_unlocked_when_closed_or_collected(monkeypatch) ->
     gc.collect()
     assert [c[0] for c in calls] == ["pin", "unpin", "pin", "unpin"]
     assert calls[0][1] == calls[1][1] and calls[2][1] == calls[3][1]
+
+
+def test_pages_read_in_place_are_its_memory_rows_only_when_each_is_one_block() -> None:
+    import torch
+
+    from sgl_kvext.tiers.metrics import MeteredTier
+    from sgl_kvext.tiers.objects import KVPage
+
+    tier = MeteredTier(HostTier(8 * 256, block_bytes=256))
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (3, 200), dtype=torch.uint8, generator=g)
+    keys = [key_of(i) for i in range(3)]
+    tier.put([KVPage(k, d.numpy().tobytes(), "uint8", (200,))
+              for k, d in zip(keys, data, strict=True)])
+    seen: list[torch.Tensor] = []
+
+    def use(rows: torch.Tensor, index: torch.Tensor) -> None:
+        seen.append(rows[index, :200].clone())
+
+    assert tier.read_in_place(keys[::-1], "uint8", (200,), use)
+    assert torch.equal(seen[0], data.flip(0)) and tier.snapshot()["hits"] == 3
+    # Another dtype or shape, or a page missing: False, and ``use`` is not called.
+    assert not tier.read_in_place(keys, "int8", (200,), use)
+    assert not tier.read_in_place(keys, "uint8", (100, 2), use)
+    assert not tier.read_in_place([*keys, key_of(9)], "uint8", (200,), use)
+    # A page spanning blocks is not one row.
+    spanning = HostTier(8 * 64, block_bytes=64)
+    spanning.put([KVPage(keys[0], data[0].numpy().tobytes(), "uint8", (200,))])
+    assert not spanning.read_in_place(keys[:1], "uint8", (200,), use)
+    assert len(seen) == 1 and tier.snapshot()["hits"] == 3

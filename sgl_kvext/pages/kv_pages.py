@@ -108,7 +108,8 @@ class PagedKV:
                     n, self.tokens, self.kv_heads, self.head_dim)
         return out
 
-    def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0) -> None:
+    def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0,
+                       index: torch.Tensor | None = None) -> None:
         """Write tokens of consecutive pages into pool slots.
 
         Parameters
@@ -119,42 +120,51 @@ class PagedKV:
             Page KV (any device); token ``skip`` of the first page goes to ``slots[0]``.
         skip
             Leading tokens of the first page that are not written.
+        index : (m,) int64, optional
+            The pages in order are ``pages[index]`` (rows of a tier's memory, read where they
+            are: no gathering copy first); all of ``pages`` in order by default.
         """
         n = int(slots.numel())
         if pages.shape[1:] != self.page_shape:
             raise ValueError(f"pages must be (pages, {', '.join(map(str, self.page_shape))}), "
                              f"got {tuple(pages.shape)}")
-        if skip < 0 or skip + n > pages.shape[0] * self.tokens:
-            raise ValueError(f"{n} tokens after skipping {skip} exceed {pages.shape[0]} pages")
         pages = pages.to(self.device, self.dtype, non_blocking=True)
+        order = (torch.arange(pages.shape[0], device=self.device) if index is None
+                 else index.to(self.device))
+        if skip < 0 or skip + n > order.shape[0] * self.tokens:
+            raise ValueError(f"{n} tokens after skipping {skip} exceed {order.shape[0]} pages")
         dst = slots.to(self.device, torch.int64)
         head = min(n, self.tokens - skip) if skip else 0   # a first page entered mid-way
         whole = (n - head) // self.tokens
         tail = n - head - whole * self.tokens
         grid = dst[head:head + whole * self.tokens].view(whole, self.tokens)
         first = 1 if head else 0
+        rows = order[first:first + whole]
         # Fresh slots are usually one ascending run: then every write is a slice copy
         # (measured ~3x faster than indexed writes for a 4k-token load on CPU).
         run = n > 1 and bool((dst[1:] - dst[:-1] == 1).all())
         at = int(dst[0]) if run else 0
         for side, buffers in enumerate((self.k, self.v)):
             for layer, buf in enumerate(buffers):
-                if run:
-                    if head:
-                        buf[at:at + head] = pages[0, side, layer, skip:skip + head]
-                    if whole:
-                        buf[at + head:at + n - tail].view(
-                            whole, self.tokens, self.kv_heads, self.head_dim).copy_(
-                            pages[first:first + whole, side, layer])
-                    if tail:
-                        buf[at + n - tail:at + n] = pages[first + whole, side, layer, :tail]
-                    continue
+                src = pages[:, side, layer]
                 if head:
-                    buf[dst[:head]] = pages[0, side, layer, skip:skip + head]
-                if whole:   # one indexed write of (whole, T, H, D) rows, no reshaping copy
-                    buf[grid] = pages[first:first + whole, side, layer]
+                    part = src[int(order[0]), skip:skip + head]
+                    if run:
+                        buf[at:at + head] = part
+                    else:
+                        buf[dst[:head]] = part
+                if whole and run:     # straight from the source rows into the slice
+                    torch.index_select(src, 0, rows, out=buf[at + head:at + n - tail].view(
+                        whole, self.tokens, self.kv_heads, self.head_dim))
+                elif whole:   # one indexed write of (whole, T, H, D) rows
+                    buf[grid] = src[first:first + whole] if index is None \
+                        else src.index_select(0, rows)
                 if tail:
-                    buf[dst[n - tail:]] = pages[first + whole, side, layer, :tail]
+                    part = src[int(order[first + whole]), :tail]
+                    if run:
+                        buf[at + n - tail:at + n] = part
+                    else:
+                        buf[dst[n - tail:]] = part
 
     def read_tokens(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` (n,) for every layer: two [layers, n, kv_heads, head_dim]

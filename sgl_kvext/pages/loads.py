@@ -4,7 +4,8 @@
 pages read ahead for the request are copied, the others read from the tier the plan found
 them in, and pages that moved down since the plan are looked for in every local tier within
 a time bound. Pages go through one reused staging buffer, a batch at a time, and are then
-scattered into the pool's slots.
+scattered into the pool's slots; on a CPU pool, a batch wholly in the host tier is scattered
+straight from its memory (:meth:`Tier.read_in_place <sgl_kvext.tiers.base.Tier.read_in_place>`).
 
 On a CUDA pool the batch is assembled in device memory: pages in a page-locked host tier are
 DMA'd straight from its blocks (:meth:`Tier.read_to_device
@@ -13,6 +14,7 @@ DMA'd straight from its blocks (:meth:`Tier.read_to_device
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -79,6 +81,12 @@ class PageLoader:
         for lo_page in range(0, len(plan.keys), staging.shape[0]):
             keys = list(plan.keys[lo_page:lo_page + staging.shape[0]])
             tiers = plan.tiers[lo_page:lo_page + len(keys)]
+            first_token = base + lo_page * self.pool.tokens
+            lo = max(plan.start, first_token)
+            hi = min(plan.end, first_token + len(keys) * self.pool.tokens)
+            if self._in_place(keys, tiers, plan.ahead, slots[lo - plan.start:hi - plan.start],
+                              lo - first_token):
+                continue
             on_device = self._device_batch(keys, tiers, plan.ahead)
             direct = [False] * len(keys) if on_device is None else on_device[1]
             views = [staging[i].numpy().data for i in range(len(keys))]
@@ -100,9 +108,6 @@ class PageLoader:
                 rows = on_device[0]
                 for i in (i for i, d in enumerate(direct) if not d):
                     rows[i].copy_(staging[i], non_blocking=True)
-            first_token = base + lo_page * self.pool.tokens
-            lo = max(plan.start, first_token)
-            hi = min(plan.end, first_token + len(keys) * self.pool.tokens)
             pages = rows.view(self.pool.dtype).view(len(keys), *self.pool.page_shape)
             self.pool.scatter_tokens(slots[lo - plan.start:hi - plan.start], pages,
                                      skip=lo - first_token)
@@ -112,6 +117,22 @@ class PageLoader:
             self.counters["loaded_pages"] += len(plan.keys)
             self.counters["ahead_pages"] += ahead
         return LoadOutcome.LOADED
+
+    def _in_place(self, keys: list[bytes], tiers: Sequence[int], ahead: Mapping[bytes, KVPage],
+                  slots: torch.Tensor, skip: int) -> bool:
+        """On a CPU pool, a batch wholly in tier 0 that keeps pages in its own memory (the
+        host tier) is scattered into ``slots`` straight from there: one copy, not two
+        through the staging buffer. Whether it was."""
+        if self.pool.device.type != "cpu" or any(tiers) or any(k in ahead for k in keys):
+            return False
+        dtype = str(self.pool.dtype).removeprefix("torch.")
+        page_elems = math.prod(self.pool.page_shape)
+
+        def scatter(rows: torch.Tensor, index: torch.Tensor) -> None:
+            pages = rows.view(self.pool.dtype)[:, :page_elems].view(-1, *self.pool.page_shape)
+            self.pool.scatter_tokens(slots, pages, skip=skip, index=index)
+
+        return self.chain.tiers[0].read_in_place(keys, dtype, self.pool.page_shape, scatter)
 
     def _device_batch(self, keys: list[bytes], tiers: Sequence[int],
                       ahead: Mapping[bytes, KVPage]) -> tuple[torch.Tensor, list[bool]] | None:

@@ -8,7 +8,7 @@ or unreachable object is a miss, never an exception to the caller and never wron
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -112,6 +112,16 @@ class Tier(ABC):
         [n, page bytes]), complete on return; which were copied, or None when this tier
         cannot (the caller reads host bytes with :meth:`read_into`). Sizes as there."""
         return None
+
+    def read_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                      use: Callable[[torch.Tensor, torch.Tensor], None]) -> bool:
+        """Let ``use`` read every page of ``keys`` where this tier keeps it, without a copy:
+        when each is held in this tier's own CPU memory as one row, with this ``dtype`` and
+        ``shape``, call ``use(rows, index)`` (``rows``: a uint8 tensor [rows, row bytes]
+        viewing that memory, valid during the call only; ``index``: int64 [len(keys)], the
+        row of each page) and return True. Otherwise return False without calling it (the
+        caller reads with :meth:`read_into`); the default."""
+        return False
 
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
                         shape: tuple[int, ...]) -> PutResult | None:

@@ -172,6 +172,24 @@ class HostTier(Tier):
             _sync(out)
         return done
 
+    def read_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                      use: Callable[[torch.Tensor, torch.Tensor], None]) -> bool:
+        """Under the lock (no block is reused while ``use`` reads): the pool's blocks as the
+        rows, when each page is one block (the server sizes blocks to its pages)."""
+        import torch
+
+        with self._lock:
+            entries = [self._index.get(key) for key in keys]
+            if not all(e is not None and len(e.blocks) == 1 and e.dtype == dtype
+                       and e.shape == shape for e in entries):
+                return False
+            for key in keys:
+                self._policy.touch(key)
+            index = torch.tensor([e.blocks[0] for e in entries if e is not None], device="cpu",
+                                 dtype=torch.int64)
+            use(self._pool_tensor().view(-1, self._block), index)
+        return True
+
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
                         shape: tuple[int, ...]) -> PutResult | None:
         """DMA into the page-locked blocks; an evicted page is read out after the copies in

@@ -9,9 +9,10 @@ to :meth:`MeteredTier.snapshot`, the one source of truth that
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
@@ -104,6 +105,17 @@ class MeteredTier(Tier):
             hits = sum(done)
             self._timed("get", start, hits=hits, misses=len(keys) - hits,
                         bytes_out=hits * int(out.shape[1]))
+        return done
+
+    def read_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                      use: Callable[[torch.Tensor, torch.Tensor], None]) -> bool:
+        start = time.perf_counter()
+        done = self.inner.read_in_place(keys, dtype, shape, use)
+        if done:
+            import torch
+
+            page_nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+            self._timed("get", start, hits=len(keys), bytes_out=len(keys) * page_nbytes)
         return done
 
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
