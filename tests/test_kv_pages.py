@@ -38,3 +38,16 @@ def test_scatter_writes_each_token_to_its_slot(indexed: bool, contiguous: bool, 
             untouched = torch.ones(SLOTS, dtype=torch.bool)
             untouched[slots] = False
             assert not buf[untouched].any()
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_gathered_pages_hold_each_slots_tokens(contiguous: bool) -> None:
+    pool = _pool()
+    g = torch.Generator().manual_seed(1)
+    for buf in (*pool.k, *pool.v):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    slots = (torch.arange(8, 8 + 3 * T) if contiguous else torch.randperm(SLOTS)[:3 * T])
+    pages = pool.gather_pages(slots.view(3, T))
+    for side, buffers in enumerate((pool.k, pool.v)):
+        for layer, buf in enumerate(buffers):
+            assert torch.equal(pages[:, side, layer].reshape(3 * T, HEADS, DIM), buf[slots])

@@ -102,10 +102,13 @@ class PagedKV:
         """Fill ``out`` (on the pool's device) with the pages' KV."""
         n = slots.shape[0]
         flat = slots.reshape(-1).to(self.device, torch.int64)
+        # One ascending run (the usual case) is read as a slice: no gathered temporary.
+        run = flat.numel() > 1 and bool((flat[1:] - flat[:-1] == 1).all())
+        at = int(flat[0]) if run else 0
         for side, buffers in enumerate((self.k, self.v)):
             for layer, buf in enumerate(buffers):
-                out[:, side, layer] = buf.index_select(0, flat).view(
-                    n, self.tokens, self.kv_heads, self.head_dim)
+                rows = buf[at:at + flat.numel()] if run else buf.index_select(0, flat)
+                out[:, side, layer] = rows.view(n, self.tokens, self.kv_heads, self.head_dim)
         return out
 
     def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0,
