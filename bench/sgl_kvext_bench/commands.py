@@ -48,7 +48,8 @@ def multiturn(args: argparse.Namespace) -> int:
                                                  "p50_speedup_vs_no_cache") if k in results]
     hit = results.get("host_hit_4k")
     if hit:
-        extra.append(f"4k prefix: device hit {hit['ttft_device_s']:.3f}s, host hit "
+        extra.append(f"4k prefix, median of {hit['rounds']}: device hit "
+                     f"{hit['ttft_device_s']:.3f}s, host hit "
                      f"{hit['ttft_host_s']:.3f}s ({hit['host_over_device']:.2f}x), cold "
                      f"{hit['ttft_cold_s']:.3f}s; cached tokens {hit['device_cached_tokens']} "
                      f"/ {hit['host_cached_tokens']} ({hit['host_tier_tokens']} from the tier)")
