@@ -13,7 +13,8 @@ def test_tier_bench_writes_every_field(tmp_path: Path, model_path: Path) -> None
     out = tmp_path / "tiers.json"
     result = subprocess.run(
         [sys.executable, "-m", "sgl_kvext_bench.cli", "tiers", "--json", str(out),
-         "--objects", "3", "--object-mib", "1", "--repeats", "1", "--work-dir", str(tmp_path)],
+         "--objects", "3", "--object-mib", "1", "--repeats", "1", "--work-dir", str(tmp_path),
+         "--pool-tokens", "200"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -22,6 +23,9 @@ def test_tier_bench_writes_every_field(tmp_path: Path, model_path: Path) -> None
             assert data[tier][field] > 0
     assert data["codec"]["ratio"] > 1.0
     assert data["codec"]["compress_mbps"] > 0 and data["codec"]["decompress_mbps"] > 0
+    for op in ("spill", "load"):               # every load was checked token for token
+        assert data["pool"][f"{op}_in_place_s"] > 0 and data["pool"][f"{op}_staged_s"] > 0
+    assert data["pool"]["copy_s"] > 0 and "pool <-> host tier, 200 tokens" in result.stdout
     assert "| disk |" in result.stdout
     assert not list(tmp_path.glob("tmp*"))     # its work folder was removed
 

@@ -293,3 +293,28 @@ def test_a_page_read_from_a_write_queue_counts_as_that_tiers_hit() -> None:
     assert lower.snapshot()["hits"] == 1 and lower.snapshot()["bytes_out"] == PAGE
     stuck.release.set()
     chain.close()
+
+
+def test_pages_put_in_place_go_down_from_copies_of_their_own(tmp_path: Path) -> None:
+    import torch
+
+    chain = small_chain(tmp_path, "write_through", host_pages=2)
+    pages = [page_of(i) for i in range(3)]
+    by_key = {p.key: p for p in pages}
+    kind = (pages[0].dtype, pages[0].shape)
+
+    def put(keys: list[bytes]) -> bool:
+        def fill(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+            for row, w in zip(index.tolist(), which.tolist(), strict=True):
+                data = bytearray(by_key[keys[w]].data)
+                rows[row, :PAGE] = torch.frombuffer(data, dtype=torch.uint8)
+
+        return chain.put_in_place(keys, *kind, fill)
+
+    assert put([p.key for p in pages[:2]])
+    assert put([pages[2].key])                                  # evicts page 0
+    chain.flush()
+    for page in pages:                   # on disk byte for byte, whatever reused its block
+        assert_same(chain.tiers[1].get([page.key])[page.key], page)
+    assert chain.lookup([p.key for p in pages]).tiers == (1, 0, 0)
+    chain.close()

@@ -198,3 +198,45 @@ def test_pages_read_in_place_are_its_memory_rows_only_when_each_is_one_block() -
     spanning.put([KVPage(keys[0], data[0].numpy().tobytes(), "uint8", (200,))])
     assert not spanning.read_in_place(keys[:1], "uint8", (200,), use)
     assert len(seen) == 1 and tier.snapshot()["hits"] == 3
+
+
+def test_pages_put_in_place_are_written_where_kept_and_evict_only_older_pages() -> None:
+    import torch
+
+    from sgl_kvext.tiers.objects import KVPage
+
+    tier = HostTier(3 * 256, "lru", block_bytes=256)              # 3 one-page blocks
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (5, 200), dtype=torch.uint8, generator=g)
+    keys = [key_of(i) for i in range(5)]
+    tier.put([KVPage(keys[0], data[0].numpy().tobytes(), "uint8", (200,))])
+    filled: list[list[int]] = []
+    sent = [0, 1, 2, 1, 3]      # key 0 held (touched, not refilled); 1-3 new, 1 repeated
+
+    def fill(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+        filled.append(which.tolist())
+        rows[index, :200] = data[torch.tensor(sent)[which]]
+
+    result = tier.put_in_place([keys[i] for i in sent], "uint8", (200,), fill)
+    assert result is not None and filled == [[1, 2, 4]]
+    assert result.stored == (keys[0], keys[1], keys[2], keys[3])
+    assert [p.key for p in result.evicted] == [keys[0]]           # older than the new pages
+    assert bytes(result.evicted[0].data) == data[0].numpy().tobytes()
+    got = tier.get(keys)
+    assert sorted(got) == sorted(keys[1:4])
+    for i in (1, 2, 3):
+        assert bytes(got[keys[i]].data) == data[i].numpy().tobytes()
+        assert got[keys[i]].dtype == "uint8" and got[keys[i]].shape == (200,)
+    # Cannot: a page over one block, more new pages than blocks, a failing fill (no leak).
+    assert tier.put_in_place([key_of(7)], "uint8", (300,), fill) is None
+    assert tier.put_in_place([key_of(i) for i in range(10, 14)], "uint8", (200,), fill) is None
+
+    def broken(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+        raise RuntimeError("fault injected")
+
+    with pytest.raises(RuntimeError):
+        tier.put_in_place([key_of(20), key_of(21)], "uint8", (200,), broken)
+    assert tier.exists([key_of(20)]) == [False]
+    sent = [0, 1, 2]
+    assert tier.put_in_place([key_of(i) for i in range(30, 33)], "uint8", (200,), fill)
+    assert tier.used_bytes == 3 * 200

@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     tiers.add_argument("--s3-endpoint", default=None,
                        help="use this S3 endpoint instead of starting SeaweedFS on loopback")
     tiers.add_argument("--skip", action="append", default=[], choices=["host", "disk", "s3",
-                                                                         "codec"])
+                                                                         "codec", "pool"])
+    tiers.add_argument("--pool-tokens", type=int, default=4256,
+                       help="tokens spilled to and loaded from the host tier (pool section)")
     mt = _command(sub, "multiturn", "multi-turn chat TTFT: no cache vs SGLang's radix "
                                     "cache vs --enable-hierarchical-kv")
     _server_args(mt)

@@ -55,12 +55,13 @@ def blend(args: argparse.Namespace) -> int:
 def tiers(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.tiers import run_tier_bench
 
-    require_positive(args, "objects", "repeats")
+    require_positive(args, "objects", "repeats", "pool_tokens")
     if not args.object_mib > 0:
         raise BadOption("--object-mib must be > 0")
     results = run_tier_bench(object_bytes=int(args.object_mib * (1 << 20)), objects=args.objects,
                              repeats=args.repeats, work_dir=args.work_dir,
-                             s3_endpoint=args.s3_endpoint, skip=set(args.skip))
+                             s3_endpoint=args.s3_endpoint, skip=set(args.skip),
+                             pool_tokens=args.pool_tokens)
     names = [n for n in ("host", "disk", "disk_keyed", "disk_encrypted", "s3") if results.get(n)]
     rows = [{"tier": n, **{k: v for k, v in results[n].items() if isinstance(v, int | float)}}
             for n in names]
@@ -72,6 +73,14 @@ def tiers(args: argparse.Namespace) -> int:
     extra = [f"\ncodec zstd-1 shuffled on {codec['source']}: ratio {codec['ratio']:.2f}x, "
              f"compress {codec['compress_mbps']:.0f} MB/s, "
              f"decompress {codec['decompress_mbps']:.0f} MB/s"] if codec else []
+    pool = results.get("pool")
+    if pool:
+        extra.append(f"pool <-> host tier, {pool['tokens']} tokens ({pool['bytes'] / 1e6:.0f} MB; "
+                     f"one copy {pool['copy_s'] * 1e3:.1f} ms): spill in place "
+                     f"{pool['spill_in_place_s'] * 1e3:.1f} ms / staged "
+                     f"{pool['spill_staged_s'] * 1e3:.1f} ms, load in place "
+                     f"{pool['load_in_place_s'] * 1e3:.1f} ms / staged "
+                     f"{pool['load_staged_s'] * 1e3:.1f} ms")
     return finish(args, results, table, rows, extra=extra)
 
 

@@ -7,7 +7,10 @@
   ``disk_encrypted`` with an encryption key (AES-256-GCM);
 - s3: ``S3Tier`` (codec ``none``) put / get vs raw boto3 ``put_object`` / ``get_object`` of
   the same bytes at the same parallelism, against the same SeaweedFS on loopback;
-- codec: zstd level 1 with byte shuffle on real SmolLM2 bf16 KV (ratio, MB/s).
+- codec: zstd level 1 with byte shuffle on real SmolLM2 bf16 KV (ratio, MB/s);
+- pool: spill and load of a ~4k-token path between a KV pool and the host tier, straight
+  into / out of its blocks and through the staging buffer, against one copy of the same
+  bytes (:mod:`sgl_kvext_bench.pool_copy`).
 
 Each figure is the median of ``repeats`` runs, tier and limit alternating.
 """
@@ -216,7 +219,8 @@ def bench_codec(kv: bytes, source: str, repeats: int) -> dict[str, Any]:
 
 
 def run_tier_bench(object_bytes: int, objects: int, repeats: int, work_dir: Path | None,
-                   s3_endpoint: str | None, skip: set[str]) -> dict[str, Any]:
+                   s3_endpoint: str | None, skip: set[str],
+                   pool_tokens: int = 4256) -> dict[str, Any]:
     from sgl_kvext.harness.seaweedfs import SeaweedFS
 
     pages = _pages(objects, object_bytes, seed=0)
@@ -242,4 +246,8 @@ def run_tier_bench(object_bytes: int, objects: int, repeats: int, work_dir: Path
                     out["s3"] = bench_s3(pages, repeats, server.endpoint, server.credentials)
         if "codec" not in skip:
             out["codec"] = bench_codec(*real_kv_bytes(), repeats)
+        if "pool" not in skip:
+            from sgl_kvext_bench.pool_copy import bench_pool
+
+            out["pool"] = bench_pool(pool_tokens, repeats)
     return out

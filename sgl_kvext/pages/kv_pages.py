@@ -94,12 +94,25 @@ class PagedKV:
                             device=self.device)
         return self._gather(slots, pages)
 
+    def gather_into(self, slots: torch.Tensor, pages: torch.Tensor, index: torch.Tensor) -> None:
+        """KV of whole pages (``slots`` as in :meth:`gather_pages`) written into
+        ``pages[index[j]]`` for page ``j``: rows of a tier's memory on the pool's device
+        (``pages``: (rows, 2, layers, tokens_per_page, kv_heads, head_dim), any strides)."""
+        self._check_slots(slots)
+        if pages.shape[1:] != self.page_shape or pages.dtype != self.dtype \
+                or index.shape != (slots.shape[0],):
+            raise ValueError(f"pages must be (rows, {', '.join(map(str, self.page_shape))}) "
+                             f"{self.dtype} and index ({slots.shape[0]},)")
+        self._gather(slots, pages, index.to(pages.device))
+
     def _check_slots(self, slots: torch.Tensor) -> None:
         if slots.dim() != 2 or slots.shape[1] != self.tokens:
             raise ValueError(f"slots must be (pages, {self.tokens}), got {tuple(slots.shape)}")
 
-    def _gather(self, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (on the pool's device) with the pages' KV."""
+    def _gather(self, slots: torch.Tensor, out: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill ``out`` (on the pool's device) with the pages' KV, page ``j`` at ``out[j]``
+        or, given ``index``, at ``out[index[j]]``."""
         n = slots.shape[0]
         flat = slots.reshape(-1).to(self.device, torch.int64)
         # One ascending run (the usual case) is read as a slice: no gathered temporary.
@@ -107,8 +120,12 @@ class PagedKV:
         at = int(flat[0]) if run else 0
         for side, buffers in enumerate((self.k, self.v)):
             for layer, buf in enumerate(buffers):
-                rows = buf[at:at + flat.numel()] if run else buf.index_select(0, flat)
-                out[:, side, layer] = rows.view(n, self.tokens, self.kv_heads, self.head_dim)
+                rows = (buf[at:at + flat.numel()] if run else buf.index_select(0, flat)).view(
+                    n, self.tokens, self.kv_heads, self.head_dim)
+                if index is None:
+                    out[:, side, layer] = rows
+                else:
+                    out[index, side, layer] = rows
         return out
 
     def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0,

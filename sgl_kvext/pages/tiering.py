@@ -22,6 +22,7 @@ The tree calls this module and knows nothing of tiers; the tiers know nothing of
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -169,14 +170,17 @@ class KVTiering:
         if n_tail:
             self._tails.add_length(after, n_tail)
         # A batch at a time, the staging buffer's size: on a CUDA pool gathered on the device
-        # and DMA'd into a page-locked host tier where the chain can; else through the
-        # staging buffer, whose bytes the chain copies where it keeps them (``borrowed``).
+        # and DMA'd into a page-locked host tier where the chain can; on a CPU pool gathered
+        # straight into the host tier's blocks where it can; else through the staging
+        # buffer, whose bytes the chain copies where it keeps them (``borrowed``).
         staging = self.loader.staging()
         todo_slots = page_slots[torch.tensor(todo, dtype=torch.int64, device=page_slots.device)]
         dtype = str(self.pool.dtype).removeprefix("torch.")
         for lo in range(0, len(todo), staging.shape[0]):
             batch = [keys[p] for p in todo[lo:lo + staging.shape[0]]]
             slots_of = todo_slots[lo:lo + len(batch)]
+            if self.pool.device.type == "cpu" and self._spill_in_place(batch, slots_of, dtype):
+                continue
             if self.pool.device.type == "cuda":
                 rows = self.pool.gather_on_device(slots_of).view(torch.uint8).view(len(batch), -1)
                 if self.chain.put_from_device(batch, rows, dtype, self.pool.page_shape):
@@ -192,6 +196,17 @@ class KVTiering:
         return len(todo)
 
     # ------------------------------------------------------------------- load
+    def _spill_in_place(self, keys: list[bytes], slots: torch.Tensor, dtype: str) -> bool:
+        """Gather the pages of ``slots`` (pages, tokens) straight into the first tier's
+        memory (the host tier), when the chain can; whether it did."""
+        elems = math.prod(self.pool.page_shape)
+
+        def fill(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+            pages = rows.view(self.pool.dtype)[:, :elems].view(-1, *self.pool.page_shape)
+            self.pool.gather_into(slots[which], pages, index)
+
+        return self.chain.put_in_place(keys, dtype, self.pool.page_shape, fill)
+
     def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
              prefetch_id: Hashable | None = None,
              prefix: Iterable[tuple[Hashable, int]] = (), align: int = 1) -> LoadPlan | Miss:

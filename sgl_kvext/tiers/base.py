@@ -123,6 +123,17 @@ class Tier(ABC):
         caller reads with :meth:`read_into`); the default."""
         return False
 
+    def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                     fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+                     ) -> PutResult | None:
+        """:meth:`put` of pages that ``fill`` writes where this tier keeps them, without a
+        staging copy: ``fill(rows, index, which)`` writes page ``which[j]`` (a position in
+        ``keys``) into ``rows[index[j]]`` (``rows``: a uint8 CPU tensor [rows, row bytes]
+        viewing this tier's memory, valid during the call only; a row holds one page of this
+        ``dtype`` and ``shape`` from its start), for the keys not held already. None when
+        this tier cannot (nothing stored; the caller passes bytes to put); the default."""
+        return None
+
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
                         shape: tuple[int, ...]) -> PutResult | None:
         """:meth:`put` of pages whose bytes are the rows of a CUDA uint8 tensor [n, bytes]

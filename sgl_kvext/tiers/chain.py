@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -164,6 +165,33 @@ class TierChain:
             queued = [_owned(p) for p in pages] if borrowed else pages
             for index in self._writers:
                 self._enqueue(index, queued)
+
+    def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                     fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> bool:
+        """Store pages that ``fill`` writes straight into the first tier's memory (see
+        :meth:`Tier.put_in_place`), when it can take them; False: nothing was stored, pass
+        bytes to :meth:`put`. The pages it wrote are written through from copies of their own
+        (pages it held already went down when they were stored)."""
+        import torch
+
+        through = self.write_policy == "write_through" and bool(self._writers)
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+        copies: list[KVPage] = []
+
+        def fill_and_copy(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+            fill(rows, index, which)
+            if through:
+                out = rows.index_select(0, index).numpy()     # read before any reuse
+                copies.extend(KVPage(keys[int(w)], out[j, :nbytes].data, dtype, shape)
+                              for j, w in enumerate(which))
+
+        result = self.tiers[0].put_in_place(keys, dtype, shape, fill_and_copy)
+        if result is None:
+            return False
+        self._settle(0, result, [])
+        for index in self._writers if through else ():
+            self._enqueue(index, copies)
+        return True
 
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
                         shape: tuple[int, ...]) -> bool:

@@ -9,6 +9,7 @@ Thread-safe: one lock guards the index; copies run under it (they are memcpy-spe
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 import weakref
@@ -226,6 +227,42 @@ class HostTier(Tier):
                 stored.append(key)
             _sync(rows)
         return PutResult(tuple(stored), tuple(rejected), tuple(evicted))
+
+    def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                     fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+                     ) -> PutResult | None:
+        """When each page fits one block and the new ones fit the tier: the blocks are freed
+        first (no page of this call is evicted unwritten), filled, then indexed."""
+        import torch
+
+        itemsize = getattr(torch, dtype).itemsize
+        nbytes = math.prod(shape) * itemsize
+        if not 0 < nbytes <= self._block or self._block % itemsize:
+            return None
+        with self._lock:
+            held = [key in self._index for key in keys]
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}   # a key written once
+            new = [i for i, (k, h) in enumerate(zip(keys, held, strict=True))
+                   if not h and first[k] == i]
+            if len(new) > self._pool.shape[0]:
+                return None
+            for key in (k for k, h in zip(keys, held, strict=True) if h):
+                self._policy.touch(key)          # recent before anything is evicted
+            evicted = [self._evict_one() for _ in range(len(new) - len(self._free))]
+            blocks = [self._free.pop() for _ in new]
+            try:
+                if new:
+                    fill(self._pool_tensor().view(-1, self._block),
+                         torch.tensor(blocks, dtype=torch.int64, device="cpu"),
+                         torch.tensor(new, dtype=torch.int64, device="cpu"))
+            except BaseException:
+                self._free.extend(blocks)        # nothing half-written is indexed
+                raise
+            for i, block in zip(new, blocks, strict=True):
+                self._index[keys[i]] = _Entry([block], nbytes, dtype, shape)
+                self._policy.admit(keys[i])
+                self._used += nbytes
+        return PutResult(tuple(dict.fromkeys(keys)), (), tuple(evicted))
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:
         stored: list[bytes] = []

@@ -118,6 +118,19 @@ class MeteredTier(Tier):
             self._timed("get", start, hits=len(keys), bytes_out=len(keys) * page_nbytes)
         return done
 
+    def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
+                     fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+                     ) -> PutResult | None:
+        start = time.perf_counter()
+        result = self.inner.put_in_place(keys, dtype, shape, fill)
+        if result is not None:
+            import torch
+
+            page_nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+            self._timed("put", start, bytes_in=page_nbytes * len(result.stored),
+                        evictions=len(result.evicted), rejected=len(result.rejected))
+        return result
+
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
                         shape: tuple[int, ...]) -> PutResult | None:
         start = time.perf_counter()

@@ -1,0 +1,98 @@
+"""Spill and load between a KV pool and the host tier against a plain copy of the same bytes.
+
+A CPU pool of SmolLM2-135M's KV shape (bf16, 30 layers, 3 KV heads of 64, 32-token pages)
+spills a ``tokens``-token path into a ``HostTier`` whose blocks are one page (as the server
+sizes them) and loads it back into other slots, two ways in one run, alternating:
+
+- ``in_place``: pages gathered straight into the tier's blocks and scattered straight out
+  of them (``Tier.put_in_place`` / ``Tier.read_in_place``, what the server does);
+- ``staged``: through the loader's staging buffer (the path for tiers that cannot).
+
+The limit is one ``copy_`` of the same bytes between two contiguous tensors. Every load is
+checked token for token. Each figure is the median of ``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from sgl_kvext.pages.keys import DEFAULT_TENANT, ModelIdentity
+from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.pages.plans import LoadPlan
+from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.tiers.chain import TierChain
+from sgl_kvext.tiers.host import HostTier
+
+LAYERS, KV_HEADS, HEAD_DIM, PAGE_TOKENS = 30, 3, 64, 32
+MODES = ("in_place", "staged")
+
+
+class _StagedHostTier(HostTier):
+    """The host tier without its in-place paths: the staged path, for comparison."""
+
+    def put_in_place(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def read_in_place(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+
+def _tiering(tier: HostTier, slots: int) -> KVTiering:
+    gen = torch.Generator().manual_seed(0)
+    k, v = ([torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+             for _ in range(LAYERS)] for _ in range(2))
+    identity = ModelIdentity("bench", "bench", "bfloat16", PAGE_TOKENS,
+                             f"mha:layers={LAYERS},kv_heads={KV_HEADS},head_dim={HEAD_DIM}")
+    return KVTiering(PagedKV(k, v, PAGE_TOKENS), TierChain([tier], "write_back"), identity,
+                     prefetch_threads=1)
+
+
+def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
+    """Median spill and load seconds of a ``tokens``-token path per mode, and the limit."""
+    slots = 2 * tokens + PAGE_TOKENS
+    page_bytes = 2 * LAYERS * PAGE_TOKENS * KV_HEADS * HEAD_DIM * 2
+    host_bytes = (repeats * len(MODES) + 2) * (tokens // PAGE_TOKENS + 1) * page_bytes
+    tiers = {"in_place": HostTier(host_bytes, block_bytes=page_bytes),
+             "staged": _StagedHostTier(host_bytes, block_bytes=page_bytes)}
+    for tier in tiers.values():
+        tier.wait_populated(120)                   # the pool's pre-fault is not timed
+    runs = {mode: _tiering(tier, slots) for mode, tier in tiers.items()}
+    times: dict[str, dict[str, list[float]]] = {m: {"spill": [], "load": []} for m in MODES}
+    src = torch.empty(tokens * page_bytes // PAGE_TOKENS, dtype=torch.uint8)
+    dst, limit = torch.empty_like(src), []
+    try:
+        for r in range(repeats):
+            for mode in MODES:
+                t = runs[mode]
+                path = [r * 10 * tokens + i for i in range(tokens)]     # new keys each run
+                start = time.perf_counter()
+                t.spill(DEFAULT_TENANT, path, torch.arange(tokens), 0)
+                times[mode]["spill"].append(time.perf_counter() - start)
+                plan = t.plan(DEFAULT_TENANT, path, 0)
+                if not isinstance(plan, LoadPlan):
+                    raise AssertionError(f"{mode}: the spilled path was not found: {plan}")
+                to = torch.arange(tokens, tokens + plan.tokens)
+                start = time.perf_counter()
+                t.load(plan, to)
+                times[mode]["load"].append(time.perf_counter() - start)
+                if not all(torch.equal(b[to], b[:plan.tokens]) for b in (*t.pool.k, *t.pool.v)):
+                    raise AssertionError(f"{mode}: a loaded token differs from the spilled one")
+            start = time.perf_counter()
+            dst.copy_(src)
+            limit.append(time.perf_counter() - start)
+    finally:
+        for t in runs.values():
+            t.close()
+    out: dict[str, Any] = {"tokens": tokens, "bytes": src.numel(), "repeats": repeats,
+                           "copy_s": statistics.median(limit)}
+    for mode in MODES:
+        for op in ("spill", "load"):
+            out[f"{op}_{mode}_s"] = statistics.median(times[mode][op])
+    for op in ("spill", "load"):
+        out[f"{op}_staged_over_in_place"] = out[f"{op}_staged_s"] / out[f"{op}_in_place_s"]
+        out[f"{op}_in_place_over_copy"] = out[f"{op}_in_place_s"] / out["copy_s"]
+    return out
