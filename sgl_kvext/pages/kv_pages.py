@@ -124,8 +124,8 @@ class PagedKV:
                     n, self.tokens, self.kv_heads, self.head_dim)
                 if index is None:
                     out[:, side, layer] = rows
-                else:
-                    out[index, side, layer] = rows
+                else:     # a slice copy per page (advanced-index assignment: ~1.6x slower)
+                    out[:, side, layer].index_copy_(0, index, rows)
         return out
 
     def scatter_tokens(self, slots: torch.Tensor, pages: torch.Tensor, skip: int = 0,
