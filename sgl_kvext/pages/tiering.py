@@ -195,7 +195,6 @@ class KVTiering:
             self.counters["spilled_pages"] += len(todo)
         return len(todo)
 
-    # ------------------------------------------------------------------- load
     def _spill_in_place(self, keys: list[bytes], slots: torch.Tensor, dtype: str) -> bool:
         """Gather the pages of ``slots`` (pages, tokens) straight into the first tier's
         memory (the host tier), when the chain can; whether it did."""
@@ -207,6 +206,7 @@ class KVTiering:
 
         return self.chain.put_in_place(keys, dtype, self.pool.page_shape, fill)
 
+    # ------------------------------------------------------------------- load
     def plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
              prefetch_id: Hashable | None = None,
              prefix: Iterable[tuple[Hashable, int]] = (), align: int = 1) -> LoadPlan | Miss:
