@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from sgl_kvext.tiers.base import PutResult, Tier
 from sgl_kvext.tiers.metrics import MeteredTier
-from sgl_kvext.tiers.objects import KVPage
+from sgl_kvext.tiers.objects import KVPage, page_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -172,10 +171,8 @@ class TierChain:
         :meth:`Tier.put_in_place`), when it can take them; False: nothing was stored, pass
         bytes to :meth:`put`. The pages it wrote are written through from copies of their own
         (pages it held already went down when they were stored)."""
-        import torch
-
         through = self.write_policy == "write_through" and bool(self._writers)
-        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+        nbytes = page_nbytes(dtype, shape)
         copies: list[KVPage] = []
 
         def fill_and_copy(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:

@@ -9,7 +9,6 @@ Thread-safe: one lock guards the index; copies run under it (they are memcpy-spe
 
 from __future__ import annotations
 
-import math
 import mmap
 import threading
 import weakref
@@ -20,7 +19,7 @@ import numpy as np
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.host_pinning import pin_host_memory, unpin_host_memory
-from sgl_kvext.tiers.objects import KVPage
+from sgl_kvext.tiers.objects import KVPage, element_size, page_nbytes
 from sgl_kvext.tiers.policies import make_policy
 
 if TYPE_CHECKING:
@@ -235,9 +234,8 @@ class HostTier(Tier):
         first (no page of this call is evicted unwritten), filled, then indexed."""
         import torch
 
-        itemsize = getattr(torch, dtype).itemsize
-        nbytes = math.prod(shape) * itemsize
-        if not 0 < nbytes <= self._block or self._block % itemsize:
+        nbytes = page_nbytes(dtype, shape)
+        if not 0 < nbytes <= self._block or self._block % element_size(dtype):
             return None
         with self._lock:
             held = [key in self._index for key in keys]

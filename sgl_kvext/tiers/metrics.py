@@ -9,14 +9,13 @@ to :meth:`MeteredTier.snapshot`, the one source of truth that
 from __future__ import annotations
 
 import bisect
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
-from sgl_kvext.tiers.objects import KVPage
+from sgl_kvext.tiers.objects import KVPage, page_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -112,10 +111,8 @@ class MeteredTier(Tier):
         start = time.perf_counter()
         done = self.inner.read_in_place(keys, dtype, shape, use)
         if done:
-            import torch
-
-            page_nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
-            self._timed("get", start, hits=len(keys), bytes_out=len(keys) * page_nbytes)
+            self._timed("get", start, hits=len(keys),
+                        bytes_out=len(keys) * page_nbytes(dtype, shape))
         return done
 
     def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
@@ -124,10 +121,7 @@ class MeteredTier(Tier):
         start = time.perf_counter()
         result = self.inner.put_in_place(keys, dtype, shape, fill)
         if result is not None:
-            import torch
-
-            page_nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
-            self._timed("put", start, bytes_in=page_nbytes * len(result.stored),
+            self._timed("put", start, bytes_in=page_nbytes(dtype, shape) * len(result.stored),
                         evictions=len(result.evicted), rejected=len(result.rejected))
         return result
 

@@ -266,3 +266,8 @@ _ELEMENT_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1,
 def element_size(dtype: str) -> int:
     """Bytes per element of a torch dtype name (1 for unknown names: no shuffling)."""
     return _ELEMENT_SIZES.get(dtype, 1)
+
+
+def page_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a page of ``dtype`` and ``shape``; 0 for a dtype name not known here."""
+    return math.prod(shape) * _ELEMENT_SIZES.get(dtype, 0)
