@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -93,10 +94,32 @@ def dtype_flags(args: Sequence[str]) -> tuple[str, ...]:
     return ("--dtype", fast_cpu_dtype())
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+#: Where :func:`free_port` looks: below SGLang's own picks (22000-29999, for ports its
+#: children bind later) and the kernel's ephemeral range (32768+, where ``bind(0)`` and
+#: outgoing connections take theirs). A ``bind(0)`` port is free only until the next
+#: ``bind(0)``: on 2026-12-05 a server's scheduler bound the harness's HTTP port (an ephemeral
+#: one) before uvicorn did, and the start hung.
+PORT_RANGE = range(12000, 22000)
+_handed: set[int] = set()     # never the same port twice in one process (binds come later)
+#: How often :meth:`SGLangServer.start` tries another port.
+PORT_TRIES = 3
+
+
+def free_port(attempts: int = 256) -> int:
+    """A loopback TCP port from :data:`PORT_RANGE` that nothing listens on now and this
+    process has not handed out before."""
+    for port in random.sample(PORT_RANGE, attempts):
+        if port in _handed:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1} after "
+                       f"{attempts} tries")
 
 
 class Endpoint:
@@ -178,13 +201,27 @@ class SGLangServer(Endpoint):
     # ------------------------------------------------------------ lifecycle
     def start(self) -> SGLangServer:
         """Start the server and wait for ``/health``. The first start truncates the log; a
-        restart appends to it after a marker line (a killed run's log is kept)."""
+        restart appends to it after a marker line (a killed run's log is kept). A server whose
+        HTTP port another process bound first is started again on another port, at most
+        :data:`PORT_TRIES` times (it does not exit by itself: it would hang to the timeout)."""
+        for _ in range(PORT_TRIES):
+            if self._launch():
+                return self
+            self.port = free_port()
+            self.url = f"http://{HOST}:{self.port}"
+            self._cmd[self._cmd.index("--port") + 1] = str(self.port)
+        raise ServerStartError(f"SGLang server found its HTTP port taken {PORT_TRIES} times"
+                               f"\n{self.log_tail()}")
+
+    def _launch(self) -> bool:
+        """One start: True once healthy, False (stopped again) if its HTTP port was taken."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._starts += 1
         with open(self.log_path, "wb" if self._starts == 1 else "ab") as log:
             if self._starts > 1:
                 log.write(f"--- sgl-kvext: server start {self._starts} ---\n".encode())
                 log.flush()
+            offset = log.tell()
             self._proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT,
                                           env=self._env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
@@ -195,7 +232,10 @@ class SGLangServer(Endpoint):
                     raise ServerStartError(f"SGLang server exited with code {proc.returncode}"
                                            f"\n{self.log_tail()}")
                 if self._healthy():
-                    return self
+                    return True
+                if self._port_taken(offset):
+                    self.stop()
+                    return False
                 time.sleep(0.25)     # a refused /health costs nothing; starts end sooner
         except BaseException:
             # Also on SIGTERM / Ctrl-C while waiting: __exit__ never runs for a failed start.
@@ -204,6 +244,16 @@ class SGLangServer(Endpoint):
         self.stop()
         raise ServerStartError(f"SGLang server not healthy after {self.startup_timeout_s:.0f} s"
                                f"\n{self.log_tail()}")
+
+    def _port_taken(self, offset: int) -> bool:
+        """Whether this start's log says its HTTP port was in use (uvicorn's bind error)."""
+        taken = f"error while attempting to bind on address ('{HOST}', {self.port})".encode()
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return taken in log.read()
+        except OSError:
+            return False
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Terminate the server's process group (SIGTERM, then SIGKILL after ``grace_s``)."""
