@@ -18,6 +18,12 @@ from pathlib import Path
 
 from sgl_kvext.harness.server import SGLangServer
 
+#: The ``serve`` pool server: ``sglang serve`` with the hierarchical cache, float32 (exact
+#: against transformers), cache reports for the OpenAI API (tests/test_server.py and
+#: tests/test_bench_code.py share it).
+SERVE_ARGS = ("--dtype", "float32", "--max-total-tokens", "32768", "--enable-cache-report",
+              "--enable-hierarchical-kv")
+
 
 def salt() -> str:
     """A fresh tenant for one test on a shared server."""
@@ -32,11 +38,11 @@ class ServerPool:
         self._running: OrderedDict[str, tuple[tuple[str, ...], SGLangServer]] = OrderedDict()
         self.starts: list[str] = []
 
-    def get(self, name: str, args: Sequence[str],
-            env: Mapping[str, str] | None = None) -> SGLangServer:
+    def get(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None,
+            launcher: str = "launch_server") -> SGLangServer:
         """The running server ``name`` with ``args`` (started, or restarted if its arguments
-        changed)."""
-        flags = tuple(args)
+        or its launcher changed)."""
+        flags = (launcher, *args)
         held = self._running.get(name)
         if held is not None and held[0] == flags:
             self._running.move_to_end(name)
@@ -44,7 +50,7 @@ class ServerPool:
         self.stop(name)
         while len(self._running) >= self.keep:
             self.stop(next(iter(self._running)))
-        server = SGLangServer(self.model_path, flags, env=dict(env or {}),
+        server = SGLangServer(self.model_path, args, env=dict(env or {}), launcher=launcher,
                               log_path=self.log_dir / f"{name}-{len(self.starts)}.log")
         server.start()
         self.starts.append(name)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from server_pool import SERVE_ARGS, ServerPool
 
 from sgl_kvext_bench.code import CUE, CodeWorkload
 
@@ -68,26 +69,25 @@ def test_url_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.uses_server("serve")
 def test_code_rag_and_multiturn_measure_a_running_server(tmp_path: Path,
-                                                         model_path: Path) -> None:
-    from sgl_kvext.harness.server import SGLangServer
-
+                                                         servers: ServerPool) -> None:
     def bench(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", *args,
                                "--answer-tokens", "4"], capture_output=True, text=True,
                               timeout=900)
 
-    # A bounded pool: SGLang's default takes most of the RAM, ~26 s to allocate here.
-    with SGLangServer(model_path, ["--enable-cache-report", "--max-total-tokens", "32768"],
-                      log_path=tmp_path / "server.log") as server:
-        code = bench("code", "--json", str(tmp_path / "code.json"), "--url", server.url,
-                     "--functions", "12", "--edits", "2")
-        rag = bench("rag", "--json", str(tmp_path / "rag.json"), "--url", server.url,
-                    "--questions", "1", "--documents", "8", "--sentences", "4")
-        # OpenAI-compatible /v1/completions, two users concurrently at a high arrival rate.
-        chat = bench("multiturn", "--json", str(tmp_path / "mt.json"), "--url", server.url,
-                     "--api", "openai", "--qps", "50", "--users", "2", "--turns", "2",
-                     "--system-words", "30", "--question-words", "10")
+    # Any running server will do: the pool's `sglang serve` one (a bounded KV pool: SGLang's
+    # default takes most of the RAM, ~26 s to allocate here).
+    server = servers.get("serve", SERVE_ARGS, launcher="serve")
+    code = bench("code", "--json", str(tmp_path / "code.json"), "--url", server.url,
+                 "--functions", "12", "--edits", "2")
+    rag = bench("rag", "--json", str(tmp_path / "rag.json"), "--url", server.url,
+                "--questions", "1", "--documents", "8", "--sentences", "4")
+    # OpenAI-compatible /v1/completions, two users concurrently at a high arrival rate.
+    chat = bench("multiturn", "--json", str(tmp_path / "mt.json"), "--url", server.url,
+                 "--api", "openai", "--qps", "50", "--users", "2", "--turns", "2",
+                 "--system-words", "30", "--question-words", "10")
     for run in (code, rag, chat):
         assert run.returncode == 0, run.stderr[-3000:]
     (url_code,) = json.loads((tmp_path / "code.json").read_text())["configs"]

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from server_pool import SERVE_ARGS, ServerPool
 
 from sgl_kvext.harness.seaweedfs import SeaweedFS
 from sgl_kvext.harness.server import LAUNCHERS, SGLangServer, device_flags
@@ -146,15 +147,22 @@ def _check_exact(server: SGLangServer, hf_greedy: Callable[[Sequence[str], int],
                  marks=pytest.mark.extended),
     pytest.param("launch_server", ["--chunked-prefill-size", "64"], "UnifiedRadixCache",
                  marks=pytest.mark.extended),
-    ("serve", ["--enable-hierarchical-kv"], "HierarchicalRadixCache"),
+    pytest.param("serve", None, "HierarchicalRadixCache",
+                 marks=pytest.mark.uses_server("serve")),
 ])
-def test_greedy_output_equals_transformers(launcher: str, flags: list[str], tree: str,
+def test_greedy_output_equals_transformers(launcher: str, flags: list[str] | None, tree: str,
                                            model_path: Path, log_dir: Path,
+                                           servers: ServerPool,
                                            hf_greedy: Callable[..., list[list[int]]]) -> None:
-    args = ["--dtype", "float32", "--max-total-tokens", "16384", *flags]
-    with SGLangServer(model_path, args, log_path=log_dir / "server.log",
-                      launcher=launcher) as server:
+    if flags is None:       # the pool's `sglang serve` server (SERVE_ARGS)
+        server = servers.get("serve", SERVE_ARGS, launcher=launcher)
         _check_exact(server, hf_greedy)
         log = server.log_path.read_text()
+    else:
+        args = ["--dtype", "float32", "--max-total-tokens", "16384", *flags]
+        with SGLangServer(model_path, args, log_path=log_dir / "server.log",
+                          launcher=launcher) as server:
+            _check_exact(server, hf_greedy)
+            log = server.log_path.read_text()
     assert f"impl={tree}" in log
     assert ("sgl-kvext: HierarchicalRadixCache active" in log) == (tree != "UnifiedRadixCache")
