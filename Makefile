@@ -13,14 +13,19 @@ BIN := $(VENV)/bin
 
 .PHONY: install model demo test test-all bench soak gpu-wheels
 
-# pip unpacks ~2 GB of wheels in its temporary folder: keep that beside the venv (a small
-# tmpfs /tmp must not fail the install) and keep no download cache (the venv is ~11 GB).
+# uv installs the ~10 GB of wheels in parallel: ~1 min against pip's ~4-5 on a 2-core CI
+# machine (measured 2026-12-05: 40 s for the same versions). pip stays the fallback, e.g. where
+# only pip's configured indexes answer (uv reads no pip.conf). Both keep their temporary files
+# and cache beside the venv (a small tmpfs /tmp must not fail the install), and no cache after
+# it (uv's is hard-linked into the venv, so removing it frees nothing the venv needs).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	mkdir -p $(VENV)/pip-tmp
-	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
-	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[test]'
-	rm -rf $(VENV)/pip-tmp
+	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip uv
+	TMPDIR=$(abspath $(VENV))/pip-tmp UV_CACHE_DIR=$(abspath $(VENV))/uv-cache \
+		$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]' \
+	|| TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[test]'
+	rm -rf $(VENV)/pip-tmp $(VENV)/uv-cache
 	touch $@
 
 install: $(VENV)/.installed
