@@ -4,12 +4,12 @@ itself starts fleets: docs/benchmarks.md has it)."""
 import pytest
 
 from sgl_kvext_bench.cli import main
-from sgl_kvext_bench.fleet import Request, summarize
+from sgl_kvext_bench.fleet import Request, short_failovers, summarize
 
 
-def _req(turn: int, phase: str, ttft: float, prompt: int, cached: int, ok: bool = True
-         ) -> Request:
-    return Request("cache_aware", 0, turn, phase, ok, ttft, prompt, cached)
+def _req(turn: int, phase: str, ttft: float, prompt: int, cached: int, ok: bool = True,
+         user: int = 0) -> Request:
+    return Request("cache_aware", user, turn, phase, ok, ttft, prompt, cached)
 
 
 def test_hit_rate_and_ttft_count_answered_requests_and_split_at_the_restart() -> None:
@@ -23,6 +23,16 @@ def test_hit_rate_and_ttft_count_answered_requests_and_split_at_the_restart() ->
     assert out["ttft_p50_after_restart_s"] == pytest.approx(0.2)
     assert out["ttft_p50_failover_s"] == 0.5
     assert out["ttft_p50_first_after_restart_s"] == 0.3
+    assert out["failover_recomputed_users"] == 1        # 450 < the 480 of 500 in whole pages
+
+
+def test_a_failover_turn_short_of_the_previous_prompts_pages_counts_as_recomputed() -> None:
+    requests = [_req(2, "before", 0.2, 500, 400, user=0), _req(2, "before", 0.2, 530, 0, user=1),
+                _req(3, "failover", 0.5, 600, 480, user=0),     # every whole page of 500
+                _req(3, "failover", 0.5, 650, 352, user=1)]     # 352 < 512: recomputed
+    assert short_failovers(requests, 32) == 1
+    assert short_failovers(requests[:2] + [requests[3]], 32) == 1
+    assert short_failovers([requests[2]], 32) == 0              # no previous turn known
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -113,7 +113,9 @@ def fleet(args: argparse.Namespace) -> int:
                        a["ttft_p90_s"], a["ttft_p50_failover_s"],
                        a["ttft_p50_first_after_restart_s"], a["ttft_p50_after_restart_s"],
                        a["failed"]] for a in results["arms"]])
-    extra = [f"{a['name']}: tokens loaded per tier {a['tier_tokens']}, restart "
+    extra = [f"{a['name']}: failover turns that recomputed history "
+             f"{a['failover_recomputed_users']} of {args.users}; tokens loaded per tier "
+             f"{a['tier_tokens']}, restart "
              f"{a['restart_s']:.1f}s" + (f", marked down after {a['mark_down_s']:.1f}s"
                                          if "mark_down_s" in a else "")
              for a in results["arms"]]

@@ -168,12 +168,26 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
         loaded[tier] = loaded.get(tier, 0.0) + tokens
     if arm.name == "tier_aware" and arm.fleet is not None:
         stats["router"] = arm.fleet.router.get("/kvext/router")
-    return {"name": arm.name, **summarize(requests), **stats, "tier_tokens": loaded,
+    return {"name": arm.name, **summarize(requests, page_tokens), **stats, "tier_tokens": loaded,
             "requests": [asdict(r) for r in requests]}
 
 
-def summarize(requests: Sequence[Request]) -> dict[str, Any]:
-    """Hit rate and TTFT over all answered requests, and over those after the restart."""
+def short_failovers(requests: Sequence[Request], page_tokens: int) -> int:
+    """Failover turns that found fewer cached tokens than the whole pages of the user's
+    previous prompt (in sending order): history the survivor recomputed instead of loading."""
+    previous: dict[int, int] = {}
+    short = 0
+    for r in requests:
+        if r.ok and r.phase == "failover" and r.user in previous:
+            short += r.cached_tokens < previous[r.user] // page_tokens * page_tokens
+        if r.ok:
+            previous[r.user] = r.prompt_tokens
+    return short
+
+
+def summarize(requests: Sequence[Request], page_tokens: int = 32) -> dict[str, Any]:
+    """Hit rate and TTFT over all answered requests, and over those after the restart; the
+    failover turns that recomputed history (:func:`short_failovers`)."""
     ok = [r for r in requests if r.ok]
     after = [r for r in ok if r.phase == "after"]
     first = min((r.turn for r in after), default=0)
@@ -191,6 +205,7 @@ def summarize(requests: Sequence[Request]) -> dict[str, Any]:
             "ttft_p50_after_restart_s": (statistics.median([r.ttft_s for r in after])
                                          if after else None),
             "ttft_p50_failover_s": statistics.median(failover) if failover else None,
+            "failover_recomputed_users": short_failovers(requests, page_tokens),
             # the first turn with the restarted server back: where its users are sent now
             "ttft_p50_first_after_restart_s": (statistics.median(first_after)
                                                if first_after else None)}
