@@ -14,8 +14,9 @@ MAX_NEW = 8
 ARGS = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blend",
         "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "2GiB", "--enable-metrics",
         "--max-total-tokens", "32768",   # bounded: the default pool takes most of the RAM
-        "--kvext-prewarm-queue", "8"]    # small, so a test can fill it
-METRICS_SYNC_S = 1.5      # the exporter copies counters to /metrics once a second
+        "--kvext-prewarm-queue", "8",    # small, so a test can fill it
+        "--kvext-metrics-interval", "0.1"]
+METRICS_SYNC_S = 0.6      # the exporter copies counters to /metrics every 0.1 s
 
 
 def fragment_args(s3_prefix: str, endpoint: str) -> list[str]:

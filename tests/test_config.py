@@ -114,6 +114,8 @@ def test_disk_dir_that_does_not_exist_yet_is_fine_and_not_created(tmp_path: Path
     (KVExtConfig, {"max_request_bytes": "512KiB"},
      "= 524288: must be at least 1MiB"),
     (KVExtConfig, {"max_request_bytes": "lots"}, "must be a size"),
+    (KVExtConfig, {"metrics_interval_s": 0.01}, "--kvext-metrics-interval"),
+    (KVExtConfig, {"metrics_interval_s": 61}, "must be within [0.05, 60] seconds"),
 ])
 def test_bad_section_values(section: type, kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):

@@ -20,6 +20,7 @@ from tiers_common import (
     CONTEXT,
     FILLERS,
     MAX_NEW,
+    METRICS_WAIT_S,
     PROMPTS,
     metric,
     s3_args,
@@ -65,7 +66,7 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
         local_only = [s.post("/kvext/lookup", {"text": PROMPTS[0], "remote": False})
                       for s in fleet.servers]
         second = fleet.router.generate(PROMPTS[1], MAX_NEW)     # round robin: the other one
-        time.sleep(2.5)                           # the exporter copies counters every second
+        time.sleep(METRICS_WAIT_S)                # the exporter's copies (BASE)
         hits = _s3(fleet, "hits")
         # The tier-aware router in front of the same two: a new context's second question
         # goes where its first was answered (round robin would alternate).

@@ -29,6 +29,7 @@ from tiers_common import (
     EVICTING,
     FROM_TIER,
     MAX_NEW,
+    METRICS_WAIT_S,
     PROMPTS,
     SMALL_HOST,
     Chain,
@@ -119,7 +120,7 @@ def test_corruption_while_traffic_runs_is_never_served(
         finally:
             stop.set()
             corrupter.join(timeout=60)
-        time.sleep(2.5)                              # counters reach /metrics once a second
+        time.sleep(METRICS_WAIT_S)                   # counters reach /metrics (BASE)
         metrics = srv.get_text("/metrics")
     wrong = sum(got != expected[p] for p, got in outputs)
     quarantined = {t: metric(metrics, "kvext_tier_quarantined_total", t) for t in ("disk", "s3")}
@@ -165,7 +166,7 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
             time.sleep(2.0)
             got = ask(srv, 1)
             assert got.output_ids == expected[PROMPTS[1]]
-            time.sleep(1.5)
+            time.sleep(METRICS_WAIT_S)
             hits_after = metric(srv.get_text("/metrics"), "kvext_tier_hits_total", "s3")
             if hits_after > before and got.cached_tokens >= FROM_TIER:
                 break
@@ -245,7 +246,7 @@ def test_full_disk_drops_writes_and_serving_goes_on(model_path: Path, log_dir: P
             for round_ in range(2):
                 outputs += [(f, c.output_ids) for f, c in evict_context(srv)]
                 outputs.append((PROMPTS[1 - round_], ask(srv, 1 - round_).output_ids))
-            time.sleep(2.5)
+            time.sleep(METRICS_WAIT_S)
             metrics = srv.get_text("/metrics")
         left = list((small / "tmp").glob("*.part"))
     finally:
@@ -362,7 +363,7 @@ def test_tenants_never_share_kv_on_any_tier(servers: ServerPool, chain: Chain,
 def test_tenants_never_share_kv(tier: str, model_path: Path, log_dir: Path, tmp_path: Path,
                                 seaweed: SeaweedFS, expected: dict[str, list[int]]) -> None:
     def tier_hits() -> float:
-        time.sleep(2.5)                              # counters reach /metrics once a second
+        time.sleep(METRICS_WAIT_S)                   # counters reach /metrics (BASE)
         return metric(srv.get_text("/metrics"), "kvext_tier_hits_total", tier)
 
     with tier_server(model_path, log_dir, f"tenants-{tier}", "--enable-metrics",

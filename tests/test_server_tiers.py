@@ -23,6 +23,7 @@ from tiers_common import (
     FILLERS,
     FROM_TIER,
     MAX_NEW,
+    METRICS_WAIT_S,
     PROMPTS,
     Chain,
     KVEvents,
@@ -109,7 +110,7 @@ def test_evicted_prefix_comes_back_exact(tier: str, model_path: Path, log_dir: P
         first = ask(server, 0)
         evict_context(server, below_host=tier != "host")
         second = ask(server, 1)
-        time.sleep(2.5)                            # the exporter copies counters every second
+        time.sleep(METRICS_WAIT_S)                 # the exporter's copies (BASE)
         metrics = server.get_text("/metrics")
         log = server.log_path.read_text()
     assert first.output_ids == expected[0]

@@ -254,6 +254,10 @@ class KVExtConfig:
                                   "Largest body of a generation request (/generate, "
                                   "/v1/completions, /v1/chat/completions); a larger one gets "
                                   "HTTP 413 unparsed.", parse_size)
+    metrics_interval_s: float = _opt(1.0, "--kvext-metrics-interval",
+                                     "Seconds between copies of sgl-kvext's counters onto "
+                                     "/metrics (with --enable-metrics), in [0.05, 60].",
+                                     parse_float)
     tiers: TierConfig = field(default_factory=TierConfig)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -265,6 +269,8 @@ class KVExtConfig:
                 raise ConfigError(f"KVExtConfig.{name} must be a {cls.__name__}")
         if self.max_request_bytes < 1 * MiB:
             _fail(self, "", "max_request_bytes", "must be at least 1MiB")
+        if not 0.05 <= self.metrics_interval_s <= 60:
+            _fail(self, "", "metrics_interval_s", "must be within [0.05, 60] seconds")
         if self.fragments.enabled and not self.enabled:
             raise ConfigError("--kvext-fragment-blend needs --enable-hierarchical-kv")
 

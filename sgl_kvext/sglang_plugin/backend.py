@@ -93,7 +93,8 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
     if ctx.params.enable_metrics:
         from sgl_kvext.sglang_plugin.metrics_export import MetricsExporter
 
-        closers.append(MetricsExporter(tiering, ctx.tp_rank, blender).close)
+        closers.append(MetricsExporter(tiering, ctx.tp_rank, blender,
+                                       interval_s=config.metrics_interval_s).close)
     blend = BlendLoader(blender, paged) if blender is not None else None
     group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
     return HierarchicalRadixCache(ctx.params, config, tiering, closers, blend,
