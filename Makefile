@@ -13,17 +13,19 @@ BIN := $(VENV)/bin
 
 .PHONY: install model demo test test-all bench soak gpu-wheels
 
-# uv installs the ~10 GB of wheels in parallel: ~1 min against pip's ~4-5 on a 2-core CI
-# machine (measured 2026-12-05: 40 s for the same versions). pip stays the fallback, e.g. where
-# only pip's configured indexes answer (uv reads no pip.conf). Both keep their temporary files
-# and cache beside the venv (a small tmpfs /tmp must not fail the install), and no cache after
-# it (uv's is hard-linked into the venv, so removing it frees nothing the venv needs).
+# uv installs the ~10 GB of wheels in parallel, where pip took ~4-5 min on a 2-core CI
+# machine. --compile-bytecode, as pip does by default: SGLang spawns its scheduler with
+# `python -B` (no .pyc written), so without it every server start compiled sglang's modules
+# again (~2x slower starts, 2026-12-05). pip stays the fallback, e.g. where only pip's
+# configured indexes answer (uv reads no pip.conf). Temporary files and the cache stay beside
+# the venv (a small tmpfs /tmp must not fail the install) and the cache goes after it (uv
+# hard-links it into the venv: removing it frees nothing the venv needs).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	mkdir -p $(VENV)/pip-tmp
 	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip uv
 	TMPDIR=$(abspath $(VENV))/pip-tmp UV_CACHE_DIR=$(abspath $(VENV))/uv-cache \
-		$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]' \
+		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[test]' \
 	|| TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[test]'
 	rm -rf $(VENV)/pip-tmp $(VENV)/uv-cache
 	touch $@
