@@ -9,9 +9,10 @@ on each arm in turn, every arm with its own S3 prefix on one SeaweedFS:
 - ``tier_aware``: the same two behind :class:`sgl_kvext.harness.tier_router.TierAwareRouter`
   (each request where ``/kvext/lookup`` finds most of its prompt).
 
-Every server gets the multi-turn bench's device pool (a quarter of the working set) and a
-1 GiB host tier. Halfway through, the server that has processed most prompt tokens (the one
-holding most users; its index is reported) is SIGKILLed: the arm waits until its router
+Every server gets the multi-turn bench's device pool (a quarter of the working set), a
+1 GiB host tier and ``--kvext-prefetch-policy wait_complete`` (:data:`FLEET_FLAGS`).
+Halfway through, the server that has processed most prompt tokens (the one holding most
+users; its index is reported) is SIGKILLed: the arm waits until its router
 counts it down (the time is reported), runs one turn on the survivor (the failover turn: its
 failed requests and TTFT), restarts the killed server on its port (device tree and host tier
 empty, S3 still full) and runs the remaining turns. ``single`` restarts its only server at the
@@ -41,6 +42,10 @@ from sgl_kvext_bench.client import kvext_counters, post_json, stream_generate
 from sgl_kvext_bench.multiturn import Workload, percentile, working_set_tokens
 
 ARMS = ("single", "round_robin", "cache_aware", "tier_aware")
+#: Every arm's servers wait for the history S3 holds (docs/fleet.md): under the default
+#: ``timeout`` policy a failover turn may recompute what loading would bring (1 user of 16 on
+#: 2026-12-03); ``--server-args`` can override it (the last flag wins).
+FLEET_FLAGS = ("--kvext-prefetch-policy", "wait_complete")
 #: How long a router may take to count a killed server down, or a restarted one up.
 SETTLE_S = 120.0
 
@@ -283,7 +288,7 @@ def run_fleet(model_path: Path, log_dir: Path, work: Workload, arms: Sequence[st
                     "--kvext-page-tokens", str(page_tokens),
                     "--kvext-s3-url", f"s3://kvext-bench/{uuid.uuid4().hex[:12]}",
                     "--kvext-s3-endpoint", weed.endpoint, "--max-total-tokens", str(pool),
-                    "--kvext-host-size", "1GiB", *server_args]
+                    "--kvext-host-size", "1GiB", *FLEET_FLAGS, *server_args]
             with _Arm(name, model_path, args, log_dir, env) as arm:
                 stream_generate(arm.url, "Hello", 1)                 # warm-up
                 results["arms"].append(run_arm(arm, work, page_tokens, progress))
