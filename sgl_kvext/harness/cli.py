@@ -140,7 +140,10 @@ def _fleet(args: argparse.Namespace) -> int:
             url, endpoint = f"s3://kvext-fleet/{uuid.uuid4().hex[:8]}", weed.endpoint
             env = {"AWS_ACCESS_KEY_ID": weed.credentials["aws_access_key_id"],
                    "AWS_SECRET_ACCESS_KEY": weed.credentials["aws_secret_access_key"]}
+        # wait_complete: S3 carries each user's history between the servers (docs/fleet.md);
+        # flags after `--` come last, so they override it.
         server_args = ["--enable-hierarchical-kv", "--kvext-s3-url", url, "--enable-metrics",
+                       "--kvext-prefetch-policy", "wait_complete",
                        *(["--kvext-s3-endpoint", endpoint] if endpoint else []),
                        *_one_machine_defaults(extra, args.servers), *extra]
         fleet = stack.enter_context(Fleet(model_path, args.servers, server_args,

@@ -4,9 +4,9 @@ SGLang serves ``/metrics`` from its HTTP process through prometheus_client's mul
 mode, so metrics must be plain Counters / Gauges created in the scheduler process (a custom
 collector there would not be seen). A daemon thread copies the counters of the tiers, the tier
 chain, the page tiering, the prefetcher and the fragment blender into them every
-``--kvext-metrics-interval`` seconds (1 by default; as deltas), so each keeps its own counters as the one source of truth. This is the only way
-sgl-kvext metrics leave the process; every counter named below is on ``/metrics``
-(``tests/test_metrics_export.py``).
+``--kvext-metrics-interval`` seconds (1 by default; as deltas), so each keeps its own
+counters as the one source of truth. This is the only way sgl-kvext metrics leave the
+process; every counter named below is on ``/metrics`` (``tests/test_metrics_export.py``).
 
 Names: ``kvext_tier_<counter>_total{tier}``, ``kvext_tier_used_bytes`` /
 ``kvext_tier_capacity_bytes{tier}``, ``kvext_tier_op_seconds_total`` / ``kvext_tier_ops_total
