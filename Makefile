@@ -46,8 +46,9 @@ bench: model
 soak: model
 	$(BIN)/sgl-kvext-bench soak --json results/soak.json --server-args "--dtype float32"
 
+# The unit and kernel tiers run beside the server tiers (tests/run_tiers.py says why).
 test: model
-	$(BIN)/python -m pytest -q -m "not extended" --durations=25
+	$(BIN)/python tests/run_tiers.py
 
 test-all: model
 	$(BIN)/python -m pytest -q

@@ -46,6 +46,26 @@ def _count_server_starts() -> Iterator[None]:
         SGLangServer.start = start  # type: ignore[method-assign]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--ports", metavar="LO-HI", default=None,
+                     help="loopback ports the harness hands out (tests/run_tiers.py gives its "
+                          "two pytest processes disjoint ranges)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    spec = config.getoption("--ports")
+    if spec is None:
+        return
+    from sgl_kvext.harness import server
+
+    lo, sep, hi = spec.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit() and
+            server.PORT_RANGE.start <= int(lo) < int(hi) < server.PORT_RANGE.stop):
+        raise pytest.UsageError(f"--ports {spec!r}: expected LO-HI within "
+                                f"{server.PORT_RANGE.start}-{server.PORT_RANGE.stop - 1}")
+    server.PORT_RANGE = range(int(lo), int(hi) + 1)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _SERVER_STARTS:
         total = sum(s for _, s in _SERVER_STARTS)
