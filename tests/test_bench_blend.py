@@ -72,11 +72,12 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
          "--questions", "2", "--documents", "8", "--sentences", "4", "--answer-tokens", "4",
          "--ratios", "0,0.15,1.0", "--methods", "cacheblend,query_half,head_context",
          "--dtype", "float32", "--model-path", str(model_path),
-         "--plot", str(tmp_path / "blend.png")],
+         "--plot", str(tmp_path / "blend.png"), "--reference-cache", str(tmp_path / "ref")],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| method | ratio |" in result.stdout
     data = json.loads(out.read_text())
+    assert data["references_cached"] == 0 and len(list((tmp_path / "ref").glob("*.pt"))) == 2
     runs = {(e["method"], e["ratio"]): e for e in data["runs"]}
     assert len(runs) == 9
     for e in data["runs"]:
@@ -94,6 +95,36 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert len(rows) == 1 + 9 * 2 and rows[0].startswith("method,ratio,question")
     png = (tmp_path / "blend.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_reference_cache_computes_each_prompt_once_and_recomputes_a_damaged_entry(
+        tmp_path: Path) -> None:
+    import torch
+
+    from sgl_kvext_bench.reference_cache import Reference, ReferenceCache
+
+    calls: list[list[int]] = []
+
+    def compute(ids: torch.Tensor) -> Reference:
+        calls.append(ids.tolist())
+        return Reference(torch.arange(5.0) * len(calls), f"answer {len(calls)}", 1.5)
+
+    cache = ReferenceCache(tmp_path, "model", "float32", 8, {2, 1})
+    a, b = torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4])
+    first = cache.get(a, compute)
+    assert not first.cached and calls == [[1, 2, 3]]
+    again = cache.get(a, compute)
+    assert again.cached and again.answer == "answer 1" and again.ttft_s == 1.5
+    assert torch.equal(again.last_logits, first.last_logits) and len(calls) == 1
+    assert not cache.get(b, compute).cached and len(calls) == 2      # other tokens
+    other = ReferenceCache(tmp_path, "model", "bfloat16", 8, {1, 2})  # other dtype
+    assert not other.get(a, compute).cached and len(calls) == 3
+    path = cache.path(a)
+    assert path is not None
+    path.write_bytes(b"not a tensor file")
+    assert not cache.get(a, compute).cached and len(calls) == 4       # damaged: recomputed
+    assert cache.get(a, compute).answer == "answer 4"
+    assert ReferenceCache(None, "model", "float32", 8, ()).path(a) is None
 
 
 def test_kl_over_the_top_tokens_is_a_lower_bound_of_the_full_kl() -> None:

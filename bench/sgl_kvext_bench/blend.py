@@ -31,6 +31,7 @@ import torch
 
 from sgl_kvext_bench.quality import Pair, describe, kl_full, summarize
 from sgl_kvext_bench.rag_set import HEAD, RagQuestion, RagSpec, is_correct, prompt_text
+from sgl_kvext_bench.reference_cache import Reference, ReferenceCache
 
 RATIOS = (0.0, 0.05, 0.15, 0.3)
 
@@ -51,6 +52,8 @@ METHODS: dict[str, Method] = {
     "gradual2": Method({"gradual": 2.0}),
     "query_half": Method({"query_share": 0.5}),
     "check4_query_half": Method({"check_layer": 4, "query_share": 0.5}),
+    "check6_query_half": Method({"check_layer": 6, "query_share": 0.5}),
+    "check8_query_half": Method({"check_layer": 8, "query_share": 0.5}),
     "attention_spread": Method({"spread": "attention"}),
     "attention_spread_query_half": Method({"spread": "attention", "query_share": 0.5}),
     "query_all": Method({"query_share": 1.0}),
@@ -61,9 +64,10 @@ METHODS: dict[str, Method] = {
 
 def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheblend",),
               ratios: Sequence[float] = RATIOS, answer_tokens: int = 8,
-              dtype: str = "float32", progress: Callable[[str], None] = print
-              ) -> dict[str, Any]:
-    """Exact vs blended prefill per method and ratio (see the module doc)."""
+              dtype: str = "float32", progress: Callable[[str], None] = print,
+              reference_dir: Path | None = None) -> dict[str, Any]:
+    """Exact vs blended prefill per method and ratio (see the module doc); the exact results
+    are read from and kept in ``reference_dir`` (:mod:`sgl_kvext_bench.reference_cache`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from sgl_kvext.blend import (
@@ -94,6 +98,8 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
     stop_tokens: list[Any] = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     stop = frozenset(int(t) for t in stop_tokens if isinstance(t, int)) | frozenset(
         i for t, i in tok.get_vocab().items() if "." in t)      # scoring reads up to a period
+
+    references = ReferenceCache(reference_dir, str(model_path), dtype, answer_tokens, stop)
 
     def enc(text: str) -> torch.Tensor:
         return torch.tensor(tok(text, add_special_tokens=False).input_ids)
@@ -143,19 +149,26 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
                                        len(head) + 1 if context == "head" else 0))
                 for i, (a, _) in enumerate(spans)]
 
+    def exact(ids: torch.Tensor) -> Reference:
+        t0 = time.perf_counter()
+        full = full_prefill(ops, ids)
+        ttft = time.perf_counter() - t0
+        answer = str(tok.decode(greedy_continue(ops, full, len(ids), answer_tokens, stop)))
+        return Reference(full.last_logits, answer, ttft)
+
     full_prefill(ops, prompt(rag.questions[0])[0])      # warm-up, not measured
     runs = [(m, r) for m in methods for r in ratios]
     pairs: dict[tuple[str, float], list[Pair]] = {run: [] for run in runs}
     ttfts: dict[tuple[str, float], list[float]] = {run: [] for run in runs}
     rows: list[dict[str, Any]] = []
-    full_ttfts, lengths = [], []
+    full_ttfts, lengths, cached = [], [], 0
     for n, q in enumerate(rag.questions):
         ids, spans = prompt(q)
         lengths.append(len(ids))
-        t0 = time.perf_counter()
-        full = full_prefill(ops, ids)
-        full_ttfts.append(time.perf_counter() - t0)
-        exact_answer = str(tok.decode(greedy_continue(ops, full, len(ids), answer_tokens, stop)))
+        full = references.get(ids, exact)
+        full_ttfts.append(full.ttft_s)
+        cached += full.cached
+        exact_answer = full.answer
         exact_ok = is_correct(exact_answer, q.answer)
         for method, ratio in runs:
             how = METHODS[method]
@@ -196,4 +209,5 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
             "answer_tokens": answer_tokens,
             "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
             "prompt_tokens_mean": statistics.mean(lengths),
-            "full_prefill_ttft_p50_s": full_p50, "runs": entries, "rows": rows}
+            "full_prefill_ttft_p50_s": full_p50, "references_cached": cached,
+            "runs": entries, "rows": rows}

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: the CPU's fast dtype (bfloat16 with bf16 matrix "
                          "instructions, else float32)")
+    bl.add_argument("--reference-cache", type=Path, default=None, metavar="DIR",
+                    help="keep each prompt's exact prefill result here and reuse it in "
+                         "later runs (a method sweep computes the references once)")
     bl.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of quality against TTFT per method (needs "
                          "matplotlib)")

@@ -34,7 +34,7 @@ def blend(args: argparse.Namespace) -> int:
     try:
         with progress_bar() as progress:
             results = run_blend(model, spec, methods, ratios, args.answer_tokens, dtype,
-                                progress=progress)
+                                progress=progress, reference_dir=args.reference_cache)
     except ValueError as exc:
         raise BadOption(str(exc)) from None
     table = markdown(["method", "ratio", "TTFT p50 (s)", "speed-up", "exact acc.", "blend acc.",
