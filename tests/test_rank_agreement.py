@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import socket
 import traceback
 from typing import Any
 
 import pytest
 import torch
 
+from sgl_kvext.harness.server import free_port
 from sgl_kvext.pages.agreement import RankAgreement
 from sgl_kvext.pages.keys import DEFAULT_TENANT, ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
@@ -75,17 +75,11 @@ def _rank(rank: int, port: int, results: Any) -> None:
         results.put((rank, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def decisions() -> dict[int, Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()      # the harness's range: never an ephemeral port a peer may take
     procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()
