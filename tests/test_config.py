@@ -208,3 +208,13 @@ def test_host_ratio_sizes_the_host_tier_from_the_device_pool() -> None:
     assert sized_tiers(TierConfig(host_size="1GiB"), paged).host_size == 1 << 30
     with pytest.raises(ConfigError, match=r"--kvext-host-ratio .*must be in \[0, 100\]"):
         TierConfig(host_ratio=-1)
+
+
+def test_a_check_layer_the_model_lacks_is_refused_at_start_in_one_line() -> None:
+    from sgl_kvext.sglang_plugin.backend import check_blend_layer
+
+    check_blend_layer(0, 30)
+    check_blend_layer(29, 30)
+    with pytest.raises(ValueError, match=r"^--kvext-blend-check-layer 30: this model has 30 "
+                                         r"layers; allowed 0-29$"):
+        check_blend_layer(30, 30)

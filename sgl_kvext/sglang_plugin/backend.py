@@ -101,6 +101,13 @@ def build_tree_cache(ctx: TreeCacheBuildContext) -> HierarchicalRadixCache:
                                   RankAgreement(group, tiers.page_tokens))
 
 
+def check_blend_layer(check_layer: int, num_layers: int) -> None:
+    """Refuse at start a check layer the model does not have (every blend would fail)."""
+    if check_layer >= num_layers:
+        raise ValueError(f"--kvext-blend-check-layer {check_layer}: this model has "
+                         f"{num_layers} layers; allowed 0-{num_layers - 1}")
+
+
 def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: TierChain,
                       identity: ModelIdentity) -> FragmentBlender:
     """The fragment index, store and blender over the scheduler's own model."""
@@ -108,6 +115,7 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
         raise ValueError("--kvext-fragment-blend supports tensor parallelism 1 only "
                          f"(got --tp {ctx.tp_size})")
     ops = LlamaLayerOps(ctx.tp_worker.model_runner.model)
+    check_blend_layer(config.blend.check_layer, ops.num_layers)
     rope = RopeConfig.from_hf_config(ctx.model_config.hf_config)
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     frag = config.fragments
