@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from run_tiers import QUICK_PORTS, SERVER_PORTS, exit_status  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from run_tiers import QUICK_PORTS, ROOT, SERVER_PORTS, exit_status
 
 
 @pytest.mark.parametrize(("codes", "want"), [
