@@ -4,7 +4,7 @@ itself starts fleets: docs/benchmarks.md has it)."""
 import pytest
 
 from sgl_kvext_bench.cli import main
-from sgl_kvext_bench.fleet import Request, short_failovers, summarize
+from sgl_kvext_bench.fleet import Request, _sources, short_failovers, summarize
 
 
 def _req(turn: int, phase: str, ttft: float, prompt: int, cached: int, ok: bool = True,
@@ -33,6 +33,24 @@ def test_a_failover_turn_short_of_the_previous_prompts_pages_counts_as_recompute
     assert short_failovers(requests, 32) == 1
     assert short_failovers(requests[:2] + [requests[3]], 32) == 1
     assert short_failovers([requests[2]], 32) == 0              # no previous turn known
+
+
+def test_cached_tokens_are_split_by_where_each_response_says_they_came_from() -> None:
+    meta = {"kvext_load": [{"device": 64, "host": 32, "s3": 320}], "cached_tokens": 416}
+    assert _sources(meta) == {"device_tokens": 64, "host_tokens": 32, "disk_tokens": 0,
+                              "s3_tokens": 320}
+    assert _sources({}) == {"device_tokens": 0, "host_tokens": 0, "disk_tokens": 0,
+                            "s3_tokens": 0}
+    requests = [Request("tier_aware", 0, 2, "before", True, 0.2, 500, 480, 480),
+                Request("tier_aware", 0, 3, "failover", True, 0.3, 600, 480, 0, 0, 0, 480),
+                Request("tier_aware", 0, 4, "after", True, 0.2, 700, 600, 64, 536),
+                Request("tier_aware", 0, 5, "after", True, 0.2, 800, 700, 700)]
+    out = summarize(requests)
+    assert out["cached_by_source"] == pytest.approx(
+        {"device": 1244 / 2600, "host": 536 / 2600, "disk": 0.0, "s3": 480 / 2600})
+    assert out["cached_by_source_failover"]["s3"] == pytest.approx(0.8)
+    assert out["cached_by_source_first_after_restart"] == pytest.approx(
+        {"device": 64 / 700, "host": 536 / 700, "disk": 0.0, "s3": 0.0})
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -92,6 +92,10 @@ def test_history_is_shared_through_s3_and_survives_losing_an_instance(
     # one is a device hit): one of them did, for nearly all of the shared history.
     assert sorted(h > 0 for h in hits) == [False, True], hits
     assert second.cached_tokens >= 0.9 * n_tokens(CONTEXT), second
+    # ... and its response says where from: S3 (read ahead for it), split to the token
+    load = second.meta["kvext_load"][0]
+    assert load.get("s3", 0) >= 0.8 * n_tokens(CONTEXT), load
+    assert sum(load.values()) == second.cached_tokens, (load, second.cached_tokens)
     # /kvext/lookup: the instance that computed the prompt holds it on device (and in S3);
     # the other holds nothing locally and would serve it from S3.
     owner, other = sorted(looked, key=lambda r: -r["device"])

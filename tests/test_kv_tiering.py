@@ -50,6 +50,14 @@ def test_a_load_larger_than_the_staging_buffer_is_exact(tiering, device_len):
     assert tiering.counters["loaded_pages"] == len(plan.keys)
 
 
+def test_a_plans_new_tokens_are_counted_per_source_tier() -> None:
+    # pages 2, 3, 4 (tokens 8-19); the device holds 10; the last page is a 2-token tail
+    plan = LoadPlan((b"a", b"b", b"c"), 2, 10, 18, (0, 0, 0), (2, 0, 2))
+    assert plan.tokens_by_source(T) == {2: 2 + 2, 0: 4}
+    with pytest.raises(ValueError, match="3 tiers and 2 sources for 3 pages"):
+        LoadPlan((b"a", b"b", b"c"), 2, 10, 18, (0, 0, 0), (2, 0))
+
+
 def test_a_page_missing_in_a_later_batch_is_a_miss(tiering):
     tokens = list(range(2000, 2040))
     tiering.spill(T0, tokens, torch.arange(40), 0)

@@ -61,6 +61,9 @@ def test_pages_on_disk_load_straight_into_the_pool(spilled: KVTiering, device_le
     assert isinstance(plan, LoadPlan) and (plan.start, plan.end) == (device_len, 40)
     from_disk = plan.tiers.count(1)
     assert from_disk >= 6 - device_len // T and set(plan.tiers) == {0, 1}
+    assert plan.sources == plan.tiers
+    host = plan.tiers.count(0) * T               # the newest pages, whole
+    assert spilled.tokens_by_tier(plan) == {"host": host, "disk": 40 - device_len - host}
     slots = torch.arange(100, 100 + plan.tokens)
     assert spilled.load(plan, slots) is LoadOutcome.LOADED
     assert torch.equal(_kv(spilled, slots), _kv(spilled, torch.arange(device_len, 40)))
@@ -174,6 +177,9 @@ def test_pages_past_the_direct_budget_are_read_ahead_and_loaded_from_memory(
     plan = spilled.admit(T0, PATH, 0, request_id="r")
     assert isinstance(plan, LoadPlan) and (plan.start, plan.end) == (0, 40), plan
     assert len(plan.ahead) == 10 and plan.tiers == (0,) * 10
+    # read from memory, reported as where the prefetch read each page: 4 host, 6 disk
+    assert plan.sources == (1,) * 6 + (0,) * 4
+    assert spilled.tokens_by_tier(plan) == {"host": 16, "disk": 24}
     assert spilled.admit(T0, PATH, 0, request_id="r") == plan     # matched again: the same
     slots = torch.arange(100, 140)
     assert spilled.load(plan, slots, "r") is LoadOutcome.LOADED

@@ -114,6 +114,6 @@ def test_a_load_that_failed_on_one_rank_fails_on_all(decisions: dict[int, Any]) 
 
 def test_one_rank_agrees_with_itself_without_a_group() -> None:
     agree = RankAgreement(None, T)
-    plan = LoadPlan((b"k",), 0, 0, 4, (0,))
+    plan = LoadPlan((b"k",), 0, 0, 4, (0,), (0,))
     assert agree.admission(plan) is plan and agree.outcome(LoadOutcome.MOVED) is \
         LoadOutcome.MOVED

@@ -11,6 +11,7 @@ import types
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ class Harness:
                  disk: bool = False, policy: str = "best_effort", remote: bool = False,
                  kv_events: bool = False) -> None:
         self.holds = 0
+        self.last_req: Any = None
         self.pool = MHATokenToKVPool(pool_tokens, 1, torch.float32, HEADS, DIM, LAYERS, "cpu",
                                      False)
         self.alloc = TokenToKVPoolAllocator(pool_tokens, torch.float32, "cpu", self.pool, False)
@@ -91,7 +93,7 @@ class Harness:
 
     def fetch(self, tokens: list[int], salt: str | None = None, rid: str = "r") -> int:
         """Admit like SGLang: match, load back; a held request waits and is matched again."""
-        req = types.SimpleNamespace(cache_request_handle=rid)
+        req = self.last_req = types.SimpleNamespace(cache_request_handle=rid)
         for _ in range(20):
             m = self.tree.match_prefix(MatchPrefixParams(
                 key=RadixKey(array("q", tokens), salt), req=req))
@@ -159,6 +161,10 @@ def test_load_continues_a_device_prefix_mid_page(harness: Harness) -> None:
     assert harness.fetch(a) == 48                     # page 1 is loaded from token 12 on
     torch.testing.assert_close(harness.device_kv(a), kv_of(a), rtol=0, atol=0)
     harness.check_accounting()
+    # the response says where the prompt's cached tokens came from
+    assert harness.last_req.customized_info["kvext_load"] == [{"device": 12, "host": 36}]
+    harness.fetch(a, rid="again")                     # all on the device now
+    assert harness.last_req.customized_info["kvext_load"] == [{"device": 48}]
 
 
 def test_tenants_do_not_share_pages(harness: Harness) -> None:

@@ -119,6 +119,12 @@ def fleet(args: argparse.Namespace) -> int:
              f"{a['restart_s']:.1f}s" + (f", marked down after {a['mark_down_s']:.1f}s"
                                          if "mark_down_s" in a else "")
              for a in results["arms"]]
+    for a in results["arms"]:
+        shares = [" ".join(f"{k} {v:.3f}" for k, v in a[key].items() if v)
+                  for key in ("cached_by_source", "cached_by_source_failover",
+                              "cached_by_source_first_after_restart")]
+        extra.append(f"{a['name']}: prompt tokens cached by source: all turns {shares[0]}; "
+                     f"failover turn {shares[1]}; first turn after the restart {shares[2]}")
     probe = results.get("cross_instance")
     if probe:
         delay = probe["write_through_delay_s"]

@@ -17,10 +17,11 @@ counts it down (the time is reported), runs one turn on the survivor (the failov
 failed requests and TTFT), restarts the killed server on its port (device tree and host tier
 empty, S3 still full) and runs the remaining turns. ``single`` restarts its only server at the
 same point and runs the failover turn on it. Per arm: prompt tokens served from cache (the hit
-rate), TTFT p50 / p90 over every turn and over the turns after the restart, failed requests, and the
-tokens each tier loaded (from the servers' ``/metrics``). A cross-instance probe measures the
-write-through delay (how long after a prompt is answered on one server the other finds it in
-S3) and that server's TTFT then.
+rate), TTFT p50 / p90 over every turn and over the turns after the restart, failed requests, the
+tokens each tier loaded (from the servers' ``/metrics``) and, per request, where its cached
+tokens came from (device, host, disk, S3: each response's ``kvext_load`` report). A
+cross-instance probe measures the write-through delay (how long after a prompt is answered on
+one server the other finds it in S3) and that server's TTFT then.
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ class Request:
     ttft_s: float
     prompt_tokens: int
     cached_tokens: int
+    # where the cached tokens came from (the response's ``kvext_load`` report): the serving
+    # instance's device and host memory, its disk, the shared S3
+    device_tokens: int = 0
+    host_tokens: int = 0
+    disk_tokens: int = 0
+    s3_tokens: int = 0
+
+
+#: The sources a request's cached tokens are split into (``Request.<source>_tokens``).
+SOURCES = ("device", "host", "disk", "s3")
+
+
+def _sources(meta: dict[str, Any]) -> dict[str, int]:
+    """``<source>_tokens`` of a response's ``kvext_load`` report (zeros without one)."""
+    report = (meta.get("kvext_load") or [{}])[0]
+    return {f"{name}_tokens": int(report.get(name, 0)) for name in SOURCES}
 
 
 def _wait(what: str, ready: Callable[[], bool], timeout_s: float = SETTLE_S) -> float:
@@ -143,7 +160,7 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
                 continue
             histories[user] += question + r.text + "\n"
             requests.append(Request(arm.name, user, t, phase, True, r.ttft_s, r.prompt_tokens,
-                                    r.cached_tokens))
+                                    r.cached_tokens, **_sources(dict(r.meta))))
             progress(f"fleet {arm.name}: turn {t} user {user + 1} ({phase}) ttft "
                      f"{r.ttft_s:.2f}s, {r.cached_tokens}/{r.prompt_tokens} cached")
 
@@ -202,7 +219,13 @@ def summarize(requests: Sequence[Request], page_tokens: int = 32) -> dict[str, A
     def hit(rs: Sequence[Request]) -> float:
         return sum(r.cached_tokens for r in rs) / max(1, sum(r.prompt_tokens for r in rs))
 
+    def by_source(rs: Sequence[Request]) -> dict[str, float]:
+        prompt = max(1, sum(r.prompt_tokens for r in rs))
+        return {name: sum(getattr(r, f"{name}_tokens") for r in rs) / prompt
+                for name in SOURCES}
+
     ttft = [r.ttft_s for r in ok]
+    first_turn = [r for r in after if r.turn == first]
     return {"requests_sent": len(requests), "failed": len(requests) - len(ok),
             "hit_rate": hit(ok), "hit_rate_after_restart": hit(after),
             "ttft_p50_s": statistics.median(ttft) if ttft else None,
@@ -213,7 +236,11 @@ def summarize(requests: Sequence[Request], page_tokens: int = 32) -> dict[str, A
             "failover_recomputed_users": short_failovers(requests, page_tokens),
             # the first turn with the restarted server back: where its users are sent now
             "ttft_p50_first_after_restart_s": (statistics.median(first_after)
-                                               if first_after else None)}
+                                               if first_after else None),
+            # shares of prompt tokens by where they were cached (the rest was computed)
+            "cached_by_source": by_source(ok),
+            "cached_by_source_failover": by_source([r for r in ok if r.phase == "failover"]),
+            "cached_by_source_first_after_restart": by_source(first_turn)}
 
 
 #: Contexts the cross-instance probe measures (their seeds); medians are reported.

@@ -79,4 +79,4 @@ class RankAgreement:
             return plan
         pages = -(-(end - plan.first_page * self.page_tokens) // self.page_tokens)
         return dataclasses.replace(plan, keys=plan.keys[:pages], tiers=plan.tiers[:pages],
-                                   end=end)
+                                   sources=plan.sources[:pages], end=end)

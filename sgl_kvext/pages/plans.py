@@ -15,22 +15,37 @@ from sgl_kvext.tiers.objects import KVPage
 class LoadPlan:
     """Pages ``keys`` hold tokens ``[first_page * T, ...)``; tokens ``[start, end)`` are new.
     ``tiers[i]`` is the chain index of the local tier ``keys[i]`` was found in (0 for a page
-    in ``ahead``: read ahead for this request, :mod:`~sgl_kvext.pages.read_ahead`)."""
+    in ``ahead``: read ahead for this request, :mod:`~sgl_kvext.pages.read_ahead`);
+    ``sources[i]`` the tier it came from for this request (for a page read ahead, the tier
+    the prefetch read it from: S3, say; else ``tiers[i]``)."""
 
     keys: tuple[bytes, ...]
     first_page: int
     start: int
     end: int
     tiers: tuple[int, ...]
+    sources: tuple[int, ...]
     ahead: Mapping[bytes, KVPage] = field(default_factory=lambda: NOTHING, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.tiers) != len(self.keys):
-            raise ValueError(f"{len(self.tiers)} tiers for {len(self.keys)} pages")
+        if not len(self.tiers) == len(self.sources) == len(self.keys):
+            raise ValueError(f"{len(self.tiers)} tiers and {len(self.sources)} sources for "
+                             f"{len(self.keys)} pages")
 
     @property
     def tokens(self) -> int:
         return self.end - self.start
+
+    def tokens_by_source(self, page_tokens: int) -> dict[int, int]:
+        """New tokens (``[start, end)``) per source tier; pages are ``page_tokens`` long
+        (the last may be a partial one)."""
+        out: dict[int, int] = {}
+        for i, source in enumerate(self.sources):
+            lo = max(self.start, (self.first_page + i) * page_tokens)
+            hi = min(self.end, (self.first_page + i + 1) * page_tokens)
+            if hi > lo:
+                out[source] = out.get(source, 0) + hi - lo
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class Prefetcher:
         below = [(p, t) for p, t in zip(got.pages, got.tiers, strict=True) if t > 0]
         with self._lock:                  # not for a request that left meanwhile
             kept = keep and bool(below) and request_id in self._running \
-                and self.read_ahead.keep(request_id, got.pages)
+                and self.read_ahead.keep(request_id, got.pages, got.tiers)
         promoted = 0 if kept else len(below)
         if promoted:
             self.chain.promote([p for p, _ in below])

@@ -250,7 +250,11 @@ class KVTiering:
                     break
         if end <= device_len:
             return _Planned(MISS, rest_tier, fetch)
-        return _Planned(LoadPlan(keys, first, device_len, end, tuple(tiers),
+        origins = (self.prefetcher.read_ahead.origins(prefetch_id)
+                   if prefetch_id is not None else {})
+        sources = tuple(origins.get(k, t) if k in ahead else t
+                        for k, t in zip(keys, tiers, strict=True))
+        return _Planned(LoadPlan(keys, first, device_len, end, tuple(tiers), sources,
                                  ahead if any(k in ahead for k in keys) else NOTHING),
                         rest_tier, fetch)
 
@@ -378,6 +382,12 @@ class KVTiering:
                 self._moved.discard(request_id)
                 self.prefetcher.read_ahead.drop(request_id)
         return outcome
+
+    def tokens_by_tier(self, plan: LoadPlan) -> dict[str, int]:
+        """``plan``'s new tokens per tier name, by where each page came from for the request
+        (:attr:`LoadPlan.sources`)."""
+        return {self.chain.tiers[t].name: n
+                for t, n in sorted(plan.tokens_by_source(self.tokens).items())}
 
     @property
     def bytes_per_token(self) -> float:

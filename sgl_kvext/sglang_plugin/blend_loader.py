@@ -28,6 +28,7 @@ from sgl_kvext.fragments.report import BlendReport, BlendSeconds, Outcome
 from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.pages.kv_pages import PagedKV
+from sgl_kvext.sglang_plugin.load_report import put_info
 
 logger = logging.getLogger("sgl_kvext")
 #: Longest a blend-namespace request is held while its fragments come up from disk / S3.
@@ -42,8 +43,7 @@ _SPAN_REQUESTS = 4096
 def report_on(req: Any, report: BlendReport) -> None:
     """Put ``report`` in the request's response (``meta_info[REPORT_KEY]``); the last one
     put before the first output token is the one the response carries."""
-    if req is not None:
-        req.customized_info = {**(req.customized_info or {}), REPORT_KEY: [report.as_dict()]}
+    put_info(req, REPORT_KEY, report.as_dict())
 
 
 class BlendLoader:

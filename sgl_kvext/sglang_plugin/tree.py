@@ -15,7 +15,8 @@ tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not 
   hangs a new node under the matched one; a request whose pages are still coming up from disk
   / S3 is held (reported as a one-page hit, answered None: SGLang keeps it queued) while
   waiting pays; otherwise nothing. A page that vanished or fails its checksum makes the load
-  return 0: SGLang recomputes.
+  return 0: SGLang recomputes. The response says where the cached tokens came from
+  (:mod:`.load_report`).
 - **Fragment blend** (``--kvext-fragment-blend``). A request that may receive approximate KV
   lives in its own namespace (its extra key carries the blend mark, :mod:`.tenant`), so
   exact requests never match blended KV, on the device or in the tiers. When such a
@@ -46,6 +47,7 @@ from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader, report_on
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
+from sgl_kvext.sglang_plugin.load_report import report_load
 from sgl_kvext.sglang_plugin.scheduler_gaps import GAPS
 from sgl_kvext.sglang_plugin.surface import (
     CacheInitParams,
@@ -224,6 +226,7 @@ class HierarchicalRadixCache(RadixCache):
         key = params.key.page_aligned(self.page_size)
         tokens, tenant, node = key.raw_token_ids(), tenant_of(key), base.last_device_node
         device_len = base.device_prefix_len
+        report_load(req, device_len)          # a load that succeeds reports its tiers
         failed = False
         try:
             with GAPS.timed("admit"):
@@ -302,6 +305,7 @@ class HierarchicalRadixCache(RadixCache):
             # MOVED: SGLang keeps the request queued and matches it again (a new plan)
             return None if loaded is LoadOutcome.MOVED else (0, node)
         new_node = self._attach(node, pending.key, slots)
+        report_load(req, pending.plan.start, self.tiering.tokens_by_tier(pending.plan))
         if getattr(self, "metrics_collector", None) is not None:
             self.metrics_collector.increment_load_back_num_tokens(n, pool="kv")
         return n, new_node
