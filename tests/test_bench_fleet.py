@@ -44,10 +44,13 @@ def test_cached_tokens_are_split_by_where_each_response_says_they_came_from() ->
     requests = [Request("tier_aware", 0, 2, "before", True, 0.2, 500, 480, 480),
                 Request("tier_aware", 0, 3, "failover", True, 0.3, 600, 480, 0, 0, 0, 480),
                 Request("tier_aware", 0, 4, "after", True, 0.2, 700, 600, 64, 536),
-                Request("tier_aware", 0, 5, "after", True, 0.2, 800, 700, 700)]
+                Request("tier_aware", 0, 5, "after", True, 0.2, 800, 700, 700),
+                Request("tier_aware", 0, 6, "router_restart", True, 0.4, 900, 800, 0, 0, 0, 800)]
     out = summarize(requests)
     assert out["cached_by_source"] == pytest.approx(
-        {"device": 1244 / 2600, "host": 536 / 2600, "disk": 0.0, "s3": 480 / 2600})
+        {"device": 1244 / 3500, "host": 536 / 3500, "disk": 0.0, "s3": 1280 / 3500})
+    assert out["cached_by_source_router_restart"]["s3"] == pytest.approx(800 / 900)
+    assert out["ttft_p50_router_restart_s"] == 0.4 and out["hit_rate_after_restart"] == 1300 / 1500
     assert out["cached_by_source_failover"]["s3"] == pytest.approx(0.8)
     assert out["cached_by_source_first_after_restart"] == pytest.approx(
         {"device": 64 / 700, "host": 536 / 700, "disk": 0.0, "s3": 0.0})

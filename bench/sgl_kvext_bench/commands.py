@@ -122,9 +122,13 @@ def fleet(args: argparse.Namespace) -> int:
     for a in results["arms"]:
         shares = [" ".join(f"{k} {v:.3f}" for k, v in a[key].items() if v)
                   for key in ("cached_by_source", "cached_by_source_failover",
-                              "cached_by_source_first_after_restart")]
+                              "cached_by_source_first_after_restart",
+                              "cached_by_source_router_restart")]
         extra.append(f"{a['name']}: prompt tokens cached by source: all turns {shares[0]}; "
-                     f"failover turn {shares[1]}; first turn after the restart {shares[2]}")
+                     f"failover turn {shares[1]}; first turn after the restart {shares[2]}"
+                     + (f"; after the router's restart {shares[3]} (TTFT p50 "
+                        f"{a['ttft_p50_router_restart_s']:.3f}s)"
+                        if a["ttft_p50_router_restart_s"] is not None else ""))
     probe = results.get("cross_instance")
     if probe:
         delay = probe["write_through_delay_s"]

@@ -9,19 +9,20 @@ on each arm in turn, every arm with its own S3 prefix on one SeaweedFS:
 - ``tier_aware``: the same two behind :class:`sgl_kvext.harness.tier_router.TierAwareRouter`
   (each request where ``/kvext/lookup`` finds most of its prompt).
 
-Every server gets the multi-turn bench's device pool (a quarter of the working set), a
-1 GiB host tier and ``--kvext-prefetch-policy wait_complete`` (:data:`FLEET_FLAGS`).
-Halfway through, the server that has processed most prompt tokens (the one holding most
-users; its index is reported) is SIGKILLed: the arm waits until its router
-counts it down (the time is reported), runs one turn on the survivor (the failover turn: its
-failed requests and TTFT), restarts the killed server on its port (device tree and host tier
-empty, S3 still full) and runs the remaining turns. ``single`` restarts its only server at the
-same point and runs the failover turn on it. Per arm: prompt tokens served from cache (the hit
-rate), TTFT p50 / p90 over every turn and over the turns after the restart, failed requests, the
-tokens each tier loaded (from the servers' ``/metrics``) and, per request, where its cached
-tokens came from (device, host, disk, S3: each response's ``kvext_load`` report). A
-cross-instance probe measures the write-through delay (how long after a prompt is answered on
-one server the other finds it in S3) and that server's TTFT then.
+Every server gets the multi-turn bench's device pool (a quarter of the working set), a 1 GiB
+host tier and ``--kvext-prefetch-policy wait_complete`` (:data:`FLEET_FLAGS`). Halfway through,
+the server that has processed most prompt tokens (the one holding most users; its index is
+reported) is SIGKILLed: the arm waits until its router counts it down (the time is reported),
+runs one turn on the survivor (the failover turn: its failed requests and TTFT), restarts the
+killed server on its port (device tree and host tier empty, S3 still full) and runs the
+remaining turns. ``single`` restarts its only server at the same point and runs the failover
+turn on it. A fleet's last turn runs after its router is restarted (``router_restart``: the
+servers keep their KV, the router's state starts empty). Per arm: prompt tokens served from
+cache (the hit rate), TTFT p50 / p90 over every turn and over the turns after the restart,
+failed requests, the tokens each tier loaded (from the servers' ``/metrics``) and, per request,
+where its cached tokens came from (device, host, disk, S3: each response's ``kvext_load``
+report). A cross-instance probe measures the write-through delay (how long after a prompt is
+answered on one server the other finds it in S3) and that server's TTFT then.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Request:
     arm: str
     user: int
     turn: int
-    phase: str                  # before / failover / after (the restart)
+    phase: str                  # before / failover / after (the restart) / router_restart
     ok: bool
     ttft_s: float
     prompt_tokens: int
@@ -184,8 +185,17 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
     else:                                   # one server: its first turn after the restart
         turn(killed_at + 1, "failover")
     stats["restart_s"] = time.monotonic() - started
-    for t in range(killed_at + 2, work.turns + 1):
+    # a fleet's last turn after its router restarted (the servers keep their KV; the router's
+    # own state starts empty): where each router sends a user it has no record of
+    last = work.turns - 1 if fleet is not None and work.turns >= killed_at + 3 else work.turns
+    for t in range(killed_at + 2, last + 1):
         turn(t, "after")
+    if last < work.turns:
+        assert fleet is not None
+        started = time.monotonic()
+        fleet.restart_router()
+        stats["router_restart_s"] = time.monotonic() - started
+        turn(work.turns, "router_restart")
     for tier, tokens in _tier_tokens([s.url for s in arm.servers], page_tokens).items():
         loaded[tier] = loaded.get(tier, 0.0) + tokens
     if arm.name == "tier_aware" and arm.fleet is not None:
@@ -226,6 +236,7 @@ def summarize(requests: Sequence[Request], page_tokens: int = 32) -> dict[str, A
 
     ttft = [r.ttft_s for r in ok]
     first_turn = [r for r in after if r.turn == first]
+    routed = [r for r in ok if r.phase == "router_restart"]
     return {"requests_sent": len(requests), "failed": len(requests) - len(ok),
             "hit_rate": hit(ok), "hit_rate_after_restart": hit(after),
             "ttft_p50_s": statistics.median(ttft) if ttft else None,
@@ -240,7 +251,11 @@ def summarize(requests: Sequence[Request], page_tokens: int = 32) -> dict[str, A
             # shares of prompt tokens by where they were cached (the rest was computed)
             "cached_by_source": by_source(ok),
             "cached_by_source_failover": by_source([r for r in ok if r.phase == "failover"]),
-            "cached_by_source_first_after_restart": by_source(first_turn)}
+            "cached_by_source_first_after_restart": by_source(first_turn),
+            "ttft_p50_router_restart_s": (statistics.median([r.ttft_s for r in routed])
+                                          if routed else None),
+            "hit_rate_router_restart": hit(routed),
+            "cached_by_source_router_restart": by_source(routed)}
 
 
 #: Contexts the cross-instance probe measures (their seeds); medians are reported.

@@ -118,6 +118,12 @@ class Fleet:
         raise ServerStartError(f"router did not see {len(self.servers)} healthy servers within "
                                f"{self.start_timeout_s:.0f}s:\n{self.router_log_tail()}")
 
+    def restart_router(self) -> None:
+        """Stop the router and start it again on its port: the servers keep their KV, the
+        router's own state (``cache_aware``'s text-prefix tree) starts empty."""
+        self._stop_router()
+        self._start_router()
+
     def healthy_workers(self) -> int:
         """Servers the router routes to now (its ``/readiness``; 0 while it cannot answer).
         It registers them in the background after start, and marks one down after two failed
@@ -132,6 +138,11 @@ class Fleet:
 
     def stop(self) -> None:
         """The router first (no new requests), then every server; by process group id."""
+        self._stop_router()
+        for server in self.servers:
+            server.stop()
+
+    def _stop_router(self) -> None:
         router, self._router = self._router, None
         tier_router, self._tier_router = self._tier_router, None
         if tier_router is not None:
@@ -146,8 +157,6 @@ class Fleet:
                 except ProcessLookupError:
                     pass
                 router.wait(timeout=15)
-        for server in self.servers:
-            server.stop()
 
     def router_log_tail(self, lines: int = 30) -> str:
         path = self.log_dir / "router.log"
