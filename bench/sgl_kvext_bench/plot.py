@@ -142,14 +142,14 @@ def plot_soak(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_fleet(results: dict[str, Any], path: Path) -> Path:
-    """Per turn and arm of ``run_fleet``'s results, to ``path``: median TTFT (left) and the
-    share of prompt tokens served from cache (right); the dotted line marks the kill (a fleet
-    serves the next turn on the survivor, then gets the killed server back; ``single`` restarts at
-    once)."""
+    """Per turn and arm of ``run_fleet``'s results, to ``path``: median TTFT (left), the
+    share of prompt tokens served from cache (middle) and from S3 (right); the dotted line
+    marks the kill (a fleet serves the next turn on the survivor, then gets the killed server
+    back; ``single`` restarts at once), the dashed one the fleets' router restart."""
     import statistics
 
     plt = _pyplot()
-    fig, (ttft, hit) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ttft, hit, s3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for arm in results["arms"]:
         turns = sorted({r["turn"] for r in arm["requests"] if r["ok"]})
         rows = [[r for r in arm["requests"] if r["ok"] and r["turn"] == t] for t in turns]
@@ -158,15 +158,25 @@ def plot_fleet(results: dict[str, Any], path: Path) -> Path:
         hit.plot(turns, [sum(r["cached_tokens"] for r in rs)
                          / max(1, sum(r["prompt_tokens"] for r in rs)) for rs in rows], "o-",
                  label=arm["name"])
+        s3.plot(turns, [sum(r.get("s3_tokens", 0) for r in rs)
+                        / max(1, sum(r["prompt_tokens"] for r in rs)) for rs in rows], "o-",
+                label=arm["name"])
     failover = [r["turn"] for a in results["arms"] for r in a["requests"]
                 if r["phase"] == "failover"]
-    for ax in (ttft, hit):
+    routed = [r["turn"] for a in results["arms"] for r in a["requests"]
+              if r["phase"] == "router_restart"]
+    for ax in (ttft, hit, s3):
         if failover:
             ax.axvline(min(failover) - 0.5, color="grey", ls=":")
+        if routed:
+            ax.axvline(min(routed) - 0.5, color="grey", ls="--")
         ax.legend(fontsize=7)
     ttft.set(xlabel="turn", ylabel="TTFT p50 (s)", title="Time to first token")
     hit.set(xlabel="turn", ylabel="prompt tokens cached", title="Hit rate", ylim=(0, 1.02))
+    s3.set(xlabel="turn", ylabel="prompt tokens loaded from S3",
+           title="From the shared S3 (the rest: own device / host)", ylim=(0, 1.02))
     work = results["workload"]
     fig.suptitle(f"Fleet of 2 vs one server: {work['users']} users x {work['turns']} turns; "
-                 "the busier server killed at the dotted line, back for the turn after it")
+                 "the busier server killed at the dotted line, back for the turn after it;\n"
+                 "the fleets' routers restarted at the dashed line")
     return _save(plt, fig, path)
