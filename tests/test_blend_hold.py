@@ -27,7 +27,7 @@ from sgl_kvext_bench.random_llama import RandomLlamaOps
 
 def test_a_request_is_held_while_its_marked_documents_come_up_then_blended(
         tmp_path: Path) -> None:
-    ops = RandomLlamaOps(layers=6)
+    ops = RandomLlamaOps(layers=8)
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     chain = TierChain([HostTier(64 << 20), DiskTier(tmp_path / "disk", 1 << 30, bytes(32),
                                                     codec="none")], "write_through")

@@ -59,7 +59,7 @@ def blend_everything(ops: RandomLlamaOps) -> list[torch.Tensor]:
 
 
 def test_the_blend_makes_no_tensor_on_the_default_device() -> None:
-    ops = RandomLlamaOps(layers=6, device=CPU)
+    ops = RandomLlamaOps(layers=8, device=CPU)
     expected = blend_everything(ops)
     torch.set_default_device("meta")
     try:
@@ -80,7 +80,7 @@ def wait_known(blender: FragmentBlender, keys: list[bytes], timeout_s: float = 6
 
 def test_fragment_store_and_blender_hand_kv_out_on_the_model_device(
         meta_default_device: None) -> None:
-    ops = RandomLlamaOps(layers=6, device=CPU)
+    ops = RandomLlamaOps(layers=8, device=CPU)
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     identity = ModelIdentity("c", "w", "float32", 1, "mha")
     store = FragmentStore(TierChain([HostTier(64 << 20)]), identity, layout, device=CPU)

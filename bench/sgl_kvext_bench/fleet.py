@@ -16,8 +16,10 @@ reported) is SIGKILLed: the arm waits until its router counts it down (the time 
 runs one turn on the survivor (the failover turn: its failed requests and TTFT), restarts the
 killed server on its port (device tree and host tier empty, S3 still full) and runs the
 remaining turns. ``single`` restarts its only server at the same point and runs the failover
-turn on it. A fleet's last turn runs after its router is restarted (``router_restart``: the
-servers keep their KV, the router's state starts empty). Per arm: prompt tokens served from
+turn on it. A fleet's last two turns: one sent straight to the servers, user ``u`` to server
+``u % n`` (``spread``: users spread over the servers, as load balancing under concurrent
+traffic would), then one after its router is restarted (``router_restart``: the servers keep
+their KV, the router's state starts empty). Per arm: prompt tokens served from
 cache (the hit rate), TTFT p50 / p90 over every turn and over the turns after the restart,
 failed requests, the tokens each tier loaded (from the servers' ``/metrics``) and, per request,
 where its cached tokens came from (device, host, disk, S3: each response's ``kvext_load``
@@ -57,7 +59,7 @@ class Request:
     arm: str
     user: int
     turn: int
-    phase: str                  # before / failover / after (the restart) / router_restart
+    phase: str                  # before / failover / after (the restart) / spread / router_restart
     ok: bool
     ttft_s: float
     prompt_tokens: int
@@ -150,11 +152,13 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
     killed_at = max(1, (work.turns - 1) // 2)
     stats: dict[str, Any] = {}
 
-    def turn(t: int, phase: str) -> None:
+    def turn(t: int, phase: str, direct: bool = False) -> None:
         for user in range(work.users):
             question = work.question(user, t)
+            # direct: user u to server u % n, past the router (users spread over the servers)
+            url = arm.servers[user % len(arm.servers)].url if direct else arm.url
             try:
-                r = stream_generate(arm.url, system + histories[user] + question,
+                r = stream_generate(url, system + histories[user] + question,
                                     work.answer_tokens, timeout_s=300)
             except (urllib.error.URLError, OSError, RuntimeError):
                 requests.append(Request(arm.name, user, t, phase, False, 0.0, 0, 0))
@@ -185,13 +189,16 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
     else:                                   # one server: its first turn after the restart
         turn(killed_at + 1, "failover")
     stats["restart_s"] = time.monotonic() - started
-    # a fleet's last turn after its router restarted (the servers keep their KV; the router's
-    # own state starts empty): where each router sends a user it has no record of
-    last = work.turns - 1 if fleet is not None and work.turns >= killed_at + 3 else work.turns
+    # A fleet's last two turns: users spread over the servers (sent straight to server
+    # u % n, as load balancing under concurrent traffic would place them), then the router
+    # restarted (the servers keep their KV; the router's own state starts empty): where each
+    # router sends a user whose history one server holds in memory and S3 holds for all.
+    last = work.turns - 2 if fleet is not None and work.turns >= killed_at + 4 else work.turns
     for t in range(killed_at + 2, last + 1):
         turn(t, "after")
     if last < work.turns:
         assert fleet is not None
+        turn(work.turns - 1, "spread", direct=True)
         started = time.monotonic()
         fleet.restart_router()
         stats["router_restart_s"] = time.monotonic() - started

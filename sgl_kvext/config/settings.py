@@ -210,7 +210,7 @@ class BlendConfig:
 
     recompute_ratio: float = _opt(0.15, "--kvext-blend-recompute-ratio",
                                   "Share of fragment tokens recomputed, in [0, 1].", parse_float)
-    check_layer: int = _opt(4, "--kvext-blend-check-layer",
+    check_layer: int = _opt(6, "--kvext-blend-check-layer",
                             "Layer whose K deviation selects the recomputed tokens (layers up "
                             "to it run over every token; 1 is CacheBlend's, faster, fewer "
                             "right answers).", parse_int)
