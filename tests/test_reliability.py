@@ -128,7 +128,11 @@ def test_corruption_while_traffic_runs_is_never_served(
             quarantined=quarantined, wrong_outputs=wrong)
     assert wrong == 0 and alive
     assert mutated["disk"] > 0 and mutated["s3"] > 0
-    assert quarantined["disk"] > 0 and quarantined["s3"] > 0
+    # Corrupt pages were caught and quarantined. Which tier catches them is timing: S3 is read
+    # only for pages no local tier holds (two runs: disk 31 / S3 27, disk 120 / S3 0), and a
+    # recomputed context is written through again; S3's own check alone is
+    # tests/test_tier_s3.py::test_corrupt_object_is_a_miss_and_quarantined.
+    assert quarantined["disk"] + quarantined["s3"] > 0, quarantined
 
 
 def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_path: Path,
