@@ -33,7 +33,7 @@ import statistics
 import time
 import urllib.error
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ class Request:
 SOURCES = ("device", "host", "disk", "s3")
 
 
-def _sources(meta: dict[str, Any]) -> dict[str, int]:
+def _sources(meta: Mapping[str, Any]) -> dict[str, int]:
     """``<source>_tokens`` of a response's ``kvext_load`` report (zeros without one)."""
     report = (meta.get("kvext_load") or [{}])[0]
     return {f"{name}_tokens": int(report.get(name, 0)) for name in SOURCES}
@@ -165,7 +165,7 @@ def run_arm(arm: _Arm, work: Workload, page_tokens: int,
                 continue
             histories[user] += question + r.text + "\n"
             requests.append(Request(arm.name, user, t, phase, True, r.ttft_s, r.prompt_tokens,
-                                    r.cached_tokens, **_sources(dict(r.meta))))
+                                    r.cached_tokens, **_sources(r.meta)))
             progress(f"fleet {arm.name}: turn {t} user {user + 1} ({phase}) ttft "
                      f"{r.ttft_s:.2f}s, {r.cached_tokens}/{r.prompt_tokens} cached")
 

@@ -250,8 +250,9 @@ class KVTiering:
                     break
         if end <= device_len:
             return _Planned(MISS, rest_tier, fetch)
+        # the read-ahead's origins only when it holds pages (a lock taken on every pass else)
         origins = (self.prefetcher.read_ahead.origins(prefetch_id)
-                   if prefetch_id is not None else {})
+                   if ahead and prefetch_id is not None else {})
         sources = tuple(origins.get(k, t) if k in ahead else t
                         for k, t in zip(keys, tiers, strict=True))
         return _Planned(LoadPlan(keys, first, device_len, end, tuple(tiers), sources,
