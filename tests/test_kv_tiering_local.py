@@ -296,3 +296,61 @@ def test_spilled_pages_survive_the_reuse_of_the_spill_buffer(tmp_path: Path,
     finally:
         disk.release.set()
         tiering.close()
+
+
+def test_a_tail_another_process_wrote_to_a_shared_disk_folder_comes_back(tmp_path: Path
+                                                                         ) -> None:
+    """A history's last partial page written by another instance sharing the disk folder
+    (or by this server before a restart) loads with the full pages before it, exactly."""
+    path = PATH + [7, 8]                            # 10 full pages and a 2-token tail
+    writer = _tiering(DiskTier(tmp_path / "disk", 1 << 20, NS, codec="none"),
+                      write_policy="write_through")
+    reader = _tiering(DiskTier(tmp_path / "disk", 1 << 20, NS, codec="none"))
+    try:
+        assert writer.spill(T0, path, torch.arange(42), 0) == 11
+        assert writer.chain.flush(10.0)
+        for buf in (*reader.pool.k, *reader.pool.v):
+            buf.zero_()                             # nothing of the writer's KV here
+        plan = reader.plan(T0, path + [9], 0, prefetch_id="r")
+        assert isinstance(plan, LoadPlan) and plan.end == 42 and set(plan.tiers) == {1}
+        slots = torch.arange(100, 142)
+        assert reader.load(plan, slots, "r") is LoadOutcome.LOADED
+        assert torch.equal(_kv(reader, slots), _kv(writer, torch.arange(42)))
+        assert reader.plan(T0, path[:41] + [1], 0).end == 40    # other tail tokens
+        reader.cost.prefill_tps = 1e12              # recomputing 2 tokens beats a disk read
+        assert reader.plan(T0, path, 40) == MISS
+    finally:
+        writer.close()
+        reader.close()
+
+
+@pytest.mark.parametrize("prefill_tps", [1.0, 1e12])
+def test_a_tail_only_a_remote_tier_holds_is_read_ahead_when_that_beats_recomputing(
+        tmp_path: Path, prefill_tps: float) -> None:
+    """Another instance's history on S3 (a remote tier): the prefetch of its full pages also
+    finds the partial page after them, when a remote page beats recomputing a page of
+    tokens; on a fast device (recomputing wins) it is not asked for."""
+    path = PATH + [7, 8]                            # 10 full pages and a 2-token tail
+    writer = _tiering(remote_disk_fake(tmp_path / "remote", 1 << 20, NS),
+                      write_policy="write_through")
+    reader = _tiering(remote_disk_fake(tmp_path / "remote", 1 << 20, NS))
+    reader.cost.prefill_tps = prefill_tps
+    reader.prefetch_policy = "wait_complete"
+    try:
+        assert writer.spill(T0, path, torch.arange(42), 0) == 11
+        assert writer.chain.flush(10.0)
+        for buf in (*reader.pool.k, *reader.pool.v):
+            buf.zero_()                             # nothing of the writer's KV here
+        prompt = path + [9, 10, 11]                 # the history's next turn
+        assert isinstance(reader.admit(T0, prompt, 0, request_id="r"), Hold)
+        assert reader.prefetcher.wait("r", 10.0)
+        plan = reader.admit(T0, prompt, 0, request_id="r")
+        assert isinstance(plan, LoadPlan), plan
+        assert plan.end == (42 if prefill_tps == 1.0 else 40)
+        assert set(plan.sources) == {1}             # every page read ahead from the remote
+        slots = torch.arange(100, 100 + plan.end)
+        assert reader.load(plan, slots, "r") is LoadOutcome.LOADED
+        assert torch.equal(_kv(reader, slots), _kv(writer, torch.arange(plan.end)))
+    finally:
+        writer.close()
+        reader.close()

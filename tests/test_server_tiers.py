@@ -88,16 +88,32 @@ def test_concurrent_requests_while_the_prefix_is_evicted(servers: ServerPool, ch
 
 @pytest.mark.uses_server("chain")
 def test_another_instance_and_a_restart_hit_what_was_written(servers: ServerPool, chain: Chain,
-                                                             expected: list[list[int]]) -> None:
+                                                             expected: list[list[int]],
+                                                             model_path: Path) -> None:
     # Last of the chain server's users: the readers below take the pool's places.
     tenant = salt()
-    assert ask(chain.server(servers), 0, tenant).output_ids == expected[0]   # written through
+    writer = chain.server(servers)
+    assert ask(writer, 0, tenant).output_ids == expected[0]   # written through
+    # A chat's history, sent as token ids the way its next turn continues it; a tenant of
+    # its own, so the reader's device tree never holds it.
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_path)(PROMPTS[1]).input_ids
+    chat = salt()
+    history = writer.generate(ids, MAX_NEW, cache_salt=chat)
+    held = len(ids) + len(history.output_ids) - 1     # tokens with KV (not the last one)
+    assert held % 32, "the history must end inside a 32-token tier page"
     # A second instance, running at the same time, shares only the S3 prefix.
     shared = ask(chain.s3_reader(servers), 1, tenant)
     assert shared.output_ids == expected[1] and shared.cached_tokens >= FROM_TIER
     # A fresh instance on the same disk folder (no S3) warm-starts from it.
-    warm = ask(chain.disk_reader(servers), 1, tenant)
+    reader = chain.disk_reader(servers)
+    warm = ask(reader, 1, tenant)
     assert warm.output_ids == expected[1] and warm.cached_tokens >= FROM_TIER
+    # The history's next turn: every token the writer held comes back, its last partial
+    # page too (a tail object another process wrote, sgl_kvext/pages/tails.py).
+    turn = reader.generate(ids + history.output_ids + ids[-8:], 2, cache_salt=chat)
+    assert turn.cached_tokens >= held, (turn.cached_tokens, held)
 
 
 @pytest.mark.extended

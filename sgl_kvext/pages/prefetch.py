@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from sgl_kvext.pages.cost_model import CostModel
 from sgl_kvext.pages.read_ahead import ReadAhead
+from sgl_kvext.pages.tails import TailProbe
 from sgl_kvext.tiers.chain import TierChain
 
 
@@ -41,10 +42,12 @@ class Prefetcher:
         self._lock = threading.Lock()
         self.counters = {"started": 0, "dropped": 0, "promoted_pages": 0, "seconds_x1000": 0}
 
-    def request(self, request_id: Hashable, keys: Sequence[bytes], keep: bool = False) -> bool:
-        """Read the longest held run of ``keys`` in the background: for the request's load
-        (``keep``: the request waits for it), or into tier 0 for later requests. True when
-        this call started it (False: one ran for this id already, or too many queue)."""
+    def request(self, request_id: Hashable, keys: Sequence[bytes], keep: bool = False,
+                tail: Sequence[TailProbe] = ()) -> bool:
+        """Read the longest held run of ``keys`` in the background, and with a ``tail``
+        probe the partial page stored after that run: for the request's load (``keep``: the
+        request waits for it), or into tier 0 for later requests. True when this call
+        started it (False: one ran for this id already, or too many queue)."""
         with self._lock:
             if request_id in self._running:     # running, or done: once per request
                 return False
@@ -53,7 +56,7 @@ class Prefetcher:
                 return False
             self.counters["started"] += 1
             self._running[request_id] = self._pool.submit(self._fetch, request_id, list(keys),
-                                                          keep)
+                                                          keep, tuple(tail))
             excess = len(self._running) - 4 * self.max_pending
             for rid in [r for r, f in self._running.items() if f.done()][:max(0, excess)]:
                 del self._running[rid]          # the oldest finished ones, past the bound
@@ -83,14 +86,22 @@ class Prefetcher:
             return future.done()
         return True
 
-    def _fetch(self, request_id: Hashable, keys: list[bytes], keep: bool) -> int:
+    def _fetch(self, request_id: Hashable, keys: list[bytes], keep: bool,
+               tail: tuple[TailProbe, ...]) -> int:
         start = time.perf_counter()
         got = self.chain.get(keys, promote=False)       # the held run, from any tier
+        pages, tiers = list(got.pages), list(got.tiers)
+        for probe in tail if pages else ():    # and the partial page after a run found
+            after = probe.keys_after(len(pages))
+            if after:
+                found = self.chain.get_first(after)
+                pages += found.pages
+                tiers += found.tiers
         seconds = time.perf_counter() - start
-        below = [(p, t) for p, t in zip(got.pages, got.tiers, strict=True) if t > 0]
+        below = [(p, t) for p, t in zip(pages, tiers, strict=True) if t > 0]
         with self._lock:                  # not for a request that left meanwhile
             kept = keep and bool(below) and request_id in self._running \
-                and self.read_ahead.keep(request_id, got.pages, got.tiers)
+                and self.read_ahead.keep(request_id, pages, tiers)
         promoted = 0 if kept else len(below)
         if promoted:
             self.chain.promote([p for p, _ in below])

@@ -49,31 +49,3 @@ class RecentKeys:
         with self._lock:
             return len(self._keys)
 
-
-class TailLengths:
-    """For at most ``capacity`` chain keys, the lengths of the partial pages stored after
-    them (:func:`sgl_kvext.pages.keys.tail_key`), so a lookup hashes only tails that were
-    stored. An optimisation like :class:`RecentKeys`: a forgotten entry loses a tail's
-    tokens to recomputation, never gives wrong KV (the tier holds the key or not)."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity {capacity}: must be >= 1")
-        self.capacity = capacity
-        self._lengths: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add_length(self, after: bytes, n: int) -> None:
-        """A tail of ``n`` tokens was stored after chain key ``after``."""
-        with self._lock:
-            have = self._lengths.get(after, ())
-            if n not in have:
-                self._lengths[after] = tuple(sorted((*have, n), reverse=True))
-            self._lengths.move_to_end(after)
-            while len(self._lengths) > self.capacity:
-                self._lengths.popitem(last=False)
-
-    def lengths(self, after: bytes) -> tuple[int, ...]:
-        """Lengths of the tails stored after ``after``, longest first (none: empty)."""
-        with self._lock:
-            return self._lengths.get(after, ())

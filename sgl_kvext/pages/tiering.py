@@ -39,14 +39,13 @@ from sgl_kvext.pages.loads import PageLoader
 from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan, Miss
 from sgl_kvext.pages.prefetch import Prefetcher
 from sgl_kvext.pages.read_ahead import NOTHING
-from sgl_kvext.pages.recent_keys import RecentKeys, TailLengths
+from sgl_kvext.pages.recent_keys import RecentKeys
+from sgl_kvext.pages.tails import TailFinder, TailProbe
 from sgl_kvext.tiers.chain import TierChain
 from sgl_kvext.tiers.objects import KVPage
 
 logger = logging.getLogger("sgl_kvext")
 _KNOWN_KEYS = 1 << 16
-#: Chain keys that end a spilled partial page, each with its tail lengths.
-_TAILS = 1 << 16
 #: Most expected time one load spends reading lower local tiers (disk) on the scheduler
 #: thread; pages past it are read on the prefetcher's thread while the request is held, and
 #: kept for its load (read_ahead.py), so one request's cached prompt never stalls the others'
@@ -69,6 +68,7 @@ class _Planned(NamedTuple):
     plan: LoadPlan | Miss
     rest_tier: int
     fetch: tuple[bytes, ...]   # to prefetch: the run and what follows, when it is cut short
+    tail: list[TailProbe]      # and the partial page after what it finds (or none)
 
 
 class _Wait(NamedTuple):
@@ -115,7 +115,7 @@ class KVTiering:
         self._deadlines: dict[Hashable, _Wait] = {}
         self._moved: set[Hashable] = set()    # requests whose last load answered MOVED
         self.keys = PathKeys(identity, self.tokens)
-        self._tails = TailLengths(_TAILS)
+        self._tails = TailFinder(chain, self._local, self.cost, self.tokens, pool.page_nbytes)
         self._lock = threading.Lock()
         self.counters = {"spilled_pages": 0, "loaded_pages": 0, "failed_loads": 0,
                          "streamed_pages": 0, "ahead_pages": 0, "hold_timeouts": 0,
@@ -167,8 +167,6 @@ class KVTiering:
         if not todo:
             return 0
         self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
-        if n_tail:
-            self._tails.add_length(after, n_tail)
         # A batch at a time, the staging buffer's size: on a CUDA pool gathered on the device
         # and DMA'd into a page-locked host tier where the chain can; on a CPU pool gathered
         # straight into the host tier's blocks where it can; else through the staging
@@ -220,7 +218,7 @@ class KVTiering:
         """
         planned = self._plan(tenant, tokens, device_len, prefetch_id, prefix, align)
         if planned.fetch and prefetch_id is not None:
-            self.prefetcher.request(prefetch_id, planned.fetch)
+            self.prefetcher.request(prefetch_id, planned.fetch, tail=planned.tail)
         return planned.plan
 
     def _plan(self, tenant: Tenant, tokens: Sequence[int], device_len: int,
@@ -236,20 +234,15 @@ class KVTiering:
             self._known.discard(rest[run:run + 1])   # in no tier: spill it again next time
         # the whole run, not only its rest: a read-ahead then holds every page the load needs
         fetch = tuple(rest) if run < len(rest) and len(self.chain.tiers) > 1 else ()
+        probe = self._tails.probe(chain.before, fetch, first, tokens, device_len, align) \
+            if fetch else []
         at = (first + run) * self.tokens
         keys, end = tuple(rest[:run]), at
         after = rest[run - 1] if run else chain.before
-        for n in self._tails.lengths(after):            # longest first
-            if at + n <= len(tokens) and at + n > device_len and (at + n) % align == 0:
-                key = tail_key(after, np.asarray(tokens[at:at + n], dtype=np.int64))
-                # Only a tail this process stored can be known here (its lengths are): one
-                # with other tokens is skipped without asking the tiers (a stat per length).
-                holder = self._holder(key, self._local) if self._known.seen(key) else []
-                if holder:
-                    keys, tiers, end = (*keys, key), [*tiers, holder[0]], at + n
-                    break
+        for tail in self._tails.find(after, tokens, at, device_len, align, prefetch_id, ahead):
+            keys, tiers, end = (*keys, tail.key), [*tiers, tail.tier], tail.end
         if end <= device_len:
-            return _Planned(MISS, rest_tier, fetch)
+            return _Planned(MISS, rest_tier, fetch, probe)
         # the read-ahead's origins only when it holds pages (a lock taken on every pass else)
         origins = (self.prefetcher.read_ahead.origins(prefetch_id)
                    if ahead and prefetch_id is not None else {})
@@ -257,7 +250,7 @@ class KVTiering:
                         for k, t in zip(keys, tiers, strict=True))
         return _Planned(LoadPlan(keys, first, device_len, end, tuple(tiers), sources,
                                  ahead if any(k in ahead for k in keys) else NOTHING),
-                        rest_tier, fetch)
+                        rest_tier, fetch, probe)
 
     def _holder(self, key: bytes, tiers: Sequence[int]) -> list[int]:
         """``[i]`` for the first of ``tiers`` holding ``key``, else ``[]`` (a hint: it may
@@ -309,18 +302,19 @@ class KVTiering:
         # Asked before the plan peeks at the read-ahead: a prefetch finishing in between
         # leaves this plan without its pages, so the request is held for one more pass.
         running = self.prefetcher.pending(request_id)
-        plan, rest_tier, fetch = self._plan(tenant, tokens, device_len, request_id, prefix,
-                                            align)
+        plan, rest_tier, fetch, tail = self._plan(tenant, tokens, device_len, request_id,
+                                                  prefix, align)
         if isinstance(plan, LoadPlan) and plan.tokens % align:
             plan = MISS
         if self.prefetch_policy == "best_effort" or not (fetch or running):
             if fetch:     # never waited for: read into tier 0 for the next request
-                self.prefetcher.request(request_id, fetch)
+                self.prefetcher.request(request_id, fetch, tail=tail)
             self._deadlines.pop(request_id, None)
             return plan
         wait = self._wait(request_id, len(tokens), plan, device_len, rest_tier)
         if fetch:    # read ahead for a request that will wait for it; else for the next one
-            running |= self.prefetcher.request(request_id, fetch, keep=wait.budget_s > 0)
+            running |= self.prefetcher.request(request_id, fetch, keep=wait.budget_s > 0,
+                                               tail=tail)
         if not running:
             self._deadlines.pop(request_id, None)
             return plan
@@ -355,6 +349,7 @@ class KVTiering:
         self._deadlines.pop(request_id, None)
         self._moved.discard(request_id)
         self.keys.forget(request_id)
+        self._tails.forget(request_id)
         self.prefetcher.forget(request_id)
 
     def load(self, plan: LoadPlan, slots: torch.Tensor,

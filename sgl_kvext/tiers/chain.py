@@ -248,6 +248,17 @@ class TierChain:
             self.promote([p for p, t in zip(pages, tiers, strict=True) if t > 0])
         return ChainGet(tuple(pages), tuple(tiers))
 
+    def get_first(self, keys: Sequence[bytes]) -> ChainGet:
+        """The first of ``keys`` (alternatives, best first) the fastest tier holding any of
+        them holds: that one page, or none. Not promoted; a miss is not a loss."""
+        for t in range(len(self.tiers)):
+            held = self._exists(t, list(keys))
+            if any(held):
+                key = keys[held.index(True)]
+                page = self._get(t, [key]).get(key)
+                return ChainGet((page,), (t,)) if page is not None else ChainGet((), ())
+        return ChainGet((), ())
+
     def promote(self, pages: Sequence[KVPage]) -> None:
         """Store ``pages``, read from lower tiers, in tier 0 (what it evicts moves down)."""
         if pages:
