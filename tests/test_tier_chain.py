@@ -61,6 +61,24 @@ def test_lookup_stops_at_the_first_gap(tmp_path: Path) -> None:
     chain.close()
 
 
+def test_get_first_reads_the_first_held_alternative_and_reports_no_loss(tmp_path: Path
+                                                                       ) -> None:
+    chain = small_chain(tmp_path, "write_through")
+    chain.put([page_of(2), page_of(3)])
+    chain.flush()
+    chain.tiers[0].delete([key_of(2)])               # 2 on disk only, 3 in both tiers
+    lost: list[bytes] = []
+    chain.on_loss(lost.extend)
+    got = chain.get_first([key_of(1), key_of(2), key_of(3)])   # best first
+    assert [p.key for p in got.pages] == [key_of(3)] and got.tiers == (0,)  # fastest tier
+    got = chain.get_first([key_of(1), key_of(2)])
+    assert_same(got.pages[0], page_of(2))
+    assert got.tiers == (1,)
+    assert chain.get_first([key_of(0), key_of(1)]).pages == ()
+    assert lost == [] and chain.counters["promoted_pages"] == 0
+    chain.close()
+
+
 def test_page_too_big_for_host_goes_below(tmp_path: Path) -> None:
     chain = small_chain(tmp_path, host_pages=2)
     big = page_of(7, 5 * PAGE)
