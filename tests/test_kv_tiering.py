@@ -233,3 +233,16 @@ def test_a_waiting_request_asks_the_tiers_for_its_tail_once(tiering) -> None:
     tiering.forget("r")                             # the request left: a new one asks again
     assert tiering.plan(T0, path, 40, prefetch_id="r").end == 42
     assert len([keys for keys in asked if len(keys) == 2]) == 2
+
+
+@pytest.mark.parametrize("first_device_len", [42, 40])
+def test_a_tail_stored_while_the_request_waits_is_found(tiering, first_device_len) -> None:
+    # SGLang's cache-hit kit, 4 clients a round: a waiting request is planned while its
+    # history is still on the device (42) or with the same device match (40) before the
+    # history's eviction stores its 2-token tail; a remembered miss must not hide it.
+    path = list(range(3000, 3042))
+    prompt = path + [1, 2, 3]
+    tiering.spill(T0, path[:40], torch.arange(40), 0)          # the full pages, no tail
+    assert tiering.plan(T0, prompt, first_device_len, prefetch_id="r") == MISS
+    tiering.spill(T0, path, torch.arange(42), 0)                # evicted: the tail too
+    assert tiering.plan(T0, prompt, 40, prefetch_id="r").end == 42

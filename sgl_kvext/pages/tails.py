@@ -10,7 +10,7 @@ Each possible length is one key (:func:`candidates`), longest first:
   (:class:`TailFinder`): a tail another instance wrote to a shared disk folder, or this
   server wrote before a restart, comes back like one it stored itself. A waiting request
   asks once per run end (the scheduler plans it on every pass); a miss is remembered until
-  the request leaves.
+  the request leaves, its device match shrinks (an eviction) or this process stores a tail.
 - **Remote tiers** (S3): the prefetch that reads the request's full pages looks for the tail
   after the run it found (:class:`TailProbe`, hashed on the prefetcher's thread) and keeps it
   with them, when the cost model expects a page from the slowest tier to beat recomputing a
@@ -86,7 +86,10 @@ class TailFinder:
                  page_tokens: int, page_nbytes: int) -> None:
         self.chain, self.local, self.cost = chain, list(local), cost
         self.tokens, self.page_nbytes = page_tokens, page_nbytes
-        self._misses: OrderedDict[Hashable, bytes] = OrderedDict()   # request -> first key
+        #: request -> what it missed: the longest candidate's key, the shortest's end and
+        #: :attr:`stored` then (a tail stored since, or a shorter device match, asks again)
+        self._misses: OrderedDict[Hashable, tuple[bytes, int, int]] = OrderedDict()
+        self.stored = 0
 
     def find(self, after: bytes, tokens: Sequence[int], at: int, device_len: int,
              align: int = 1, request_id: Hashable | None = None,
@@ -102,7 +105,8 @@ class TailFinder:
         for key, end in found:
             if key in ahead:
                 return [Tail(key, 0, end)]
-        if request_id is not None and self._misses.get(request_id) == keys[0]:
+        missed = (keys[0], found[-1][1], self.stored)
+        if request_id is not None and self._misses.get(request_id) == missed:
             return []
         for tier in self.local:
             if tier and self.cost.load_s(self.page_nbytes, tier) \
@@ -113,7 +117,7 @@ class TailFinder:
                 i = held.index(True)
                 return [Tail(keys[i], tier, found[i][1])]
         if request_id is not None:
-            self._misses[request_id] = keys[0]
+            self._misses[request_id] = missed
             self._misses.move_to_end(request_id)
             while len(self._misses) > MAX_MISSES:
                 self._misses.popitem(last=False)
@@ -128,6 +132,10 @@ class TailFinder:
                 >= self.cost.recompute_s(self.tokens - 1):
             return []
         return [TailProbe(before, keys, first, tokens, self.tokens, device_len, align)]
+
+    def note_stored(self) -> None:
+        """This process stored a tail: misses remembered before it are asked again."""
+        self.stored += 1
 
     def forget(self, request_id: Hashable) -> None:
         """The request left."""

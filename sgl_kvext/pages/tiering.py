@@ -167,6 +167,8 @@ class KVTiering:
         if not todo:
             return 0
         self._known.add(keys[p] for p in todo)   # before put: a loss during it is heard after
+        if n_tail:
+            self._tails.note_stored()
         # A batch at a time, the staging buffer's size: on a CUDA pool gathered on the device
         # and DMA'd into a page-locked host tier where the chain can; on a CPU pool gathered
         # straight into the host tier's blocks where it can; else through the staging
