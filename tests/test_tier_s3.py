@@ -113,13 +113,15 @@ def test_killed_server_gives_fast_misses_then_recovers(own_seaweed: SeaweedFS) -
     assert got == {} and took < 3.5
     assert breaker.state is not BreakerState.CLOSED
     (held, took) = _timed(lambda: tier.exists([p.key for p in pages]))
-    assert held == [False] * 4 and took < 0.5          # breaker open: no network wait
+    assert held == [False] * 4 and took < 1.0          # breaker open: no 3 s network wait
     assert tier.put([page_of(9)]).rejected == (key_of(9),)
     own_seaweed.start()                                 # same ports, same data folder
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(tier.get([p.key for p in pages])) < 4:
+    while time.monotonic() < deadline:                 # the get that finds all 4 counts
+        got = tier.get([p.key for p in pages])
+        if len(got) == 4:
+            break
         time.sleep(0.3)
-    got = tier.get([p.key for p in pages])
     assert got.keys() == {p.key for p in pages}
     assert breaker.state is BreakerState.CLOSED
     tier.close()
@@ -136,7 +138,7 @@ def test_stalled_server_is_bounded_by_the_operation_timeout(own_seaweed: Seaweed
         assert got == {} and took < 2.5
         time.sleep(1.0)                                 # let the stalled calls fail
         got, took = _timed(lambda: tier.get([key_of(1)]))
-        assert got == {} and took < 0.2 and breaker.state is BreakerState.OPEN
+        assert got == {} and took < 1.0 and breaker.state is BreakerState.OPEN   # not 1.5 s
         assert json.dumps(tier.stats())                 # counters stay plain data
     finally:
         own_seaweed.resume()
@@ -202,7 +204,7 @@ def test_a_slow_but_answering_s3_trips_the_breaker_and_its_backlog_is_bounded(
     try:
         assert tier.get(keys) == {}                            # 8 calls left running
         got, took = _timed(lambda: tier.get(keys[:1]))
-        assert got == {} and took < 0.2 and tier.stats()["shed"] == 1   # no pile-up
+        assert got == {} and took < 0.3 and tier.stats()["shed"] == 1   # shed, not waited
     finally:
         own_seaweed.resume()
     # The backlog drains: a get then finds all 8 (asked until one does: on a loaded machine
