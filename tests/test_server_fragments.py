@@ -203,7 +203,7 @@ def test_documents_after_a_page_hit_in_the_tiers_are_still_blended(
     head = "Records follow; answer from them alone.\n"
     prewarm_corpus(server.url, [DOCS[3], DOCS[4], DOCS[8]], timeout_s=300)
     ask(server, prompt(head, [3, 4], "Which project?"), kvext_chunks=[DOCS[3], DOCS[4]])
-    server.post("/flush_cache", {})      # the device tree is emptied; the tiers keep its pages
+    server.flush_cache()                 # the device tree is emptied; the tiers keep its pages
     blends = metric(server, "blends")
     out = ask(server, prompt(head, [3, 8], "Which city?"), kvext_chunks=[DOCS[3], DOCS[8]])
     report = out.meta["kvext_blend"][0]

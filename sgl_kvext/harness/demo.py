@@ -72,7 +72,7 @@ def run_demo(model_path: Path, out_dir: Path, records: int = 90, questions: int 
         ask("question 1, cold (context computed)", "computed", asked[0])
         for i, question in enumerate(asked[1:], start=2):
             ask(f"question {i} (context in the radix tree)", "device", question)
-        server.post("/flush_cache", {})
+        server.flush_cache()
         time.sleep(1.0)
         ask("question 1 after /flush_cache (context from the host tier)", "host tier", asked[0])
     _report(rows, out_dir, dtype[1] if dtype else "server default")

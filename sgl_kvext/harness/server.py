@@ -135,6 +135,12 @@ class Endpoint:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return _body(resp)
 
+    def flush_cache(self, timeout_s: float = 60.0) -> None:
+        """Empty the radix tree once the scheduler is idle: a request whose answer came back
+        can still hold its slot for a scheduler pass, and a bare ``/flush_cache`` then
+        answers 400. SGLang's own ``timeout`` defers the flush up to ``timeout_s``."""
+        self.post(f"/flush_cache?timeout={timeout_s:g}", {}, timeout_s=timeout_s + 30.0)
+
     def get(self, path: str, timeout_s: float = 30.0) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
             return _body(resp)
