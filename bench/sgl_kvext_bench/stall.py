@@ -12,6 +12,8 @@ every gap between two of its tokens is recorded, while one load at a time runs b
   (a 100 MB body: refused unparsed, ``--kvext-max-request-bytes``);
 - ``prewarm_registration``: a 16-document corpus registered (computed at the lowest CPU
   priority on the scheduler's worker thread, written through every tier);
+- ``blend_requests``: three prompts that each mark four pre-warmed ~300-token documents
+  (``kvext_chunks``, in a new order each time): blended prefills beside the probe;
 - ``traffic`` and ``traffic_s3_late``: requests of the same shape (new prompts that push
   earlier ones down the tiers, then some of those again), with S3 answering, then with S3
   frozen (SIGSTOP: every call waits out its timeout), which also fills the S3 writer queue.
@@ -51,7 +53,7 @@ WORDS = ("river", "stone", "lamp", "orbit", "cedar", "quartz", "harbor", "violet
          "meadow", "copper", "signal", "lantern", "glacier", "saddle", "thunder")
 #: Every load, in the order they run.
 LOADS = ("idle", "prewarm_body_20mib", "prewarm_oversized", "chunks_1024x100k",
-         "prewarm_registration", "traffic", "traffic_s3_late")
+         "prewarm_registration", "blend_requests", "traffic", "traffic_s3_late")
 #: Each load's reference: ``idle`` unless named here; ``traffic`` is a reference itself (its
 #: gaps are other requests' prefills, compute the probe shares by design).
 REFERENCE: dict[str, str | None] = {"traffic_s3_late": "traffic", "traffic": None}
@@ -97,6 +99,7 @@ class _Loads:
     def __init__(self, url: str, weed: SeaweedFS, seed: int) -> None:
         self.url, self.weed, self.rng = url, weed, random.Random(seed)
         self.round = 0
+        self._docs: list[str] = []
         # Hostile bodies are built once, before any measurement: building 100 MB of JSON
         # takes the client's CPU, which on a shared 2-core machine would slow the server.
         self._long_text = json.dumps({"texts": [_words(9000, self.rng)]}).encode()
@@ -104,6 +107,24 @@ class _Loads:
         chunk = _words(100_000 // 9, self.rng)[:100_000]
         self._chunks = json.dumps({"text": "Say hello.", "sampling_params": {
             "max_new_tokens": 1, "custom_params": {"kvext_chunks": [chunk] * 1024}}}).encode()
+
+    def blend_documents(self) -> list[str]:
+        """The documents ``blend_requests`` marks, pre-warmed once (before any measurement)."""
+        if not self._docs:
+            self._docs = [_words(120, random.Random(1000 + i)) for i in range(4)]
+            prewarm_corpus(self.url, self._docs, timeout_s=600)
+        return self._docs
+
+    def blend_requests(self) -> dict[str, Any]:
+        docs = self.blend_documents()
+        blended = 0
+        for _ in range(3):
+            order = self.rng.sample(docs, len(docs))
+            text = ("Notes follow.\n" + "\n".join(order)
+                    + "\nWhich word comes first in the notes?")
+            out = stream_generate(self.url, text, 2, custom_params={"kvext_chunks": order})
+            blended += out.cached_tokens
+        return {"requests": 3, "cached_tokens": blended}
 
     def idle(self) -> dict[str, Any]:
         time.sleep(3.0)
@@ -197,6 +218,8 @@ def run_stall(model_path: Path, log_dir: Path, progress: Callable[[str], None] =
         with SGLangServer(model_path, args, log_path=log_dir / "stall.log", env=env) as srv:
             stream_generate(srv.url, PROBE, PROBE_TOKENS)                  # warm-up
             acts = _Loads(srv.url, weed, seed)
+            if "blend_requests" in loads:
+                acts.blend_documents()
             for r in range(repeats):
                 for name in loads:
                     started = time.perf_counter()

@@ -29,6 +29,7 @@ def load() -> None:
 
     from sgl_kvext.sglang_plugin import (
         backend,
+        blend_jobs,
         cpu_attention,
         prewarm,
         request_mode,
@@ -40,5 +41,6 @@ def load() -> None:
     request_mode.register_hooks()
     prewarm.register_hooks()
     scheduler_gaps.register_hooks()
+    blend_jobs.register_hooks()
     backend.register_backend(BACKEND_NAME)
     cpu_attention.register()

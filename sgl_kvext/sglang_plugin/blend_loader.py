@@ -2,16 +2,17 @@
 
 At match time the tree asks :meth:`BlendLoader.plan` for the request's blend (the marked chunk
 spans noted for it beside the request, :meth:`BlendLoader.note_chunk_spans`) and
-:meth:`BlendLoader.hold` whether to keep it queued while fragments come up from disk / S3;
-when SGLang admits the request, :meth:`BlendLoader.fill` reads the cached prefix's KV out of
-the pool, runs the blended prefill over stored fragment KV (on the scheduler thread: it
-replaces a longer prefill of the same span) and writes the result into slots the tree
-allocates. Every outcome goes into the request's response as its
+:meth:`BlendLoader.hold` whether to keep it queued while fragments come up from disk / S3.
+Then :meth:`BlendLoader.submit` runs the blend on the blend worker thread (reading the cached
+prefix's KV out of the pool, blending stored fragment KV) while the request stays queued
+(:mod:`.blend_jobs`); when SGLang admits it, :meth:`BlendLoader.write` puts the result into
+slots the tree allocates. Every outcome goes into the request's response as its
 :class:`~sgl_kvext.fragments.report.BlendReport` (``meta_info[REPORT_KEY]``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import time
@@ -53,6 +54,11 @@ class BlendLoader:
         self.blender, self.pool = blender, pool
         self._waits: dict[Hashable, float] = {}   # request -> hold deadline (monotonic)
         self._spans: OrderedDict[Any, tuple[tuple[int, int], ...]] = OrderedDict()
+        # One blend at a time (each is compute-bound), at the scheduler's priority: it is a
+        # request's prefill. On CUDA its kernels run on a stream of their own.
+        self._worker = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvext-blend")
+        device = blender.ops.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def note_chunk_spans(self, rid: Any, spans: Sequence[tuple[int, int]]) -> None:
         """Remember a request's marked chunks (prompt token spans) until it finishes."""
@@ -95,30 +101,58 @@ class BlendLoader:
         if rid is not None:
             self._spans.pop(rid, None)
 
-    def fill(self, req: Any, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int],
-             prefix_slots: torch.Tensor, alloc: Callable[[int], torch.Tensor | None],
-             free: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
-        """Slots (from ``alloc``) holding the blended KV of ``plan``'s span after the prefix
-        in ``prefix_slots``, or None: nothing blended, the span is computed as usual (the
-        request's report says why). Never raises: a failing blend is a recompute."""
-        slots = None
-        try:
-            out = self.compute(tenant, plan, tokens, prefix_slots)
-            report_on(req, out.report)
-            if isinstance(out, NoBlend):
-                return None
-            slots = alloc(plan.tokens)
-            if slots is None:
-                report_on(req, out.report.but(outcome=Outcome.DECLINED))
-                return None
-            report_on(req, self.write(slots, out))
-            return slots
-        except Exception:
-            logger.exception("sgl-kvext: blending %d tokens failed; computing them", plan.tokens)
-            report_on(req, plan.report.but(outcome=Outcome.FAILED))
-            if slots is not None:
-                free(slots)
+    def submit(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
+               prefix_slots: torch.Tensor) -> cf.Future[BlendOutput | NoBlend]:
+        """Run :meth:`compute` on the blend worker. The caller keeps ``prefix_slots`` from
+        being reused until the future is done; a failing blend resolves to a ``FAILED``
+        NoBlend (the span is then computed as usual), never to an exception."""
+        ready = None
+        if self._stream is not None:        # the prefix's KV is written on the caller's stream
+            ready = torch.cuda.Event()
+            ready.record()
+
+        def run() -> BlendOutput | NoBlend:
+            try:
+                if self._stream is None:
+                    return self.compute(tenant, plan, tokens, prefix_slots)
+                with torch.cuda.stream(self._stream):
+                    assert ready is not None
+                    self._stream.wait_event(ready)
+                    out = self.compute(tenant, plan, tokens, prefix_slots)
+                    self._stream.synchronize()  # done before the scheduler writes it
+                    return out
+            except Exception:
+                logger.exception("sgl-kvext: blending %d tokens failed; computing them",
+                                 plan.tokens)
+                return NoBlend(plan.report.but(outcome=Outcome.FAILED))
+
+        return self._worker.submit(run)
+
+    def write(self, req: Any, out: BlendOutput | NoBlend,
+              alloc: Callable[[int], torch.Tensor | None],
+              free: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
+        """Slots (from ``alloc``) holding ``out``'s KV, or None: nothing blended, the span is
+        computed as usual (the request's report says why). Never raises."""
+        report_on(req, out.report)
+        if isinstance(out, NoBlend):
             return None
+        slots = alloc(int(out.k.shape[1]))
+        if slots is None:
+            report_on(req, out.report.but(outcome=Outcome.DECLINED))
+            return None
+        try:
+            started = time.perf_counter()
+            self.pool.write_tokens(slots, out.k, out.v)
+        except Exception:
+            logger.exception("sgl-kvext: writing %d blended tokens failed; computing them",
+                             int(slots.numel()))
+            report_on(req, out.report.but(outcome=Outcome.FAILED))
+            free(slots)
+            return None
+        seconds = out.report.seconds or BlendSeconds()
+        report_on(req, out.report.but(seconds=dataclasses.replace(
+            seconds, write=time.perf_counter() - started)))
+        return slots
 
     def compute(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
                 prefix_slots: torch.Tensor) -> BlendOutput | NoBlend:
@@ -135,11 +169,6 @@ class BlendLoader:
         return out._replace(report=out.report.but(
             seconds=dataclasses.replace(out.report.seconds, prefix=prefix_s)))
 
-    def write(self, slots: torch.Tensor, out: BlendOutput) -> BlendReport:
-        """The blended span's KV into ``slots`` (one per span token); ``out``'s report with
-        the write's time."""
-        started = time.perf_counter()
-        self.pool.write_tokens(slots, out.k, out.v)
-        seconds = out.report.seconds or BlendSeconds()
-        return out.report.but(seconds=dataclasses.replace(
-            seconds, write=time.perf_counter() - started))
+    def close(self) -> None:
+        """Stop the blend worker (a running blend finishes unread)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)

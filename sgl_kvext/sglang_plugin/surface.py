@@ -49,6 +49,7 @@ HOOK_CREATE_REQ = "sglang.srt.managers.scheduler.Scheduler._create_generation_re
 HOOK_TOKENIZE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object"
 HOOK_CONTROL = "sglang.srt.managers.scheduler.Scheduler.handle_dumper_control"
 HOOK_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
+HOOK_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 #: The scheduler loop's phases between two forwards, timed as parts of a gap.
 HOOK_GAP_PHASES = {
     "sglang.ingest_requests": "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
@@ -115,6 +116,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.init_load_back", ("self", "params"),
              why="loading tier pages; None means 'keep the request waiting'"),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.on_release", ("self", "req")),
+    Internal("sglang.srt.mem_cache.radix_cache:RadixCache.release_aborted_request",
+             ("self", "handle"), why="a waiting request dropped: its blend job and holds go"),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.release_host_resources", ("self",)),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.reset", ("self",)),
     Internal("sglang.srt.mem_cache.radix_cache:RadixCache.path_device_indices",
@@ -164,8 +167,10 @@ INTERNALS: tuple[Internal, ...] = (
              why="the gap report's parts (/kvext/scheduler)"),
     Internal("sglang.srt.managers.scheduler:Scheduler.process_batch_result",
              ("self", "batch", "result"), why="the gap report's parts (/kvext/scheduler)"),
-    Internal("sglang.srt.managers.scheduler:Scheduler", fields=("_sched_idled",),
-             why="a gap after an idle loop is not a stall"),
+    Internal("sglang.srt.managers.scheduler:Scheduler", fields=("_sched_idled", "tree_cache"),
+             why="a gap after an idle loop is not a stall; the idle wait for a blend"),
+    Internal("sglang.srt.managers.scheduler:Scheduler.on_idle", ("self",),
+             why="a pass with nothing to run waits for the running blend (blend_jobs.py)"),
     Internal("sglang.srt.managers.tokenizer_manager:TokenizerManager._create_tokenized_object",
              ("self", "obj", "input_text", "input_ids"),
              why="HTTP 400 for bad fragment options; kvext_chunks become spans there"),

@@ -39,12 +39,13 @@ from typing import Any, NamedTuple
 import torch
 
 from sgl_kvext.config.settings import KVExtConfig
-from sgl_kvext.fragments.blender import BlendPlan
+from sgl_kvext.fragments.blender import BlendPlan, NoBlend
 from sgl_kvext.fragments.report import Outcome
 from sgl_kvext.pages.agreement import RankAgreement
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.pages.plans import MISS, Hold, LoadOutcome, LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.sglang_plugin.blend_jobs import BlendJobs, Ready
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader, report_on
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
 from sgl_kvext.sglang_plugin.load_report import report_load
@@ -82,12 +83,11 @@ class _Load:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Blend:
-    """Fill ``plan``'s span under ``node`` by a blended prefill of ``tokens``."""
+    """Fill ``plan``'s span under ``node`` with the request's finished blend."""
 
     node: TreeNode
     key: RadixKey
     plan: BlendPlan
-    tokens: tuple[int, ...]
 
 
 class _Victim(NamedTuple):
@@ -131,6 +131,8 @@ class HierarchicalRadixCache(RadixCache):
         self.agreement = agreement or RankAgreement(None, 1)
         self._closers = list(closers)
         self._pending: dict[Any, _Hold | _Load | _Blend] = {}
+        #: Blends running for waiting requests (the scheduler's idle hook waits on them).
+        self.blend_jobs = BlendJobs(self.inc_lock_ref, self.dec_lock_ref)
         self._victims: list[_Victim] | None = None
         self._heap = HeapTrimmer()
         super().__init__(params)
@@ -227,6 +229,9 @@ class HierarchicalRadixCache(RadixCache):
         tokens, tenant, node = key.raw_token_ids(), tenant_of(key), base.last_device_node
         device_len = base.device_prefix_len
         report_load(req, device_len)          # a load that succeeds reports its tiers
+        started = self.blend_jobs.started(handle, node)
+        if started is not None and started.start == device_len:   # nothing to plan again
+            return self._blend_step(req, handle, node, key, tenant, tokens, started, base)
         failed = False
         try:
             with GAPS.timed("admit"):
@@ -246,18 +251,37 @@ class HierarchicalRadixCache(RadixCache):
                                                   else device_len)
         if blend is not None and not past:
             report_on(req, blend.report.but(outcome=Outcome.PAGES))
+        if not past:
+            self.blend_jobs.drop(handle)              # a blend planned on an earlier pass is moot
         if isinstance(step, Hold) and not past:
             self._pending[handle] = _Hold()
             return base._replace(host_hit_length=step.tokens)
         if isinstance(step, LoadPlan) and not past:
             self._pending[handle] = _Load(node, key[step.start:step.end], step)
             return base._replace(host_hit_length=step.tokens)
-        if blend is None:
-            return base
-        if self._hold_for_fragments(handle, blend):   # a marked document is below host memory
-            self._pending[handle] = _Hold()
+        if blend is None or self._hold_for_fragments(handle, blend):
+            self.blend_jobs.drop(handle)
+            if blend is None:
+                return base
+            self._pending[handle] = _Hold()            # a marked document is below host memory
             return base._replace(host_hit_length=blend.tokens)
-        self._pending[handle] = _Blend(node, key[blend.start:blend.end], blend, tuple(tokens))
+        return self._blend_step(req, handle, node, key, tenant, tokens, blend, base)
+
+    def _blend_step(self, req: Any, handle: Any, node: TreeNode, key: RadixKey, tenant: Tenant,
+                    tokens: list[int], blend: BlendPlan, base: MatchResult) -> MatchResult:
+        """The blend runs on the blend worker; the request waits in the queue meanwhile."""
+        assert self.blend is not None
+        loader = self.blend
+        state = self.blend_jobs.poll(handle, node, blend, lambda: loader.submit(
+            tenant, blend, tokens, self.path_device_indices(node)))
+        if not isinstance(state, Ready):
+            self._pending[handle] = _Hold()
+        elif isinstance(state.output, NoBlend):       # fetched nothing: computed as usual
+            self.blend_jobs.take(handle)
+            report_on(req, state.output.report)
+            return base
+        else:
+            self._pending[handle] = _Blend(node, key[blend.start:blend.end], blend)
         return base._replace(host_hit_length=blend.tokens)
 
     def _hold_for_fragments(self, handle: Any, blend: BlendPlan) -> bool:
@@ -278,15 +302,17 @@ class HierarchicalRadixCache(RadixCache):
                 or pending.key.child_key(self.page_size) in node.children \
                 or pending.plan.tokens != params.host_hit_length:     # the tree changed
             if isinstance(pending, _Blend):
+                self.blend_jobs.drop(req.cache_request_handle)
                 report_on(req, pending.plan.report.but(outcome=Outcome.DECLINED))
             return 0, node
         if isinstance(pending, _Blend):
             assert self.blend is not None
+            out = self.blend_jobs.take(req.cache_request_handle)   # its node unlocked
+            if out is None:
+                return 0, node
             with GAPS.timed("blend"):
-                slots = self.blend.fill(req, tenant_of(pending.key), pending.plan,
-                                        pending.tokens, self.path_device_indices(node),
-                                        lambda n: self._alloc(node, n),
-                                        self.token_to_kv_pool_allocator.free)
+                slots = self.blend.write(req, out, lambda n: self._alloc(node, n),
+                                         self.token_to_kv_pool_allocator.free)
             return (0, node) if slots is None else (pending.plan.tokens,
                                                     self._attach(node, pending.key, slots))
         n = pending.plan.tokens
@@ -358,20 +384,32 @@ class HierarchicalRadixCache(RadixCache):
         super().reset()
         if hasattr(self, "_pending"):   # reset() also runs inside RadixCache.__init__
             self._pending.clear()
+            self.blend_jobs.clear()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
-        self._pending.pop(req.cache_request_handle, None)
-        if self.blend is not None:
-            self.blend.forget(req.cache_request_handle, req.rid if req.finished() else None)
-        if self.tiering is not None:
-            self.tiering.forget(req.cache_request_handle)
+        self._forget(req.cache_request_handle, req.rid if req.finished() else None)
         self._heap.maybe_trim()        # between forward passes: RSS stays flat (heap_trim.py)
+
+    def release_aborted_request(self, handle: Any) -> None:
+        """SGLang dropped a waiting request (aborted, timed out): on_release never runs."""
+        super().release_aborted_request(handle)
+        self._forget(handle, getattr(handle, "rid", None))
+
+    def _forget(self, handle: Any, rid: Any) -> None:
+        """The request left: its pending step, blend job, holds and prefetch go."""
+        self._pending.pop(handle, None)
+        self.blend_jobs.drop(handle)
+        if self.blend is not None:
+            self.blend.forget(handle, rid)
+        if self.tiering is not None:
+            self.tiering.forget(handle)
 
     def release_host_resources(self) -> None:
         for close in self._closers:
             close()
         self._closers.clear()
         if self.blend is not None:
+            self.blend.close()
             self.blend.blender.close()
             self.blend = None
         if self.tiering is not None:
