@@ -259,11 +259,11 @@ class HierarchicalRadixCache(RadixCache):
         if isinstance(step, LoadPlan) and not past:
             self._pending[handle] = _Load(node, key[step.start:step.end], step)
             return base._replace(host_hit_length=step.tokens)
-        if blend is None or self._hold_for_fragments(handle, blend):
+        if blend is None:
+            return base
+        if self._hold_for_fragments(handle, blend):   # a marked document is below host memory
             self.blend_jobs.drop(handle)
-            if blend is None:
-                return base
-            self._pending[handle] = _Hold()            # a marked document is below host memory
+            self._pending[handle] = _Hold()
             return base._replace(host_hit_length=blend.tokens)
         return self._blend_step(req, handle, node, key, tenant, tokens, blend, base)
 
