@@ -30,6 +30,7 @@ answered on one server the other finds it in S3) and that server's TTFT then.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 import urllib.error
 import uuid
@@ -329,7 +330,9 @@ def run_fleet(model_path: Path, log_dir: Path, work: Workload, arms: Sequence[st
     pool = max(int(total * pool_fraction), longest + 256)
     results: dict[str, Any] = {"workload": asdict(work), "working_set_tokens": total,
                                "pool_tokens": pool, "arms": []}
-    with SeaweedFS(log_dir / "fleet-seaweed", log_path=log_dir / "fleet-seaweed.log") as weed:
+    # The S3 data (GBs) lives only as long as the run; its log stays beside the results.
+    with tempfile.TemporaryDirectory(prefix="kvext-fleet-") as data, \
+            SeaweedFS(Path(data), log_path=log_dir / "fleet-seaweed.log") as weed:
         env = {"AWS_ACCESS_KEY_ID": weed.credentials["aws_access_key_id"],
                "AWS_SECRET_ACCESS_KEY": weed.credentials["aws_secret_access_key"]}
         for name in arms:
