@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of quality against TTFT per method (needs "
                          "matplotlib)")
+    mg = _command(sub, "merge", "blend sweeps run in slices over the same prompts (one "
+                                "--reference-cache) as one: JSON, CSV and plot")
+    mg.add_argument("parts", type=Path, nargs="+", help="results JSON of sgl-kvext-bench blend")
+    mg.add_argument("--plot", type=Path, default=None,
+                    help="also write a PNG of quality against TTFT per method")
     rag = _command(sub, "rag", "RAG serving: no cache vs radix vs hierarchical KV vs "
                                "hierarchical KV + fragment blend (TTFT, accuracy)")
     _server_args(rag)

@@ -13,6 +13,7 @@ import contextlib
 import shlex
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from sgl_kvext_bench.progress import Progress
@@ -80,7 +81,9 @@ def finish(args: argparse.Namespace, results: dict[str, Any], table: str,
         print(line)
     print(f"\nJSON: {args.json}\nCSV: {csv_path}")
     if plot is not None:
-        print(plot_or_say(plot, results, args.json.with_suffix(".png")))
+        where = getattr(args, "plot", None)      # --plot PATH, else beside the JSON
+        print(plot_or_say(plot, results, where if isinstance(where, Path) else
+                          args.json.with_suffix(".png")))
     return 0
 
 

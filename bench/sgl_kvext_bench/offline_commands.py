@@ -4,6 +4,7 @@ cost, and comparing two quality runs (no server started)."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from sgl_kvext_bench.command_kit import (
     BadOption,
@@ -37,6 +38,23 @@ def blend(args: argparse.Namespace) -> int:
                                 progress=progress, reference_dir=args.reference_cache)
     except ValueError as exc:
         raise BadOption(str(exc)) from None
+    return _finish_blend(args, results)
+
+
+def merge(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.merge import merge_blend_runs
+    from sgl_kvext_bench.quality import load_results
+
+    try:
+        results = merge_blend_runs([load_results(p) for p in args.parts],
+                                   [str(p) for p in args.parts])
+    except ValueError as exc:
+        raise BadOption(str(exc)) from None
+    return _finish_blend(args, results)
+
+
+def _finish_blend(args: argparse.Namespace, results: dict[str, Any]) -> int:
+    """A blend sweep's table (one line per method and ratio), JSON, CSV and optional plot."""
     table = markdown(["method", "ratio", "TTFT p50 (s)", "speed-up", "exact acc.", "blend acc.",
                       "delta ± se", "KL mean", "KL median", "top-1"],
                      [[e["method"], e["ratio"], e["ttft_p50_s"], f"{e['speedup']:.1f}x",
@@ -44,7 +62,7 @@ def blend(args: argparse.Namespace) -> int:
                        f"{e['accuracy_delta']:+.3f} ± {e['delta_stderr']:.3f}",
                        f"{e['kl_mean']:.4f}", f"{e['kl_median']:.4f}", e["top1_agreement"]]
                       for e in results["runs"]])
-    head = (f"{results['questions']} questions ({spec.corpus}), prompts "
+    head = (f"{results['questions']} questions ({results['workload']['corpus']}), prompts "
             f"{results['prompt_tokens_min']}-{results['prompt_tokens_max']} tokens, "
             f"{results['dtype']}; full prefill p50 {results['full_prefill_ttft_p50_s']:.2f}s")
     rows = results.pop("rows")
