@@ -14,10 +14,12 @@ WORKLOAD = {"corpus": "prose", "questions": 3, "documents": 6, "seed": 1}
 
 
 def _slice(tmp_path: Path, name: str, methods: list[str], exact: list[str],
-           workload: dict[str, object] = WORKLOAD) -> Path:
-    """A blend results JSON + CSV as `sgl-kvext-bench blend` writes them."""
+           workload: dict[str, object] = WORKLOAD, slower: float = 1.0,
+           answer: str = "x") -> Path:
+    """A blend results JSON + CSV as `sgl-kvext-bench blend` writes them; method i takes
+    (1 + i) s a blend, times ``slower``."""
     path = tmp_path / f"{name}.json"
-    runs = [{"method": m, "ratio": 0.15, "context": "none", "ttft_p50_s": 1.0 + i,
+    runs = [{"method": m, "ratio": 0.15, "context": "none", "ttft_p50_s": (1.0 + i) * slower,
              "speedup": 2.0, "exact_accuracy": 0.5, "blend_accuracy": 0.4, "blend_stderr": 0.1,
              "accuracy_delta": -0.1, "delta_stderr": 0.05, "kl_mean": 0.1, "kl_median": 0.05,
              "top1_agreement": 0.9} for i, m in enumerate(methods)]
@@ -27,8 +29,9 @@ def _slice(tmp_path: Path, name: str, methods: list[str], exact: list[str],
                                 "runs": runs}))
     write_csv([{"method": m, "ratio": 0.15, "question": q + 1, "exact_correct": True,
                 "blend_correct": q > 0, "kl": 0.1, "top1_agree": True,
-                "exact_answer": exact[q], "blend_answer": "x"}
-               for m in methods for q in range(3)], path.with_suffix(".csv"))
+                "exact_answer": exact[q], "blend_answer": answer,
+                "ttft_s": (1.0 + i) * slower}
+               for i, m in enumerate(methods) for q in range(3)], path.with_suffix(".csv"))
     return path
 
 
@@ -42,7 +45,8 @@ def test_slices_over_the_same_prompts_become_one_sweep(tmp_path: Path) -> None:
     merged = json.loads(out.read_text())
     assert [r["method"] for r in merged["runs"]] == ["cacheblend", "check6_query_half",
                                                     "gradual2"]
-    assert merged["merged_from"] == [str(a), str(b)] and merged["workload"] == WORKLOAD
+    assert [p["path"] for p in merged["merged_from"]] == [str(a), str(b)]
+    assert merged["workload"] == WORKLOAD
     with open(out.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 9 and {r["method"] for r in rows} == {"cacheblend", "gradual2",
@@ -66,3 +70,40 @@ def test_slices_that_do_not_belong_together_are_refused_in_one_line(tmp_path: Pa
         assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr
     done = bench_cli("merge", str(a), "--json", str(tmp_path / "out.json"))
     assert done.returncode == 2 and "at least two" in done.stderr
+
+
+def test_an_anchor_scales_each_slice_to_the_first_and_stands_once(tmp_path: Path) -> None:
+    exact = ["a", "b", "c"]
+    a = _slice(tmp_path, "a", ["cacheblend", "check6_query_half"], exact)
+    b = _slice(tmp_path, "b", ["cacheblend", "gradual2"], exact, slower=2.0)  # a slower hour
+    out = tmp_path / "all.json"
+    done = bench_cli("merge", str(a), str(b), "--anchor", "cacheblend@0.15",
+                     "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(out.read_text())
+    runs = {r["method"]: r for r in merged["runs"]}
+    assert list(runs) == ["cacheblend", "check6_query_half", "gradual2"]
+    assert runs["gradual2"]["ttft_p50_s"] == 2.0 and runs["gradual2"]["ttft_scale"] == 0.5
+    assert runs["cacheblend"]["ttft_p50_s"] == 1.0 and runs["gradual2"]["speedup"] == 4.0
+    assert [p["ttft_scale"] for p in merged["merged_from"]] == [1.0, 0.5]
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9                          # the anchor's repeat is dropped
+    assert {float(r["ttft_s"]) for r in rows if r["method"] == "gradual2"} == {2.0}
+
+
+def test_an_anchor_missing_or_answering_otherwise_is_refused(tmp_path: Path) -> None:
+    exact = ["a", "b", "c"]
+    a = _slice(tmp_path, "a", ["cacheblend"], exact)
+    cases = {
+        "has no run of the anchor cacheblend": _slice(tmp_path, "b", ["gradual2"], exact),
+        "the anchor's answers differ": _slice(tmp_path, "c", ["cacheblend", "gradual2"],
+                                              exact, answer="y"),
+    }
+    for message, other in cases.items():
+        done = bench_cli("merge", str(a), str(other), "--anchor", "cacheblend@0.15",
+                         "--json", str(tmp_path / "out.json"))
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    done = bench_cli("merge", str(a), str(a), "--anchor", "cacheblend",
+                     "--json", str(tmp_path / "out.json"))
+    assert done.returncode == 2 and "need METHOD@RATIO" in done.stderr

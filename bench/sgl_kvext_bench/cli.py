@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("parts", type=Path, nargs="+", help="results JSON of sgl-kvext-bench blend")
     mg.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of quality against TTFT per method")
+    mg.add_argument("--anchor", default=None, metavar="METHOD@RATIO",
+                    help="a run every slice repeats: each slice's TTFTs are scaled to it "
+                         "(the machine's speed drifts between slices)")
     rag = _command(sub, "rag", "RAG serving: no cache vs radix vs hierarchical KV vs "
                                "hierarchical KV + fragment blend (TTFT, accuracy)")
     _server_args(rag)
