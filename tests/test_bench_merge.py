@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from helpers import bench_cli
 
 from sgl_kvext_bench.report import write_csv
@@ -61,8 +62,8 @@ def test_slices_that_do_not_belong_together_are_refused_in_one_line(tmp_path: Pa
         "the exact answer of question 2": _slice(tmp_path, "b", ["gradual2"], ["a", "B", "c"]),
         "its workload differs": _slice(tmp_path, "c", ["gradual2"], ["a", "b", "c"],
                                        {**WORKLOAD, "seed": 2}),
-        "cacheblend at ratio 0.15 is also in": _slice(tmp_path, "d", ["cacheblend"],
-                                                      ["a", "b", "c"]),
+        "cacheblend at ratio 0.15 answers otherwise than in": _slice(
+            tmp_path, "d", ["cacheblend", "gradual2"], ["a", "b", "c"], answer="y"),
     }
     for message, other in cases.items():
         done = bench_cli("merge", str(a), str(other), "--json", str(tmp_path / "out.json"))
@@ -72,38 +73,27 @@ def test_slices_that_do_not_belong_together_are_refused_in_one_line(tmp_path: Pa
     assert done.returncode == 2 and "at least two" in done.stderr
 
 
-def test_an_anchor_scales_each_slice_to_the_first_and_stands_once(tmp_path: Path) -> None:
+def test_a_repeated_run_scales_its_slice_to_the_first_and_stands_once(tmp_path: Path) -> None:
     exact = ["a", "b", "c"]
     a = _slice(tmp_path, "a", ["cacheblend", "check6_query_half"], exact)
-    b = _slice(tmp_path, "b", ["cacheblend", "gradual2"], exact, slower=2.0)  # a slower hour
+    b = _slice(tmp_path, "b", ["cacheblend", "gradual2", "check6_query_half"], exact,
+               slower=2.0)                  # a slower hour: cacheblend 2 s, check6 6 s here
+    c = _slice(tmp_path, "c", ["sinks4"], exact)                    # repeats nothing
     out = tmp_path / "all.json"
-    done = bench_cli("merge", str(a), str(b), "--anchor", "cacheblend@0.15",
-                     "--json", str(out))
+    done = bench_cli("merge", str(a), str(b), str(c), "--json", str(out))
     assert done.returncode == 0, done.stderr
     merged = json.loads(out.read_text())
     runs = {r["method"]: r for r in merged["runs"]}
-    assert list(runs) == ["cacheblend", "check6_query_half", "gradual2"]
-    assert runs["gradual2"]["ttft_p50_s"] == 2.0 and runs["gradual2"]["ttft_scale"] == 0.5
-    assert runs["cacheblend"]["ttft_p50_s"] == 1.0 and runs["gradual2"]["speedup"] == 4.0
-    assert [p["ttft_scale"] for p in merged["merged_from"]] == [1.0, 0.5]
+    assert list(runs) == ["cacheblend", "check6_query_half", "gradual2", "sinks4"]
+    # b's repeats ran at 2 / 1 and 6 / 2 of a's times: geometric mean sqrt(2 * 3).
+    scale = 1 / (2 * 3) ** 0.5
+    assert runs["gradual2"]["ttft_p50_s"] == pytest.approx(4.0 * scale)
+    assert runs["gradual2"]["speedup"] == pytest.approx(2.0 / scale)
+    assert runs["cacheblend"]["ttft_p50_s"] == 1.0 and runs["sinks4"]["ttft_p50_s"] == 1.0
+    assert [p["scaled_by"] for p in merged["merged_from"]] == [
+        [], ["cacheblend@0.15", "check6_query_half@0.15"], []]
     with open(out.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9                          # the anchor's repeat is dropped
-    assert {float(r["ttft_s"]) for r in rows if r["method"] == "gradual2"} == {2.0}
-
-
-def test_an_anchor_missing_or_answering_otherwise_is_refused(tmp_path: Path) -> None:
-    exact = ["a", "b", "c"]
-    a = _slice(tmp_path, "a", ["cacheblend"], exact)
-    cases = {
-        "has no run of the anchor cacheblend": _slice(tmp_path, "b", ["gradual2"], exact),
-        "the anchor's answers differ": _slice(tmp_path, "c", ["cacheblend", "gradual2"],
-                                              exact, answer="y"),
-    }
-    for message, other in cases.items():
-        done = bench_cli("merge", str(a), str(other), "--anchor", "cacheblend@0.15",
-                         "--json", str(tmp_path / "out.json"))
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-    done = bench_cli("merge", str(a), str(a), "--anchor", "cacheblend",
-                     "--json", str(tmp_path / "out.json"))
-    assert done.returncode == 2 and "need METHOD@RATIO" in done.stderr
+    assert len(rows) == 12                                    # the repeats are dropped
+    assert [float(r["ttft_s"]) for r in rows if r["method"] == "gradual2"] == pytest.approx(
+        [4.0 * scale] * 3, abs=1e-3)                           # the CSV keeps 3 decimals

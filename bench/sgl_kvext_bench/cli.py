@@ -82,13 +82,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="also write a PNG of quality against TTFT per method (needs "
                          "matplotlib)")
     mg = _command(sub, "merge", "blend sweeps run in slices over the same prompts (one "
-                                "--reference-cache) as one: JSON, CSV and plot")
+                                "--reference-cache) as one: JSON, CSV and plot; a run a "
+                                "slice repeats scales its TTFTs to the first slice's")
     mg.add_argument("parts", type=Path, nargs="+", help="results JSON of sgl-kvext-bench blend")
     mg.add_argument("--plot", type=Path, default=None,
                     help="also write a PNG of quality against TTFT per method")
-    mg.add_argument("--anchor", default=None, metavar="METHOD@RATIO",
-                    help="a run every slice repeats: each slice's TTFTs are scaled to it "
-                         "(the machine's speed drifts between slices)")
     rag = _command(sub, "rag", "RAG serving: no cache vs radix vs hierarchical KV vs "
                                "hierarchical KV + fragment blend (TTFT, accuracy)")
     _server_args(rag)

@@ -6,96 +6,80 @@ their runs side by side again (one JSON, CSV and plot). Runs merge only when the
 same questions of the same model the same way and their exact answers agree on every
 question.
 
-Slices run at different times on a shared machine, whose speed drifts by the hour. With an
-anchor (a method and ratio every slice runs), each slice's TTFTs are scaled by the anchor's
-p50 in the first slice over its p50 in that slice, so every method's TTFT is its ratio to the
-anchor measured side by side, in the first slice's seconds. The anchor's repeats are
-dropped; their answers must equal its first run's (same code, same prompts).
+Slices run at different times on a shared machine, whose speed drifts by the hour. A run
+repeated in a later slice (same method and ratio) ties the two together: its first run
+stands, the repeat must give the same answers (same code, same prompts), and the later
+slice's TTFTs are scaled by the first run's p50 over the repeat's (the geometric mean over
+its repeats), so every TTFT is a ratio measured side by side, in the first slice's seconds.
+A slice that repeats nothing keeps its own seconds (``ttft_scale`` 1, ``scaled_by`` empty).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 # What makes two runs' prompts and exact references the same.
 SAME = ("model", "dtype", "workload", "questions", "answer_tokens")
 
-
-class Anchor(NamedTuple):
-    """The run every slice repeats: its method and ratio."""
-
-    method: str
-    ratio: float
-
-    @classmethod
-    def parse(cls, text: str) -> Anchor:
-        """``METHOD@RATIO``, e.g. ``cacheblend@0.15``; ValueError names what is wrong."""
-        method, _, ratio = text.partition("@")
-        try:
-            return cls(method, float(ratio))
-        except ValueError:
-            raise ValueError(f"--anchor {text!r}: need METHOD@RATIO, e.g. "
-                             "cacheblend@0.15") from None
+Key = tuple[str, float]
 
 
-def merge_blend_runs(parts: Sequence[Mapping[str, Any]], names: Sequence[str],
-                     anchor: Anchor | None = None) -> dict[str, Any]:
+def merge_blend_runs(parts: Sequence[Mapping[str, Any]], names: Sequence[str]
+                     ) -> dict[str, Any]:
     """``parts`` (results of ``run_blend``, rows included) as one; ``names`` label them in
     errors. ValueError names the first part that does not belong with the first one."""
     if len(parts) < 2:
         raise ValueError("merge needs at least two blend results")
     first = parts[0]
     exact = {row["question"]: row["exact_answer"] for row in first["rows"]}
-    anchor_answers: dict[Any, str] = {}
-    anchor_p50 = 0.0
-    seen: dict[tuple[str, float], str] = {}
-    runs: list[dict[str, Any]] = []
+    kept: dict[Key, dict[str, Any]] = {}            # run -> its first (scaled) entry
+    answers: dict[Key, dict[Any, str]] = {}
     rows: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
     for part, name in zip(parts, names, strict=True):
-        if "runs" not in part or "rows" not in part:
-            raise ValueError(f"{name}: not the results of sgl-kvext-bench blend")
-        for field in SAME:
-            if part.get(field) != first.get(field):
-                raise ValueError(f"{name}: its {field} differs from {names[0]}'s; only runs "
-                                 "over the same prompts merge")
-        for row in part["rows"]:
-            if exact.setdefault(row["question"], row["exact_answer"]) != row["exact_answer"]:
-                raise ValueError(f"{name}: the exact answer of question {row['question']} "
-                                 f"differs from {names[0]}'s (share one --reference-cache)")
-        scale = 1.0
-        if anchor is not None:
-            mine = [r for r in part["runs"] if _key(r) == anchor]
-            if not mine:
-                raise ValueError(f"{name}: has no run of the anchor {anchor.method} at ratio "
-                                 f"{anchor.ratio}")
-            answers = {r["question"]: r["blend_answer"] for r in part["rows"]
-                       if _key(r) == anchor}
-            if not anchor_answers:
-                anchor_answers, anchor_p50 = answers, mine[0]["ttft_p50_s"]
-            elif answers != anchor_answers:
-                raise ValueError(f"{name}: the anchor's answers differ from {names[0]}'s "
-                                 "(not the same code or prompts)")
-            scale = anchor_p50 / mine[0]["ttft_p50_s"]
-        sources.append({"path": name, "ttft_scale": scale})
-        for run in part["runs"]:
-            key = _key(run)
-            if key == anchor and key in seen:
+        _check_same(part, name, first, names[0], exact)
+        mine = {_key(r): r for r in part["runs"]}
+        given = {key: {r["question"]: r["blend_answer"] for r in part["rows"] if _key(r) == key}
+                 for key in mine}
+        repeats = [key for key in mine if key in kept]
+        for key in repeats:
+            if given[key] != answers[key]:
+                raise ValueError(f"{name}: {key[0]} at ratio {key[1]} answers otherwise than "
+                                 f"in {kept[key]['slice']} (not the same code or prompts)")
+        scale = math.exp(sum(math.log(kept[k]["ttft_p50_s"] / mine[k]["ttft_p50_s"])
+                             for k in repeats) / len(repeats)) if repeats else 1.0
+        sources.append({"path": name, "ttft_scale": scale,
+                        "scaled_by": [f"{m}@{r}" for m, r in repeats]})
+        for key, run in mine.items():
+            if key in kept:
                 continue                                # its first run stands
-            if key in seen:
-                raise ValueError(f"{name}: {key[0]} at ratio {key[1]} is also in {seen[key]}")
-            seen[key] = name
-            runs.append({**run, "ttft_p50_s": run["ttft_p50_s"] * scale,
-                         "speedup": run["speedup"] / scale, "ttft_scale": scale})
+            kept[key] = {**run, "ttft_p50_s": run["ttft_p50_s"] * scale,
+                         "speedup": run["speedup"] / scale, "ttft_scale": scale, "slice": name}
+            answers[key] = given[key]
             rows += [{**r, "ttft_s": float(r["ttft_s"]) * scale} for r in part["rows"]
                      if _key(r) == key]
     full = [p["full_prefill_ttft_p50_s"] for p in parts]
     return {**{k: v for k, v in first.items() if k not in ("runs", "rows")},
             "full_prefill_ttft_p50_s": sorted(full)[len(full) // 2],
-            "merged_from": sources, "anchor": anchor._asdict() if anchor else None,
-            "runs": runs, "rows": rows}
+            "merged_from": sources, "runs": list(kept.values()), "rows": rows}
 
 
-def _key(run: Mapping[str, Any]) -> tuple[str, float]:
+def _check_same(part: Mapping[str, Any], name: str, first: Mapping[str, Any], first_name: str,
+                exact: dict[Any, str]) -> None:
+    """ValueError unless ``part`` asked ``first``'s questions and got its exact answers."""
+    if "runs" not in part or "rows" not in part:
+        raise ValueError(f"{name}: not the results of sgl-kvext-bench blend")
+    for field in SAME:
+        if part.get(field) != first.get(field):
+            raise ValueError(f"{name}: its {field} differs from {first_name}'s; only runs over "
+                             "the same prompts merge")
+    for row in part["rows"]:
+        if exact.setdefault(row["question"], row["exact_answer"]) != row["exact_answer"]:
+            raise ValueError(f"{name}: the exact answer of question {row['question']} differs "
+                             f"from {first_name}'s (share one --reference-cache)")
+
+
+def _key(run: Mapping[str, Any]) -> Key:
     return run["method"], float(run["ratio"])

@@ -42,13 +42,12 @@ def blend(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from sgl_kvext_bench.merge import Anchor, merge_blend_runs
+    from sgl_kvext_bench.merge import merge_blend_runs
     from sgl_kvext_bench.quality import load_results
 
     try:
-        anchor = Anchor.parse(args.anchor) if args.anchor else None
         results = merge_blend_runs([load_results(p) for p in args.parts],
-                                   [str(p) for p in args.parts], anchor)
+                                   [str(p) for p in args.parts])
     except ValueError as exc:
         raise BadOption(str(exc)) from None
     return _finish_blend(args, results)
