@@ -78,3 +78,22 @@ def test_a_missing_run_or_file_names_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no quality columns for 'hierarchical_blend_auto'"):
         compare(json.loads(server.read_text()), json.loads(server.read_text()),
                 config="hierarchical_blend_auto")
+
+
+def test_two_methods_of_one_sweep_are_compared_paired(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"workload": WORKLOAD, "runs": [{"method": "cacheblend"}]}))
+    write_csv([{"method": m, "ratio": 0.15, "question": i + 1, "exact_correct": True,
+                "blend_correct": m == "check6_query_half" or i < 2, "kl": kl * (i + 1),
+                "top1_agree": True}
+               for m, kl in (("cacheblend", 0.1), ("check6_query_half", 0.05))
+               for i in range(4)], path.with_suffix(".csv"))
+    out = tmp_path / "cmp.json"
+    done = bench_cli("compare", str(path), str(path), "--method", "cacheblend",
+                     "--method-b", "check6_query_half", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["a"]["blend_accuracy"] == 0.5 and result["b"]["blend_accuracy"] == 1.0
+    assert result["loss_difference"] == 0.5                    # b answers 2 of 4 more
+    assert result["kl_difference"] == pytest.approx(-0.125)    # -0.05 x (1+2+3+4) / 4
+    assert "first-token KL minus" in done.stdout

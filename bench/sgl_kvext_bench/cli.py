@@ -134,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("b", type=Path, help="results JSON of sgl-kvext-bench blend or rag")
     cmp.add_argument("--method", default="cacheblend", help="blend results: the method")
     cmp.add_argument("--ratio", type=float, default=0.15, help="blend results: the ratio")
+    cmp.add_argument("--method-b", default=None,
+                     help="blend results: b's method, if not --method (two methods of one "
+                          "sweep: pass its JSON as both a and b)")
+    cmp.add_argument("--ratio-b", type=float, default=None,
+                     help="blend results: b's ratio, if not --ratio")
     cmp.add_argument("--config", default="hierarchical_blend",
                      help="rag results: the configuration")
     tr = _command(sub, "tree", "the tree's own cost: sgl-kvext's tree vs SGLang's RadixCache "

@@ -128,7 +128,7 @@ def compare(args: argparse.Namespace) -> int:
 
     try:
         results = compare_runs(load_results(args.a), load_results(args.b), args.method,
-                               args.ratio, args.config)
+                               args.ratio, args.config, args.method_b, args.ratio_b)
     except ValueError as exc:
         raise BadOption(str(exc)) from None
     table = markdown(["run", "questions", "exact acc.", "blend acc.", "delta ± se", "KL mean",
@@ -141,7 +141,9 @@ def compare(args: argparse.Namespace) -> int:
              f"{results['loss_difference_stderr']:.3f} (negative: b loses more); b loses "
              f"{'no more than a within' if results['within_one_stderr'] else 'more than a beyond'}"
              f" one standard error; exact answers agree on "
-             f"{results['exact_answers_agree']:.3f} of the questions"]
+             f"{results['exact_answers_agree']:.3f} of the questions",
+             f"b's first-token KL minus a's, per question: {results['kl_difference']:+.4f} ± "
+             f"{results['kl_difference_stderr']:.4f}"]
     for side in ("a", "b"):
         split = results.get(f"{side}_inherited")
         if split:

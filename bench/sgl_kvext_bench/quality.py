@@ -116,23 +116,28 @@ def _pairs_of(result: Mapping[str, Any], method: str, ratio: float, config: str
 
 
 def compare(a: Mapping[str, Any], b: Mapping[str, Any], method: str = "cacheblend",
-            ratio: float = 0.15, config: str = "hierarchical_blend") -> dict[str, Any]:
-    """Two runs over the same prompts (say the offline blend and the server): each one's
+            ratio: float = 0.15, config: str = "hierarchical_blend",
+            method_b: str | None = None, ratio_b: float | None = None) -> dict[str, Any]:
+    """Two runs over the same prompts (say the offline blend and the server, or two methods
+    of one sweep: ``method_b`` / ``ratio_b`` pick ``b``'s run, by default ``a``'s): each one's
     summary, and per question the difference of their losses (``b``'s blend - exact minus
-    ``a``'s), its mean and standard error. ``within_one_stderr``: ``b`` loses no more than
-    ``a`` beyond one standard error of that difference."""
+    ``a``'s) and of their first-token KLs, means and standard errors. ``within_one_stderr``:
+    ``b`` loses no more than ``a`` beyond one standard error of that difference."""
     if a.get("workload") != b.get("workload"):
         raise ValueError("the two runs asked different questions (their 'workload' differs)")
     pa, rows_a = _pairs_of(a, method, ratio, config)
-    pb, rows_b = _pairs_of(b, method, ratio, config)
+    pb, rows_b = _pairs_of(b, method_b or method, ratio if ratio_b is None else ratio_b,
+                           config)
     if len(pa) != len(pb):
         raise ValueError(f"{len(pa)} questions against {len(pb)}")
     diff = [(float(y.blend_correct) - float(y.exact_correct))
             - (float(x.blend_correct) - float(x.exact_correct)) for x, y in zip(pa, pb,
                                                                                strict=True)]
     mean, se = statistics.mean(diff), _stderr(diff)
+    kl = [y.kl - x.kl for x, y in zip(pa, pb, strict=True)]
     out = {"a": summarize(pa), "b": summarize(pb), "loss_difference": mean,
            "loss_difference_stderr": se, "within_one_stderr": mean >= -se,
+           "kl_difference": statistics.mean(kl), "kl_difference_stderr": _stderr(kl),
            "exact_answers_agree": statistics.mean(
                float(x.exact_correct == y.exact_correct) for x, y in zip(pa, pb, strict=True))}
     for side, pairs, rows in (("a", pa, rows_a), ("b", pb, rows_b)):
