@@ -41,8 +41,10 @@ def merge_blend_runs(parts: Sequence[Mapping[str, Any]], names: Sequence[str]
     for part, name in zip(parts, names, strict=True):
         _check_same(part, name, first, names[0], exact)
         mine = {_key(r): r for r in part["runs"]}
-        given = {key: {r["question"]: r["blend_answer"] for r in part["rows"] if _key(r) == key}
-                 for key in mine}
+        rows_of: dict[Key, list[Mapping[str, Any]]] = {key: [] for key in mine}
+        for row in part["rows"]:                        # grouped once, per run
+            rows_of.setdefault(_key(row), []).append(row)
+        given = {key: {r["question"]: r["blend_answer"] for r in rows_of[key]} for key in mine}
         repeats = [key for key in mine if key in kept]
         for key in repeats:
             if given[key] != answers[key]:
@@ -58,8 +60,7 @@ def merge_blend_runs(parts: Sequence[Mapping[str, Any]], names: Sequence[str]
             kept[key] = {**run, "ttft_p50_s": run["ttft_p50_s"] * scale,
                          "speedup": run["speedup"] / scale, "ttft_scale": scale, "slice": name}
             answers[key] = given[key]
-            rows += [{**r, "ttft_s": float(r["ttft_s"]) * scale} for r in part["rows"]
-                     if _key(r) == key]
+            rows += [{**r, "ttft_s": float(r["ttft_s"]) * scale} for r in rows_of[key]]
     full = [p["full_prefill_ttft_p50_s"] for p in parts]
     return {**{k: v for k, v in first.items() if k not in ("runs", "rows")},
             "full_prefill_ttft_p50_s": sorted(full)[len(full) // 2],
