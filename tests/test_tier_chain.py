@@ -4,6 +4,7 @@ and a hypothesis state machine against a plain dict model."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
@@ -136,8 +137,6 @@ class _BlockedTier(Tier):
 
 
 def test_a_full_write_queue_drops_at_once_never_blocks() -> None:
-    import time
-
     stuck = _BlockedTier()
     chain = TierChain([HostTier(8 << 20), stuck], "write_through", queue_bytes=2 * PAGE)
     started = time.monotonic()
@@ -152,8 +151,6 @@ def test_a_full_write_queue_drops_at_once_never_blocks() -> None:
 
 
 def test_flush_with_a_stuck_tier_returns_false_by_its_deadline_and_starts_no_thread() -> None:
-    import time
-
     stuck = _BlockedTier()
     chain = TierChain([HostTier(1 << 20), stuck], "write_through")
     chain.put([page_of(1)])
@@ -190,6 +187,37 @@ def test_a_raising_tier_drops_its_batch_and_the_writer_lives_on() -> None:
     chain.flush(timeout_s=10)
     assert chain.counters["dropped_pages"] == 1
     assert flaky.stored == {key_of(1)}
+    chain.close()
+
+
+class _WriteDuringExistsTier(_BlockedTier):
+    """Fake for a rare race: its queued write finishes while ``exists`` is answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: set[bytes] = set()
+        self.written = threading.Event()
+
+    def put(self, pages):  # type: ignore[no-untyped-def]
+        self.release.wait(30)
+        self.stored.update(p.key for p in pages)
+        self.written.set()
+        return PutResult(tuple(p.key for p in pages))
+
+    def exists(self, keys):  # type: ignore[no-untyped-def]
+        answer = [k in self.stored for k in keys]     # looked before the write lands
+        self.release.set()
+        self.written.wait(30)
+        time.sleep(0.2)                               # the writer leaves its queue meanwhile
+        return answer
+
+
+def test_a_write_landing_during_a_lookup_is_still_found() -> None:
+    racing = _WriteDuringExistsTier()
+    chain = TierChain([HostTier(PAGE, "lru", block_bytes=PAGE), racing], "write_back")
+    chain.put([page_of(0)])
+    chain.put([page_of(1)])                   # page 0 is demoted: queued for the fake
+    assert chain.lookup([key_of(0), key_of(1)]).run == 2
     chain.close()
 
 

@@ -345,11 +345,14 @@ class TierChain:
 
     def _exists(self, index: int, keys: list[bytes]) -> list[bool]:
         writer = self._writers.get(index)
-        held = self.tiers[index].exists(keys)
         if writer is None:
-            return held
+            return self.tiers[index].exists(keys)
+        # Queued first, the tier second: a page leaves the queue only once its tier holds it,
+        # so a write finishing between the two looks is seen by one of them.
         with writer.lock:
-            return [h or k in writer.pending for h, k in zip(held, keys, strict=True)]
+            queued = [k in writer.pending for k in keys]
+        held = self.tiers[index].exists(keys)
+        return [q or h for q, h in zip(queued, held, strict=True)]
 
     def _get(self, index: int, keys: list[bytes]) -> dict[bytes, KVPage]:
         writer = self._writers.get(index)
