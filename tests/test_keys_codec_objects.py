@@ -188,6 +188,25 @@ def test_a_deployment_key_refuses_objects_made_without_it() -> None:
         Protection.tagged(b"short")
 
 
+def test_a_tag_is_aes_gcm_over_meta_and_payload_so_stored_objects_stay_readable() -> None:
+    """The tag is fed meta and payload in two parts (no copy of the payload); it must be the
+    one-shot AES-GCM tag over their concatenation that objects were stored with before."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from sgl_kvext.tiers.objects import PREFIX_BYTES, Protection, _derive, read_header
+
+    ours = Protection.tagged(b"s" * 32)
+    blob = encode_object(PAGE, NS, "none", protection=ours).join()
+    header = read_header(blob)
+    meta = blob[PREFIX_BYTES:PREFIX_BYTES + header.meta_len]
+    payload = blob[PREFIX_BYTES + header.meta_len:]
+    one_shot = AESGCM(_derive(b"s" * 32, b"kvext-objkey-v2")).encrypt(
+        header.nonce, b"", meta + payload)
+    assert blob[PREFIX_BYTES - 16:PREFIX_BYTES] == one_shot
+    view = memoryview(bytearray(blob))                 # as the disk tier reads it
+    assert bytes(decode_object(view, NS, PAGE.key, ours).data) == bytes(PAGE.data)
+
+
 @pytest.mark.parametrize("codec", ["none", "zstd"])
 def test_an_encrypted_object_hides_its_kv_and_refuses_every_change(codec: str) -> None:
     from sgl_kvext.tiers.objects import PREFIX_BYTES, Protection

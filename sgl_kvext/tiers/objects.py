@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import xxhash
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sgl_kvext.tiers.codec import Buffer, CodecError, make_codec
@@ -114,6 +115,7 @@ class Protection:
         if (mode == PLAIN_MODE) != (key is None) or (key is not None and len(key) != 32):
             raise ValueError("a keyed protection needs a 32-byte key; plain takes none")
         self.mode = mode
+        self._key = key
         self._aead = AESGCM(key) if key is not None else None
 
     @classmethod
@@ -138,7 +140,14 @@ class Protection:
         if self.mode == CIPHER:
             sealed = self._aead.encrypt(nonce, payload, meta)
             return sealed, sealed[-16:]
-        return payload, self._aead.encrypt(nonce, b"", meta + bytes(payload))
+        # GCM over no plaintext with meta then payload as associated data, fed in two parts:
+        # the same tag as over their concatenation, without copying the payload (8.5 GB/s
+        # against 0.7 GB/s with the copy, 64 MiB on this CPU).
+        tagger = self._gcm(nonce).encryptor()
+        tagger.authenticate_additional_data(meta)
+        tagger.authenticate_additional_data(payload)
+        tagger.finalize()
+        return payload, tagger.tag
 
     def open(self, nonce: bytes, stored: Buffer, check: bytes, meta: Buffer) -> Buffer:
         """The payload of a keyed object; CorruptObject when any byte was changed or another
@@ -146,14 +155,29 @@ class Protection:
         assert self._aead is not None
         try:
             if self.mode == CIPHER:
+                stored = memoryview(stored)
                 if not hmac.compare_digest(bytes(stored[-16:]), check):   # every byte counts
                     raise InvalidTag
-                return self._aead.decrypt(nonce, stored, meta)
-            self._aead.decrypt(nonce, check, bytes(meta) + bytes(stored))
+                # Into a buffer of our own: AESGCM.decrypt's returned bytes ran at 1.3 GB/s
+                # on the disk tier's threads (7-14 GB/s this way); GCM needs 15 spare bytes.
+                out = bytearray(len(stored) - 16 + 15)
+                plain = self._gcm(nonce, check).decryptor()
+                plain.authenticate_additional_data(meta)
+                n = plain.update_into(stored[:-16], out)
+                plain.finalize()
+                return memoryview(out)[:n]
+            checker = self._gcm(nonce, check).decryptor()
+            checker.authenticate_additional_data(meta)
+            checker.authenticate_additional_data(stored)
+            checker.finalize()
             return stored
         except InvalidTag:
             raise CorruptObject("authentication failed (damaged, forged, or sealed with "
                                 "another deployment's key)") from None
+
+    def _gcm(self, nonce: bytes, tag: bytes | None = None) -> Cipher[modes.GCM]:
+        assert self._key is not None
+        return Cipher(algorithms.AES(self._key), modes.GCM(nonce, tag))
 
 
 def _derive(secret: bytes, person: bytes) -> bytes:
