@@ -52,6 +52,41 @@ def test_write_through_copies_down_at_once(tmp_path: Path) -> None:
     chain.close()
 
 
+def test_write_through_evictions_copy_nothing_and_lose_nothing(tmp_path: Path) -> None:
+    """Under write-through a page went down when it was stored: evicting it from the host
+    tier reads no bytes and demotes nothing again, and every page stays in the chain."""
+    chain = small_chain(tmp_path, "write_through")
+    lost: list[bytes] = []
+    chain.on_loss(lost.extend)
+    pages = [page_of(i) for i in range(12)]
+    for page in pages:
+        chain.put([page])
+    chain.flush()
+    assert [t.keep_evicted for t in chain.tiers] == [False, False]
+    assert chain.counters["demoted_pages"] == 0 and not lost
+    found = chain.lookup([p.key for p in pages])
+    assert found.run == 12 and found.tiers.count(0) == 4 and found.tiers.count(1) == 8
+    for got, want in zip(chain.get([p.key for p in pages]).pages, pages, strict=True):
+        assert_same(got, want)
+    assert [t.keep_evicted for t in small_chain(tmp_path / "b").tiers] == [True, False]
+    chain.close()
+
+
+def test_the_last_tier_drops_its_evictions_unread_and_reports_them_lost() -> None:
+    host = HostTier(4 * PAGE, "lru", block_bytes=PAGE)
+    chain = TierChain([host])
+    lost: list[bytes] = []
+    chain.on_loss(lost.extend)
+    chain.put([page_of(i) for i in range(6)])
+    assert lost == [key_of(0), key_of(1)]
+    assert host.put([page_of(6)]).dropped == (key_of(2),)       # a key, no bytes read
+    host.keep_evicted = True
+    result = host.put([page_of(7)])
+    assert result.dropped == () and [p.key for p in result.evicted] == [key_of(3)]
+    assert_same(result.evicted[0], page_of(3))
+    chain.close()
+
+
 def test_lookup_stops_at_the_first_gap(tmp_path: Path) -> None:
     chain = small_chain(tmp_path)
     chain.put([page_of(0), page_of(1), page_of(3)])

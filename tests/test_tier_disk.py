@@ -87,6 +87,21 @@ def test_restart_serves_old_pages_and_quarantines_bad_headers(tmp_path: Path) ->
     again.close()
 
 
+def test_evictions_are_read_for_demotion_only_when_kept(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 3 * PAGE + 3 * 4096, NS, codec="none")
+    tier.put([page_of(i) for i in range(3)])
+    kept = tier.put([page_of(3)])
+    assert [p.key for p in kept.evicted] and not kept.dropped
+    index = {key_of(i): i for i in range(3)}
+    assert_same(kept.evicted[0], page_of(index[kept.evicted[0].key]))
+    tier.keep_evicted = False                      # a chain with nothing to demote them to
+    results = [tier.put([page_of(i)]) for i in range(4, 8)]
+    dropped = [key for r in results for key in r.dropped]
+    assert dropped and not any(r.evicted for r in results)
+    assert not any(tier.exists(dropped)) and tier.exists([key_of(7)]) == [True]
+    tier.close()
+
+
 def test_namespaces_are_isolated(tmp_path: Path) -> None:
     a = DiskTier(tmp_path, 50 * PAGE, NS)
     b = DiskTier(tmp_path, 50 * PAGE, bytes(32))

@@ -34,12 +34,20 @@ class PutResult:
     """Outcome of :meth:`Tier.put`.
 
     ``stored`` keys are now readable; ``rejected`` keys were not stored (too large, tier
-    unreachable); ``evicted`` pages were pushed out to make room, for the caller to demote.
+    unreachable); ``evicted`` pages were pushed out to make room, for the caller to demote;
+    ``dropped`` keys were pushed out too, their bytes not read (nothing would demote them).
     """
 
     stored: tuple[bytes, ...] = ()
     rejected: tuple[bytes, ...] = ()
     evicted: tuple[KVPage, ...] = field(default=())
+    #: Keys evicted without their bytes (the tier's :attr:`Tier.keep_evicted` is off).
+    dropped: tuple[bytes, ...] = ()
+
+    @property
+    def evictions(self) -> int:
+        """Pages evicted, read or not."""
+        return len(self.evicted) + len(self.dropped)
 
 
 class Tier(ABC):
@@ -54,6 +62,11 @@ class Tier(ABC):
     """
 
     name: str = "tier"
+    #: Whether a put reads the pages it evicts into :attr:`PutResult.evicted` (for the caller
+    #: to demote) or only names them in :attr:`PutResult.dropped`. A chain turns it off where
+    #: nothing would be demoted (the last tier; every tier under write-through, whose pages
+    #: went down when they were stored): an eviction then copies nothing.
+    keep_evicted: bool = True
 
     @property
     @abstractmethod

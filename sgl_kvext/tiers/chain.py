@@ -1,7 +1,8 @@
 """The tier chain: ordered tiers (fastest first) acting as one store.
 
 - ``put`` stores pages in the first tier. What it evicts is *demoted* to the next tier
-  (write-back); with ``write_through`` every stored page is also copied to all lower tiers.
+  (write-back); with ``write_through`` every stored page is also copied to all lower tiers
+  as it is stored, and an eviction copies nothing (``Tier.keep_evicted`` off).
   Pages a tier rejects (too large) go to the next one.
 - Writes to lower tiers are asynchronous: one writer thread per lower tier drains a bounded
   queue bounded in bytes; a batch that does not fit is dropped at once and counted (a put
@@ -136,6 +137,8 @@ class TierChain:
                              f"{', '.join(WRITE_POLICIES)}")
         self.tiers = list(tiers)
         self.write_policy = write_policy
+        for index, tier in enumerate(self.tiers):   # evictions read only what is demoted
+            tier.keep_evicted = write_policy == "write_back" and index + 1 < len(self.tiers)
         self._writers = {i: _Writer(self, i, queue_bytes) for i in range(1, len(self.tiers))}
         self._lock = threading.Lock()
         self._loss_listeners: list[LossListener] = []
@@ -310,9 +313,13 @@ class TierChain:
                                      if p.key in rejected])
 
     def _settle(self, index: int, result: PutResult, rejected: list[KVPage]) -> None:
-        """Events for a put into tier ``index``; its evicted and ``rejected`` pages go down."""
+        """Events for a put into tier ``index``; its evicted and ``rejected`` pages go down.
+        Under write-through evictions are dropped (their pages went down when stored, or
+        were reported lost when their write was dropped); from the last tier they are lost."""
         self._emit(True, index, result.stored)
-        self._emit(False, index, [p.key for p in result.evicted])
+        self._emit(False, index, [p.key for p in result.evicted] + list(result.dropped))
+        if result.dropped and index + 1 == len(self.tiers):
+            self._lost(result.dropped)
         overflow = [*result.evicted, *rejected]     # the tier's own copies, the caller's
         if overflow and index + 1 < len(self.tiers):
             with self._lock:

@@ -102,8 +102,9 @@ class DiskTier(Tier):
         results = list(self._pool.map(self._write, pages))
         stored = tuple(p.key for p, (ok, _) in zip(pages, results, strict=True) if ok)
         rejected = tuple(p.key for p, (ok, _) in zip(pages, results, strict=True) if not ok)
-        evicted = tuple(page for _, demoted in results for page in demoted)
-        return PutResult(stored, rejected, evicted)
+        evicted = tuple(p for _, out in results for p in out if isinstance(p, KVPage))
+        dropped = tuple(p for _, out in results for p in out if isinstance(p, bytes))
+        return PutResult(stored, rejected, evicted, dropped)
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         return [self._path(key).is_file() for key in keys]
@@ -143,13 +144,13 @@ class DiskTier(Tier):
             pass
         return page
 
-    def _write(self, page: KVPage) -> tuple[bool, list[KVPage]]:
+    def _write(self, page: KVPage) -> tuple[bool, list[KVPage | bytes]]:
         final = self._path(page.key)
         if final.is_file():
             return True, []
         encoded = encode_object(page, self.namespace, self.codec, self.level, self.protection)
         size = encoded.nbytes
-        demoted: list[KVPage] = []
+        demoted: list[KVPage | bytes] = []      # pages, or keys when not keep_evicted
         if not self._ledger.reserve(size, lambda victim: self._collect(victim, demoted)):
             return False, demoted
         tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
@@ -166,13 +167,17 @@ class DiskTier(Tier):
             tmp.unlink(missing_ok=True)
         return True, demoted
 
-    def _collect(self, victim: Path, demoted: list[KVPage]) -> None:
-        """Before a victim is removed: keep its page (if ours and intact) for demotion."""
+    def _collect(self, victim: Path, demoted: list[KVPage | bytes]) -> None:
+        """Before a victim is removed: keep its page (if ours and intact) for demotion, or
+        only its key when :attr:`keep_evicted` is off."""
         with self._counter_lock:
             self._counters["evicted"] += 1
         if victim.parent.parent != self._dir:
             return
         key = bytes.fromhex(victim.name.removesuffix(SUFFIX))
+        if not self.keep_evicted:
+            demoted.append(key)
+            return
         try:
             demoted.append(decode_object(self._io.read(victim), self.namespace, key,
                                          self.protection))

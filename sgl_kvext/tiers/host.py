@@ -201,6 +201,7 @@ class HostTier(Tier):
         stored: list[bytes] = []
         rejected: list[bytes] = []
         evicted: list[KVPage] = []
+        dropped: list[bytes] = []
         with self._lock:
             pool, pending = self._pool_tensor(), False
             for key, src in zip(keys, rows, strict=True):
@@ -215,7 +216,7 @@ class HostTier(Tier):
                     _sync(rows)
                     pending = False
                 while len(self._free) < need:
-                    evicted.append(self._evict_one())
+                    self._evict_one(evicted, dropped)
                 blocks = [self._free.pop() for _ in range(need)]
                 for at, lo, n in self._runs(blocks, nbytes):
                     pool[lo:lo + n].copy_(src[at:at + n], non_blocking=True)
@@ -225,7 +226,7 @@ class HostTier(Tier):
                 self._used += nbytes
                 stored.append(key)
             _sync(rows)
-        return PutResult(tuple(stored), tuple(rejected), tuple(evicted))
+        return PutResult(tuple(stored), tuple(rejected), tuple(evicted), tuple(dropped))
 
     def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
                      fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -246,7 +247,10 @@ class HostTier(Tier):
                 return None
             for key in (k for k, h in zip(keys, held, strict=True) if h):
                 self._policy.touch(key)          # recent before anything is evicted
-            evicted = [self._evict_one() for _ in range(len(new) - len(self._free))]
+            evicted: list[KVPage] = []
+            dropped: list[bytes] = []
+            for _ in range(len(new) - len(self._free)):
+                self._evict_one(evicted, dropped)
             blocks = [self._free.pop() for _ in new]
             try:
                 if new:
@@ -260,12 +264,13 @@ class HostTier(Tier):
                 self._index[keys[i]] = _Entry([block], nbytes, dtype, shape)
                 self._policy.admit(keys[i])
                 self._used += nbytes
-        return PutResult(tuple(dict.fromkeys(keys)), (), tuple(evicted))
+        return PutResult(tuple(dict.fromkeys(keys)), (), tuple(evicted), tuple(dropped))
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:
         stored: list[bytes] = []
         rejected: list[bytes] = []
         evicted: list[KVPage] = []
+        dropped: list[bytes] = []
         with self._lock:
             for page in pages:
                 if page.key in self._index:
@@ -277,14 +282,14 @@ class HostTier(Tier):
                     rejected.append(page.key)
                     continue
                 while len(self._free) < need:
-                    evicted.append(self._evict_one())
+                    self._evict_one(evicted, dropped)
                 blocks = [self._free.pop() for _ in range(need)]
                 self._write(blocks, page.data)
                 self._index[page.key] = _Entry(blocks, page.nbytes, page.dtype, page.shape)
                 self._policy.admit(page.key)
                 self._used += page.nbytes
                 stored.append(page.key)
-        return PutResult(tuple(stored), tuple(rejected), tuple(evicted))
+        return PutResult(tuple(stored), tuple(rejected), tuple(evicted), tuple(dropped))
 
     def wait_populated(self, timeout_s: float) -> bool:
         """Whether the pool's memory is faulted in, waiting up to ``timeout_s`` (a benchmark
@@ -330,12 +335,16 @@ class HostTier(Tier):
                 out.append((at, block * self._block, n))
         return out
 
-    def _evict_one(self) -> KVPage:
+    def _evict_one(self, evicted: list[KVPage], dropped: list[bytes]) -> None:
+        """Evict the policy's victim: its page read into ``evicted`` (before its blocks are
+        reused) when :attr:`keep_evicted`, else its key into ``dropped``."""
         key = self._policy.victim()
-        entry = self._index[key]
-        page = KVPage(key, self._read(entry), entry.dtype, entry.shape)
+        if self.keep_evicted:
+            entry = self._index[key]
+            evicted.append(KVPage(key, self._read(entry), entry.dtype, entry.shape))
+        else:
+            dropped.append(key)
         self._release(key)
-        return page
 
     def _release(self, key: bytes) -> None:
         entry = self._index.pop(key)

@@ -50,6 +50,14 @@ class MeteredTier(Tier):
     def capabilities(self) -> TierCapabilities:
         return self.inner.capabilities
 
+    @property      # type: ignore[override]
+    def keep_evicted(self) -> bool:
+        return self.inner.keep_evicted
+
+    @keep_evicted.setter
+    def keep_evicted(self, keep: bool) -> None:
+        self.inner.keep_evicted = keep
+
     @property
     def capacity_bytes(self) -> int:
         return self.inner.capacity_bytes
@@ -93,7 +101,7 @@ class MeteredTier(Tier):
         result = self.inner.put(pages)
         stored = set(result.stored)
         self._timed("put", start, bytes_in=sum(p.nbytes for p in pages if p.key in stored),
-                    evictions=len(result.evicted), rejected=len(result.rejected))
+                    evictions=result.evictions, rejected=len(result.rejected))
         return result
 
     def read_to_device(self, keys: Sequence[bytes], out: torch.Tensor,
@@ -122,7 +130,7 @@ class MeteredTier(Tier):
         result = self.inner.put_in_place(keys, dtype, shape, fill)
         if result is not None:
             self._timed("put", start, bytes_in=page_nbytes(dtype, shape) * len(result.stored),
-                        evictions=len(result.evicted), rejected=len(result.rejected))
+                        evictions=result.evictions, rejected=len(result.rejected))
         return result
 
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
@@ -132,7 +140,7 @@ class MeteredTier(Tier):
         if result is not None:
             stored = set(result.stored)
             self._timed("put", start, bytes_in=int(rows.shape[1]) * sum(k in stored for k in keys),
-                        evictions=len(result.evicted), rejected=len(result.rejected))
+                        evictions=result.evictions, rejected=len(result.rejected))
         return result
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
