@@ -275,6 +275,21 @@ class ChainModel(RuleBasedStateMachine):
         self.chain.put(pages)
         self.model.update({p.key: p for p in pages})
 
+    @rule(ids=st.lists(st.integers(0, 15), min_size=1, max_size=3))
+    def put_in_place(self, ids: list[int]) -> None:
+        import torch
+
+        pages = [page_of(i, PAGE // 2) for i in ids]
+        keys, by_key = [p.key for p in pages], {p.key: p for p in pages}
+
+        def fill(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+            for row, w in zip(index.tolist(), which.tolist(), strict=True):
+                data = bytearray(by_key[keys[w]].data)
+                rows[row, :PAGE // 2] = torch.frombuffer(data, dtype=torch.uint8)
+
+        assert self.chain.put_in_place(keys, pages[0].dtype, pages[0].shape, fill)
+        self.model.update(by_key)
+
     @rule(ids=st.lists(st.integers(0, 15), min_size=1, max_size=6))
     def get(self, ids: list[int]) -> None:
         keys = [key_of(i) for i in ids]
@@ -398,4 +413,54 @@ def test_pages_put_in_place_go_down_from_copies_of_their_own(tmp_path: Path) -> 
     for page in pages:                   # on disk byte for byte, whatever reused its block
         assert_same(chain.tiers[1].get([page.key])[page.key], page)
     assert chain.lookup([p.key for p in pages]).tiers == (1, 0, 0)
+    chain.close()
+
+
+class _GatedDiskTierFake(DiskTier):
+    """A real disk tier whose writes wait for a gate: a writer slower than the evictions
+    above it, on demand."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+
+    def put(self, pages):  # type: ignore[no-untyped-def]
+        self.gate.wait(30)
+        return super().put(pages)
+
+
+def test_pages_written_through_later_survive_their_eviction_from_the_host(
+        tmp_path: Path) -> None:
+    """Write-through of pages put in place is read out of the host tier by the writer; a page
+    the host evicts first is read by the eviction, stays readable, and still goes down."""
+    import torch
+
+    lower = _GatedDiskTierFake(tmp_path / "disk", 1000 * PAGE, NS)
+    host = HostTier(2 * PAGE, "lru", block_bytes=PAGE)
+    chain = TierChain([host, lower], "write_through")
+    pages = [page_of(i) for i in range(6)]
+    by_key = {p.key: p for p in pages}
+    kind = (pages[0].dtype, pages[0].shape)
+
+    def fill_from(keys: list[bytes]):  # type: ignore[no-untyped-def]
+        def fill(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+            for row, w in zip(index.tolist(), which.tolist(), strict=True):
+                data = bytearray(by_key[keys[w]].data)
+                rows[row, :PAGE] = torch.frombuffer(data, dtype=torch.uint8)
+        return fill
+
+    for pair in (pages[0:2], pages[2:4], pages[4:6]):   # each pair evicts the one before
+        keys = [p.key for p in pair]
+        assert chain.put_in_place(keys, *kind, fill_from(keys))
+    assert host.exists([p.key for p in pages]) == [False] * 4 + [True] * 2
+    got = chain.get([p.key for p in pages], promote=False)     # from the queue meanwhile
+    assert got.tiers == (1, 1, 1, 1, 0, 0)
+    for page, want in zip(got.pages, pages, strict=True):
+        assert_same(page, want)
+    lower.gate.set()
+    assert chain.flush(timeout_s=30)
+    for page in pages:                                          # every page went down
+        assert_same(lower.get([page.key])[page.key], page)
+    assert chain.counters["dropped_pages"] == 0
+    assert not chain._deferred._readers and not chain._deferred._kept   # nothing left held
     chain.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sgl_kvext.tiers.objects import KVPage
 
@@ -50,6 +50,16 @@ class PutResult:
         return len(self.evicted) + len(self.dropped)
 
 
+class EvictionSink(Protocol):
+    """Takes the bytes of pages a tier evicts that someone still has to read (the chain's
+    pages waiting to be written through): asked and given under the tier's lock, before the
+    page's memory is reused."""
+
+    def wants(self, key: bytes) -> bool: ...
+
+    def keep(self, page: KVPage) -> None: ...
+
+
 class Tier(ABC):
     """A store of KV pages.
 
@@ -67,6 +77,10 @@ class Tier(ABC):
     #: nothing would be demoted (the last tier; every tier under write-through, whose pages
     #: went down when they were stored): an eviction then copies nothing.
     keep_evicted: bool = True
+    #: Where an eviction puts the bytes of a page the sink wants when :attr:`keep_evicted`
+    #: is off (the key is still in :attr:`PutResult.dropped`). Tiers that keep pages in
+    #: their own memory honour it (the host tier); the chain sets it on its first tier.
+    eviction_sink: EvictionSink | None = None
 
     @property
     @abstractmethod
@@ -85,6 +99,11 @@ class Tier(ABC):
     @abstractmethod
     def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
         """The pages of ``keys`` that this tier holds; absent keys are misses."""
+
+    def peek(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        """:meth:`get` that does not count as a use for eviction (the chain's own copies);
+        the default is :meth:`get`."""
+        return self.get(keys)
 
     @abstractmethod
     def put(self, pages: Sequence[KVPage]) -> PutResult:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from sgl_kvext.tiers.base import PutResult, Tier
 from sgl_kvext.tiers.metrics import MeteredTier
 from sgl_kvext.tiers.objects import KVPage, page_nbytes
+from sgl_kvext.tiers.write_queue import DeferredPages, Item, Later, Writer
 
 if TYPE_CHECKING:
     import torch
@@ -67,52 +67,6 @@ class ChainGet:
     tiers: tuple[int, ...]
 
 
-class _Writer:
-    """Asynchronous writer for one lower tier; its queued pages stay readable."""
-
-    def __init__(self, chain: TierChain, index: int, max_bytes: int) -> None:
-        self.chain, self.index, self.max_bytes = chain, index, max_bytes
-        self.queue: queue.Queue[list[KVPage] | None] = queue.Queue()   # bounded by bytes
-        self.pending: dict[bytes, KVPage] = {}
-        self.queued_bytes = 0         # of batches submitted and not yet written
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name=f"kvext-tier{index}-writer",
-                                       daemon=True)
-        self.thread.start()
-
-    def submit(self, pages: list[KVPage]) -> bool:
-        """Queue ``pages`` unless the bytes queued would pass the bound (one batch is always
-        taken when nothing is queued); never blocks."""
-        nbytes = sum(p.nbytes for p in pages)
-        with self.lock:
-            if self.queued_bytes and self.queued_bytes + nbytes > self.max_bytes:
-                return False
-            self.queued_bytes += nbytes
-            self.pending.update({p.key: p for p in pages})
-        self.queue.put(pages)
-        return True
-
-    def _run(self) -> None:
-        while True:
-            batch = self.queue.get()
-            try:
-                if batch is None:
-                    return
-                self.chain._store(self.index, batch)
-            except Exception:        # a tier that raises drops the batch; the writer lives on
-                logger.exception("sgl-kvext: tier %d write failed; %d pages dropped",
-                                 self.index, len(batch or ()))
-                with self.chain._lock:
-                    self.chain.counters["dropped_pages"] += len(batch or ())
-                self.chain._lost([p.key for p in batch or ()])
-            finally:
-                with self.lock:
-                    for p in batch or ():
-                        self.pending.pop(p.key, None)
-                    self.queued_bytes -= sum(p.nbytes for p in batch or ())
-                self.queue.task_done()
-
-
 class TierChain:
     """Tiers fastest first, e.g. ``[HostTier, DiskTier, S3Tier]``.
 
@@ -139,7 +93,10 @@ class TierChain:
         self.write_policy = write_policy
         for index, tier in enumerate(self.tiers):   # evictions read only what is demoted
             tier.keep_evicted = write_policy == "write_back" and index + 1 < len(self.tiers)
-        self._writers = {i: _Writer(self, i, queue_bytes) for i in range(1, len(self.tiers))}
+        self._deferred = DeferredPages(self.tiers[0])
+        self.tiers[0].eviction_sink = self._deferred
+        self._writers = {i: Writer(i, queue_bytes, self._deferred, self._store, self._failed)
+                         for i in range(1, len(self.tiers))}
         self._lock = threading.Lock()
         self._loss_listeners: list[LossListener] = []
         self._event_listeners: list[EventListener] = []
@@ -172,25 +129,32 @@ class TierChain:
                      fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> bool:
         """Store pages that ``fill`` writes straight into the first tier's memory (see
         :meth:`Tier.put_in_place`), when it can take them; False: nothing was stored, pass
-        bytes to :meth:`put`. The pages it wrote are written through from copies of their own
-        (pages it held already went down when they were stored)."""
+        bytes to :meth:`put`. The pages it wrote are written through later: each writer
+        reads them out of the first tier itself (:class:`DeferredPages`), so the caller's
+        thread copies nothing for the lower tiers (pages it held already went down)."""
         through = self.write_policy == "write_through" and bool(self._writers)
-        nbytes = page_nbytes(dtype, shape)
-        copies: list[KVPage] = []
+        unique = list(dict.fromkeys(keys))
+        readers = len(self._writers) if through else 0
+        self._deferred.add(unique, readers)   # before any other thread's put can evict them
+        written: list[int] = []
 
-        def fill_and_copy(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+        def fill_and_note(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
             fill(rows, index, which)
-            if through:
-                out = rows.index_select(0, index).numpy()     # read before any reuse
-                copies.extend(KVPage(keys[int(w)], out[j, :nbytes].data, dtype, shape)
-                              for j, w in enumerate(which))
+            written.extend(int(w) for w in which)
 
-        result = self.tiers[0].put_in_place(keys, dtype, shape, fill_and_copy)
+        result = None
+        try:
+            result = self.tiers[0].put_in_place(keys, dtype, shape, fill_and_note)
+        finally:
+            new = {keys[w] for w in written} if result is not None else set()
+            self._deferred.done([k for k in unique if k not in new], readers)
         if result is None:
             return False
         self._settle(0, result, [])
-        for index in self._writers if through else ():
-            self._enqueue(index, copies)
+        nbytes = page_nbytes(dtype, shape)
+        later = [Later(k, nbytes) for k in unique if k in new]
+        for index in self._writers if through and later else ():
+            self._enqueue(index, later)
         return True
 
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,
@@ -328,11 +292,16 @@ class TierChain:
         elif overflow:                    # evicted from, or refused by, the last tier
             self._lost([p.key for p in overflow])
 
-    def _enqueue(self, index: int, pages: list[KVPage]) -> None:
-        if not self._writers[index].submit(pages):
-            with self._lock:
-                self.counters["dropped_pages"] += len(pages)
-            self._lost([p.key for p in pages])
+    def _enqueue(self, index: int, items: Sequence[Item]) -> None:
+        if not self._writers[index].submit(items):
+            self._deferred.done([i.key for i in items if isinstance(i, Later)])
+            self._failed([i.key for i in items])
+
+    def _failed(self, keys: Sequence[bytes]) -> None:
+        """Pages that did not reach a lower tier (a full queue, a write that raised)."""
+        with self._lock:
+            self.counters["dropped_pages"] += len(keys)
+        self._lost(keys)
 
     def _lost(self, keys: Sequence[bytes]) -> None:
         for listener in self._loss_listeners:
@@ -363,10 +332,7 @@ class TierChain:
 
     def _get(self, index: int, keys: list[bytes]) -> dict[bytes, KVPage]:
         writer = self._writers.get(index)
-        queued: dict[bytes, KVPage] = {}
-        if writer is not None:
-            with writer.lock:
-                queued = {k: writer.pending[k] for k in keys if k in writer.pending}
+        queued = writer.read(keys) if writer is not None else {}
         tier = self.tiers[index]
         if queued and isinstance(tier, MeteredTier):     # a hit of this tier all the same
             tier.count_queued_hits(list(queued.values()))

@@ -126,13 +126,20 @@ class HostTier(Tier):
         return self._used
 
     def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        return self._copies(keys, touch=True)
+
+    def peek(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        return self._copies(keys, touch=False)
+
+    def _copies(self, keys: Sequence[bytes], touch: bool) -> dict[bytes, KVPage]:
         out: dict[bytes, KVPage] = {}
         with self._lock:
             for key in keys:
                 entry = self._index.get(key)
                 if entry is None:
                     continue
-                self._policy.touch(key)
+                if touch:
+                    self._policy.touch(key)
                 out[key] = KVPage(key, self._read(entry), entry.dtype, entry.shape)
         return out
 
@@ -337,12 +344,18 @@ class HostTier(Tier):
 
     def _evict_one(self, evicted: list[KVPage], dropped: list[bytes]) -> None:
         """Evict the policy's victim: its page read into ``evicted`` (before its blocks are
-        reused) when :attr:`keep_evicted`, else its key into ``dropped``."""
+        reused) when :attr:`keep_evicted`, else its key into ``dropped`` and its page, if
+        the :attr:`eviction_sink` wants it, into the sink."""
         key = self._policy.victim()
-        if self.keep_evicted:
+        sink = None if self.keep_evicted else self.eviction_sink
+        if self.keep_evicted or (sink is not None and sink.wants(key)):
             entry = self._index[key]
-            evicted.append(KVPage(key, self._read(entry), entry.dtype, entry.shape))
-        else:
+            page = KVPage(key, self._read(entry), entry.dtype, entry.shape)
+            if sink is None:
+                evicted.append(page)
+            else:
+                sink.keep(page)
+        if not self.keep_evicted:
             dropped.append(key)
         self._release(key)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
+from sgl_kvext.tiers.base import EvictionSink, PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.objects import KVPage, page_nbytes
 
 if TYPE_CHECKING:
@@ -57,6 +57,17 @@ class MeteredTier(Tier):
     @keep_evicted.setter
     def keep_evicted(self, keep: bool) -> None:
         self.inner.keep_evicted = keep
+
+    @property      # type: ignore[override]
+    def eviction_sink(self) -> EvictionSink | None:
+        return self.inner.eviction_sink
+
+    @eviction_sink.setter
+    def eviction_sink(self, sink: EvictionSink | None) -> None:
+        self.inner.eviction_sink = sink
+
+    def peek(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        return self.inner.peek(keys)     # the chain's own copies: not a hit or a miss
 
     @property
     def capacity_bytes(self) -> int:
