@@ -98,7 +98,9 @@ def tiers(args: argparse.Namespace) -> int:
                      f"{pool['spill_in_place_s'] * 1e3:.1f} ms / staged "
                      f"{pool['spill_staged_s'] * 1e3:.1f} ms, load in place "
                      f"{pool['load_in_place_s'] * 1e3:.1f} ms / staged "
-                     f"{pool['load_staged_s'] * 1e3:.1f} ms")
+                     f"{pool['load_staged_s'] * 1e3:.1f} ms; write-through spill to disk "
+                     f"{pool['spill_through_room_s'] * 1e3:.1f} ms (host with room) / "
+                     f"{pool['spill_through_full_s'] * 1e3:.1f} ms (host full)")
     return finish(args, results, table, rows, extra=extra)
 
 

@@ -10,12 +10,21 @@ sizes them) and loads it back into other slots, two ways in one run, alternating
 
 The limit is one ``copy_`` of the same bytes between two contiguous tensors. Every load is
 checked token for token. Each figure is the median of ``repeats`` runs.
+
+Write-through (``through_*``): the same spill in place into a chain of the host tier over a
+disk tier (``write_through``, the server's default), the time on the caller's thread (the
+scheduler's, in the server); the disk writes run on the writer's thread and are waited for
+untimed before the next spill. Twice: a host tier with room (``through_room``), and one that
+holds a single path, so each spill evicts the one before (``through_full``, a long-running
+server's steady state).
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +34,7 @@ from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.plans import LoadPlan
 from sgl_kvext.pages.tiering import KVTiering
 from sgl_kvext.tiers.chain import TierChain
+from sgl_kvext.tiers.disk import DiskTier
 from sgl_kvext.tiers.host import HostTier
 
 LAYERS, KV_HEADS, HEAD_DIM, PAGE_TOKENS = 30, 3, 64, 32
@@ -41,14 +51,43 @@ class _StagedHostTier(HostTier):
         return False
 
 
-def _tiering(tier: HostTier, slots: int) -> KVTiering:
+def _tiering(tier: HostTier, slots: int, below: DiskTier | None = None) -> KVTiering:
     gen = torch.Generator().manual_seed(0)
     k, v = ([torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
              for _ in range(LAYERS)] for _ in range(2))
     identity = ModelIdentity("bench", "bench", "bfloat16", PAGE_TOKENS,
                              f"mha:layers={LAYERS},kv_heads={KV_HEADS},head_dim={HEAD_DIM}")
-    return KVTiering(PagedKV(k, v, PAGE_TOKENS), TierChain([tier], "write_back"), identity,
-                     prefetch_threads=1)
+    chain = TierChain([tier], "write_back") if below is None \
+        else TierChain([tier, below], "write_through")
+    return KVTiering(PagedKV(k, v, PAGE_TOKENS), chain, identity, prefetch_threads=1)
+
+
+def _through(tokens: int, repeats: int, page_bytes: int) -> dict[str, float]:
+    """Median caller-thread seconds of a write-through spill, host tier with room / full."""
+    out: dict[str, float] = {}
+    pages = tokens // PAGE_TOKENS + 1
+    for name, host_pages in (("through_room", (repeats + 2) * pages), ("through_full", pages)):
+        with tempfile.TemporaryDirectory(prefix="kvext-pool-") as folder:
+            host = HostTier(host_pages * page_bytes, block_bytes=page_bytes)
+            host.wait_populated(120)
+            disk = DiskTier(Path(folder), 4 * (repeats + 1) * pages * page_bytes, bytes(32),
+                            codec="none")
+            t = _tiering(host, tokens + PAGE_TOKENS, disk)
+            times = []
+            try:
+                for r in range(repeats + 1):                 # the first run is not counted
+                    path = [(r + 1) * 10 * tokens + i for i in range(tokens)]
+                    start = time.perf_counter()
+                    t.spill(DEFAULT_TENANT, path, torch.arange(tokens), 0)
+                    times.append(time.perf_counter() - start)
+                    if not t.chain.flush(120):
+                        raise AssertionError(f"{name}: the disk writes did not finish")
+                    if t.chain.counters["dropped_pages"]:
+                        raise AssertionError(f"{name}: pages were not written through")
+            finally:
+                t.close()
+            out[f"spill_{name}_s"] = statistics.median(times[1:])
+    return out
 
 
 def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
@@ -92,6 +131,7 @@ def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
     for mode in MODES:
         for op in ("spill", "load"):
             out[f"{op}_{mode}_s"] = statistics.median(times[mode][op])
+    out.update(_through(tokens, repeats, page_bytes))
     for op in ("spill", "load"):
         out[f"{op}_staged_over_in_place"] = out[f"{op}_staged_s"] / out[f"{op}_in_place_s"]
         out[f"{op}_in_place_over_copy"] = out[f"{op}_in_place_s"] / out["copy_s"]
