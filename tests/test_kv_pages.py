@@ -51,3 +51,28 @@ def test_gathered_pages_hold_each_slots_tokens(contiguous: bool) -> None:
     for side, buffers in enumerate((pool.k, pool.v)):
         for layer, buf in enumerate(buffers):
             assert torch.equal(pages[:, side, layer].reshape(3 * T, HEADS, DIM), buf[slots])
+
+
+@pytest.mark.parametrize("rows_at", [
+    [2, 3, 4],            # one ascending run: slice copies
+    [6, 0, 1],            # two runs
+    [5, 3, 1],            # no two adjacent
+    list(range(12)),      # twelve pages in one run
+    [11, 9, 7, 5, 3, 1, 0, 2, 4, 6, 8, 10],   # more runs than slices are used for
+])
+def test_pages_gathered_into_tier_rows_land_in_their_rows_only(rows_at: list[int]) -> None:
+    pool = _pool()
+    g = torch.Generator().manual_seed(2)
+    for buf in (*pool.k, *pool.v):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    n = len(rows_at)
+    slots = torch.randperm(SLOTS, generator=g)[:n * T].view(n, T)
+    out = torch.zeros(14, 2, LAYERS, T, HEADS, DIM)
+    index = torch.tensor(rows_at)
+    pool.gather_into(slots, out, index)
+    want = pool.gather_pages(slots)
+    for j, row in enumerate(rows_at):
+        assert torch.equal(out[row], want[j])
+    untouched = torch.ones(14, dtype=torch.bool)
+    untouched[index] = False
+    assert not out[untouched].any()

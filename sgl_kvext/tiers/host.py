@@ -258,7 +258,7 @@ class HostTier(Tier):
             dropped: list[bytes] = []
             for _ in range(len(new) - len(self._free)):
                 self._evict_one(evicted, dropped)
-            blocks = [self._free.pop() for _ in new]
+            blocks = sorted(self._free.pop() for _ in new)    # adjacent ones: slice copies
             try:
                 if new:
                     fill(self._pool_tensor().view(-1, self._block),
