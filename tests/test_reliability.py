@@ -41,6 +41,7 @@ from tiers_common import (
     seaweed_env,
     tier_args,
     tier_server,
+    where,
 )
 
 from sgl_kvext import PrewarmFailed, prewarm_corpus
@@ -157,7 +158,7 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
                 failed += 1
                 continue
             outage_s.append(time.perf_counter() - started)
-            assert got.output_ids == expected[PROMPTS[i]]
+            assert got.output_ids == expected[PROMPTS[i]], where(got)
             evict_context(srv, below_host=True)
         started = time.perf_counter()        # a registration S3 refused is reported, not awaited
         with pytest.raises(PrewarmFailed, match="fragments could not be registered"):
@@ -169,7 +170,7 @@ def test_s3_stopped_mid_trace_then_back(model_path: Path, log_dir: Path, tmp_pat
         for _ in range(6):                           # the breaker re-probes within its cooldown
             time.sleep(2.0)
             got = ask(srv, 1)
-            assert got.output_ids == expected[PROMPTS[1]]
+            assert got.output_ids == expected[PROMPTS[1]], where(got)
             time.sleep(METRICS_WAIT_S)
             hits_after = metric(srv.get_text("/metrics"), "kvext_tier_hits_total", "s3")
             if hits_after > before and got.cached_tokens >= FROM_TIER:
@@ -222,7 +223,7 @@ def test_sigkill_while_spilling_then_warm_restart(model_path: Path, log_dir: Pat
                 if not _in_group(int(p.name.split("-", 1)[0]), again.pid)]
     _record("sigkill_restart", objects_before_kill=stored, warm_cached_tokens=warm.cached_tokens,
             temp_files_left=len(left), wrong_outputs=int(warm.output_ids != expected[PROMPTS[1]]))
-    assert warm.output_ids == expected[PROMPTS[1]]
+    assert warm.output_ids == expected[PROMPTS[1]], where(warm)
     assert warm.cached_tokens >= FROM_TIER            # warm start from the disk folder
     assert not left
 

@@ -83,6 +83,12 @@ def metrics(srv: SGLangServer) -> str:
     return srv.get_text("/metrics")
 
 
+def where(got: Completion) -> str:
+    """Where a completion's cached tokens came from: the message of an exactness assertion,
+    so a wrong token names the path that served it."""
+    return f"cached {got.cached_tokens} of {got.prompt_tokens}: {got.meta.get('kvext_load')}"
+
+
 def ask(srv: SGLangServer, i: int, salt: str | None = None) -> Completion:
     """Prompt ``i``, greedy; ``salt`` is the request's ``cache_salt`` (its tenant)."""
     return srv.generate(PROMPTS[i], max_new_tokens=MAX_NEW, cache_salt=salt)
