@@ -60,6 +60,32 @@ def test_the_longest_gap_names_the_timed_work_in_it() -> None:
     assert gaps.report().longest_gap_parts == {}
 
 
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_gap_tells_waiting_from_computing_by_the_scheduler_threads_cpu_clock() -> None:
+    gaps, sched = SchedulerGaps(), _Scheduler()
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)
+    with gaps.timed("admit"):
+        time.sleep(0.08)                                  # waits: no CPU of this thread
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)
+    waited = gaps.report()
+    assert waited.longest_gap_s >= 0.08 and waited.longest_gap_cpu_s < 0.04
+    assert waited.longest_gap_parts_cpu["admit"] < 0.04 <= waited.longest_gap_parts["admit"]
+
+    gaps.reset()
+    with gaps.timed("admit"):
+        _spin(0.08)                                       # computes on this thread
+    gaps.around_run_batch(lambda s: _forward(0.0), sched)
+    busy = gaps.report()
+    assert busy.longest_gap_cpu_s >= 0.08 and busy.longest_gap_parts_cpu["admit"] >= 0.08
+    assert busy.longest_gap_cpu_s <= busy.longest_gap_s + 0.01
+    assert 0.0 <= busy.longest_gap_runq_s <= busy.longest_gap_s - busy.longest_gap_cpu_s + 0.01
+
+
 def test_a_failing_forward_is_timed_and_raised() -> None:
     gaps, sched = SchedulerGaps(), _Scheduler()
 
@@ -75,7 +101,8 @@ def test_the_control_method_reports_then_resets() -> None:
     first = handle({"reset": True})
     assert set(first) == {"batches", "longest_gap_s", "slow_gaps", "longest_forward_s",
                           "forward_s", "window_s", "longest_gc_s", "gc_s",
-                          "longest_gap_parts"}
+                          "longest_gap_parts", "longest_gap_cpu_s", "longest_gap_runq_s",
+                          "longest_gap_parts_cpu"}
     assert handle({})["batches"] == 0
     with pytest.raises(ValueError, match="reset must be true or false"):
         handle({"reset": 1})

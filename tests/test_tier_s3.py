@@ -228,3 +228,32 @@ def test_a_slow_but_answering_s3_trips_the_breaker_and_its_backlog_is_bounded(
     finally:
         own_seaweed.resume()
     tier.close()
+
+
+def test_a_put_uploads_at_most_write_calls_pages_at_once(seaweed: SeaweedFS) -> None:
+    """Every S3 call holds the GIL the scheduler thread needs for parts of its work, so a put
+    (a background write) keeps few in flight; all its pages are still stored."""
+    import threading
+
+    tier = make_s3(seaweed, write_calls=2)
+    upload, lock, now, most = tier._put_one, threading.Lock(), [0], [0]
+
+    def counted(page):  # type: ignore[no-untyped-def]
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            time.sleep(0.05)              # a slow round trip: the calls would overlap
+            return upload(page)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    tier._put_one = counted  # type: ignore[method-assign]
+    pages = [page_of(i) for i in range(7)]
+    assert set(tier.put(pages).stored) == {p.key for p in pages}
+    assert most[0] == 2
+    assert len(tier.get([p.key for p in pages])) == 7
+    with pytest.raises(ValueError, match="write_calls must be >= 1"):
+        make_s3(seaweed, write_calls=0)
+    tier.close()

@@ -231,7 +231,9 @@ def run_stall(model_path: Path, log_dir: Path, progress: Callable[[str], None] =
                                        "seconds": time.perf_counter() - started})
                     progress(f"stall: round {r + 1}/{repeats} {name}: longest token gap "
                              f"{runs[name][-1]['max_gap_s'] * 1e3:.0f} ms, scheduler gap "
-                             f"{server_side['longest_gap_s'] * 1e3:.0f} ms, forward "
+                             f"{server_side['longest_gap_s'] * 1e3:.0f} ms (CPU "
+                             f"{server_side['longest_gap_cpu_s'] * 1e3:.0f} ms, waiting for a "
+                             f"core {server_side['longest_gap_runq_s'] * 1e3:.0f} ms), forward "
                              f"{server_side['longest_forward_s'] * 1e3:.0f} ms, GC "
                              f"{server_side.get('longest_gc_s', 0.0) * 1e3:.0f} ms")
     return summarize(runs)

@@ -12,6 +12,10 @@ between forwards is timed by part (:meth:`SchedulerGaps.timed`: tier admission, 
 blends), and so are the scheduler loop's phases (``sglang.*``: receiving requests, choosing
 the next batch, processing a result). The longest gap reports its parts, so a stall names
 what filled it; parts nest (an admission runs inside ``sglang.get_next_batch_to_run``).
+Each gap and part is also timed on the scheduler thread's CPU clock, and the gap's time
+runnable but not running (Linux ``/proc/thread-self/schedstat``: waiting for a core) is
+read too: a gap's wall time is its CPU time, its wait for a core, and the rest blocked (on
+the GIL another thread of the process held, a lock, I/O).
 SGLang's overlap loop (its default, on CPU too; the harness turns it off on CPU) processes a
 batch's result after launching the next forward, so that work lands in the gap after; a gap
 may hold no result processing.
@@ -53,6 +57,19 @@ class GapReport(NamedTuple):
     longest_gc_s: float         # Python's longest garbage collection (any generation)
     gc_s: float                 # all collections together
     longest_gap_parts: dict[str, float]   # timed work in the longest gap, by part (they nest)
+    longest_gap_cpu_s: float    # the scheduler thread's CPU time in the longest gap
+    longest_gap_runq_s: float   # ... its time waiting for a core (0 where Linux does not say)
+    longest_gap_parts_cpu: dict[str, float]   # ... and in each of its parts
+
+
+class _Gap(NamedTuple):
+    """One gap between forwards: wall and scheduler-thread CPU seconds, in all and by part."""
+
+    wall_s: float
+    cpu_s: float
+    runq_s: float
+    parts: dict[str, float]
+    parts_cpu: dict[str, float]
 
 
 class SchedulerGaps:
@@ -63,8 +80,10 @@ class SchedulerGaps:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last_end = 0.0
-        self._parts: dict[str, float] = {}     # scheduler thread only: the current gap's
+        self._last_end = self._last_end_cpu = self._last_end_runq = 0.0
+        # scheduler thread only: the current gap's parts, wall and CPU seconds
+        self._parts: dict[str, float] = {}
+        self._parts_cpu: dict[str, float] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -74,30 +93,38 @@ class SchedulerGaps:
             self._longest_gap = self._longest_forward = self._forward = 0.0
             self._longest_gc = self._gc = 0.0
             self._longest_parts: dict[str, float] = {}
+            self._longest_parts_cpu: dict[str, float] = {}
+            self._longest_gap_cpu = self._longest_gap_runq = 0.0
 
     def around_run_batch(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """The ``Scheduler.run_batch`` hook: times it and the gap before it."""
         idled = bool(getattr(scheduler, "_sched_idled", True))   # read before run_batch clears it
         parts, self._parts = self._parts, {}
-        start = time.monotonic()
+        parts_cpu, self._parts_cpu = self._parts_cpu, {}
+        start, start_cpu, start_runq = time.monotonic(), time.thread_time(), _runq_s()
         try:
             return original(scheduler, *args, **kwargs)
         finally:
             end = time.monotonic()
-            self._record(start, end, gap=None if idled or not self._last_end
-                         else start - self._last_end, parts=parts)
-            self._last_end = end
+            gap = None if idled or not self._last_end else _Gap(
+                start - self._last_end, start_cpu - self._last_end_cpu,
+                start_runq - self._last_end_runq, parts, parts_cpu)
+            self._record(start, end, gap)
+            self._last_end, self._last_end_cpu = end, time.thread_time()
+            self._last_end_runq = _runq_s()
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
         """Time scheduler-thread work between two forwards as ``part`` of the gap it falls
         in (work inside a forward lands in the next gap: callers time only what runs
         between forwards)."""
-        start = time.monotonic()
+        start, start_cpu = time.monotonic(), time.thread_time()
         try:
             yield
         finally:
             self._parts[part] = self._parts.get(part, 0.0) + time.monotonic() - start
+            self._parts_cpu[part] = (self._parts_cpu.get(part, 0.0)
+                                     + time.thread_time() - start_cpu)
 
     def phase(self, part: str) -> Any:
         """An ``AROUND`` hook timing a scheduler-loop method as ``part`` (see :meth:`timed`)."""
@@ -106,16 +133,17 @@ class SchedulerGaps:
                 return original(scheduler, *args, **kwargs)
         return around
 
-    def _record(self, start: float, end: float, gap: float | None,
-                parts: dict[str, float]) -> None:
+    def _record(self, start: float, end: float, gap: _Gap | None) -> None:
         with self._lock:
             self._batches += 1
             self._forward += end - start
             self._longest_forward = max(self._longest_forward, end - start)
             if gap is not None and start >= self._window_start:
-                if gap > self._longest_gap:
-                    self._longest_gap, self._longest_parts = gap, parts
-                self._slow += gap > SLOW_GAP_S
+                if gap.wall_s > self._longest_gap:
+                    self._longest_gap, self._longest_gap_cpu = gap.wall_s, gap.cpu_s
+                    self._longest_gap_runq = gap.runq_s
+                    self._longest_parts, self._longest_parts_cpu = gap.parts, gap.parts_cpu
+                self._slow += gap.wall_s > SLOW_GAP_S
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         """A ``gc.callbacks`` entry: times each collection (no lock taken in ``start``)."""
@@ -132,7 +160,18 @@ class SchedulerGaps:
             return GapReport(self._batches, self._longest_gap, self._slow,
                              self._longest_forward, self._forward,
                              time.monotonic() - self._window_start, self._longest_gc,
-                             self._gc, dict(self._longest_parts))
+                             self._gc, dict(self._longest_parts), self._longest_gap_cpu,
+                             self._longest_gap_runq, dict(self._longest_parts_cpu))
+
+
+def _runq_s() -> float:
+    """Seconds the calling thread has been runnable without a core (Linux schedstat's
+    run_delay); 0.0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 #: The scheduler process's meter (SGLang runs one scheduler per process).

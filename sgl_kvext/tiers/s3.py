@@ -59,7 +59,12 @@ class S3Tier(Tier):
         ``endpoint_url``, region and optional explicit keys (``aws_access_key_id`` /
         ``aws_secret_access_key``); otherwise boto3's credential chain.
     connections
-        Connection-pool size and batch parallelism.
+        Connection-pool size and read parallelism.
+    write_calls
+        Pages one ``put`` uploads at once. Every S3 call is Python work (signing, parsing)
+        under the GIL the serving scheduler's thread shares; writes run in the background,
+        so few run at once (measured, docs/reliability.md: 16 at once blocked the scheduler
+        thread for 80-180 ms between two forwards on a 2-core machine, 2 at once 44-86 ms).
     op_timeout_s
         Upper bound on one batch call; answers arriving later are misses.
     """
@@ -69,6 +74,7 @@ class S3Tier(Tier):
     def __init__(self, url: str, namespace: bytes, *, endpoint: str | None = None,
                  region: str = "us-east-1", credentials: dict[str, str] | None = None,
                  codec: str = "zstd", level: int = 1, connections: int = 16,
+                 write_calls: int = 2,
                  connect_timeout_s: float = 1.0, read_timeout_s: float = 3.0,
                  retries: int = 1, op_timeout_s: float = 5.0,
                  multipart_threshold: int = 64 << 20,
@@ -80,6 +86,9 @@ class S3Tier(Tier):
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
         self.namespace, self.codec, self.level = namespace, codec, level
         self.op_timeout_s = op_timeout_s
+        if write_calls < 1:
+            raise ValueError(f"write_calls must be >= 1, got {write_calls}")
+        self.write_calls = write_calls
         self._client = _client(endpoint, region, credentials, connect_timeout_s,
                                read_timeout_s, retries, connections)
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
@@ -114,7 +123,9 @@ class S3Tier(Tier):
         return {k: p for k, p in zip(keys, pages, strict=True) if p is not None}
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:
-        ok = self._parallel(self._put_one, pages, False)
+        """``write_calls`` pages at a time, each group within the operation timeout."""
+        ok = [done for lo in range(0, len(pages), self.write_calls)
+              for done in self._parallel(self._put_one, pages[lo:lo + self.write_calls], False)]
         return PutResult(tuple(p.key for p, s in zip(pages, ok, strict=True) if s),
                          tuple(p.key for p, s in zip(pages, ok, strict=True) if not s))
 
