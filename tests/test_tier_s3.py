@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -233,8 +234,6 @@ def test_a_slow_but_answering_s3_trips_the_breaker_and_its_backlog_is_bounded(
 def test_a_put_uploads_at_most_write_calls_pages_at_once(seaweed: SeaweedFS) -> None:
     """Every S3 call holds the GIL the scheduler thread needs for parts of its work, so a put
     (a background write) keeps few in flight; all its pages are still stored."""
-    import threading
-
     tier = make_s3(seaweed, write_calls=2)
     upload, lock, now, most = tier._put_one, threading.Lock(), [0], [0]
 

@@ -63,7 +63,8 @@ class GapReport(NamedTuple):
 
 
 class _Gap(NamedTuple):
-    """One gap between forwards: wall and scheduler-thread CPU seconds, in all and by part."""
+    """One gap between forwards: its wall seconds, the scheduler thread's CPU seconds and
+    seconds waiting for a core; wall and CPU seconds by part."""
 
     wall_s: float
     cpu_s: float
