@@ -33,6 +33,8 @@ FIRST = prompt("Use the documents.\n", [0, 1, 2, 3], "Which project has code 1?"
 # Documents 1 and 2 again, at other offsets, after another document, with other text first.
 SECOND = prompt("Read these notes carefully, then answer briefly.\n", [5, 2, 1],
                 "Which city is named?")
+# Documents 2 and 1 again at other positions: their automatic fragments register.
+AGAIN = prompt("Background:\n", [2, 1], "What is listed?")
 UNSEEN = prompt("Use the documents.\n", [6, 7], "Who is mentioned?")
 
 

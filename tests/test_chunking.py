@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sgl_kvext.fragments import chunking
 from sgl_kvext.fragments.chunking import WINDOW, boundaries, fragments, window_hashes
 
 
@@ -48,6 +49,16 @@ def test_chunk_yields_the_same_fragments_wherever_it_sits(seed: int) -> None:
         assert common <= set(other)
     reused = sum(len(f) for f in common) // 8      # bytes of int64 tokens -> tokens
     assert reused >= 0.5 * len(chunk)
+
+
+@pytest.mark.parametrize("n", [0, WINDOW - 1, WINDOW, WINDOW + 1, 700, chunking.SCALAR_MAX + 1])
+def test_plain_python_hashing_cuts_where_numpy_does(n: int) -> None:
+    # The scheduler thread hashes prompts up to SCALAR_MAX tokens in plain Python (no GIL
+    # hand-offs); keys must not depend on which way a text was hashed.
+    ids = np.random.default_rng(n).integers(-3, 200_000, n)      # any int64 token id
+    for spacing in (2, 16, 32):
+        numpy_cuts = (np.flatnonzero(window_hashes(ids) % np.uint64(spacing) == 0) + 1)
+        assert chunking._raw_cuts_scalar(ids, spacing) == numpy_cuts.tolist()
 
 
 def test_window_hash_is_local() -> None:

@@ -92,3 +92,26 @@ def test_locate_chunks_finds_the_cores_of_texts_whose_ends_merged() -> None:
     assert spans == [(701, 799), (101, 179), (1200, 1290)]   # cores; too short: left out
     assert np.array_equal(marked_core(chunk_a), ids[101:179])
     assert marked_core([1, 2, 3]).size == 0
+
+
+def test_a_prompt_matched_again_is_not_chunked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A queued request is matched on every scheduler pass; its automatic cuts are remembered
+    # for the last CUTS_MEMO prompts (by their bytes) and give the same fragments.
+    from sgl_kvext.fragments import index as index_module
+
+    calls: list[int] = []
+    real = index_module.fragments
+
+    def counting(ids: np.ndarray, min_tokens: int) -> list:  # type: ignore[type-arg]
+        calls.append(int(ids.size))
+        return real(ids, min_tokens)
+
+    monkeypatch.setattr(index_module, "fragments", counting)
+    index, ids = FragmentIndex(16, "auto"), prompt(3)
+    first = index.find(key_of, ids).matches
+    assert index.find(key_of, ids.copy()).matches == first and len(calls) == 1
+    assert first == FragmentIndex(16, "auto").find(key_of, ids, from_token=0).matches
+    for seed in range(100, 100 + index_module.CUTS_MEMO):      # the first prompt is forgotten
+        index.find(key_of, prompt(seed)[:200])
+    index.find(key_of, ids)
+    assert len(calls) == 3 + index_module.CUTS_MEMO        # 2 above, CUTS_MEMO, and this one

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fragments_common import (
+    AGAIN,
     DOCS,
     FIRST,
     MAX_NEW,
@@ -55,8 +56,11 @@ def test_unseen_prompt_is_exact_and_not_blended(server: SGLangServer,
 def test_chunks_are_reused_at_other_offsets(server: SGLangServer,
                                             expected: dict[str, list[int]],
                                             n_tokens: Callable[[str], int]) -> None:
-    ask(server, FIRST)
-    wait_registered(server, 2)             # the automatic fragments of FIRST's documents
+    registered, seen_once = metric(server, "registered"), metric(server, "seen_once")
+    ask(server, FIRST)          # automatic fragments register once seen at a second position
+    assert metric(server, "seen_once") > seen_once
+    ask(server, AGAIN)                     # documents 2 and 1 elsewhere in another prompt
+    wait_registered(server, registered + 1)   # the automatic fragments of those documents
     exact = ask(server, SECOND, kvext_exact=True)
     assert exact.output_ids == expected["second"]          # exact mode: never blended
     assert metric(server, "blends") == 0

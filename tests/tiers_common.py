@@ -90,8 +90,11 @@ def where(got: Completion) -> str:
 
 
 def ask(srv: SGLangServer, i: int, salt: str | None = None) -> Completion:
-    """Prompt ``i``, greedy; ``salt`` is the request's ``cache_salt`` (its tenant)."""
-    return srv.generate(PROMPTS[i], max_new_tokens=MAX_NEW, cache_salt=salt)
+    """Prompt ``i``, greedy, in exact mode (on a server with ``--kvext-fragment-blend`` a
+    request is otherwise in the blend namespace, where KV may be approximate and an exactness
+    assertion unsound); ``salt`` is the request's ``cache_salt`` (its tenant)."""
+    return srv.generate(PROMPTS[i], max_new_tokens=MAX_NEW, cache_salt=salt,
+                        custom_params={"kvext_exact": True})
 
 
 def seaweed_env(seaweed: SeaweedFS) -> dict[str, str]:

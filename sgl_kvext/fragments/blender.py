@@ -5,7 +5,13 @@ blended prefill over them, and register new fragments in the background (torch o
   of the prompt whose keys the index knows; the blend span runs to the prompt's last token.
   A span whose known fragments cover less than ``min_reuse_share`` of it is not worth
   blending.
-  Fragments the index does not know are queued for registration.
+  Fragments the index does not know are queued for registration: a marked one at once, an
+  automatic one when it shows up at a second position (:data:`SIGHTINGS`): an automatic
+  chunk is worth its KV where its text moves; at the same position (a prompt sent again, a
+  queued request planned on every scheduler pass) the prefix cache serves it. A prompt
+  seen once is the common case on a general server, and registering each of its automatic
+  chunks cost a 30-layer forward apiece on the scheduler's cores and GIL
+  (docs/reliability.md).
 - :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
   are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
   prefix's KV. The result is approximate by design; the caller keeps it apart from exact KV.
@@ -25,6 +31,7 @@ import queue
 import threading
 import time
 import typing
+from collections import OrderedDict
 from collections.abc import Sequence
 from enum import Enum
 from typing import NamedTuple
@@ -53,6 +60,9 @@ logger = logging.getLogger("sgl_kvext")
 _STOP = object()
 #: How a :class:`PrewarmBusy` message starts (the HTTP route answers 429 on it).
 PREWARM_BUSY = "the pre-warm queue is full"
+#: Automatic fragments seen at one position only, remembered with it (oldest forgotten
+#: first): seen at another position, one is queued for registration.
+SIGHTINGS = 1 << 16
 #: Tokens before a fragment computed with it and dropped: a marked document's own first token
 #: (its key leaves it out), so the fragment's KV is the document's as computed alone, as
 #: CacheBlend computes a chunk. On 200 prose questions the gain over none is below noise
@@ -158,7 +168,9 @@ class FragmentBlender:
         self._lock = threading.Lock()
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
-                         "found_stored": 0, "register_dropped": 0, "register_failed": 0}
+                         "found_stored": 0, "register_dropped": 0, "register_failed": 0,
+                         "seen_once": 0}
+        self._seen: OrderedDict[bytes, int] = OrderedDict()   # key -> the position seen at
         store.on_gone = lambda key: index.discard([key])    # registered again on next sight
         self._worker = threading.Thread(target=self._register_loop, name="kvext-fragments",
                                         daemon=True)
@@ -169,6 +181,9 @@ class FragmentBlender:
              explicit: Sequence[tuple[int, int]] = (), page_size: int = 1
              ) -> BlendPlan | NoBlend:
         """The blend after ``start`` cached tokens, or why there is none.
+
+        Unknown marked fragments are queued for registration, unknown automatic ones once
+        seen at a second position.
 
         The span runs to the prompt's last token (the engine computes that one: it yields the
         logits), rounded down to ``page_size``: the tokens after the last fragment (the
@@ -284,11 +299,28 @@ class FragmentBlender:
 
     def _enqueue(self, tenant: Tenant, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
         for m in matches:
+            if not m.marked and self._one_position(m.key, m.start):
+                continue
             if self._queue.qsize() >= self.queue_size:
                 with self._lock:
                     self.counters["register_dropped"] += 1
                 continue
             self._put(tenant, ids, m.start, m.end, m.key, durable=False)
+
+    def _one_position(self, key: bytes, start: int) -> bool:
+        """Whether ``key`` has been seen at ``start`` only (remembered there if so)."""
+        with self._lock:
+            first = self._seen.get(key)
+            if first is None:
+                self._seen[key] = start
+                if len(self._seen) > SIGHTINGS:
+                    self._seen.popitem(last=False)
+                self.counters["seen_once"] += 1
+                return True
+            if first == start:
+                return True
+            del self._seen[key]
+            return False
 
     def _put(self, tenant: Tenant, text: np.ndarray, start: int, end: int, key: bytes,
              durable: bool) -> int:

@@ -62,6 +62,37 @@ def window_hashes(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return h
 
 
+#: Longest sequence :func:`boundaries` hashes in plain Python (one rolling update a token,
+#: ~1 us) rather than numpy: the scheduler thread chunks each waiting prompt, and each numpy
+#: call over more than a few hundred elements releases the GIL, which another thread of the
+#: process then holds for up to the switch interval before the scheduler gets it back
+#: (~30 such calls: 55-68 ms of a 700-token prompt's plan under tier traffic, for 2-3 ms of
+#: its own CPU; docs/reliability.md). Longer ones (pre-warm texts) use numpy.
+SCALAR_MAX = 8192
+_MASK = (1 << 64) - 1
+
+
+def _raw_cuts_scalar(token_ids: Sequence[int] | np.ndarray, spacing: int) -> list[int]:
+    """Raw cuts (after token ``i``: ``i + 1``) as :func:`window_hashes` would give them,
+    hashed in plain Python: ``h[i] = rotl(h[i-1], 1) ^ g[i] ^ rotl(g[i-WINDOW], WINDOW)``."""
+    g: list[int] = []
+    cuts = []
+    h = 0
+    for i, tok in enumerate(np.asarray(token_ids, dtype=np.int64).tolist()):
+        z = (tok + 0x9E3779B97F4A7C15) & _MASK
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        z ^= z >> 31
+        g.append(z)
+        h = ((h << 1) | (h >> 63)) & _MASK ^ z
+        if i >= WINDOW:
+            old = g[i - WINDOW]
+            h ^= ((old << WINDOW) | (old >> (64 - WINDOW))) & _MASK
+        if i >= WINDOW - 1 and h % spacing == 0:
+            cuts.append(i + 1)
+    return cuts
+
+
 def boundaries(token_ids: Sequence[int] | np.ndarray, min_tokens: int,
                spacing: int | None = None) -> list[int]:
     """Kept cut points (a cut at ``i`` splits before token ``i``), ascending.
@@ -83,8 +114,11 @@ def boundaries(token_ids: Sequence[int] | np.ndarray, min_tokens: int,
     spacing = spacing if spacing is not None else max(2, min_tokens + (min_tokens & 1))
     if spacing < 2 or spacing % 2:
         raise ValueError(f"spacing must be an even number >= 2, got {spacing}")
-    h = window_hashes(token_ids)
-    raw = (np.flatnonzero(h % np.uint64(spacing) == 0) + 1).tolist()   # cut after token i
+    if np.asarray(token_ids).size <= SCALAR_MAX:
+        raw = _raw_cuts_scalar(token_ids, spacing)
+    else:
+        h = window_hashes(token_ids)
+        raw = (np.flatnonzero(h % np.uint64(spacing) == 0) + 1).tolist()   # cut after token i
     kept = []
     prev = None
     for cut in raw:

@@ -9,15 +9,21 @@ given, so it knows nothing of namespaces or tiers.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from sgl_kvext.fragments.chunking import fragments
+from sgl_kvext.fragments.chunking import Fragment, fragments
 from sgl_kvext.pages.recent_keys import RecentKeys
 
 CHUNKING_MODES = ("explicit", "auto", "both")
+#: Prompts whose automatic cuts are remembered: a request waiting in the queue is matched again
+#: on every scheduler pass, and each chunking is ~30 numpy calls, each a point where the
+#: scheduler thread hands the GIL to another thread and waits to get it back.
+CUTS_MEMO = 64
 
 
 class FragmentMatch(NamedTuple):
@@ -70,6 +76,8 @@ class FragmentIndex:
             raise ValueError("min_tokens and capacity must be >= 1")
         self.min_tokens, self.chunking, self.capacity = min_tokens, chunking, capacity
         self._known = RecentKeys(capacity)
+        self._cuts: OrderedDict[bytes, list[Fragment]] = OrderedDict()   # prompt -> fragments
+        self._cuts_lock = threading.Lock()
 
     def find(self, key_of: Callable[[np.ndarray], bytes], tokens: Sequence[int] | np.ndarray,
              explicit: Sequence[tuple[int, int]] = (), from_token: int = 0) -> PromptFragments:
@@ -107,11 +115,27 @@ class FragmentIndex:
         found = [FragmentMatch(s, e, key_of(ids[s:e]), True) for s, e in marks if e > from_token]
         if self.chunking in ("auto", "both"):
             found += [FragmentMatch(f.start, f.end, key_of(ids[f.start:f.end]))
-                      for f in fragments(ids, self.min_tokens)
+                      for f in self._fragments(ids)
                       if f.start >= from_token
                       and not any(f.start < e and s < f.end for s, e in marks)]
         found.sort()
         return PromptFragments(found, dropped, in_prefix)
+
+    def _fragments(self, ids: np.ndarray) -> list[Fragment]:
+        """The automatic fragments of ``ids``, remembered for the last :data:`CUTS_MEMO`
+        prompts (keyed by their bytes: equal prompts only, never a hash collision)."""
+        raw = ids.tobytes()
+        with self._cuts_lock:
+            cuts = self._cuts.get(raw)
+            if cuts is not None:
+                self._cuts.move_to_end(raw)
+                return cuts
+        cuts = fragments(ids, self.min_tokens)
+        with self._cuts_lock:
+            self._cuts[raw] = cuts
+            if len(self._cuts) > CUTS_MEMO:
+                self._cuts.popitem(last=False)
+        return cuts
 
     def known(self, key: bytes) -> bool:
         return self._known.seen(key)

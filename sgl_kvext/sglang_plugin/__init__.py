@@ -31,6 +31,7 @@ def load() -> None:
         backend,
         blend_jobs,
         cpu_attention,
+        forward_gate,
         prewarm,
         request_mode,
         scheduler_gaps,
@@ -42,5 +43,6 @@ def load() -> None:
     prewarm.register_hooks()
     scheduler_gaps.register_hooks()
     blend_jobs.register_hooks()
+    forward_gate.register_hooks()
     backend.register_backend(BACKEND_NAME)
     cpu_attention.register()

@@ -19,6 +19,7 @@ from sgl_kvext.pages.agreement import RankAgreement
 from sgl_kvext.pages.keys import ModelIdentity
 from sgl_kvext.pages.kv_pages import PagedKV
 from sgl_kvext.pages.tiering import KVTiering
+from sgl_kvext.scheduler_turn import pause
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader
 from sgl_kvext.sglang_plugin.identity import model_identity
 from sgl_kvext.sglang_plugin.model_ops import LlamaLayerOps
@@ -114,7 +115,7 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
     if ctx.tp_size > 1:
         raise ValueError("--kvext-fragment-blend supports tensor parallelism 1 only "
                          f"(got --tp {ctx.tp_size})")
-    ops = LlamaLayerOps(ctx.tp_worker.model_runner.model)
+    ops = LlamaLayerOps(ctx.tp_worker.model_runner.model, pause)
     check_blend_layer(config.blend.check_layer, ops.num_layers)
     rope = RopeConfig.from_hf_config(ctx.model_config.hf_config)
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)

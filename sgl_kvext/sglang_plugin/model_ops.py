@@ -14,6 +14,7 @@ without their all-reduce).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,15 +32,19 @@ class LlamaLayerOps:
     model
         The loaded model (``model.model.layers[i].self_attn.qkv_proj`` etc., as SGLang builds
         it).
+    pause
+        Called before each layer's two steps (:meth:`qkv`, :meth:`finish`) on the calling
+        thread: in the server, :func:`sgl_kvext.scheduler_turn.pause`.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, pause: Callable[[], None] = lambda: None) -> None:
         lm = model.model
         if not hasattr(lm, "layers") or not hasattr(lm.layers[0].self_attn, "qkv_proj"):
             raise ValueError(f"{type(model).__name__} is not a Llama-family model with fused "
                              "qkv_proj layers; supported: Llama, Mistral, Qwen2, SmolLM2")
         self._model = model
         self._lm = lm
+        self._pause = pause
         self.layers = list(lm.layers[lm.start_layer:lm.end_layer])
         attn = self.layers[0].self_attn
         self.q_heads: int = attn.num_heads
@@ -65,6 +70,7 @@ class LlamaLayerOps:
 
     def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> QKV:
         """Input norm, fused QKV projection and RoPE for hidden states ``h`` [T, hidden]."""
+        self._pause()
         attn = self.layers[layer].self_attn
         x = self.layers[layer].input_layernorm(h)
         out, _bias = attn.qkv_proj(x)
@@ -79,6 +85,7 @@ class LlamaLayerOps:
         """Output projection, residual, post-attention norm, MLP, residual.
 
         ``h`` [T, hidden] is the layer's input, ``attn_out`` [T, q_heads, head_dim]."""
+        self._pause()
         mod = self.layers[layer]
         o, _bias = mod.self_attn.o_proj(attn_out.reshape(h.shape[0], -1))
         h = h + o

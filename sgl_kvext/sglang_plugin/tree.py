@@ -245,8 +245,10 @@ class HierarchicalRadixCache(RadixCache):
             return base
         # A blend reaching past the pages the tiers hold (or are bringing up) wins: a loaded
         # page run ends the match, and the prompt's documents after it would run unblended.
-        blend = self.blend.plan(req, tenant, tokens, device_len, self.page_size) \
-            if tenant.blend and self.blend is not None else None
+        blend = None
+        if tenant.blend and self.blend is not None:
+            with GAPS.timed("blend_plan"):
+                blend = self.blend.plan(req, tenant, tokens, device_len, self.page_size)
         past = blend is not None and blend.end > (step.end if isinstance(step, LoadPlan)
                                                   else device_len)
         if blend is not None and not past:

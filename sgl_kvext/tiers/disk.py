@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sgl_kvext.scheduler_turn import pause
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.disk_io import FileIO, UnsafeFile, make_io, open_object
 from sgl_kvext.tiers.disk_ledger import SUFFIX, DiskLedger, scan_objects
@@ -125,6 +126,7 @@ class DiskTier(Tier):
         return self._dir / name[:2] / (name + SUFFIX)
 
     def _read(self, key: bytes) -> KVPage | None:
+        pause()                      # the scheduler's turn first (sgl_kvext.scheduler_turn)
         path = self._path(key)
         try:
             blob = self._io.read(path)
@@ -145,6 +147,7 @@ class DiskTier(Tier):
         return page
 
     def _write(self, page: KVPage) -> tuple[bool, list[KVPage | bytes]]:
+        pause()
         final = self._path(page.key)
         if final.is_file():
             return True, []

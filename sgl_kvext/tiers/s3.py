@@ -25,6 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from sgl_kvext.scheduler_turn import pause
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.breaker import CircuitBreaker
 from sgl_kvext.tiers.objects import (
@@ -204,6 +205,7 @@ class S3Tier(Tier):
         logger.debug("sgl-kvext s3 tier: %s: %s", type(exc).__name__, exc)
 
     def _get_one(self, key: bytes) -> KVPage | None:
+        pause()                      # the scheduler's turn first (sgl_kvext.scheduler_turn)
         name = self._object_key(key)
         answered, resp = self._call(lambda: self._client.get_object(Bucket=self.bucket,
                                                                      Key=name))
@@ -221,6 +223,7 @@ class S3Tier(Tier):
             return None
 
     def _put_one(self, page: KVPage) -> bool:
+        pause()
         if self._exists_one(page.key):   # keys name contents: an existing object is this page
             return True
         blob = encode_object(page, self.namespace, self.codec, self.level,

@@ -1,0 +1,77 @@
+"""ForwardGate: background model work waits while the scheduler works between forwards, never
+on the scheduler thread, never longer than its bound, and goes on while a forward runs or the
+scheduler idles."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sgl_kvext.scheduler_turn import ForwardGate
+
+pytestmark = pytest.mark.unit
+
+
+def _timed_pause(gate: ForwardGate) -> float:
+    """Seconds one pause took on a thread of its own (a worker's)."""
+    took: list[float] = []
+
+    def worker() -> None:
+        t0 = time.monotonic()
+        gate.pause()
+        took.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(timeout=5)
+    return took[0]
+
+
+def test_the_gate_is_open_until_a_forward_ends_and_then_waits_at_most_its_bound() -> None:
+    gate = ForwardGate(max_wait_s=0.2)
+    assert _timed_pause(gate) < 0.05 and gate.waits == 0      # before any forward: open
+    assert gate.around_run_batch(lambda s, x: x + 1, None, 1) == 2
+    assert 0.2 <= _timed_pause(gate) < 1.0                    # between forwards: the bound
+    assert gate.waits == 1
+
+
+@pytest.mark.parametrize("opener", ["run_batch", "on_idle"])
+def test_a_forward_or_an_idle_pass_lets_a_waiting_worker_on(opener: str) -> None:
+    gate = ForwardGate(max_wait_s=1.0)
+    gate.around_run_batch(lambda s: None, None)               # closed now
+    inside: list[bool] = []
+
+    def forward(_s: object) -> None:
+        time.sleep(0.3)                                       # the worker is let on meanwhile
+        inside.append(True)
+
+    def open_soon() -> None:
+        time.sleep(0.1)
+        if opener == "run_batch":
+            gate.around_run_batch(forward, None)
+        else:
+            gate.around_on_idle(lambda s: None, None)
+
+    t = threading.Thread(target=open_soon)
+    t.start()
+    took = _timed_pause(gate)
+    t.join(timeout=5)
+    assert 0.05 <= took < 0.3, took                           # let on before the forward ended
+    assert inside == ([True] if opener == "run_batch" else [])
+
+
+def test_the_scheduler_thread_never_waits_at_its_own_gate() -> None:
+    gate = ForwardGate(max_wait_s=1.0)
+    gate.around_run_batch(lambda s: None, None)               # this thread ran the forward
+    t0 = time.monotonic()
+    gate.pause()
+    assert time.monotonic() - t0 < 0.05 and gate.waits == 0
+    assert _timed_pause(gate) >= 1.0                          # another thread does wait
+
+
+def test_a_bound_out_of_range_is_refused() -> None:
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="max_wait_s"):
+            ForwardGate(bad)
