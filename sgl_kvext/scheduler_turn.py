@@ -7,7 +7,9 @@ the GIL they hold it (for boto3, milliseconds of Python per object), and each ti
 scheduler thread releases it (a numpy or torch call, a contended lock) one of them takes it:
 the scheduler, with a batch to run, then waits for it to come back (docs/reliability.md,
 "What the gaps under tier traffic are made of"). So those threads pass :func:`pause` before
-each layer step and each object they read or write: it returns at once while the scheduler
+each layer step and each tier call they make (the calling thread pauses, never a pool thread
+doing work a caller waits for: the scheduler's own tier reads must not wait at its own
+gate): it returns at once while the scheduler
 is inside ``run_batch`` (its forward releases the GIL for its kernels) or idle, and
 otherwise waits, GIL released, until the next forward starts, the scheduler idles, or
 ``max_wait_s`` passes (a worker is slowed, never starved).

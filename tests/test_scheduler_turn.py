@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,26 @@ def test_a_bound_out_of_range_is_refused() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="max_wait_s"):
             ForwardGate(bad)
+
+
+def test_the_scheduler_never_waits_for_tier_work_it_started(tmp_path: Path) -> None:
+    # A load on the scheduler thread reads the disk tier through its pool: the pool's threads
+    # must not wait at the gate the scheduler holds closed; a background caller (a writer,
+    # the prefetcher) does wait before it starts.
+    from sgl_kvext import scheduler_turn
+    from sgl_kvext.tiers.disk import DiskTier
+
+    gate = scheduler_turn.GATE
+    disk = DiskTier(tmp_path / "disk", 1 << 30, bytes(32), codec="none")
+    try:
+        gate.around_run_batch(lambda s: None, None)           # this thread is the scheduler
+        before = gate.waits
+        assert disk.get([bytes(16)] * 8) == {}                # eight reads on the pool
+        assert gate.waits == before
+        background = threading.Thread(target=disk.get, args=([bytes(16)],))
+        background.start()
+        background.join(timeout=5)
+        assert gate.waits == before + 1
+    finally:
+        gate.around_on_idle(lambda s: None, None)             # open again for other tests
+        disk.close()

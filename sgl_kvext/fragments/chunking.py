@@ -84,7 +84,7 @@ def _raw_cuts_scalar(token_ids: Sequence[int] | np.ndarray, spacing: int) -> lis
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
         z ^= z >> 31
         g.append(z)
-        h = ((h << 1) | (h >> 63)) & _MASK ^ z
+        h = (((h << 1) | (h >> 63)) & _MASK) ^ z
         if i >= WINDOW:
             old = g[i - WINDOW]
             h ^= ((old << WINDOW) | (old >> (64 - WINDOW))) & _MASK
@@ -114,10 +114,11 @@ def boundaries(token_ids: Sequence[int] | np.ndarray, min_tokens: int,
     spacing = spacing if spacing is not None else max(2, min_tokens + (min_tokens & 1))
     if spacing < 2 or spacing % 2:
         raise ValueError(f"spacing must be an even number >= 2, got {spacing}")
-    if np.asarray(token_ids).size <= SCALAR_MAX:
-        raw = _raw_cuts_scalar(token_ids, spacing)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.size <= SCALAR_MAX:
+        raw = _raw_cuts_scalar(ids, spacing)
     else:
-        h = window_hashes(token_ids)
+        h = window_hashes(ids)
         raw = (np.flatnonzero(h % np.uint64(spacing) == 0) + 1).tolist()   # cut after token i
     kept = []
     prev = None

@@ -96,10 +96,12 @@ class DiskTier(Tier):
         return self._ledger.used()
 
     def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        pause()       # a background caller yields the scheduler its turn (scheduler_turn)
         pages = self._pool.map(self._read, keys)
         return {key: page for key, page in zip(keys, pages, strict=True) if page is not None}
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:
+        pause()
         results = list(self._pool.map(self._write, pages))
         stored = tuple(p.key for p, (ok, _) in zip(pages, results, strict=True) if ok)
         rejected = tuple(p.key for p, (ok, _) in zip(pages, results, strict=True) if not ok)
@@ -126,7 +128,6 @@ class DiskTier(Tier):
         return self._dir / name[:2] / (name + SUFFIX)
 
     def _read(self, key: bytes) -> KVPage | None:
-        pause()                      # the scheduler's turn first (sgl_kvext.scheduler_turn)
         path = self._path(key)
         try:
             blob = self._io.read(path)
@@ -147,7 +148,6 @@ class DiskTier(Tier):
         return page
 
     def _write(self, page: KVPage) -> tuple[bool, list[KVPage | bytes]]:
-        pause()
         final = self._path(page.key)
         if final.is_file():
             return True, []

@@ -120,13 +120,15 @@ class S3Tier(Tier):
         return self._used
 
     def get(self, keys: Sequence[bytes]) -> dict[bytes, KVPage]:
+        pause()       # a background caller yields the scheduler its turn (scheduler_turn)
         pages = self._parallel(self._get_one, keys, None)
         return {k: p for k, p in zip(keys, pages, strict=True) if p is not None}
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:
-        """``write_calls`` pages at a time, each group within the operation timeout."""
+        """``write_calls`` pages at a time, each group within the operation timeout (a
+        background caller yields the scheduler its turn before each, scheduler_turn)."""
         ok = [done for lo in range(0, len(pages), self.write_calls)
-              for done in self._parallel(self._put_one, pages[lo:lo + self.write_calls], False)]
+              for done in self._group(self._put_one, pages[lo:lo + self.write_calls], False)]
         return PutResult(tuple(p.key for p, s in zip(pages, ok, strict=True) if s),
                          tuple(p.key for p, s in zip(pages, ok, strict=True) if not s))
 
@@ -152,6 +154,10 @@ class S3Tier(Tier):
         name = key.hex()
         parts = [self.prefix] if self.prefix else []
         return "/".join([*parts, area, self.namespace.hex()[:32], name[:2], name + ".kvx"])
+
+    def _group(self, fn: Callable[[Any], T], items: Sequence[Any], late: T) -> list[T]:
+        pause()
+        return self._parallel(fn, items, late)
 
     def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], late: T) -> list[T]:
         """``fn`` over ``items`` on the pool, ``late`` for what misses the operation timeout.
@@ -205,7 +211,6 @@ class S3Tier(Tier):
         logger.debug("sgl-kvext s3 tier: %s: %s", type(exc).__name__, exc)
 
     def _get_one(self, key: bytes) -> KVPage | None:
-        pause()                      # the scheduler's turn first (sgl_kvext.scheduler_turn)
         name = self._object_key(key)
         answered, resp = self._call(lambda: self._client.get_object(Bucket=self.bucket,
                                                                      Key=name))
@@ -223,7 +228,6 @@ class S3Tier(Tier):
             return None
 
     def _put_one(self, page: KVPage) -> bool:
-        pause()
         if self._exists_one(page.key):   # keys name contents: an existing object is this page
             return True
         blob = encode_object(page, self.namespace, self.codec, self.level,
