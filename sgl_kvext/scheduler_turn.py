@@ -14,6 +14,12 @@ is inside ``run_batch`` (its forward releases the GIL for its kernels) or idle, 
 otherwise waits, GIL released, until the next forward starts, the scheduler idles, or
 ``max_wait_s`` passes (a worker is slowed, never starved).
 
+A pool thread doing a caller's work passes the gate as its caller would
+(:func:`on_behalf`): never for the scheduler's own reads, and for a background caller at
+each step of a long call too (the S3 tier pauses between the phases of every boto3 request:
+parameters, signing, sending, parsing), so a background request started before the gate
+closed holds the GIL for one phase at most.
+
 Invariants: the gate is open unless the SGLang plugin's hooks
 (:mod:`sgl_kvext.sglang_plugin.forward_gate`) close it, and closed only from the end of one
 ``run_batch`` to the next pass's ``run_batch`` or ``on_idle``; the scheduler thread itself
@@ -23,7 +29,11 @@ never waits at it.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Longest one pause waits (a scheduler busy between forwards longer than this lets the
 #: workers on; the stall goal is 50 ms, docs/reliability.md).
@@ -40,15 +50,35 @@ class ForwardGate:
         self._open = threading.Event()
         self._open.set()
         self._scheduler: int | None = None       # the scheduler thread's ident, once seen
+        self._for_scheduler = threading.local()  # .on: this thread works for the scheduler
         self.waits = 0                           # pauses that found the gate closed
 
     def pause(self) -> None:
         """Wait (GIL released) while the scheduler works between forwards, at most
         ``max_wait_s``; at once on the scheduler thread or while the gate is open."""
-        if self._open.is_set() or threading.get_ident() == self._scheduler:
+        if self._open.is_set() or self._serves_scheduler():
             return
         self.waits += 1
         self._open.wait(self.max_wait_s)
+
+    def on_behalf(self, fn: Callable[P, T]) -> Callable[P, T]:
+        """``fn`` to run on a pool thread as the calling thread's work: its pauses return at
+        once if the caller is the scheduler (which waits for it), and wait as the caller's
+        would otherwise. Call this on the calling thread."""
+        for_scheduler = self._serves_scheduler()
+
+        def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            before = getattr(self._for_scheduler, "on", False)
+            self._for_scheduler.on = for_scheduler
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._for_scheduler.on = before
+        return run
+
+    def _serves_scheduler(self) -> bool:
+        return (threading.get_ident() == self._scheduler
+                or getattr(self._for_scheduler, "on", False))
 
     def around_run_batch(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """The ``Scheduler.run_batch`` hook: open for the forward, closed after it."""
@@ -72,3 +102,8 @@ GATE = ForwardGate()
 def pause() -> None:
     """:meth:`ForwardGate.pause` of :data:`GATE`."""
     GATE.pause()
+
+
+def on_behalf(fn: Callable[P, T]) -> Callable[P, T]:
+    """:meth:`ForwardGate.on_behalf` of :data:`GATE`."""
+    return GATE.on_behalf(fn)

@@ -22,12 +22,22 @@ def test_the_sustained_rate_is_the_highest_kept_up_within_the_goal() -> None:
                                                      "no_cache": None}
 
 
+def test_a_rate_is_sustained_only_if_every_run_at_it_and_below_kept_the_goal() -> None:
+    # a queue that fell behind in one repeat of a rate, or at a lower rate, is not sustained
+    runs = [_run("radix", 0.5, 0.5, 0.6), _run("radix", 0.5, 0.5, 0.7),
+            _run("radix", 1.0, 1.0, 0.8), _run("radix", 1.0, 0.99, 17.7),
+            _run("radix", 1.5, 1.5, 0.9), _run("radix", 1.5, 1.5, 0.9),
+            _run("hierarchical", 0.5, 0.5, 3.0), _run("hierarchical", 1.0, 1.0, 0.3)]
+    assert sustained_rates(runs, goal_p90_s=1.0) == {"radix": 0.5, "hierarchical": None}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rates", "1,x"], "--rates '1,x': comma-separated numbers > 0"),
     (["--rates", "0,1"], "--rates must be > 0"),
     (["--goal-p90", "0"], "--goal-p90 > 0"),
     (["--configs", "radix,nope"], "--configs: unknown ['nope']"),
     (["--users", "0"], "--users"),
+    (["--repeats", "0"], "--repeats"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message) -> None:
     assert main(["sustained", "--json", str(tmp_path / "s.json"), *argv]) == 2

@@ -99,3 +99,34 @@ def test_the_scheduler_never_waits_for_tier_work_it_started(tmp_path: Path) -> N
     finally:
         gate.around_on_idle(lambda s: None, None)             # open again for other tests
         disk.close()
+
+
+def test_pool_work_pauses_as_its_caller_would() -> None:
+    # on_behalf wraps a function on the calling thread; on a pool thread it pauses as that
+    # caller would: never for the scheduler (which waits for it), the bound for a worker.
+    gate = ForwardGate(max_wait_s=0.2)
+    gate.around_run_batch(lambda s: None, None)               # this thread is the scheduler
+    for_scheduler = gate.on_behalf(lambda: _timed(gate.pause))
+    assert _on_thread(for_scheduler) < 0.05 and gate.waits == 0
+    for_worker: list[float] = []
+    t = threading.Thread(target=lambda: for_worker.append(
+        _on_thread(gate.on_behalf(lambda: _timed(gate.pause)))))
+    t.start()
+    t.join(timeout=5)
+    assert 0.2 <= for_worker[0] < 1.0 and gate.waits == 1
+    assert _on_thread(lambda: _timed(gate.pause)) >= 0.2      # the pool thread's own: waits
+
+
+def _timed(fn: object) -> float:
+    t0 = time.monotonic()
+    fn()  # type: ignore[operator]
+    return time.monotonic() - t0
+
+
+def _on_thread(fn: object) -> float:
+    """What ``fn`` returns, run on a new thread (a pool's)."""
+    out: list[float] = []
+    t = threading.Thread(target=lambda: out.append(fn()))  # type: ignore[operator]
+    t.start()
+    t.join(timeout=5)
+    return out[0]

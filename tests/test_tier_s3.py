@@ -15,6 +15,7 @@ from tier_contract import TierContract, assert_same, key_of, page_of
 
 from sgl_kvext.harness.seaweedfs import SeaweedFS
 from sgl_kvext.tiers.breaker import BreakerState, CircuitBreaker
+from sgl_kvext.tiers.s3 import TURN_EVENTS as S3_TURN_EVENTS
 from sgl_kvext.tiers.s3 import S3Tier
 
 NS = bytes(range(32))
@@ -75,6 +76,7 @@ def test_another_process_shares_hits(seaweed: SeaweedFS) -> None:
     code = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
+from sgl_kvext.tiers.s3 import TURN_EVENTS as S3_TURN_EVENTS
 from sgl_kvext.tiers.s3 import S3Tier
 from tier_contract import page_of
 tier = S3Tier("s3://kvext-test/{prefix}", bytes(range(32)), endpoint={seaweed.endpoint!r},
@@ -256,3 +258,30 @@ def test_a_put_uploads_at_most_write_calls_pages_at_once(seaweed: SeaweedFS) -> 
     with pytest.raises(ValueError, match="write_calls must be >= 1"):
         make_s3(seaweed, write_calls=0)
     tier.close()
+
+
+def test_a_background_request_yields_between_its_phases_the_scheduler_never_does(
+        seaweed: SeaweedFS) -> None:
+    """boto3 is Python under the GIL the scheduler thread needs between forwards: a request
+    for a background caller (a writer, the prefetcher) waits at the scheduler's gate before
+    each phase (parameters, signing, sending, parsing), one the scheduler makes never."""
+    from sgl_kvext import scheduler_turn
+
+    gate = scheduler_turn.GATE
+    tier = make_s3(seaweed, write_calls=1)
+    page = page_of(1)
+    try:
+        gate.around_run_batch(lambda s: None, None)           # this thread is the scheduler
+        before = gate.waits
+        assert tier.get([page.key]) == {}                     # the scheduler's own read
+        assert gate.waits == before
+        writer = threading.Thread(target=tier.put, args=([page],))
+        writer.start()
+        writer.join(timeout=30)
+        # the caller once, then a HEAD and a PUT, each past every phase
+        assert gate.waits - before >= 1 + 2 * len(S3_TURN_EVENTS)
+        gate.around_on_idle(lambda s: None, None)
+        assert page.key in tier.get([page.key])               # the write went through
+    finally:
+        gate.around_on_idle(lambda s: None, None)             # open again for other tests
+        tier.close()

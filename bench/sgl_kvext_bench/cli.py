@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated arrival rates (requests per second)")
     su.add_argument("--goal-p90", type=float, default=1.0,
                     help="p90 TTFT goal in seconds a sustained rate must meet")
+    su.add_argument("--repeats", type=int, default=1,
+                    help="runs per configuration and rate; a rate is sustained when every "
+                         "run at it and at every lower rate met the goal")
     fl = _command(sub, "fleet", "a 2-server fleet sharing one S3 (SeaweedFS on loopback) "
                                 "behind round-robin, cache-aware and tier-aware routing, "
                                 "against one server; one server killed and restarted midway")

@@ -63,7 +63,8 @@ def sustained(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.sustained import run_sustained
 
     configs = parse_configs(args.configs, NAMES)
-    require_positive(args, "users", "turns", "answer_tokens", "system_words", "question_words")
+    require_positive(args, "users", "turns", "answer_tokens", "system_words", "question_words",
+                     "repeats")
     try:
         rates = [float(r) for r in args.rates.split(",")]
     except ValueError:
@@ -74,7 +75,7 @@ def sustained(args: argparse.Namespace) -> int:
                     args.answer_tokens)
     with progress_bar() as progress:
         results = run_sustained(serving_for(args), work, configs, sorted(rates), args.goal_p90,
-                                args.pool_fraction, progress)
+                                args.pool_fraction, progress, args.repeats)
     table = markdown(["configuration", "offered (req/s)", "achieved (req/s)", "TTFT p50 (s)",
                       "p90 (s)", "cached"],
                      [[r["name"], r["offered_rps"], r["achieved_rps"], r["ttft_p50_s"],

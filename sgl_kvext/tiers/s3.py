@@ -25,7 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sgl_kvext.scheduler_turn import pause
+from sgl_kvext.scheduler_turn import on_behalf, pause
 from sgl_kvext.tiers.base import PutResult, Tier, TierCapabilities
 from sgl_kvext.tiers.breaker import CircuitBreaker
 from sgl_kvext.tiers.objects import (
@@ -41,6 +41,10 @@ logger = logging.getLogger("sgl_kvext")
 T = TypeVar("T")
 UNBOUNDED = (1 << 63) - 1
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+#: boto3 events between the phases of one request (parameters, signing, sending, parsing
+#: the answer) where a background request yields the scheduler its turn (scheduler_turn).
+TURN_EVENTS = ("before-parameter-build.s3", "before-sign.s3", "before-send.s3",
+               "needs-retry.s3")
 
 
 #: Bad objects one process copies to ``quarantine/`` (the rest are only deleted).
@@ -92,6 +96,8 @@ class S3Tier(Tier):
         self.write_calls = write_calls
         self._client = _client(endpoint, region, credentials, connect_timeout_s,
                                read_timeout_s, retries, connections)
+        for event in TURN_EVENTS:
+            self._client.meta.events.register(event, _yield_turn)
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                         multipart_chunksize=max(multipart_threshold // 4, 5 << 20),
                                         max_concurrency=4)
@@ -170,7 +176,8 @@ class S3Tier(Tier):
                 self._counters["shed"] += len(items)
                 return [late] * len(items)
             self._inflight += len(items)
-        futures = [self._pool.submit(self._counted, fn, item) for item in items]
+        counted = on_behalf(self._counted)       # pool threads pause as this caller would
+        futures = [self._pool.submit(counted, fn, item) for item in items]
         done, pending = wait(futures, timeout=self.op_timeout_s)
         if pending:
             with self._lock:
@@ -273,6 +280,12 @@ class S3Tier(Tier):
         elif not answered:
             logger.warning("sgl-kvext s3 tier: bucket %s unreachable; reads miss until it "
                            "answers", self.bucket)
+
+
+def _yield_turn(**_: Any) -> None:
+    """A boto3 event handler: a background request waits while the scheduler works between
+    forwards (never one the scheduler waits for); None lets the request go on."""
+    pause()
 
 
 def _client(endpoint: str | None, region: str, credentials: dict[str, str] | None,
