@@ -464,3 +464,26 @@ def test_pages_written_through_later_survive_their_eviction_from_the_host(
     assert chain.counters["dropped_pages"] == 0
     assert not chain._deferred._readers and not chain._deferred._kept   # nothing left held
     chain.close()
+
+
+def test_a_run_larger_than_the_host_tier_is_written_through_whole(tmp_path: Path) -> None:
+    """Put in place, 5 pages through a 2-page host tier: it keeps the last 2, and every page
+    reaches the disk byte for byte (the first ones read out as they were evicted)."""
+    import torch
+
+    chain = small_chain(tmp_path, "write_through", host_pages=2)
+    pages = [page_of(50 + i) for i in range(5)]
+    keys = [p.key for p in pages]
+
+    def fill(rows: torch.Tensor, index: torch.Tensor, which: torch.Tensor) -> None:
+        for row, w in zip(index.tolist(), which.tolist(), strict=True):
+            rows[row, :PAGE] = torch.frombuffer(bytearray(pages[w].data), dtype=torch.uint8)
+
+    assert chain.put_in_place(keys, pages[0].dtype, pages[0].shape, fill)
+    assert chain.flush(timeout_s=30)
+    assert chain.tiers[0].exists(keys) == [False] * 3 + [True] * 2
+    for page in pages:
+        assert_same(chain.tiers[1].get([page.key])[page.key], page)
+    assert chain.counters["dropped_pages"] == 0
+    assert not chain._deferred._readers and not chain._deferred._kept
+    chain.close()

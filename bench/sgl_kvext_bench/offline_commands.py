@@ -100,7 +100,8 @@ def tiers(args: argparse.Namespace) -> int:
                      f"{pool['load_in_place_s'] * 1e3:.1f} ms / staged "
                      f"{pool['load_staged_s'] * 1e3:.1f} ms; write-through spill to disk "
                      f"{pool['spill_through_room_s'] * 1e3:.1f} ms (host with room) / "
-                     f"{pool['spill_through_full_s'] * 1e3:.1f} ms (host full)")
+                     f"{pool['spill_through_full_s'] * 1e3:.1f} ms (host full) / "
+                     f"{pool['spill_through_over_s'] * 1e3:.1f} ms (host half a path)")
     return finish(args, results, table, rows, extra=extra)
 
 

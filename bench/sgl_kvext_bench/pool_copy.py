@@ -14,9 +14,10 @@ checked token for token. Each figure is the median of ``repeats`` runs.
 Write-through (``through_*``): the same spill in place into a chain of the host tier over a
 disk tier (``write_through``, the server's default), the time on the caller's thread (the
 scheduler's, in the server); the disk writes run on the writer's thread and are waited for
-untimed before the next spill. Twice: a host tier with room (``through_room``), and one that
-holds a single path, so each spill evicts the one before (``through_full``, a long-running
-server's steady state).
+untimed before the next spill. Three times: a host tier with room (``through_room``), one
+that holds a single path, so each spill evicts the one before (``through_full``, a
+long-running server's steady state), and one holding half a path, so a spill evicts its own
+first pages (``through_over``: a prompt longer than the host tier).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _through(tokens: int, repeats: int, page_bytes: int) -> dict[str, float]:
     """Median caller-thread seconds of a write-through spill, host tier with room / full."""
     out: dict[str, float] = {}
     pages = tokens // PAGE_TOKENS + 1
-    for name, host_pages in (("through_room", (repeats + 2) * pages), ("through_full", pages)):
+    for name, host_pages in (("through_room", (repeats + 2) * pages), ("through_full", pages),
+                             ("through_over", max(1, pages // 2))):
         with tempfile.TemporaryDirectory(prefix="kvext-pool-") as folder:
             host = HostTier(host_pages * page_bytes, block_bytes=page_bytes)
             host.wait_populated(120)

@@ -162,8 +162,9 @@ class Tier(ABC):
         staging copy: ``fill(rows, index, which)`` writes page ``which[j]`` (a position in
         ``keys``) into ``rows[index[j]]`` (``rows``: a uint8 CPU tensor [rows, row bytes]
         viewing this tier's memory, valid during the call only; a row holds one page of this
-        ``dtype`` and ``shape`` from its start), for the keys not held already. None when
-        this tier cannot (nothing stored; the caller passes bytes to put); the default."""
+        ``dtype`` and ``shape`` from its start), for the keys not held already, in one call
+        or several (a tier may fill a run larger than itself in parts). None when this tier
+        cannot (nothing stored; the caller passes bytes to put); the default."""
         return None
 
     def put_from_device(self, keys: Sequence[bytes], rows: torch.Tensor, dtype: str,

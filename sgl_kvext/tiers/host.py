@@ -238,8 +238,10 @@ class HostTier(Tier):
     def put_in_place(self, keys: Sequence[bytes], dtype: str, shape: tuple[int, ...],
                      fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
                      ) -> PutResult | None:
-        """When each page fits one block and the new ones fit the tier: the blocks are freed
-        first (no page of this call is evicted unwritten), filled, then indexed."""
+        """When each page fits one block: blocks are freed (older pages evicted), filled,
+        then indexed, at most the tier's block count at a time, so a run larger than the
+        tier keeps its last pages and its earlier ones are evicted in order like older ones
+        (read out for the chain as any eviction is: no page is evicted unwritten)."""
         import torch
 
         nbytes = page_nbytes(dtype, shape)
@@ -250,27 +252,26 @@ class HostTier(Tier):
             first = {k: i for i, k in reversed(list(enumerate(keys)))}   # a key written once
             new = [i for i, (k, h) in enumerate(zip(keys, held, strict=True))
                    if not h and first[k] == i]
-            if len(new) > self._pool.shape[0]:
-                return None
             for key in (k for k, h in zip(keys, held, strict=True) if h):
                 self._policy.touch(key)          # recent before anything is evicted
             evicted: list[KVPage] = []
             dropped: list[bytes] = []
-            for _ in range(len(new) - len(self._free)):
-                self._evict_one(evicted, dropped)
-            blocks = sorted(self._free.pop() for _ in new)    # adjacent ones: slice copies
-            try:
-                if new:
-                    fill(self._pool_tensor().view(-1, self._block),
-                         torch.tensor(blocks, dtype=torch.int64, device="cpu"),
-                         torch.tensor(new, dtype=torch.int64, device="cpu"))
-            except BaseException:
-                self._free.extend(blocks)        # nothing half-written is indexed
-                raise
-            for i, block in zip(new, blocks, strict=True):
-                self._index[keys[i]] = _Entry([block], nbytes, dtype, shape)
-                self._policy.admit(keys[i])
-                self._used += nbytes
+            rows = self._pool_tensor().view(-1, self._block)
+            for lo in range(0, len(new), self._pool.shape[0]):
+                part = new[lo:lo + self._pool.shape[0]]
+                while len(self._free) < len(part):   # a victim may free several blocks
+                    self._evict_one(evicted, dropped)
+                blocks = sorted(self._free.pop() for _ in part)   # adjacent ones: slice copies
+                try:
+                    fill(rows, torch.tensor(blocks, dtype=torch.int64, device="cpu"),
+                         torch.tensor(part, dtype=torch.int64, device="cpu"))
+                except BaseException:
+                    self._free.extend(blocks)    # nothing half-written is indexed
+                    raise
+                for i, block in zip(part, blocks, strict=True):
+                    self._index[keys[i]] = _Entry([block], nbytes, dtype, shape)
+                    self._policy.admit(keys[i])
+                    self._used += nbytes
         return PutResult(tuple(dict.fromkeys(keys)), (), tuple(evicted), tuple(dropped))
 
     def put(self, pages: Sequence[KVPage]) -> PutResult:
