@@ -31,6 +31,23 @@ def test_a_rate_is_sustained_only_if_every_run_at_it_and_below_kept_the_goal() -
     assert sustained_rates(runs, goal_p90_s=1.0) == {"radix": 0.5, "hierarchical": None}
 
 
+def test_a_user_context_starts_every_prompt_of_its_user_only() -> None:
+    from sgl_kvext_bench.multiturn import Workload, trace_requests
+
+    work = Workload(users=3, turns=2, system_words=10, question_words=10, answer_tokens=2,
+                    context_words=50)
+    docs = [work.user_context(u) for u in range(3)]
+    assert len(set(docs)) == 3 and all(len(d.split()) >= 50 + 3 for d in docs)
+    assert all(d.startswith(f"User {u + 1}'s document: ") for u, d in enumerate(docs))
+    assert docs == [Workload(users=3, context_words=50).user_context(u) for u in range(3)]
+    system = work.system_prompt()
+    for k, request in enumerate(trace_requests(work, 1.0)):   # round-robin over users
+        user = k % 3
+        assert request.prompt.startswith(system + docs[user])
+        assert all(docs[u] not in request.prompt for u in range(3) if u != user)
+    assert Workload(users=3).user_context(0) == ""
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rates", "1,x"], "--rates '1,x': comma-separated numbers > 0"),
     (["--rates", "0,1"], "--rates must be > 0"),
@@ -38,6 +55,7 @@ def test_a_rate_is_sustained_only_if_every_run_at_it_and_below_kept_the_goal() -
     (["--configs", "radix,nope"], "--configs: unknown ['nope']"),
     (["--users", "0"], "--users"),
     (["--repeats", "0"], "--repeats"),
+    (["--context-words", "-1"], "--context-words -1: must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message) -> None:
     assert main(["sustained", "--json", str(tmp_path / "s.json"), *argv]) == 2

@@ -216,6 +216,9 @@ def _chat_args(p: argparse.ArgumentParser, users: int) -> None:
     p.add_argument("--system-words", type=int, default=300)
     p.add_argument("--question-words", type=int, default=45)
     p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument("--context-words", type=int, default=0,
+                   help="words of a document each user sends once, first in its history "
+                        "(an agent's or a pasted file's context; default 0: none)")
     p.add_argument("--pool-fraction", type=float, default=0.25,
                    help="device KV pool as a share of the working set")
 

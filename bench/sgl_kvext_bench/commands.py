@@ -24,15 +24,23 @@ from sgl_kvext_bench.offline_commands import blend, compare, merge, tiers, tree
 from sgl_kvext_bench.report import markdown
 
 
+def chat_workload(args: argparse.Namespace) -> Any:
+    """The multi-turn chat :class:`~sgl_kvext_bench.multiturn.Workload` of ``args``."""
+    from sgl_kvext_bench.multiturn import Workload
+
+    if args.context_words < 0:
+        raise BadOption(f"--context-words {args.context_words}: must be >= 0")
+    return Workload(args.users, args.turns, args.system_words, args.question_words,
+                    args.answer_tokens, context_words=args.context_words)
+
 def multiturn(args: argparse.Namespace) -> int:
-    from sgl_kvext_bench.multiturn import NAMES, Workload, run_multiturn, trace_requests
+    from sgl_kvext_bench.multiturn import NAMES, run_multiturn, trace_requests
 
     configs = parse_configs(args.configs, NAMES)
     require_positive(args, "users", "turns", "answer_tokens", "system_words", "question_words")
     if not 0 < args.pool_fraction <= 1 or args.qps < 0:
         raise BadOption("--pool-fraction must be in (0, 1] and --qps >= 0")
-    work = Workload(args.users, args.turns, args.system_words, args.question_words,
-                    args.answer_tokens)
+    work = chat_workload(args)
     if args.export_trace is not None:
         interval = 1 / args.qps if args.qps > 0 else args.trace_interval_s
         return export_trace(args, trace_requests(work, interval))
@@ -59,7 +67,7 @@ def multiturn(args: argparse.Namespace) -> int:
 
 
 def sustained(args: argparse.Namespace) -> int:
-    from sgl_kvext_bench.multiturn import NAMES, Workload
+    from sgl_kvext_bench.multiturn import NAMES
     from sgl_kvext_bench.sustained import run_sustained
 
     configs = parse_configs(args.configs, NAMES)
@@ -71,8 +79,7 @@ def sustained(args: argparse.Namespace) -> int:
         raise BadOption(f"--rates {args.rates!r}: comma-separated numbers > 0") from None
     if not rates or min(rates) <= 0 or args.goal_p90 <= 0 or not 0 < args.pool_fraction <= 1:
         raise BadOption("--rates must be > 0, --goal-p90 > 0 and --pool-fraction in (0, 1]")
-    work = Workload(args.users, args.turns, args.system_words, args.question_words,
-                    args.answer_tokens)
+    work = chat_workload(args)
     with progress_bar() as progress:
         results = run_sustained(serving_for(args), work, configs, sorted(rates), args.goal_p90,
                                 args.pool_fraction, progress, args.repeats)
@@ -92,15 +99,13 @@ def sustained(args: argparse.Namespace) -> int:
 
 def fleet(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.fleet import ARMS, run_fleet
-    from sgl_kvext_bench.multiturn import Workload
 
     arms = parse_configs(args.arms, ARMS, "--arms")
     require_positive(args, "users", "answer_tokens", "system_words", "question_words")
     if args.turns < 3 or not 0 < args.pool_fraction <= 1:
         raise BadOption("--turns must be >= 3 (before, failover, after the restart) and "
                         "--pool-fraction in (0, 1]")
-    work = Workload(args.users, args.turns, args.system_words, args.question_words,
-                    args.answer_tokens)
+    work = chat_workload(args)
     serving = serving_for(args)
     assert serving.model_path is not None          # no --url: fleet starts its servers
     with progress_bar() as progress:

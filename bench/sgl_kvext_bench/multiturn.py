@@ -47,12 +47,23 @@ class Workload:
     question_words: int = 45
     answer_tokens: int = 24
     seed: int = 0
+    #: Words of a document each user sends once, first in its history (0: none): the
+    #: long private context of an agent or a chat over a pasted file.
+    context_words: int = 0
 
     def system_prompt(self) -> str:
         rng = random.Random(self.seed)
         words = [rng.choice(TOPICS + THINGS + VERBS) for _ in range(self.system_words)]
         return ("System: You are a patient assistant. House notes follow. "
                 + " ".join(words) + "\n")
+
+    def user_context(self, user: int) -> str:
+        """The user's own document, the start of its history ('' without one)."""
+        if not self.context_words:
+            return ""
+        rng = random.Random(f"{self.seed}-context-{user}")
+        words = [rng.choice(TOPICS + THINGS + VERBS) for _ in range(self.context_words)]
+        return f"User {user + 1}'s document: " + " ".join(words) + "\n"
 
     def question(self, user: int, turn: int) -> str:
         rng = random.Random(f"{self.seed}-{user}-{turn}")
@@ -85,7 +96,7 @@ def run_workload(target: Endpoint, config: str, work: Workload,
     when its user's previous answer is in if that is later; users run concurrently (the shape
     of LMCache's multi-round QA benchmark)."""
     system = work.system_prompt()
-    histories = [""] * work.users
+    histories = [work.user_context(u) for u in range(work.users)]
     samples: list[Sample] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -125,7 +136,7 @@ def trace_requests(work: Workload, interval_s: float) -> list[Any]:
     what the model said."""
     from sgl_kvext_bench.replay import TraceRequest
 
-    system, history = work.system_prompt(), [""] * work.users
+    system, history = work.system_prompt(), [work.user_context(u) for u in range(work.users)]
     out: list[Any] = []
     for turn in range(1, work.turns + 1):
         for user in range(work.users):
@@ -158,9 +169,10 @@ def summarize(config: str, samples: list[Sample], from_turn: int,
 def working_set_tokens(work: Workload, tokenizer: Any) -> tuple[int, int]:
     """(tokens of all users' final histories, tokens of the longest single request)."""
     system = len(tokenizer(work.system_prompt()).input_ids)
+    context = len(tokenizer(work.user_context(0)).input_ids) if work.context_words else 0
     turn = len(tokenizer(work.question(0, 1)).input_ids) + work.answer_tokens + 2
-    longest = system + work.turns * turn
-    return system + work.users * work.turns * turn, longest
+    longest = system + context + work.turns * turn
+    return system + work.users * (context + work.turns * turn), longest
 
 
 #: Rounds of the 4k host-hit measurement: one request each way is ~1.4x noise on 2 cores.
