@@ -4,7 +4,7 @@ options (the measurement itself starts servers: docs/benchmarks.md has the run).
 import pytest
 
 from sgl_kvext_bench.cli import main
-from sgl_kvext_bench.sustained import sustained_rates
+from sgl_kvext_bench.sustained import decided, sustained_rates
 
 
 def _run(name: str, offered: float, achieved: float, p90: float) -> dict:
@@ -61,3 +61,14 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message) -> Non
     assert main(["sustained", "--json", str(tmp_path / "s.json"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_runs_that_cannot_change_the_sustained_rate_are_decided() -> None:
+    # radix missed the goal at 1 req/s (second repeat): 1 and 2 req/s are decided for it,
+    # 0.5 is not (its runs there kept the goal); hierarchical has not missed anywhere
+    runs = [_run("radix", 0.5, 0.5, 0.6), _run("hierarchical", 0.5, 0.5, 0.2),
+            _run("radix", 1.0, 1.0, 0.8), _run("hierarchical", 1.0, 1.0, 0.3),
+            _run("radix", 1.0, 0.8, 0.9)]                # fell behind
+    assert [decided(runs, "radix", r, 1.0) for r in (0.5, 1.0, 2.0)] == [False, True, True]
+    assert not any(decided(runs, "hierarchical", r, 1.0) for r in (0.5, 1.0, 2.0))
+    assert not decided(runs, "no_cache", 0.5, 1.0)

@@ -13,9 +13,11 @@ A run *keeps the goal* when its p90 TTFT is within it and it achieved at least
 that rate and at every lower rate tried kept the goal: with ``repeats`` > 1 each rate is run
 that many times, because on a small machine a queue that once falls behind may grow for the
 rest of a run while the next run at the same rate stays short (measured: radix's p90 at 1
-req/s was 17.7 s in one run and 1.35 s at 1.5 req/s in the next). The figure compared is
-``hierarchical``'s sustained rate over ``radix``'s, both measured in one run (the same
-machine state, interleaved by rate and repeat).
+req/s was 17.7 s in one run and 1.35 s at 1.5 req/s in the next). Once a configuration missed
+the goal at a rate, its later runs at that rate and above are skipped (listed in
+``skipped``): they cannot change its sustained rate, and an overloaded run is the longest.
+The figure compared is ``hierarchical``'s sustained rate over ``radix``'s, both measured in
+one run (the same machine state, interleaved by rate and repeat).
 """
 
 from __future__ import annotations
@@ -34,14 +36,26 @@ from sgl_kvext_bench.serving import Serving
 KEPT_UP = 0.9
 
 
+def kept_goal(run: dict[str, Any], goal_p90_s: float) -> bool:
+    """Whether one run kept the goal: p90 TTFT within it, at least :data:`KEPT_UP` achieved."""
+    return (run["ttft_p90_s"] <= goal_p90_s
+            and run["achieved_rps"] >= KEPT_UP * run["offered_rps"])
+
+
+def decided(runs: Sequence[dict[str, Any]], name: str, rate: float, goal_p90_s: float) -> bool:
+    """Whether a run of ``name`` at ``rate`` can no longer change its sustained rate: a run of
+    it at this rate or a lower one already missed the goal (so ``rate`` is not sustained)."""
+    return any(r["name"] == name and r["offered_rps"] <= rate and not kept_goal(r, goal_p90_s)
+               for r in runs)
+
+
 def sustained_rates(runs: Sequence[dict[str, Any]], goal_p90_s: float
                     ) -> dict[str, float | None]:
     """Per configuration, the highest offered rate it sustained: every run at it and at every
     lower rate kept the goal (None: not even the lowest rate tried)."""
     kept: dict[str, dict[float, bool]] = {}
     for run in runs:
-        ok = (run["ttft_p90_s"] <= goal_p90_s
-              and run["achieved_rps"] >= KEPT_UP * run["offered_rps"])
+        ok = kept_goal(run, goal_p90_s)
         rates = kept.setdefault(run["name"], {})
         rates[run["offered_rps"]] = rates.get(run["offered_rps"], True) and ok
     out: dict[str, float | None] = {}
@@ -65,8 +79,14 @@ def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
     total, longest = working_set_tokens(work, AutoTokenizer.from_pretrained(serving.model_path))
     pool = max(int(total * pool_fraction), longest + 256)
     runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     plan = [(rate, name) for rate in rates for _ in range(repeats) for name in configs]
     for rate, name in plan:                     # by rate, repeat, configuration: interleaved
+        if decided(runs, name, rate, goal_p90_s):
+            skipped.append({"name": name, "offered_rps": rate})
+            progress(f"sustained: {name} at {rate:g} req/s skipped: a run at or below it "
+                     "missed the goal")
+            continue
         args = ("--max-total-tokens", str(pool), *CONFIGS.get(name, ()))
         with serving.serve(f"sustained-{rate:g}", name, args) as target:
             started = time.perf_counter()
@@ -87,5 +107,6 @@ def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
     ours, theirs = sustained.get("hierarchical"), sustained.get("radix")
     return {"workload": asdict(work), "working_set_tokens": total, "pool_tokens": pool,
             "goal_p90_s": goal_p90_s, "rates": list(rates), "repeats": repeats, "runs": runs,
+            "skipped": skipped,
             "sustained_rps": sustained,
             "hierarchical_over_radix": (ours / theirs if ours and theirs else None)}
