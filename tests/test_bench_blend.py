@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sgl_kvext_bench.blend import METHODS
 from sgl_kvext_bench.prose_set import make_prose_set
-from sgl_kvext_bench.quality import Pair, kl_full, kl_top, summarize
+from sgl_kvext_bench.quality import Pair, entropy, kl_full, kl_top, summarize
 from sgl_kvext_bench.rag_set import MAX_FACTS, RagSpec, is_correct, make_rag_set
 
 
@@ -70,7 +71,8 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sgl_kvext_bench.cli", "blend", "--json", str(out),
          "--questions", "2", "--documents", "8", "--sentences", "4", "--answer-tokens", "4",
-         "--ratios", "0,0.15,1.0", "--methods", "cacheblend,query_half,head_context",
+         "--ratios", "0,0.15,1.0",
+         "--methods", "cacheblend,query_half,head_context,check6_query_half_fallback",
          "--dtype", "float32", "--model-path", str(model_path),
          "--plot", str(tmp_path / "blend.png"), "--reference-cache", str(tmp_path / "ref")],
         capture_output=True, text=True, timeout=900)
@@ -79,7 +81,7 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["references_cached"] == 0 and len(list((tmp_path / "ref").glob("*.pt"))) == 2
     runs = {(e["method"], e["ratio"]): e for e in data["runs"]}
-    assert len(runs) == 9
+    assert len(runs) == 12
     for e in data["runs"]:
         assert {"ttft_p50_s", "speedup", "exact_accuracy", "blend_accuracy", "exact_stderr",
                 "delta_stderr", "kl_mean", "kl_median", "top1_agreement",
@@ -91,8 +93,15 @@ def test_blend_bench_tiny(tmp_path: Path, model_path: Path) -> None:
         assert runs[method, 0.0]["kl_mean"] > full["kl_mean"]
     # Computed after the head, a chunk's KV is another approximation: not exact at ratio 0.
     assert runs["head_context", 0.0]["kl_mean"] != runs["cacheblend", 0.0]["kl_mean"]
+    # The fallback prefills again, exactly, exactly where the blended answer was uncertain.
+    gate = METHODS["check6_query_half_fallback"].fallback_entropy
+    for row in data["rows"]:
+        assert row["fell_back"] == (row["method"] == "check6_query_half_fallback"
+                                    and row["blend_entropy"] > gate)
+        if row["fell_back"]:
+            assert row["kl"] < 1e-6 and row["blend_answer"] == row["exact_answer"]
     rows = (tmp_path / "blend.csv").read_text().splitlines()
-    assert len(rows) == 1 + 9 * 2 and rows[0].startswith("method,ratio,question")
+    assert len(rows) == 1 + 12 * 2 and rows[0].startswith("method,ratio,question")
     png = (tmp_path / "blend.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -141,6 +150,16 @@ def test_kl_over_the_top_tokens_is_a_lower_bound_of_the_full_kl() -> None:
     assert kl_top(same, same) == 0.0
     with pytest.raises(ValueError, match="every token"):
         kl_top({1: -0.1}, {2: -0.1})
+
+
+def test_entropy_is_zero_for_a_certain_token_and_log_vocab_for_a_uniform_one() -> None:
+    import math
+
+    import torch
+
+    assert entropy(torch.tensor([0.0, 80.0, 0.0])) == pytest.approx(0.0, abs=1e-12)
+    assert entropy(torch.zeros(1000)) == pytest.approx(math.log(1000))
+    assert 0 < entropy(torch.tensor([2.0, 1.0, 0.0])) < math.log(3)
 
 
 def test_summary_pairs_each_question_and_lists_flips() -> None:

@@ -19,6 +19,7 @@ first token, stored without them, re-rotated like any chunk).
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sgl_kvext_bench.quality import Pair, describe, kl_full, summarize
+from sgl_kvext_bench.quality import Pair, describe, entropy, kl_full, summarize
 from sgl_kvext_bench.rag_set import HEAD, RagQuestion, RagSpec, is_correct, prompt_text
 from sgl_kvext_bench.reference_cache import Reference, ReferenceCache
 
@@ -37,10 +38,13 @@ RATIOS = (0.0, 0.05, 0.15, 0.3)
 
 
 class Method(NamedTuple):
-    """A named blend method: settings (ratio set per run) and chunk context."""
+    """A named blend method: settings (ratio set per run), chunk context, and the first-token
+    entropy (nats) of the blended answer above which the prompt is prefilled again exactly
+    (a second pass where the next token is a close call; ``inf``: never)."""
 
     settings: dict[str, Any]
     context: str = "none"
+    fallback_entropy: float = math.inf
 
 
 METHODS: dict[str, Method] = {
@@ -59,6 +63,8 @@ METHODS: dict[str, Method] = {
     "query_all": Method({"query_share": 1.0}),
     "head_context": Method({}, "head"),
     "head_query_half": Method({"query_share": 0.5}, "head"),
+    "check6_query_half_fallback": Method({"check_layer": 6, "query_share": 0.5},
+                                         fallback_entropy=2.0),
 }
 
 
@@ -176,6 +182,10 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
             t0 = time.perf_counter()
             blended = blended_prefill(ops, ids, fetch(how.context, ids, spans), rope,
                                       settings=settings)
+            uncertainty = entropy(blended.last_logits)
+            fell_back = uncertainty > how.fallback_entropy
+            if fell_back:                       # the second pass: the whole prompt, exactly
+                blended = full_prefill(ops, ids)
             ttft = time.perf_counter() - t0
             answer = str(tok.decode(greedy_continue(ops, blended, len(ids), answer_tokens,
                                                     stop)))
@@ -187,7 +197,8 @@ def run_blend(model_path: Path, spec: RagSpec, methods: Sequence[str] = ("cacheb
             rows.append({"method": method, "ratio": ratio, **pair._asdict(), "ttft_s": ttft,
                          "full_ttft_s": full_ttfts[-1], "prompt_tokens": len(ids),
                          "recomputed_tokens": blended.recomputed_tokens,
-                         "reused_tokens": blended.reused_tokens, "gold": q.answer,
+                         "reused_tokens": blended.reused_tokens,
+                         "blend_entropy": uncertainty, "fell_back": fell_back, "gold": q.answer,
                          "exact_answer": exact_answer, "blend_answer": answer})
         last = {run: pairs[run][-1] for run in runs}       # '!': a wrong answer
         progress(f"question {n + 1}/{len(rag.questions)}: {len(ids)} tokens, full "

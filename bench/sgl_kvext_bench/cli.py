@@ -130,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--backends", default="torch_native,kvext_cpu",
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
+    gt = _command(sub, "gate", "a blend run's quality and TTFT had its close calls (blended "
+                               "first-token entropy above a threshold) been prefilled again, "
+                               "exactly")
+    gt.add_argument("results", type=Path, help="results JSON of sgl-kvext-bench blend")
+    gt.add_argument("--method", default="check6_query_half", help="the method")
+    gt.add_argument("--ratio", type=float, default=0.15, help="the ratio")
+    gt.add_argument("--thresholds", default="inf,3,2.5,2,1.5,1,0.5",
+                    help="comma-separated entropies in nats (inf: never prefill again)")
     cmp = _command(sub, "compare", "two quality runs over the same prompts (blend or rag "
                                    "results, say offline and server): each one's loss against "
                                    "exact and the difference, with its standard error")

@@ -4,6 +4,7 @@ cost, and comparing two quality runs (no server started)."""
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from sgl_kvext_bench.command_kit import (
@@ -156,3 +157,30 @@ def compare(args: argparse.Namespace) -> int:
     rows = [{"side": side, **{k: v for k, v in results[side].items()
                               if not isinstance(v, list)}} for side in ("a", "b")]
     return finish(args, results, table, rows, extra=extra)
+
+
+def gate(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.fallback_gate import gate_curve
+    from sgl_kvext_bench.quality import load_results
+
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+        if not thresholds or any(math.isnan(t) or t < 0 for t in thresholds):
+            raise ValueError
+    except ValueError:
+        raise BadOption(f"--thresholds must be comma-separated entropies >= 0 (nats; inf: "
+                        f"never), got {args.thresholds!r}") from None
+    try:
+        curve = gate_curve(load_results(args.results)["rows"], args.method, args.ratio,
+                           thresholds)
+    except ValueError as exc:
+        raise BadOption(str(exc)) from None
+    table = markdown(["entropy gate", "prefilled again", "TTFT p50", "TTFT mean", "blend acc.",
+                      "delta ± se", "KL mean", "KL median", "top-1"],
+                     [[c["threshold"], f"{c['fallback_share']:.3f}", f"{c['ttft_p50_s']:.3f}",
+                       f"{c['ttft_mean_s']:.3f}", c["blend_accuracy"],
+                       f"{c['accuracy_delta']:+.3f} ± {c['delta_stderr']:.3f}",
+                       f"{c['kl_mean']:.4f}", f"{c['kl_median']:.4f}", c["top1_agreement"]]
+                      for c in curve])
+    return finish(args, {"results": str(args.results), "method": args.method,
+                         "ratio": args.ratio, "curve": curve}, table, curve)
