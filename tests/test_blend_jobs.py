@@ -253,3 +253,27 @@ def test_jobs_start_once_per_plan_and_give_every_lock_back_once() -> None:
     assert len(jobs) == MAX_JOBS and locks.held["n1"] == MAX_JOBS
     jobs.clear()                                   # the tree was reset: nothing to unlock
     assert len(jobs) == 0
+
+
+def test_a_close_call_is_blended_once_then_computed_as_usual(rig: Rig) -> None:
+    # SGLang matches a waiting request more than once a pass; a blend that ends unblended
+    # (here every blend is a close call) must not be planned and started again (it was,
+    # forever: the request never ran).
+    rig.blender.fallback_entropy = 0.0
+    rig.gate.set()
+    req = rig.request("close")
+    deadline = time.monotonic() + 60
+    while not rig.tree.blend_jobs.settled("close"):
+        assert time.monotonic() < deadline, "the close call never settled"
+        rig.admit(req)
+        rig.tree.blend_jobs.wait(0.02)
+    for _ in range(3):                   # every later match: no blend, nothing held
+        m, out = rig.admit(req)
+        assert m.host_hit_length == 0 and out == (0, m.last_device_node)
+    assert len(rig.blend_threads) == 1 and len(rig.tree.blend_jobs) == 0
+    report = req.customized_info[REPORT_KEY][0]
+    assert report["outcome"] == "close_call" and report["first_token_entropy"] > 0
+    assert rig.blender.counters["close_calls"] == 1
+    rig.tree.on_release(types.SimpleNamespace(cache_request_handle="close", rid="close",
+                                              finished=lambda: True), checkpointed=False)
+    assert not rig.tree.blend_jobs.settled("close")          # forgotten when it leaves

@@ -108,6 +108,8 @@ def test_disk_dir_that_does_not_exist_yet_is_fine_and_not_created(tmp_path: Path
     (BlendConfig, {"check_layer": -1}, ">= 0"),
     (BlendConfig, {"query_share": -0.1}, "= -0.1: must be within [0, 1]"),
     (BlendConfig, {"spread": "question"}, "prompt, chunk, attention"),
+    (BlendConfig, {"fallback_entropy": -1}, "= -1.0: must be >= 0 nats"),
+    (BlendConfig, {"fallback_entropy": "nan"}, "must be >= 0 nats"),
     (FragmentConfig, {"min_tokens": 0}, ">= 1"),
     (FragmentConfig, {"chunking": "regex"}, "explicit, auto, both"),
     (FragmentConfig, {"enabled": "maybe"}, "must be a boolean"),
@@ -177,6 +179,11 @@ def test_malformed_yaml(tmp_path: Path, content: str, needle: str) -> None:
 def test_missing_yaml_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         KVExtConfig.load(config_file=tmp_path / "nope.yaml", environ={})
+
+
+def test_close_call_gate_parses_inf_to_switch_it_off() -> None:
+    assert BlendConfig(fallback_entropy="inf").fallback_entropy == float("inf")
+    assert BlendConfig(fallback_entropy="2.5").fallback_entropy == 2.5
 
 
 def test_json_round_trip(tmp_path: Path) -> None:

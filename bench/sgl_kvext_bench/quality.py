@@ -43,12 +43,6 @@ def kl_full(exact_logits: torch.Tensor, blend_logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
-def entropy(logits: torch.Tensor) -> float:
-    """Entropy (nats) of the softmax distribution of ``logits`` [vocab]."""
-    logp = torch.log_softmax(logits.double(), -1)
-    return float(-(logp.exp() * logp).sum())
-
-
 def kl_top(exact: Mapping[int, float], blend: Mapping[int, float]) -> float:
     """KL(exact || blend) over the tokens of ``exact`` (token -> log-probability: the exact
     answer's top K) and one bucket for every other token; ``blend`` holds the blended

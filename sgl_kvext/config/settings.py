@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,11 @@ class BlendConfig:
                        "How the rest of the budget is spread: one ranking over the prompt "
                        "(CacheBlend), per chunk by length, or per chunk by the attention "
                        "the question pays it.", choices=("prompt", "chunk", "attention"))
+    fallback_entropy: float = _opt(3.0, "--kvext-blend-fallback-entropy",
+                                   "Blended first-token entropy (nats) above which a prompt "
+                                   "is computed exactly instead, a close call where the "
+                                   "blend's error is largest (inf: never; lower: closer to "
+                                   "exact, slower).", parse_float)
 
     def __post_init__(self) -> None:
         _normalize(self, "blend")
@@ -231,6 +237,8 @@ class BlendConfig:
             _fail(self, "blend", "check_layer", "must be >= 0")
         if not 0.0 <= self.query_share <= 1.0:
             _fail(self, "blend", "query_share", "must be within [0, 1]")
+        if math.isnan(self.fallback_entropy) or self.fallback_entropy < 0:
+            _fail(self, "blend", "fallback_entropy", "must be >= 0 nats (inf: never)")
 
 
 _SECTIONS: dict[str, type] = {"tiers": TierConfig, "fragments": FragmentConfig,

@@ -14,7 +14,10 @@ blended prefill over them, and register new fragments in the background (torch o
   (docs/reliability.md).
 - :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
   are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
-  prefix's KV. The result is approximate by design; the caller keeps it apart from exact KV.
+  prefix's KV, through the prompt's last token so that its first-token distribution is the
+  one the engine will sample from; a close call (entropy above ``fallback_entropy``) is
+  thrown away and the span computed exactly (:mod:`sgl_kvext.blend.close_call`). The result
+  is approximate by design; the caller keeps it apart from exact KV.
 - Registration runs on one worker thread at the lowest CPU priority: a fragment some tier
   already holds (stored by another instance sharing the disk folder or S3 prefix, or before
   a restart) is only added to the index; otherwise it is computed on its own after the
@@ -26,6 +29,7 @@ blended prefill over them, and register new fragments in the background (torch o
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -46,7 +50,9 @@ from sgl_kvext.blend import (
     PrefixKV,
     ReusedChunk,
     blended_prefill,
+    check_threshold,
     compute_chunk_kv,
+    first_token_entropy,
 )
 from sgl_kvext.fragments.chunking import fragments
 from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch, marked_core
@@ -149,14 +155,19 @@ class FragmentBlender:
         raises :class:`PrewarmBusy` (one is always taken when none wait).
     max_text_tokens
         Longest pre-warm text (the model's context).
+    fallback_entropy
+        Blended first-token entropy (nats) above which the span is computed exactly instead
+        (``inf``: never).
     """
 
     def __init__(self, ops: LayerOps, rope: RopeConfig, store: FragmentStore,
                  index: FragmentIndex, settings: BlendSettings = DEFAULT_SETTINGS,
                  min_reuse_share: float = 0.25, queue_size: int = 256,
-                 prewarm_pending: int = 4096, max_text_tokens: int = 32768) -> None:
+                 prewarm_pending: int = 4096, max_text_tokens: int = 32768,
+                 fallback_entropy: float = math.inf) -> None:
         if not 0.0 <= min_reuse_share <= 1.0:
             raise ValueError(f"min_reuse_share {min_reuse_share} must be in [0, 1]")
+        self.fallback_entropy = check_threshold(fallback_entropy)
         self.ops, self.rope, self.store, self.index = ops, rope, store, index
         self.settings, self.min_reuse_share = settings, min_reuse_share
         self.queue_size, self.prewarm_pending = queue_size, prewarm_pending
@@ -169,7 +180,7 @@ class FragmentBlender:
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
                          "found_stored": 0, "register_dropped": 0, "register_failed": 0,
-                         "seen_once": 0}
+                         "seen_once": 0, "close_calls": 0}
         self._seen: OrderedDict[bytes, int] = OrderedDict()   # key -> the position seen at
         store.on_gone = lambda key: index.discard([key])    # registered again on next sight
         self._worker = threading.Thread(target=self._register_loop, name="kvext-fragments",
@@ -231,11 +242,13 @@ class FragmentBlender:
     def run(self, tenant: Tenant, plan: BlendPlan, tokens: Sequence[int] | np.ndarray,
             prefix: PrefixKV) -> BlendOutput | NoBlend:
         """KV for ``tokens[plan.start:plan.end]`` after ``prefix`` (``plan.start`` tokens), or
-        NoBlend when no fragment's KV could be fetched (the caller recomputes)."""
+        NoBlend when no fragment's KV could be fetched or the blended first token is a close
+        call (the caller recomputes). The blend runs through the prompt's last token (the
+        engine computes the tokens after ``plan.end`` again, over the span's KV)."""
         if len(prefix) != plan.start:
             raise ValueError(f"prefix holds {len(prefix)} tokens, the plan starts at "
                              f"{plan.start}")
-        ids = _on(self.ops.device, tokens[plan.start:plan.end])
+        ids = _on(self.ops.device, tokens[plan.start:])
         whole = [_on(torch.device("cpu"), tokens[m.start:m.end]) for m in plan.fragments]
         fetch_started = time.perf_counter()
         found = self.store.get(tenant, whole, local_only=True)   # host memory only
@@ -254,14 +267,21 @@ class FragmentBlender:
             chunks.append(ReusedChunk(a - plan.start, kv.part(a - m.start, b - m.start)))
         result = blended_prefill(self.ops, ids, chunks, self.rope, prefix=prefix,
                                  settings=self.settings)
-        with self._lock:
-            self.counters["blends"] += 1
-            self.counters["blended_tokens"] += result.reused_tokens
-            self.counters["recomputed_tokens"] += result.recomputed_tokens
-        return BlendOutput(result.k, result.v, plan.report.but(
+        entropy = first_token_entropy(result.last_logits)
+        report = plan.report.but(
             outcome=Outcome.BLENDED, fragments_missing=missing,
-            reused_tokens=result.reused_tokens, recomputed_tokens=result.recomputed_tokens,
-            seconds=BlendSeconds(0.0, fetch_s, *result.seconds)))
+            reused_tokens=result.reused_tokens, first_token_entropy=entropy,
+            recomputed_tokens=result.recomputed_tokens - (len(ids) - plan.tokens),
+            seconds=BlendSeconds(0.0, fetch_s, *result.seconds))
+        close_call = entropy > self.fallback_entropy
+        with self._lock:
+            self.counters["close_calls" if close_call else "blends"] += 1
+            if not close_call:
+                self.counters["blended_tokens"] += result.reused_tokens
+                self.counters["recomputed_tokens"] += report.recomputed_tokens
+        if close_call:
+            return NoBlend(report.but(outcome=Outcome.CLOSE_CALL))
+        return BlendOutput(result.k[:, :plan.tokens], result.v[:, :plan.tokens], report)
 
     # -------------------------------------------------------------- register
     def prewarm_async(self, tenant: Tenant, texts: Sequence[Sequence[int] | np.ndarray]

@@ -26,6 +26,8 @@ class Outcome(enum.Enum):
     FAILED = "the blend failed; computed in full"
     DECLINED = "not admitted as planned (the tree or the pool changed); computed in full"
     PAGES = "the tiers hold the span's KV as pages (loaded, or coming up): not blended"
+    CLOSE_CALL = ("the blended first token was a close call (entropy above the gate): "
+                  "computed in full")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class BlendReport:
     ``reused_tokens``: span tokens that came with stored KV;
     ``recomputed_tokens``: span tokens computed in every layer (those without stored KV, the
     ones the check layer selected, and the span's last token);
+    ``first_token_entropy``: nats, of the blended first-token distribution (a blend that
+    ran; above the gate the span is computed in full, :data:`Outcome.CLOSE_CALL`);
     ``seconds``: wall time per step of a blend that ran (:class:`BlendSeconds`)."""
 
     outcome: Outcome
@@ -66,6 +70,7 @@ class BlendReport:
     fragments_missing: int = 0
     reused_tokens: int = 0
     recomputed_tokens: int = 0
+    first_token_entropy: float | None = None
     seconds: BlendSeconds | None = None
 
     def but(self, **changes: Any) -> BlendReport:

@@ -129,11 +129,13 @@ def _fragment_blender(ctx: TreeCacheBuildContext, config: KVExtConfig, chain: Ti
                                             query_share=config.blend.query_share,
                                             spread=config.blend.spread),
                               prewarm_pending=frag.prewarm_queue,
-                              max_text_tokens=int(ctx.model_config.context_len))
+                              max_text_tokens=int(ctx.model_config.context_len),
+                              fallback_entropy=config.blend.fallback_entropy)
     logger.info("sgl-kvext: fragment blend on: chunking %s, fragments >= %d tokens, recompute "
-                "ratio %.2f at layer %d, %.2f of it for the question, spread %s",
-                frag.chunking, frag.min_tokens, config.blend.recompute_ratio,
-                config.blend.check_layer, config.blend.query_share, config.blend.spread)
+                "ratio %.2f at layer %d, %.2f of it for the question, spread %s, exact above "
+                "a first-token entropy of %g nats", frag.chunking, frag.min_tokens,
+                config.blend.recompute_ratio, config.blend.check_layer,
+                config.blend.query_share, config.blend.spread, config.blend.fallback_entropy)
     return blender
 
 

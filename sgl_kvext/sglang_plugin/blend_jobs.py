@@ -66,6 +66,10 @@ class BlendJobs:
     def __init__(self, lock: Callable[[Any], object], unlock: Callable[[Any], object]) -> None:
         self._lock, self._unlock = lock, unlock
         self._jobs: dict[Hashable, _Job] = {}
+        # Requests whose blend ended unblended (a close call, say): SGLang matches a waiting
+        # request more than once a pass, and planning it again would start the same blend
+        # again, forever. Kept until the request leaves (:meth:`forget`).
+        self._settled: set[Hashable] = set()
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -110,7 +114,20 @@ class BlendJobs:
         if job is None or not job.future.done():
             return None
         self.drop(request)
-        return job.future.result()
+        out = job.future.result()
+        if isinstance(out, NoBlend):
+            self._settled.add(request)
+        return out
+
+    def settled(self, request: Hashable) -> bool:
+        """Whether ``request``'s blend already ended unblended: it is computed as usual, not
+        planned again."""
+        return request in self._settled
+
+    def forget(self, request: Hashable) -> None:
+        """The request left: its job is dropped (:meth:`drop`) and its settlement forgotten."""
+        self.drop(request)
+        self._settled.discard(request)
 
     def drop(self, request: Hashable) -> None:
         """Forget ``request``'s job (a running one finishes unread) and unlock its node."""
@@ -124,6 +141,7 @@ class BlendJobs:
         for job in self._jobs.values():
             job.future.cancel()
         self._jobs.clear()
+        self._settled.clear()
 
 
 def _idle_wait(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:

@@ -34,7 +34,7 @@ PREFETCH_COUNTERS = ("started", "dropped", "promoted_pages")
 CHAIN_COUNTERS = ("dropped_pages", "demoted_pages", "promoted_pages")
 FRAGMENT_COUNTERS = ("blends", "fragment_hits", "fragment_misses", "blended_tokens",
                      "recomputed_tokens", "registered", "found_stored", "register_dropped",
-                     "register_failed", "seen_once")
+                     "register_failed", "seen_once", "close_calls")
 
 
 class MetricsExporter:

@@ -246,7 +246,7 @@ class HierarchicalRadixCache(RadixCache):
         # A blend reaching past the pages the tiers hold (or are bringing up) wins: a loaded
         # page run ends the match, and the prompt's documents after it would run unblended.
         blend = None
-        if tenant.blend and self.blend is not None:
+        if tenant.blend and self.blend is not None and not self.blend_jobs.settled(handle):
             with GAPS.timed("blend_plan"):
                 blend = self.blend.plan(req, tenant, tokens, device_len, self.page_size)
         past = blend is not None and blend.end > (step.end if isinstance(step, LoadPlan)
@@ -400,7 +400,7 @@ class HierarchicalRadixCache(RadixCache):
     def _forget(self, handle: Any, rid: Any) -> None:
         """The request left: its pending step, blend job, holds and prefetch go."""
         self._pending.pop(handle, None)
-        self.blend_jobs.drop(handle)
+        self.blend_jobs.forget(handle)
         if self.blend is not None:
             self.blend.forget(handle, rid)
         if self.tiering is not None:
