@@ -97,14 +97,17 @@ def test_rag_bench_tiny(tmp_path: Path, model_path: Path) -> None:
         assert q["cached_tokens"] >= 0.5 * q["prompt_tokens"], q
     assert by_name["hierarchical_blend"]["prewarm_s"] > 0
     fragment = by_name["hierarchical_blend"]["kvext_counters"]["fragment"]   # from /metrics
-    assert fragment["blends"] >= 2 and fragment["blended_tokens"] > 0
+    # Every question blended, or thrown away as a close call (default gate, 3 nats).
+    assert fragment["blends"] + fragment.get("close_calls", 0) >= 2
+    assert fragment["blended_tokens"] > 0 or fragment["blends"] == 0
     # Each blended answer beside the exact answer of its prompt, and what each blend did.
     quality = by_name["hierarchical_blend"]["quality"]
     assert quality["questions"] == 2 and quality["kl_mean"] >= 0
     assert quality["top1_agreement"] in (0.0, 0.5, 1.0)
     assert "quality" not in by_name["radix"]
     reports = by_name["hierarchical_blend"]["blend_reports"]
-    assert reports["outcomes"] == {"blended": 2} and reports["marked_used"] >= 8
+    assert set(reports["outcomes"]) <= {"blended", "close_call"}
+    assert sum(reports["outcomes"].values()) == 2 and reports["marked_used"] >= 8
     assert reports["reused_tokens_mean"] > reports["recomputed_tokens_mean"] > 0
     assert "hierarchical_blend_p50_speedup_vs_radix" in data
     assert data["server_args"] == list(dtype_flags(()))   # the CPU's fast dtype, recorded
