@@ -11,12 +11,13 @@ from sgl_kvext_bench.rag_set import make_rag_set
 RAG = make_rag_set(documents=10, questions=4, chunks=(4, 4), sentences=24, seed=5)  # ~340 tokens
 DOCS = RAG.documents
 MAX_NEW = 8
-ARGS = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blend",
-        "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "2GiB", "--enable-metrics",
-        "--max-total-tokens", "32768",   # bounded: the default pool takes most of the RAM
-        "--kvext-prewarm-queue", "8",    # small, so a test can fill it
-        "--kvext-metrics-interval", "0.1",
-        "--kvext-blend-fallback-entropy", "inf"]   # every blend runs: close calls, their own test
+COMMON = ["--dtype", "float32", "--enable-hierarchical-kv", "--kvext-fragment-blend",
+          "--kvext-fragment-min-tokens", "16", "--kvext-host-size", "2GiB", "--enable-metrics",
+          "--max-total-tokens", "32768",   # bounded: the default pool takes most of the RAM
+          "--kvext-prewarm-queue", "8",    # small, so a test can fill it
+          "--kvext-metrics-interval", "0.1"]
+# Every blend runs (close calls have their own test and server).
+ARGS = [*COMMON, "--kvext-blend-fallback-entropy", "inf"]
 METRICS_SYNC_S = 1.5      # as with 1 s copies (0.6 s failed a CI run on 2026-12-05)
 
 

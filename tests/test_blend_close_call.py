@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from sgl_kvext.blend import PrefixKV, blended_prefill, check_threshold, first_token_entropy
+from sgl_kvext.blend import (
+    PrefixKV,
+    ReusedChunk,
+    blended_prefill,
+    check_threshold,
+    first_token_entropy,
+)
 from sgl_kvext.fragments.blender import BlendOutput, BlendPlan, FragmentBlender, NoBlend
 from sgl_kvext.fragments.index import FragmentIndex, locate_chunks
 from sgl_kvext.fragments.report import Outcome
@@ -38,7 +44,7 @@ def test_a_gate_must_be_a_non_negative_entropy() -> None:
 
 
 def _blend(fallback_entropy: float) -> tuple[FragmentBlender, BlendPlan, np.ndarray,
-                                              FragmentBlender | BlendOutput | NoBlend]:
+                                              BlendOutput | NoBlend]:
     ops = RandomLlamaOps(layers=8)
     layout = KVLayout(ops.num_layers, ops.kv_heads, ops.head_dim, ops.dtype)
     store = FragmentStore(TierChain([HostTier(64 << 20)]),
@@ -70,7 +76,7 @@ def test_without_a_close_call_the_span_is_blended_through_the_prompts_end() -> N
         assert len(found) == len(plan.fragments)
         assert out.k.shape[1] == plan.tokens
         whole = blended_prefill(blender.ops, torch.from_numpy(prompt),
-                                [ReusedAt(m.start, found[i]) for i, m in
+                                [ReusedChunk(m.start, found[i]) for i, m in
                                  enumerate(plan.fragments)], blender.rope,
                                 settings=blender.settings)
         torch.testing.assert_close(out.k, whole.k[:, :plan.tokens])
@@ -94,9 +100,3 @@ def test_a_close_call_is_computed_in_full_and_says_so() -> None:
         assert blender.counters["blended_tokens"] == 0
     finally:
         blender.close()
-
-
-def ReusedAt(start: int, kv: object) -> object:      # noqa: N802  (reads like the type)
-    from sgl_kvext.blend import ReusedChunk
-
-    return ReusedChunk(start, kv)  # type: ignore[arg-type]

@@ -37,9 +37,10 @@ def gate_curve(rows: Sequence[Mapping[str, Any]], method: str, ratio: float,
         raise ValueError(f"{method!r}: the rows need blend_entropy from a run without a gate")
     out = []
     for tau in thresholds:
-        pairs, ttfts = [], []
+        pairs, ttfts, caught = [], [], 0
         for r in mine:
             again = float(r["blend_entropy"]) > tau
+            caught += again
             exact_ok = _flag(r["exact_correct"])
             pairs.append(Pair(int(r["question"]), exact_ok,
                               exact_ok if again else _flag(r["blend_correct"]),
@@ -47,8 +48,7 @@ def gate_curve(rows: Sequence[Mapping[str, Any]], method: str, ratio: float,
                               True if again else _flag(r["top1_agree"])))
             ttfts.append(float(r["ttft_s"]) + (float(r["full_ttft_s"]) if again else 0.0))
         ordered = sorted(ttfts)
-        out.append({"threshold": tau, "fallback_share": sum(
-                        float(r["blend_entropy"]) > tau for r in mine) / len(mine),
+        out.append({"threshold": tau, "fallback_share": caught / len(mine),
                     "ttft_p50_s": statistics.median(ttfts), "ttft_mean_s": statistics.mean(ttfts),
                     "ttft_p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
                     **{k: v for k, v in summarize(pairs).items() if not isinstance(v, list)}})
