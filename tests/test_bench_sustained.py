@@ -1,6 +1,11 @@
 """sgl-kvext-bench sustained: which rate a configuration sustains at the TTFT goal, and its
 options (the measurement itself starts servers: docs/benchmarks.md has the run)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sgl_kvext_bench.cli import main
@@ -56,6 +61,9 @@ def test_a_user_context_starts_every_prompt_of_its_user_only() -> None:
     (["--users", "0"], "--users"),
     (["--repeats", "0"], "--repeats"),
     (["--context-words", "-1"], "--context-words -1: must be >= 0"),
+    (["--turns", "3", "--warmup-turns", "3"],
+     "--warmup-turns 3: must be >= 0 and below --turns (3)"),
+    (["--warmup-turns", "-1"], "--warmup-turns -1: must be >= 0 and below --turns (8)"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message) -> None:
     assert main(["sustained", "--json", str(tmp_path / "s.json"), *argv]) == 2
@@ -72,3 +80,39 @@ def test_runs_that_cannot_change_the_sustained_rate_are_decided() -> None:
     assert [decided(runs, "radix", r, 1.0) for r in (0.5, 1.0, 2.0)] == [False, True, True]
     assert not any(decided(runs, "hierarchical", r, 1.0) for r in (0.5, 1.0, 2.0))
     assert not decided(runs, "no_cache", 0.5, 1.0)
+
+
+def test_run_workload_refuses_a_warmup_as_long_as_the_workload() -> None:
+    from sgl_kvext_bench.client import Endpoint
+    from sgl_kvext_bench.multiturn import Workload, run_workload
+
+    with pytest.raises(ValueError, match=r"warmup_turns 2: must be in \[0, 1\] \(turns 2\)"):
+        run_workload(Endpoint("http://127.0.0.1:9"), "radix", Workload(turns=2), print, 1.0,
+                     warmup_turns=2)
+
+
+@pytest.mark.bench
+@pytest.mark.extended
+def test_warmup_turns_are_sent_first_and_left_out(tmp_path: Path, model_path: Path) -> None:
+    """On the real server: the warm-up turn of every user is answered before the measured
+    clock starts, its rows say so, and the figures are the measured turns' alone."""
+    out = tmp_path / "s.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "sustained", "--json", str(out),
+         "--configs", "hierarchical", "--users", "2", "--turns", "3", "--warmup-turns", "1",
+         "--rates", "0.5", "--goal-p90", "30", "--system-words", "30", "--question-words", "10",
+         "--answer-tokens", "3"],
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["warmup_turns"] == 1 and data["sustained_rps"] == {"hierarchical": 0.5}
+    (run,) = data["runs"]
+    rows = run["requests"]
+    assert sorted((r["turn"], r["measured"]) for r in rows) == [
+        (1, False), (1, False), (2, True), (2, True), (3, True), (3, True)]
+    measured = [r for r in rows if r["measured"]]
+    assert min(r["sent_s"] for r in measured) < 1.0         # the clock started after warm-up
+    assert all(r["cached_tokens"] > 0 for r in measured)     # their history was cached
+    ordered = sorted(r["ttft_s"] for r in measured)
+    assert run["ttft_p90_s"] == ordered[-1] and run["ttft_p50_s"] == pytest.approx(
+        (ordered[1] + ordered[2]) / 2)

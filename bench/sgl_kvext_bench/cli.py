@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--repeats", type=int, default=1,
                     help="runs per configuration and rate; a rate is sustained when every "
                          "run at it and at every lower rate met the goal")
+    su.add_argument("--warmup-turns", type=int, default=0,
+                    help="turns of every user sent before the clock starts, as fast as the "
+                         "server answers, and left out of every figure (default 0)")
     fl = _command(sub, "fleet", "a 2-server fleet sharing one S3 (SeaweedFS on loopback) "
                                 "behind round-robin, cache-aware and tier-aware routing, "
                                 "against one server; one server killed and restarted midway")

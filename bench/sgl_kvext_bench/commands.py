@@ -79,10 +79,13 @@ def sustained(args: argparse.Namespace) -> int:
         raise BadOption(f"--rates {args.rates!r}: comma-separated numbers > 0") from None
     if not rates or min(rates) <= 0 or args.goal_p90 <= 0 or not 0 < args.pool_fraction <= 1:
         raise BadOption("--rates must be > 0, --goal-p90 > 0 and --pool-fraction in (0, 1]")
+    if not 0 <= args.warmup_turns < args.turns:
+        raise BadOption(f"--warmup-turns {args.warmup_turns}: must be >= 0 and below --turns "
+                        f"({args.turns})")
     work = chat_workload(args)
     with progress_bar() as progress:
         results = run_sustained(serving_for(args), work, configs, sorted(rates), args.goal_p90,
-                                args.pool_fraction, progress, args.repeats)
+                                args.pool_fraction, progress, args.repeats, args.warmup_turns)
     table = markdown(["configuration", "offered (req/s)", "achieved (req/s)", "TTFT p50 (s)",
                       "p90 (s)", "cached"],
                      [[r["name"], r["offered_rps"], r["achieved_rps"], r["ttft_p50_s"],

@@ -84,40 +84,59 @@ class Sample:
     host_cached_tokens: int
     completion_tokens: int = 0
     itl_s: tuple[float, ...] = ()
-    sent_s: float = 0.0             # when the request was sent, from the workload's start
+    sent_s: float = 0.0             # when the request was sent, from the measured start
+    measured: bool = True           # False: a warm-up turn, sent before the clock started
 
 
 def run_workload(target: Endpoint, config: str, work: Workload,
-                 progress: Callable[[str], None], qps: float = 0.0) -> list[Sample]:
+                 progress: Callable[[str], None], qps: float = 0.0,
+                 warmup_turns: int = 0) -> list[Sample]:
     """Every user's turns in order, each sent after that user's previous answer is in.
 
     ``qps == 0``: one request at a time, round-robin over users, so TTFT has no queueing.
     ``qps > 0``: request ``k`` of that round-robin order is sent at ``k / qps`` seconds, or
     when its user's previous answer is in if that is later; users run concurrently (the shape
-    of LMCache's multi-round QA benchmark)."""
+    of LMCache's multi-round QA benchmark). The first ``warmup_turns`` turns of every user are
+    sent before the clock starts, each as soon as its user's previous answer is in; they come
+    back with ``measured=False``, and the measured turns are scheduled from the moment the
+    last user finished its warm-up (its sessions established: a steady state, not every
+    session's cold start at once)."""
+    if not 0 <= warmup_turns < work.turns:
+        raise ValueError(f"warmup_turns {warmup_turns}: must be in [0, {work.turns - 1}] "
+                         f"(turns {work.turns})")
     system = work.system_prompt()
     histories = [work.user_context(u) for u in range(work.users)]
     samples: list[Sample] = []
     lock = threading.Lock()
-    start = time.perf_counter()
+    clock = {"start": time.perf_counter()}
 
     def send(user: int, turn: int) -> None:
         question = work.question(user, turn)
-        sent = time.perf_counter() - start
+        sent = time.perf_counter() - clock["start"]
         r = target.generate(system + histories[user] + question, work.answer_tokens)
         histories[user] += question + r.text + "\n"       # only this user's thread writes it
         with lock:
             samples.append(Sample(config, user, turn, r.ttft_s, r.prompt_tokens,
                                   r.cached_tokens, r.host_cached_tokens, r.completion_tokens,
-                                  r.itl_s, sent))
+                                  r.itl_s, sent, turn > warmup_turns))
             progress(f"{config}: {len(samples)}/{work.users * work.turns} requests, turn "
                      f"{turn} user {user + 1} ttft {r.ttft_s:.2f}s "
                      f"({r.cached_tokens}/{r.prompt_tokens} cached)")
 
+    # The last user to finish its warm-up starts the measured clock for all.
+    warmed = threading.Barrier(work.users, action=lambda: clock.update(start=time.perf_counter()))
+
     def user_turns(user: int) -> None:
-        for turn in range(1, work.turns + 1):
-            due = ((turn - 1) * work.users + user) / qps
-            time.sleep(max(0.0, due - (time.perf_counter() - start)))
+        try:
+            for turn in range(1, warmup_turns + 1):
+                send(user, turn)
+            warmed.wait(timeout=3600)           # bounded: a stuck user breaks it for all
+        except BaseException:
+            warmed.abort()                      # the others stop waiting and fail too
+            raise
+        for turn in range(warmup_turns + 1, work.turns + 1):
+            due = ((turn - warmup_turns - 1) * work.users + user) / qps
+            time.sleep(max(0.0, due - (time.perf_counter() - clock["start"])))
             send(user, turn)
 
     if qps > 0:
@@ -125,6 +144,8 @@ def run_workload(target: Endpoint, config: str, work: Workload,
             list(pool.map(user_turns, range(work.users)))    # re-raises a user's error
     else:
         for turn in range(1, work.turns + 1):
+            if turn == warmup_turns + 1:
+                clock["start"] = time.perf_counter()
             for user in range(work.users):
                 send(user, turn)
     return sorted(samples, key=lambda x: (x.turn, x.user))

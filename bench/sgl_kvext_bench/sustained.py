@@ -13,7 +13,11 @@ A run *keeps the goal* when its p90 TTFT is within it and it achieved at least
 that rate and at every lower rate tried kept the goal: with ``repeats`` > 1 each rate is run
 that many times, because on a small machine a queue that once falls behind may grow for the
 rest of a run while the next run at the same rate stays short (measured: radix's p90 at 1
-req/s was 17.7 s in one run and 1.35 s at 1.5 req/s in the next). Once a configuration missed
+req/s was 17.7 s in one run and 1.35 s at 1.5 req/s in the next). With ``warmup_turns`` the
+first turns of every user are sent before the clock starts, unthrottled, and left out: the
+figures are then those of established sessions, not of every user's cold first request
+arriving at once (with long private contexts that burst alone sets the p90, in every
+configuration alike). Once a configuration missed
 the goal at a rate, its later runs at that rate and above are skipped (listed in
 ``skipped``): they cannot change its sustained rate, and an overloaded run is the longest.
 The figure compared is ``hierarchical``'s sustained rate over ``radix``'s, both measured in
@@ -70,8 +74,11 @@ def sustained_rates(runs: Sequence[dict[str, Any]], goal_p90_s: float
 
 def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
                   rates: Sequence[float], goal_p90_s: float, pool_fraction: float = 0.25,
-                  progress: Callable[[str], None] = print, repeats: int = 1) -> dict[str, Any]:
-    """Every configuration at every rate, each on a fresh server (see the module doc)."""
+                  progress: Callable[[str], None] = print, repeats: int = 1,
+                  warmup_turns: int = 0) -> dict[str, Any]:
+    """Every configuration at every rate, each on a fresh server (see the module doc); the
+    first ``warmup_turns`` turns of every user are sent before the clock starts and left out
+    of every figure (their rows say ``measured: false``)."""
     from transformers import AutoTokenizer
 
     if serving.model_path is None:
@@ -90,23 +97,24 @@ def run_sustained(serving: Serving, work: Workload, configs: Sequence[str],
         args = ("--max-total-tokens", str(pool), *CONFIGS.get(name, ()))
         with serving.serve(f"sustained-{rate:g}", name, args) as target:
             started = time.perf_counter()
-            samples = run_workload(target, name, work, progress, rate)
+            samples = run_workload(target, name, work, progress, rate, warmup_turns)
             wall = time.perf_counter() - started
-        ttfts, sent = [s.ttft_s for s in samples], [s.sent_s for s in samples]
+        measured = [s for s in samples if s.measured]
+        ttfts, sent = [s.ttft_s for s in measured], [s.sent_s for s in measured]
         span = max(sent) - min(sent)
         runs.append({"name": name, "offered_rps": rate,
                      "achieved_rps": (len(sent) - 1) / span if span > 0 else 0.0,
                      "ttft_p50_s": statistics.median(ttfts),
                      "ttft_p90_s": percentile(ttfts, 0.9),
-                     "cached_share": sum(s.cached_tokens for s in samples)
-                     / max(1, sum(s.prompt_tokens for s in samples)),
+                     "cached_share": sum(s.cached_tokens for s in measured)
+                     / max(1, sum(s.prompt_tokens for s in measured)),
                      "wall_s": wall, "requests": [asdict(s) for s in samples]})
         progress(f"sustained: {name} at {rate:g} req/s: p90 TTFT "
                  f"{runs[-1]['ttft_p90_s']:.2f}s, achieved {runs[-1]['achieved_rps']:.2f}")
     sustained = sustained_rates(runs, goal_p90_s)
     ours, theirs = sustained.get("hierarchical"), sustained.get("radix")
     return {"workload": asdict(work), "working_set_tokens": total, "pool_tokens": pool,
-            "goal_p90_s": goal_p90_s, "rates": list(rates), "repeats": repeats, "runs": runs,
-            "skipped": skipped,
+            "goal_p90_s": goal_p90_s, "warmup_turns": warmup_turns, "rates": list(rates),
+            "repeats": repeats, "runs": runs, "skipped": skipped,
             "sustained_rps": sustained,
             "hierarchical_over_radix": (ours / theirs if ours and theirs else None)}
