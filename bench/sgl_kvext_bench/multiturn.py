@@ -84,7 +84,7 @@ class Sample:
     host_cached_tokens: int
     completion_tokens: int = 0
     itl_s: tuple[float, ...] = ()
-    sent_s: float = 0.0             # when the request was sent, from the measured start
+    sent_s: float = 0.0             # when sent: from the measured start (warm-up: the run's)
     measured: bool = True           # False: a warm-up turn, sent before the clock started
 
 

@@ -17,9 +17,9 @@ req/s was 17.7 s in one run and 1.35 s at 1.5 req/s in the next). With ``warmup_
 first turns of every user are sent before the clock starts, unthrottled, and left out: the
 figures are then those of established sessions, not of every user's cold first request
 arriving at once (with long private contexts that burst alone sets the p90, in every
-configuration alike). Once a configuration missed
-the goal at a rate, its later runs at that rate and above are skipped (listed in
-``skipped``): they cannot change its sustained rate, and an overloaded run is the longest.
+configuration alike). Once a configuration missed the goal at a rate, its later runs at that
+rate and above are skipped (listed in ``skipped``): they cannot change its sustained rate,
+and an overloaded run is the longest.
 The figure compared is ``hierarchical``'s sustained rate over ``radix``'s, both measured in
 one run (the same machine state, interleaved by rate and repeat).
 """
