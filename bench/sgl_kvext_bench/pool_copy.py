@@ -9,7 +9,9 @@ sizes them) and loads it back into other slots, two ways in one run, alternating
 - ``staged``: through the loader's staging buffer (the path for tiers that cannot).
 
 The limit is one ``copy_`` of the same bytes between two contiguous tensors. Every load is
-checked token for token. Each figure is the median of ``repeats`` runs.
+checked token for token. Each figure is the median of ``repeats`` runs. ``load_in_place_runs``
+loads in place into the same slots cut into four runs out of order, mid-page (a long-running
+server's free list in pieces: a 4k-token host hit found its fresh slots in 4 to 9 runs).
 
 Write-through (``through_*``): the same spill in place into a chain of the host tier over a
 disk tier (``write_through``, the server's default), the time on the caller's thread (the
@@ -92,6 +94,21 @@ def _through(tokens: int, repeats: int, page_bytes: int) -> dict[str, float]:
     return out
 
 
+def _in_runs(slots: torch.Tensor) -> torch.Tensor:
+    """``slots`` cut into four runs (mid-page) and put out of order."""
+    n = slots.numel()
+    cuts = [0, n // 4 + 7, n // 2 + 3, 3 * n // 4 + 11, n]
+    pieces = [slots[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    return torch.cat([pieces[i] for i in (2, 0, 3, 1)])
+
+
+def _check(t: KVTiering, slots: torch.Tensor, what: str) -> None:
+    """The pool's first ``len(slots)`` slots hold the spilled path: ``slots`` must too."""
+    n = slots.numel()
+    if not all(torch.equal(b[slots], b[:n]) for b in (*t.pool.k, *t.pool.v)):
+        raise AssertionError(f"{what}: a loaded token differs from the spilled one")
+
+
 def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
     """Median spill and load seconds of a ``tokens``-token path per mode, and the limit."""
     slots = 2 * tokens + PAGE_TOKENS
@@ -103,6 +120,7 @@ def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
         tier.wait_populated(120)                   # the pool's pre-fault is not timed
     runs = {mode: _tiering(tier, slots) for mode, tier in tiers.items()}
     times: dict[str, dict[str, list[float]]] = {m: {"spill": [], "load": []} for m in MODES}
+    times["in_place"]["load_runs"] = []
     src = torch.empty(tokens * page_bytes // PAGE_TOKENS, dtype=torch.uint8)
     dst, limit = torch.empty_like(src), []
     try:
@@ -120,8 +138,13 @@ def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
                 start = time.perf_counter()
                 t.load(plan, to)
                 times[mode]["load"].append(time.perf_counter() - start)
-                if not all(torch.equal(b[to], b[:plan.tokens]) for b in (*t.pool.k, *t.pool.v)):
-                    raise AssertionError(f"{mode}: a loaded token differs from the spilled one")
+                _check(t, to, mode)
+                if mode == "in_place":
+                    to = _in_runs(to)
+                    start = time.perf_counter()
+                    t.load(plan, to)
+                    times[mode]["load_runs"].append(time.perf_counter() - start)
+                    _check(t, to, "in_place into runs")
             start = time.perf_counter()
             dst.copy_(src)
             limit.append(time.perf_counter() - start)
@@ -131,8 +154,9 @@ def bench_pool(tokens: int, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens": tokens, "bytes": src.numel(), "repeats": repeats,
                            "copy_s": statistics.median(limit)}
     for mode in MODES:
-        for op in ("spill", "load"):
+        for op in times[mode]:
             out[f"{op}_{mode}_s"] = statistics.median(times[mode][op])
+    out["load_runs_over_one_run"] = out["load_runs_in_place_s"] / out["load_in_place_s"]
     out.update(_through(tokens, repeats, page_bytes))
     for op in ("spill", "load"):
         out[f"{op}_staged_over_in_place"] = out[f"{op}_staged_s"] / out[f"{op}_in_place_s"]
