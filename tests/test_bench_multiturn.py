@@ -42,3 +42,11 @@ def test_unknown_config_is_one_line() -> None:
                             text=True, timeout=60)
     assert result.returncode == 2 and "magic" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_zero_host_hit_rounds_is_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", "multiturn", "--json",
+                             "x.json", "--host-hit-rounds", "0"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--host-hit-rounds must be >= 1" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -25,6 +25,7 @@ def test_tier_bench_writes_every_field(tmp_path: Path, model_path: Path) -> None
     assert data["codec"]["compress_mbps"] > 0 and data["codec"]["decompress_mbps"] > 0
     for op in ("spill", "load"):               # every load was checked token for token
         assert data["pool"][f"{op}_in_place_s"] > 0 and data["pool"][f"{op}_staged_s"] > 0
+    assert data["pool"]["load_runs_in_place_s"] > 0
     assert data["pool"]["copy_s"] > 0 and "pool <-> host tier, 200 tokens" in result.stdout
     assert data["pool"]["spill_through_room_s"] > 0 and data["pool"]["spill_through_full_s"] > 0
     assert data["pool"]["spill_through_over_s"] > 0

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated subset of no_cache, radix, hierarchical")
     mt.add_argument("--no-host-hit", action="store_true",
                     help="skip the 4k-token host-hit vs device-hit measurement")
+    mt.add_argument("--host-hit-rounds", type=int, default=5,
+                    help="rounds of the 4k-token host-hit measurement (a device hit and a "
+                         "host hit each; default 5)")
     mt.add_argument("--qps", type=float, default=0.0,
                     help="request arrival rate; users run concurrently, each turn after the "
                          "user's previous answer (default 0: one request at a time); with "

@@ -37,7 +37,8 @@ def multiturn(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.multiturn import NAMES, run_multiturn, trace_requests
 
     configs = parse_configs(args.configs, NAMES)
-    require_positive(args, "users", "turns", "answer_tokens", "system_words", "question_words")
+    require_positive(args, "users", "turns", "answer_tokens", "system_words", "question_words",
+                     "host_hit_rounds")
     if not 0 < args.pool_fraction <= 1 or args.qps < 0:
         raise BadOption("--pool-fraction must be in (0, 1] and --qps >= 0")
     work = chat_workload(args)
@@ -47,7 +48,7 @@ def multiturn(args: argparse.Namespace) -> int:
     with progress_bar() as progress:
         results = run_multiturn(serving_for(args), work, configs, args.pool_fraction,
                                 with_host_hit=not args.no_host_hit, progress=progress,
-                                qps=args.qps)
+                                qps=args.qps, host_hit_rounds=args.host_hit_rounds)
     table = markdown(["configuration", "TTFT p50 (s), turn >= 5", "p90", "p50 all turns",
                       "ITL p50 (s)", "output tok/s"],
                      [[c["name"], c["ttft_p50_s"], c["ttft_p90_s"], c["ttft_p50_s_all_turns"],

@@ -234,7 +234,8 @@ def host_hit_4k(model_path: Path, log_dir: Path, answer_tokens: int,
 
 def run_multiturn(serving: Serving, work: Workload, configs: Sequence[str],
                   pool_fraction: float = 0.25, with_host_hit: bool = True,
-                  progress: Callable[[str], None] = print, qps: float = 0.0) -> dict[str, Any]:
+                  progress: Callable[[str], None] = print, qps: float = 0.0,
+                  host_hit_rounds: int = HOST_HIT_ROUNDS) -> dict[str, Any]:
     """The workload on each configuration, each server's device pool ``pool_fraction`` of the
     working set (or on the running server, as it is), then the 4k host-hit measurement."""
     results: dict[str, Any] = {"workload": asdict(work), "qps": qps, "configs": []}
@@ -264,5 +265,6 @@ def run_multiturn(serving: Serving, work: Workload, configs: Sequence[str],
                 results[f"p50_speedup_vs_{other}"] = by_name[other]["ttft_p50_s"] / ours
     if with_host_hit and serving.url is None and serving.model_path is not None:
         results["host_hit_4k"] = host_hit_4k(serving.model_path, serving.log_dir,
-                                             work.answer_tokens, serving.server_args)
+                                             work.answer_tokens, serving.server_args,
+                                             host_hit_rounds)
     return results

@@ -97,9 +97,9 @@ def _through(tokens: int, repeats: int, page_bytes: int) -> dict[str, float]:
 def _in_runs(slots: torch.Tensor) -> torch.Tensor:
     """``slots`` cut into four runs (mid-page) and put out of order."""
     n = slots.numel()
-    cuts = [0, n // 4 + 7, n // 2 + 3, 3 * n // 4 + 11, n]
+    cuts = sorted({0, n, *(min(n, c) for c in (n // 4 + 7, n // 2 + 3, 3 * n // 4 + 11))})
     pieces = [slots[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
-    return torch.cat([pieces[i] for i in (2, 0, 3, 1)])
+    return torch.cat(pieces[2:3] + pieces[:1] + pieces[3:] + pieces[1:2])
 
 
 def _check(t: KVTiering, slots: torch.Tensor, what: str) -> None:
