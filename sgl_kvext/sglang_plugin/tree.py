@@ -24,17 +24,16 @@ tier residency lives beside the tree (in :class:`KVTiering` and the tiers), not 
   is reported as a host hit and :meth:`init_load_back` fills it through the
   :class:`BlendLoader`. The request's response carries what the blend did.
 
-A match's decision waits in ``_pending`` for the ``init_load_back`` that follows it, as one of
-three types: :class:`_Hold`, :class:`_Load`, :class:`_Blend`.
+A match's decision waits in ``_pending`` for the ``init_load_back`` that follows it
+(:mod:`.pending_steps`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -49,6 +48,7 @@ from sgl_kvext.sglang_plugin.blend_jobs import BlendJobs, Ready
 from sgl_kvext.sglang_plugin.blend_loader import BlendLoader, report_on
 from sgl_kvext.sglang_plugin.heap_trim import HeapTrimmer
 from sgl_kvext.sglang_plugin.load_report import report_load
+from sgl_kvext.sglang_plugin.pending_steps import BlendStep, HoldStep, LoadStep, Victim
 from sgl_kvext.sglang_plugin.scheduler_gaps import GAPS
 from sgl_kvext.sglang_plugin.surface import (
     CacheInitParams,
@@ -65,40 +65,6 @@ from sgl_kvext.sglang_plugin.tenant import tenant_of
 from sgl_kvext.sglang_plugin.tier_events import TierEventLog
 
 logger = logging.getLogger("sgl_kvext")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Hold:
-    """A prefetch is still running: keep the request queued (``init_load_back`` -> None)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Load:
-    """Load ``plan``'s pages into new slots under ``node``; ``key`` holds their tokens."""
-
-    node: TreeNode
-    key: RadixKey          # tokens [plan.start, plan.end), a copy (the request's ids change)
-    plan: LoadPlan
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Blend:
-    """Fill ``plan``'s span under ``node`` with the request's finished blend."""
-
-    node: TreeNode
-    key: RadixKey
-    plan: BlendPlan
-
-
-class _Victim(NamedTuple):
-    """An evicted node's path, to spill: tokens ``[start, ...)`` are the node's own, the
-    rest is ``parent``'s path (None: spill the whole path)."""
-
-    tenant: Tenant
-    tokens: list[int]
-    slots: torch.Tensor
-    start: int
-    parent: TreeNode | None
 
 
 class HierarchicalRadixCache(RadixCache):
@@ -130,10 +96,10 @@ class HierarchicalRadixCache(RadixCache):
         self.blend = blend
         self.agreement = agreement or RankAgreement(None, 1)
         self._closers = list(closers)
-        self._pending: dict[Any, _Hold | _Load | _Blend] = {}
+        self._pending: dict[Any, HoldStep | LoadStep | BlendStep] = {}
         #: Blends running for waiting requests (the scheduler's idle hook waits on them).
         self.blend_jobs = BlendJobs(self.inc_lock_ref, self.dec_lock_ref)
-        self._victims: list[_Victim] | None = None
+        self._victims: list[Victim] | None = None
         self._heap = HeapTrimmer()
         super().__init__(params)
         self._tier_events = None          # tier residency in SGLang's KV events, if published
@@ -170,7 +136,7 @@ class HierarchicalRadixCache(RadixCache):
     def _delete_leaf(self, node: TreeNode) -> None:
         if self._victims is not None and node.value is not None and len(node.value):
             tokens, slots = self._path(node)
-            self._victims.append(_Victim(tenant_of(node.key), tokens, slots,
+            self._victims.append(Victim(tenant_of(node.key), tokens, slots,
                                          len(tokens) - len(node.key), node.parent))
         super()._delete_leaf(node)
 
@@ -191,7 +157,7 @@ class HierarchicalRadixCache(RadixCache):
             length -= len(node.key)
             node = node.parent
 
-    def _spill(self, victim: _Victim) -> None:
+    def _spill(self, victim: Victim) -> None:
         assert self.tiering is not None
         try:
             self.tiering.spill(victim.tenant, victim.tokens, victim.slots, victim.start,
@@ -211,7 +177,7 @@ class HierarchicalRadixCache(RadixCache):
                 and self.kvext_config.tiers.write_policy == "write_through"):
             with GAPS.timed("write_through"):
                 tokens, slots = self._path(req.last_node)
-                self._spill(_Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
+                self._spill(Victim(tenant_of(req.last_node.key), tokens, slots, 0, None))
 
     # ----------------------------------------------------------------- match
     def supports_fast_match_prefix(self) -> bool:
@@ -256,16 +222,16 @@ class HierarchicalRadixCache(RadixCache):
         if not past:
             self.blend_jobs.drop(handle)              # a blend planned on an earlier pass is moot
         if isinstance(step, Hold) and not past:
-            self._pending[handle] = _Hold()
+            self._pending[handle] = HoldStep()
             return base._replace(host_hit_length=step.tokens)
         if isinstance(step, LoadPlan) and not past:
-            self._pending[handle] = _Load(node, key[step.start:step.end], step)
+            self._pending[handle] = LoadStep(node, key[step.start:step.end], step)
             return base._replace(host_hit_length=step.tokens)
         if blend is None:
             return base
         if self._hold_for_fragments(handle, blend):   # a marked document is below host memory
             self.blend_jobs.drop(handle)
-            self._pending[handle] = _Hold()
+            self._pending[handle] = HoldStep()
             return base._replace(host_hit_length=blend.tokens)
         return self._blend_step(req, handle, node, key, tenant, tokens, blend, base)
 
@@ -277,13 +243,13 @@ class HierarchicalRadixCache(RadixCache):
         state = self.blend_jobs.poll(handle, node, blend, lambda: loader.submit(
             tenant, blend, tokens, self.path_device_indices(node)))
         if not isinstance(state, Ready):
-            self._pending[handle] = _Hold()
+            self._pending[handle] = HoldStep()
         elif isinstance(state.output, NoBlend):       # fetched nothing: computed as usual
             self.blend_jobs.take(handle)
             report_on(req, state.output.report)
             return base
         else:
-            self._pending[handle] = _Blend(node, key[blend.start:blend.end], blend)
+            self._pending[handle] = BlendStep(node, key[blend.start:blend.end], blend)
         return base._replace(host_hit_length=blend.tokens)
 
     def _hold_for_fragments(self, handle: Any, blend: BlendPlan) -> bool:
@@ -298,16 +264,16 @@ class HierarchicalRadixCache(RadixCache):
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any] | None:
         node, req = params.best_match_node, params.req
         pending = self._pending.pop(req.cache_request_handle, None) if req is not None else None
-        if isinstance(pending, _Hold):
+        if isinstance(pending, HoldStep):
             return None              # SGLang keeps the request queued and matches it again
         if pending is None or self.tiering is None or pending.node is not node \
                 or pending.key.child_key(self.page_size) in node.children \
                 or pending.plan.tokens != params.host_hit_length:     # the tree changed
-            if isinstance(pending, _Blend):
+            if isinstance(pending, BlendStep):
                 self.blend_jobs.drop(req.cache_request_handle)
                 report_on(req, pending.plan.report.but(outcome=Outcome.DECLINED))
             return 0, node
-        if isinstance(pending, _Blend):
+        if isinstance(pending, BlendStep):
             assert self.blend is not None
             out = self.blend_jobs.take(req.cache_request_handle)   # its node unlocked
             if out is None:
