@@ -3,8 +3,8 @@
 The cases are the extend shapes a server produces: cold prefill (nothing cached), a fully cached
 prompt (one new token over the cached rest), a partly cached prefix, the later chunks of a chunked
 prefill (the earlier chunks are a prefix), mixed batches of all of these, and decode batches of
-requests with different lengths; each with scattered and with contiguous pool slots (the backend
-reads contiguous slots as a view).
+requests with different lengths; each with contiguous, scattered and run-by-run pool slots (the
+backend reads long runs as views, in pieces merged by log-sum-exp, and gathers the rest).
 """
 
 from __future__ import annotations
@@ -15,13 +15,23 @@ import torch
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+def _order(layout: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Pool slots 1..n in the order requests get them: one run, scattered, or runs of 23."""
+    if layout == "contiguous":
+        return torch.arange(1, n + 1)
+    if layout == "scattered":
+        return torch.randperm(n, generator=gen) + 1
+    chunks = torch.arange(1, n + 1).split(23)
+    return torch.cat([chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()])
+
+
 def _inputs(prefixes: list[int], new: list[int], heads: int, kv_heads: int, dim: int,
-            dtype: torch.dtype, contiguous: bool) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(sum(prefixes) + 7 * sum(new) + contiguous)
+            dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(sum(prefixes) + 7 * sum(new) + len(layout))
     seq = [p + n for p, n in zip(prefixes, new, strict=True)]
     slots = 8 + sum(seq)
     req_to_token = torch.zeros((len(seq) + 1, max(seq) + 4), dtype=torch.int32)
-    order = torch.arange(1, slots) if contiguous else torch.randperm(slots - 1, generator=gen) + 1
+    order = _order(layout, slots - 1, gen)
     pos = 0
     for i, s in enumerate(seq):
         req_to_token[i + 1, :s] = order[pos:pos + s]
@@ -54,12 +64,16 @@ def _backends() -> tuple[type, type]:
     ("mixed batch", [40, 0, 3, 99], [1, 9, 17, 1]),
     ("query block edge", [64], [130]),
 ])
-@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "scattered", "runs"])
+@pytest.mark.parametrize("view_min", [8, 1024])       # runs of 23 read as views / gathered
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (9, 3)])
 def test_extend_matches_torch_native(dtype: torch.dtype, case: str, prefixes: list[int],
-                                     new: list[int], contiguous: bool, heads: int,
-                                     kv_heads: int) -> None:
-    args = _inputs(prefixes, new, heads, kv_heads, 16, dtype, contiguous)
+                                     new: list[int], layout: str, view_min: int, heads: int,
+                                     kv_heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_kvext.sglang_plugin import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "VIEW_MIN_TOKENS", view_min)
+    args = _inputs(prefixes, new, heads, kv_heads, 16, dtype, layout)
     outs = []
     for cls in _backends():
         backend = object.__new__(cls)       # the attention math reads no backend state
@@ -75,11 +89,15 @@ def test_extend_matches_torch_native(dtype: torch.dtype, case: str, prefixes: li
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [[1], [300], [5, 77, 1, 260]])
-@pytest.mark.parametrize("contiguous", [False, True])
-def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int],
-                                     contiguous: bool) -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "scattered", "runs"])
+@pytest.mark.parametrize("view_min", [8, 1024])
+def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int], layout: str,
+                                     view_min: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_kvext.sglang_plugin import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "VIEW_MIN_TOKENS", view_min)
     prefixes = [n - 1 for n in lengths]       # decode: one new token after the rest
-    args = _inputs(prefixes, [1] * len(lengths), 9, 3, 16, dtype, contiguous)
+    args = _inputs(prefixes, [1] * len(lengths), 9, 3, 16, dtype, layout)
     outs = []
     for cls in _backends():
         backend = object.__new__(cls)
@@ -90,6 +108,26 @@ def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int],
             scaling=0.25, enable_gqa=True, causal=False)
         outs.append(out)
     torch.testing.assert_close(outs[1], outs[0], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("n_new", [1, 4])
+def test_long_runs_are_views_and_every_key_is_read_once(n_new: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_kvext.sglang_plugin import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "VIEW_MIN_TOKENS", 10)
+    slots = torch.cat([torch.arange(100, 130), torch.arange(5, 9), torch.arange(60, 72),
+                       torch.arange(40, 43), torch.arange(200, 200 + n_new)])
+    layout = cpu_attention._layout(slots, n_new)
+    assert layout.views == [(100, 30), (60, 12)]               # the runs of 10 or more
+    prefix = slots.shape[0] - (n_new if n_new > 1 else 0)
+    read = [s for a, m in layout.views for s in range(a, a + m)]
+    read += layout.gathered.tolist() if layout.gathered is not None else []
+    assert sorted(read) == sorted(slots[:prefix].tolist())     # each prefix key once
+    if n_new > 1:                                               # own keys in order
+        assert layout.own is not None and layout.own.tolist() == list(range(200, 204))
+    else:
+        assert layout.own is None                              # the one query sees all
 
 
 def test_contiguous_slots_are_read_without_a_copy() -> None:

@@ -250,3 +250,35 @@ def test_sorted_kv_stops_at_the_last_query_and_matches(
     args = [t.to(device) for t in (q, q_pos, k, v, kv_pos)]
     tri = subset_attention(*args, backend="triton", kv_sorted=True).cpu()
     _close(tri, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("n_q", [1, 6])
+def test_suffix_attention_over_pieces_in_any_order_equals_causal_sdpa(
+    dtype: torch.dtype, heads: tuple[int, int], n_q: int
+) -> None:
+    from sgl_kvext_kernels.reference.subset_attention import suffix_attention
+
+    q_all, k, v = _qkv(90, 90, heads, 16, dtype, seed=n_q)
+    want = _causal_sdpa(q_all, k, v)[-n_q:]
+    q = q_all[-n_q:]
+    prefix = 90 - (n_q if n_q > 1 else 0)     # a single query's own key goes in a piece
+    cuts = [0, 7, 8, 40, 61, prefix]
+    pieces = [(k[a:b], v[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    pieces = pieces[3:] + pieces[:1] + [(k[0:0], v[0:0])] + pieces[1:3]   # order and empties
+    own = (k[prefix:], v[prefix:]) if n_q > 1 else None
+    out = torch.full((n_q, heads[0], 16), float("nan"), dtype=dtype)
+    assert suffix_attention(q, pieces, own, 16 ** -0.5, out) is out
+    _close(out, want, dtype)
+
+
+def test_suffix_attention_refuses_a_wrong_own_or_no_key() -> None:
+    from sgl_kvext_kernels.reference.subset_attention import suffix_attention
+
+    q, k, v = _qkv(3, 10, (4, 2), 8, torch.float32)
+    out = torch.empty(3, 4, 8)
+    with pytest.raises(ValueError, match="own holds 2 keys for 3 queries"):
+        suffix_attention(q, [(k[:8], v[:8])], (k[8:], v[8:]), 0.3, out)
+    with pytest.raises(ValueError, match="at least one key"):
+        suffix_attention(q, [(k[:0], v[:0])], None, 0.3, out)

@@ -19,6 +19,7 @@ exactly the triangle's work, measured 1.2-1.5x faster than the blocks at 2k-4k t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,15 +73,40 @@ def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       out: torch.Tensor) -> torch.Tensor:
     """The suffix case (see the module docstring); shapes as in :func:`subset_attention_ref`."""
     n, prefix = q.shape[0], k.shape[0] - q.shape[0]
-    if prefix == 0:
-        return out.copy_(_flash(q, k, v, True, scale)[0])
     if n == 1:                               # one query sees every key: no mask at all
-        return out.copy_(_flash(q, k, v, False, scale)[0])
-    o_old, lse_old = _flash(q, k[:prefix], v[:prefix], False, scale)
-    o_new, lse_new = _flash(q, k[prefix:], v[prefix:], True, scale)
-    top = torch.maximum(lse_old, lse_new)
-    w_old, w_new = (lse_old - top).exp_().unsqueeze(-1), (lse_new - top).exp_().unsqueeze(-1)
-    return out.copy_((o_old * w_old + o_new * w_new) / (w_old + w_new))
+        return suffix_attention(q, [(k, v)], None, scale, out)
+    return suffix_attention(q, [(k[:prefix], v[:prefix])], (k[prefix:], v[prefix:]), scale,
+                            out)
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def suffix_attention(q: torch.Tensor, pieces: Sequence[Pair], own: Pair | None, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Attention of ``n`` queries that end a sequence whose keys come in pieces (CPU).
+
+    ``q`` ``[n, heads, dim]``. ``pieces``: ``(k, v)`` pairs ``[m, kv_heads, dim]`` /
+    ``[m, kv_heads, dim_v]`` that every query sees whole, in any order and split (views of a
+    paged pool's runs: nothing is gathered). ``own``: the queries' own keys and values, ``n``
+    rows in order, query ``i`` seeing rows ``0 .. i``; None when every key a query sees is in
+    ``pieces`` (a single query's own key may be put there). Each piece is one fused
+    flash-attention call, the results merged by log-sum-exp; ``out`` ``[n, heads, dim_v]``
+    (q's dtype) is written and returned.
+    """
+    if own is not None and own[0].shape[0] != q.shape[0]:
+        raise ValueError(f"own holds {own[0].shape[0]} keys for {q.shape[0]} queries")
+    parts = [_flash(q, k, v, False, scale) for k, v in pieces if k.shape[0]]
+    if own is not None and q.shape[0]:
+        parts.append(_flash(q, own[0], own[1], q.shape[0] > 1, scale))
+    if not parts:
+        raise ValueError("suffix_attention needs at least one key")
+    if len(parts) == 1:
+        return out.copy_(parts[0][0])
+    lse = torch.stack([lse for _, lse in parts])                  # [parts, n, heads]
+    weights = (lse - lse.amax(0)).exp_().unsqueeze(-1)
+    merged = (torch.stack([o for o, _ in parts]) * weights).sum(0) / weights.sum(0)
+    return out.copy_(merged)
 
 
 def subset_attention_ref(
