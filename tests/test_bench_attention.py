@@ -44,3 +44,26 @@ def test_attention_bench_rejects_bad_options(tmp_path: Path, flags: list[str],
          str(tmp_path / "x.json"), *flags], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attention_layouts_times_both_reads_of_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "layouts.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "attention-layouts", "--json", str(out),
+         "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| case | gathered (ms) | views (ms) |" in result.stdout
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 6 and {c["runs"] for c in cases.values()} == {1, 3, 4}
+    for case in cases.values():
+        assert case["gathered_ms"] > 0 and case["views_ms"] > 0
+        assert case["speedup"] == pytest.approx(case["gathered_ms"] / case["views_ms"])
+
+
+def test_attention_layouts_rejects_zero_repeats(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sgl_kvext_bench.cli", "attention-layouts", "--json",
+         str(tmp_path / "x.json"), "--repeats", "0"], capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2 and "--repeats must be >= 1" in result.stderr
+    assert result.stderr.count("\n") == 1

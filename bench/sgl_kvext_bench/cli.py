@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--backends", default="torch_native,kvext_cpu",
                      help="comma-separated subset of torch_native, kvext_cpu")
     att.add_argument("--repeats", type=int, default=3, help="prompts per length (median)")
+    al = _command(sub, "attention-layouts", "kvext_cpu attention in-process: a request's KV "
+                                            "read in place vs gathered, per slot layout")
+    al.add_argument("--repeats", type=int, default=9, help="rounds (medians over them)")
     gt = _command(sub, "gate", "a blend run's quality and TTFT had its close calls (blended "
                                "first-token entropy above a threshold) been prefilled again, "
                                "exactly")

@@ -20,7 +20,15 @@ from sgl_kvext_bench.command_kit import (
     require_positive,
     serving_for,
 )
-from sgl_kvext_bench.offline_commands import blend, compare, gate, merge, tiers, tree
+from sgl_kvext_bench.offline_commands import (
+    attention_layouts,
+    blend,
+    compare,
+    gate,
+    merge,
+    tiers,
+    tree,
+)
 from sgl_kvext_bench.report import markdown
 
 
@@ -349,9 +357,9 @@ def stall(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "multiturn": multiturn, "sustained": sustained, "fleet": fleet, "rag": rag, "code": code,
-    "replay": replay, "attention": attention, "blend": blend, "tiers": tiers, "soak": soak,
-    "tree": tree, "compare": compare, "gate": gate, "merge": merge,
-    "stall": stall}
+    "replay": replay, "attention": attention, "attention-layouts": attention_layouts,
+    "blend": blend, "tiers": tiers, "soak": soak, "tree": tree, "compare": compare,
+    "gate": gate, "merge": merge, "stall": stall}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -126,6 +126,20 @@ def tree(args: argparse.Namespace) -> int:
     return finish(args, results, table, rows, extra=extra)
 
 
+def attention_layouts(args: argparse.Namespace) -> int:
+    from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
+    from sgl_kvext_bench.attention_layouts import run_layouts
+
+    require_positive(args, "repeats")
+    ensure_sgl_kernel()
+    with progress_bar() as progress:
+        results = run_layouts(args.repeats, progress)
+    rows = [{"case": name, **r} for name, r in results["cases"].items()]
+    table = markdown(["case", "gathered (ms)", "views (ms)", "gathered / views"],
+                     [[r["case"], r["gathered_ms"], r["views_ms"], r["speedup"]] for r in rows])
+    return finish(args, results, table, rows)
+
+
 def compare(args: argparse.Namespace) -> int:
     from sgl_kvext_bench.quality import compare as compare_runs
     from sgl_kvext_bench.quality import describe, load_results

@@ -1,0 +1,119 @@
+"""``kvext_cpu`` attention in-process: a request's KV read in place (long runs of slots as
+views) against gathered whole, on the layouts a server produces.
+
+SmolLM2-135M's attention shape (30 layers, 9 query and 3 KV heads of 64, bf16), one request,
+the backend's own extend and decode called once per layer over SGLang's paged-pool layout:
+its cached prefix in one run of slots or in four runs out of order (a tier load's fresh slots),
+the new tokens' slots elsewhere. ``gathered``: the request's whole KV copied out per layer
+(what the backend did until 2026-12-06); ``views``: the backend as it is. The two alternate,
+in turn first, each figure the median of ``repeats`` rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
+MODES = ("gathered", "views")
+
+
+class Case(NamedTuple):
+    """One request: ``cached`` prefix tokens in ``runs`` runs, ``new`` tokens after them."""
+
+    name: str
+    cached: int
+    runs: int
+    new: int
+
+
+CASES = (Case("extend 5 over 4,278 in one run", 4278, 1, 5),
+         Case("extend 5 over 4,278 in four runs", 4278, 4, 5),
+         Case("decode at 4,300, one run", 4299, 1, 1),
+         Case("decode at 4,300, four runs", 4299, 4, 1),
+         Case("extend 54 over 900 in three runs", 900, 3, 54),
+         Case("decode at 950, three runs", 949, 3, 1))
+
+
+def _request(case: Case, slots: int) -> dict[str, torch.Tensor]:
+    """The pool rows and metadata of ``case``: its runs out of order, new slots at the end."""
+    cuts = [case.cached * i // case.runs for i in range(case.runs + 1)]
+    stride = slots // (case.runs + 1)
+    runs = [torch.arange(stride * i, stride * i + b - a)
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))]
+    order = runs[1:] + runs[:1]
+    new = torch.arange(slots - case.new, slots)
+    total = case.cached + case.new
+    req_to_token = torch.zeros((2, total + 8), dtype=torch.int32)
+    req_to_token[1, :total] = torch.cat([*order, new])
+    return {"req_to_token": req_to_token, "req_pool_indices": torch.tensor([1]),
+            "seq_lens": torch.tensor([total]), "prefix": torch.tensor([case.cached]),
+            "new": torch.tensor([case.new])}
+
+
+def run_layouts(repeats: int, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Milliseconds per forward (all layers) of each case, gathered vs views, and the ratio."""
+    from sgl_kvext.sglang_plugin import cpu_attention
+
+    gen = torch.Generator().manual_seed(0)
+    slots = 24_000
+    k = torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    v = torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    cls = cpu_attention.KVExtCPUAttnBackend
+    layout = cpu_attention._layout
+    out: dict[str, Any] = {"repeats": repeats,
+                           "view_min_tokens": cpu_attention.VIEW_MIN_TOKENS, "cases": {}}
+    for case in CASES:
+        req = _request(case, slots)
+        q = torch.randn(case.new, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+        results = {m: torch.empty_like(q) for m in MODES}
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for r in range(repeats + 1):                     # the first round is not counted
+            for mode in MODES if r % 2 else MODES[::-1]:
+                backend = object.__new__(cls)            # fresh: no layout kept from before
+                if mode == "gathered":
+                    cpu_attention._layout = _gather_all   # type: ignore[assignment]
+                try:
+                    start = time.perf_counter()
+                    for _layer in range(LAYERS):
+                        _forward(cls, backend, q, results[mode], k, v, req)
+                    times[mode].append(time.perf_counter() - start)
+                finally:
+                    cpu_attention._layout = layout
+        if not torch.allclose(results["views"].float(), results["gathered"].float(),
+                              atol=2e-2, rtol=2e-2):
+            raise AssertionError(f"{case.name}: views and gathered attention differ")
+        row = {m: statistics.median(times[m][1:]) * 1e3 for m in MODES}
+        row["speedup"] = row["gathered"] / row["views"]
+        out["cases"][case.name] = {"cached": case.cached, "runs": case.runs, "new": case.new,
+                                   **{f"{m}_ms": row[m] for m in MODES},
+                                   "speedup": row["speedup"]}
+        progress(f"{case.name}: gathered {row['gathered']:.1f} ms, views {row['views']:.1f} ms")
+    return out
+
+
+def _gather_all(slots: torch.Tensor, n_new: int) -> Any:
+    """The layout of the backend before 2026-12-06: every key before the queries' own
+    gathered (a single query sees them all), whatever the runs."""
+    from sgl_kvext.sglang_plugin.cpu_attention import _Layout
+
+    prefix = slots.shape[0] - n_new if n_new > 1 else slots.shape[0]
+    return _Layout([], slots[:prefix], slots[prefix:] if prefix < slots.shape[0] else None)
+
+
+def _forward(cls: type, backend: Any, q: torch.Tensor, out: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, req: dict[str, torch.Tensor]) -> None:
+    """One layer's attention of the request, as SGLang calls the backend."""
+    if q.shape[0] == 1:
+        cls._run_sdpa_forward_decode(backend, q, out, k, v, req["req_to_token"],
+                                     req["req_pool_indices"], req["seq_lens"], None,
+                                     scaling=HEAD_DIM ** -0.5, enable_gqa=True, causal=False)
+    else:
+        cls._run_sdpa_forward_extend(backend, q, out, k, v, req["req_to_token"],
+                                     req["req_pool_indices"], req["seq_lens"], req["prefix"],
+                                     req["new"], None, scaling=HEAD_DIM ** -0.5,
+                                     enable_gqa=True, causal=True)
