@@ -4,7 +4,8 @@ The cases are the extend shapes a server produces: cold prefill (nothing cached)
 prompt (one new token over the cached rest), a partly cached prefix, the later chunks of a chunked
 prefill (the earlier chunks are a prefix), mixed batches of all of these, and decode batches of
 requests with different lengths; each with contiguous, scattered and run-by-run pool slots (the
-backend reads long runs as views, in pieces merged by log-sum-exp, and gathers the rest).
+backend reads keys whose slots are one run as a view, gathers the others). Where the slots are
+does not change a single bit of the result.
 """
 
 from __future__ import annotations
@@ -65,14 +66,10 @@ def _backends() -> tuple[type, type]:
     ("query block edge", [64], [130]),
 ])
 @pytest.mark.parametrize("layout", ["contiguous", "scattered", "runs"])
-@pytest.mark.parametrize("view_min", [8, 1024])       # runs of 23 read as views / gathered
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (9, 3)])
 def test_extend_matches_torch_native(dtype: torch.dtype, case: str, prefixes: list[int],
-                                     new: list[int], layout: str, view_min: int, heads: int,
-                                     kv_heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sgl_kvext.sglang_plugin import cpu_attention
-
-    monkeypatch.setattr(cpu_attention, "VIEW_MIN_TOKENS", view_min)
+                                     new: list[int], layout: str, heads: int,
+                                     kv_heads: int) -> None:
     args = _inputs(prefixes, new, heads, kv_heads, 16, dtype, layout)
     outs = []
     for cls in _backends():
@@ -90,12 +87,8 @@ def test_extend_matches_torch_native(dtype: torch.dtype, case: str, prefixes: li
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [[1], [300], [5, 77, 1, 260]])
 @pytest.mark.parametrize("layout", ["contiguous", "scattered", "runs"])
-@pytest.mark.parametrize("view_min", [8, 1024])
-def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int], layout: str,
-                                     view_min: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sgl_kvext.sglang_plugin import cpu_attention
-
-    monkeypatch.setattr(cpu_attention, "VIEW_MIN_TOKENS", view_min)
+def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int],
+                                     layout: str) -> None:
     prefixes = [n - 1 for n in lengths]       # decode: one new token after the rest
     args = _inputs(prefixes, [1] * len(lengths), 9, 3, 16, dtype, layout)
     outs = []
@@ -111,23 +104,48 @@ def test_decode_matches_torch_native(dtype: torch.dtype, lengths: list[int], lay
 
 
 @pytest.mark.parametrize("n_new", [1, 4])
-def test_long_runs_are_views_and_every_key_is_read_once(n_new: int,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from sgl_kvext.sglang_plugin import cpu_attention
+def test_the_keys_before_the_queries_own_are_one_piece_a_view_when_one_run(n_new: int) -> None:
+    from sgl_kvext.sglang_plugin.cpu_attention import _layout
 
-    monkeypatch.setattr(cpu_attention, "VIEW_MIN_TOKENS", 10)
-    slots = torch.cat([torch.arange(100, 130), torch.arange(5, 9), torch.arange(60, 72),
-                       torch.arange(40, 43), torch.arange(200, 200 + n_new)])
-    layout = cpu_attention._layout(slots, n_new)
-    assert layout.views == [(100, 30), (60, 12)]               # the runs of 10 or more
-    prefix = slots.shape[0] - (n_new if n_new > 1 else 0)
-    read = [s for a, m in layout.views for s in range(a, a + m)]
-    read += layout.gathered.tolist() if layout.gathered is not None else []
-    assert sorted(read) == sorted(slots[:prefix].tolist())     # each prefix key once
-    if n_new > 1:                                               # own keys in order
-        assert layout.own is not None and layout.own.tolist() == list(range(200, 204))
-    else:
-        assert layout.own is None                              # the one query sees all
+    own = torch.arange(200, 200 + n_new)
+    run = _layout(torch.cat([torch.arange(100, 125), own]), n_new)
+    pieces = _layout(torch.cat([torch.arange(100, 125), torch.arange(5, 9), own]), n_new)
+    if n_new > 1:
+        assert run.prefix == (100, 25) and run.own is not None and run.own.tolist() == [
+            200, 201, 202, 203]
+        assert isinstance(pieces.prefix, torch.Tensor)
+        assert pieces.prefix.tolist() == [*range(100, 125), 5, 6, 7, 8]
+    else:                                    # one query sees every key: one piece, gathered
+        assert run.own is None and isinstance(run.prefix, torch.Tensor)
+        assert run.prefix.tolist() == [*range(100, 125), 200]
+    assert _layout(own, n_new).prefix == ((200, 1) if n_new == 1 else None)   # cold prefill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_new", [1, 7])
+def test_where_the_slots_are_changes_no_bit(dtype: torch.dtype, n_new: int) -> None:
+    """A tier hit (slots in pieces) computes exactly what a device hit (one run) does: what
+    attention over the gathered KV computes."""
+    from sgl_kvext.sglang_plugin import cpu_attention
+    from sgl_kvext_kernels.reference.subset_attention import suffix_attention
+
+    kv_len, gen = 120, torch.Generator().manual_seed(n_new)
+    keys = torch.randn(kv_len, 3, 16, generator=gen).to(dtype)
+    values = torch.randn(kv_len, 3, 16, generator=gen).to(dtype)
+    q = torch.randn(n_new, 9, 16, generator=gen).to(dtype)
+    prefix = kv_len - n_new if n_new > 1 else kv_len
+    want = suffix_attention(q, [(keys[:prefix], values[:prefix])],
+                            (keys[prefix:], values[prefix:]) if n_new > 1 else None, 0.25,
+                            torch.empty_like(q))
+    for layout in ("contiguous", "scattered", "runs"):
+        slots = _order(layout, kv_len, gen)
+        k_cache, v_cache = torch.zeros(kv_len + 1, 3, 16, dtype=dtype), torch.zeros(
+            kv_len + 1, 3, 16, dtype=dtype)
+        k_cache[slots], v_cache[slots] = keys, values
+        out = torch.empty_like(q)
+        cpu_attention.KVExtCPUAttnBackend._attend(q, out, k_cache, v_cache,
+                                                  cpu_attention._layout(slots, n_new), 0.25)
+        assert torch.equal(out, want), layout
 
 
 def test_contiguous_slots_are_read_without_a_copy() -> None:

@@ -1,5 +1,6 @@
-"""``kvext_cpu`` attention in-process: a request's KV read in place (long runs of slots as
-views) against gathered whole, on the layouts a server produces.
+"""``kvext_cpu`` attention in-process: a request's KV read in place (the keys before the queries'
+own as a view when their slots are one run) against gathered whole, on the layouts a server
+produces.
 
 SmolLM2-135M's attention shape (30 layers, 9 query and 3 KV heads of 64, bf16), one request,
 the backend's own extend and decode called once per layer over SGLang's paged-pool layout:
@@ -65,8 +66,7 @@ def run_layouts(repeats: int, progress: Callable[[str], None] = print) -> dict[s
     v = torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
     cls = cpu_attention.KVExtCPUAttnBackend
     layout = cpu_attention._layout
-    out: dict[str, Any] = {"repeats": repeats,
-                           "view_min_tokens": cpu_attention.VIEW_MIN_TOKENS, "cases": {}}
+    out: dict[str, Any] = {"repeats": repeats, "cases": {}}
     for case in CASES:
         req = _request(case, slots)
         q = torch.randn(case.new, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
@@ -102,7 +102,7 @@ def _gather_all(slots: torch.Tensor, n_new: int) -> Any:
     from sgl_kvext.sglang_plugin.cpu_attention import _Layout
 
     prefix = slots.shape[0] - n_new if n_new > 1 else slots.shape[0]
-    return _Layout([], slots[:prefix], slots[prefix:] if prefix < slots.shape[0] else None)
+    return _Layout(slots[:prefix], slots[prefix:] if prefix < slots.shape[0] else None)
 
 
 def _forward(cls: type, backend: Any, q: torch.Tensor, out: torch.Tensor, k: torch.Tensor,

@@ -9,11 +9,11 @@ extend of ``n`` tokens over ``L`` keys sits at position ``L - n + i`` and sees k
 ``0 .. L - n + i``; grouped-query heads). On CPU that core runs such a suffix as two fused
 flash-attention calls in the model's dtype (the queries over the cached keys, then causally over
 their own), so a cold prefill costs what ``torch_native``'s one causal call costs and a cached
-prefix costs only its share. Keys and values are read from SGLang's paged pool in place: each run
-of consecutive slots of at least ``VIEW_MIN_TOKENS`` is a view and one more flash call (the
-parts merge by log-sum-exp), the rest is gathered into one piece; a request's slots are rarely
-one run (its new tokens' slots come from elsewhere in the free list, a tier load's in pieces),
-and gathering a 4k-token KV cost ~7 ms of a ~55 ms decode step.
+prefix costs only its share. Keys and values are read from SGLang's paged pool as views where
+their slots are one run (the cached prefix after a prefill in one go; the new tokens), gathered
+otherwise: a gather of a 4k-token KV per layer costs ~7 ms of a ~55 ms step on 2 cores. The
+pieces are always the same two (the keys before the queries' own, then those), so where the KV
+sits changes no bit of the result. Each request's layout is worked out once per forward.
 
 Registered in every SGLang process by the plugin, whether or not ``--enable-hierarchical-kv``
 is on, so the bench can compare no cache, SGLang's radix cache and sgl-kvext on one attention.
@@ -33,36 +33,31 @@ from sgl_kvext_kernels.reference.subset_attention import suffix_attention
 NAME = "kvext_cpu"
 
 
-#: A run of slots this long is read as a view, at the price of one more flash call per layer
-#: (~50 us on 2 CPU cores) instead of its gather (~0.05-0.08 us per token, K and V).
-VIEW_MIN_TOKENS = 1024
-
-
 class _Layout(NamedTuple):
-    """Where one request's keys are in the pool: ``views`` ``(first slot, length)`` of the
-    long runs and ``gathered`` the slots of everything else, before the queries' own keys
-    (in any order: every query sees them); ``own`` the queries' own slots, in order (None when
-    a single query's own key went to ``gathered``)."""
+    """Where one request's keys are in the pool: ``prefix`` the keys before the queries' own
+    (``(first slot, length)`` when their slots are one run: a view; else the slots to gather;
+    None when there are none) and ``own`` the queries' own slots, in order (None for a single
+    query: its key is in ``prefix``, it sees every key)."""
 
-    views: list[tuple[int, int]]
-    gathered: torch.Tensor | None
+    prefix: tuple[int, int] | torch.Tensor | None
     own: torch.Tensor | None
 
 
 def _layout(slots: torch.Tensor, n_new: int) -> _Layout:
-    """Pieces of a request's ``slots`` (its ``kv_len`` keys; the last ``n_new`` its queries')."""
+    """Pieces of a request's ``slots`` (its ``kv_len`` keys; the last ``n_new`` its queries').
+    Always these two pieces, whatever the slots: where the KV sits changes no bit of the result
+    (a tier hit computes the very numbers a device hit does)."""
     prefix = slots.shape[0] - n_new if n_new > 1 else slots.shape[0]
-    runs = _runs(slots[:prefix])
-    views = [(first, length) for _, first, length in runs if length >= VIEW_MIN_TOKENS]
-    short = [(at, length) for at, _, length in runs if length < VIEW_MIN_TOKENS]
-    if len(short) == 1:                           # one short run: a view, no gather
-        views.append((int(slots[short[0][0]]), short[0][1]))
-        short = []
-    gathered = None
-    if short:                                     # all short: the prefix as it is
-        gathered = slots[:prefix] if not views else torch.cat([slots[a:a + m]
-                                                                for a, m in short])
-    return _Layout(views, gathered, slots[prefix:] if prefix < slots.shape[0] else None)
+    head = slots[:prefix]
+    piece = None if prefix == 0 else (int(head[0]), prefix) if _is_run(head) else head
+    return _Layout(piece, slots[prefix:] if prefix < slots.shape[0] else None)
+
+
+def _is_run(slots: torch.Tensor) -> bool:
+    """The slots ascend by one (a non-empty 1-D tensor)."""
+    n = slots.shape[0]
+    return int(slots[-1]) - int(slots[0]) == n - 1 and (n == 1 or bool((slots.diff() == 1)
+                                                                      .all()))
 
 
 class _Layouts:
@@ -88,26 +83,11 @@ class _Layouts:
 _LAYOUTS_KEPT = 256
 
 
-def _runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(position, first slot, length)`` of each run of consecutive slots."""
-    n = slots.shape[0]
-    if n == 0:
-        return []
-    first = int(slots[0])
-    if int(slots[-1]) - first == n - 1 and (n == 1 or bool((slots.diff() == 1).all())):
-        return [(0, first, n)]                    # the usual case for a short request
-    starts = [0, *torch.nonzero(slots.diff() != 1).flatten().add_(1).tolist()]
-    ends = [*starts[1:], n]
-    firsts = slots[starts].tolist()
-    return [(a, f, b - a) for a, b, f in zip(starts, ends, firsts, strict=True)]
-
-
 def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``cache[slots]``: a view when the slots ascend by one."""
-    n = slots.shape[0]
-    first = int(slots[0])
-    if int(slots[-1]) - first == n - 1 and (n == 1 or bool((slots.diff() == 1).all())):
-        return cache[first:first + n]
+    if _is_run(slots):
+        first = int(slots[0])
+        return cache[first:first + slots.shape[0]]
     return cache.index_select(0, slots)      # 6x faster than cache[slots] on CPU
 
 
@@ -190,10 +170,10 @@ class KVExtCPUAttnBackend(TorchNativeAttnBackend):
         def read(cache: torch.Tensor, first: int, length: int) -> torch.Tensor:
             return cache[first:first + length].to(dtype)
 
-        pieces = [(read(k_cache, a, m), read(v_cache, a, m)) for a, m in layout.views]
-        if layout.gathered is not None:
-            pieces.append((k_cache.index_select(0, layout.gathered).to(dtype),
-                           v_cache.index_select(0, layout.gathered).to(dtype)))
+        c = layout.prefix
+        pieces = [] if c is None else [(read(k_cache, *c), read(v_cache, *c))] if isinstance(
+            c, tuple) else [(k_cache.index_select(0, c).to(dtype),
+                             v_cache.index_select(0, c).to(dtype))]
         own = None if layout.own is None else (_rows(k_cache, layout.own).to(dtype),
                                                _rows(v_cache, layout.own).to(dtype))
         scale = scale if scale is not None else q.shape[-1] ** -0.5
