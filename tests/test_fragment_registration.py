@@ -24,7 +24,7 @@ pytestmark = pytest.mark.unit
 def _settled(blender: FragmentBlender, timeout_s: float = 60.0) -> dict[str, int]:
     """The blender's counters once nothing waits for registration."""
     deadline = time.monotonic() + timeout_s
-    while blender._queued:                       # keys queued or being registered
+    while blender.registrar.busy:               # keys queued or being registered
         assert time.monotonic() < deadline, "registration did not finish"
         time.sleep(0.01)
     return dict(blender.counters)

@@ -6,38 +6,32 @@ blended prefill over them, and register new fragments in the background (torch o
   A span whose known fragments cover less than ``min_reuse_share`` of it is not worth
   blending.
   Fragments the index does not know are queued for registration: a marked one at once, an
-  automatic one when it shows up at a second position (:data:`SIGHTINGS`): an automatic
-  chunk is worth its KV where its text moves; at the same position (a prompt sent again, a
-  queued request planned on every scheduler pass) the prefix cache serves it. A prompt
-  seen once is the common case on a general server, and registering each of its automatic
-  chunks cost a 30-layer forward apiece on the scheduler's cores and GIL
-  (docs/reliability.md).
+  automatic one when it shows up at a second position (``SIGHTINGS``): an automatic chunk is
+  worth its KV where its text moves; at the same position (a prompt sent again, a queued
+  request planned on every scheduler pass) the prefix cache serves it. A prompt seen once is
+  the common case on a general server, and registering each of its automatic chunks cost a
+  30-layer forward apiece on the scheduler's cores and GIL (docs/reliability.md).
 - :meth:`FragmentBlender.run`: fetch the fragments' KV from the store (fragments gone missing
   are simply recomputed in full) and run :func:`~sgl_kvext.blend.blended_prefill` after the
   prefix's KV, through the prompt's last token so that its first-token distribution is the
   one the engine will sample from; a close call (entropy above ``fallback_entropy``) is
   thrown away and the span computed exactly (:mod:`sgl_kvext.blend.close_call`). The result
   is approximate by design; the caller keeps it apart from exact KV.
-- Registration runs on one worker thread at the lowest CPU priority: a fragment some tier
-  already holds (stored by another instance sharing the disk folder or S3 prefix, or before
-  a restart) is only added to the index; otherwise it is computed on its own after the
-  :data:`LEAD_TOKENS` token before it in the text that registers it (a marked document's own
-  first token, left out of its key by ``marked_core``), K at positions ``0..n-1``, and stored.
-  A full queue drops work (counted) rather than blocking a request.
+- Registration (:mod:`.registration`) runs on one worker thread at the lowest CPU priority:
+  a fragment some tier already holds (stored by another instance sharing the disk folder or
+  S3 prefix, or before a restart) is only added to the index; otherwise it is computed on its
+  own after the ``LEAD_TOKENS`` token before it in the text that registers it (a marked
+  document's own first token, left out of its key by ``marked_core``), K at positions
+  ``0..n-1``, and stored. A full queue drops work (counted) rather than blocking a request.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import queue
 import threading
 import time
-import typing
-from collections import OrderedDict
 from collections.abc import Sequence
-from enum import Enum
 from typing import NamedTuple
 
 import numpy as np
@@ -51,35 +45,16 @@ from sgl_kvext.blend import (
     ReusedChunk,
     blended_prefill,
     check_threshold,
-    compute_chunk_kv,
     first_token_entropy,
 )
-from sgl_kvext.fragments.chunking import fragments
-from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch, marked_core
+from sgl_kvext.fragments.index import DroppedMark, FragmentIndex, FragmentMatch
+from sgl_kvext.fragments.registration import FragmentRegistrar, Registration, token_ids_on
 from sgl_kvext.fragments.report import BlendReport, BlendSeconds, Outcome
 from sgl_kvext.fragments.store import FragmentStore
 from sgl_kvext.pages.keys import Tenant
-from sgl_kvext.pages.recent_keys import RecentKeys
 from sgl_kvext_kernels import RopeConfig
 
 logger = logging.getLogger("sgl_kvext")
-_STOP = object()
-#: How a :class:`PrewarmBusy` message starts (the HTTP route answers 429 on it).
-PREWARM_BUSY = "the pre-warm queue is full"
-#: Automatic fragments seen at one position only, remembered with it (oldest forgotten
-#: first): seen at another position, one is queued for registration.
-SIGHTINGS = 1 << 16
-#: Tokens before a fragment computed with it and dropped: a marked document's own first token
-#: (its key leaves it out), so the fragment's KV is the document's as computed alone, as
-#: CacheBlend computes a chunk. On 200 prose questions the gain over none is below noise
-#: (docs/cacheblend.md, "The server's conventions").
-LEAD_TOKENS = 1
-
-
-class PrewarmBusy(RuntimeError):
-    """Too many pre-warm fragments wait for registration: try again in a moment."""
-
-
 class BlendPlan(NamedTuple):
     """Blend tokens ``[start, end)``. Each fragment (absolute positions, the whole stored run)
     overlaps the span; only its part inside the span is reused. ``report`` so far."""
@@ -106,31 +81,6 @@ class BlendOutput(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     report: BlendReport
-
-
-def _lower_priority() -> None:
-    """Give the calling thread (and the math threads it starts) the lowest CPU priority.
-
-    Registration computes whole fragments on the CPU the scheduler serves from; at equal
-    priority it halved serving's matmul speed on a 2-core machine; at nice 19 it takes the
-    cycles serving leaves idle. Threads it starts later (its math pool) inherit the value."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:         # not permitted here: registration runs at normal priority
-        logger.warning("sgl-kvext: could not lower the fragment registration priority")
-
-
-class Registration(Enum):
-    """Where a pre-warmed fragment stands (``/kvext/fragments`` answers one per key)."""
-
-    REGISTERED = "registered"   # in the index: requests reuse it
-    PENDING = "pending"         # queued or being computed and stored
-    FAILED = "failed"           # its last write was refused or timed out: pre-warm it again
-    UNKNOWN = "unknown"         # never sent, or forgotten (evicted, corrupt)
-
-
-#: Failed registrations remembered for ``registration`` (oldest forgotten first).
-MAX_FAILED = 4096
 
 
 class FragmentBlender:
@@ -170,22 +120,16 @@ class FragmentBlender:
         self.fallback_entropy = check_threshold(fallback_entropy)
         self.ops, self.rope, self.store, self.index = ops, rope, store, index
         self.settings, self.min_reuse_share = settings, min_reuse_share
-        self.queue_size, self.prewarm_pending = queue_size, prewarm_pending
-        self.max_text_tokens = max_text_tokens
-        self._pending_prewarm = 0
-        self._queue: queue.Queue[object] = queue.Queue()   # bounded by _enqueue, see there
-        self._queued: set[bytes] = set()
-        self._failed = RecentKeys(MAX_FAILED)
         self._lock = threading.Lock()
         self.counters = {"blends": 0, "fragment_hits": 0, "fragment_misses": 0,
                          "blended_tokens": 0, "recomputed_tokens": 0, "registered": 0,
                          "found_stored": 0, "register_dropped": 0, "register_failed": 0,
                          "seen_once": 0, "close_calls": 0}
-        self._seen: OrderedDict[bytes, int] = OrderedDict()   # key -> the position seen at
         store.on_gone = lambda key: index.discard([key])    # registered again on next sight
-        self._worker = threading.Thread(target=self._register_loop, name="kvext-fragments",
-                                        daemon=True)
-        self._worker.start()
+        #: New fragments go here (plans queue what they find unknown; the pre-warm route).
+        self.registrar = FragmentRegistrar(ops, rope, store, index, self.counters, self._lock,
+                                           queue_size, prewarm_pending, max_text_tokens)
+        self.max_text_tokens = max_text_tokens
 
     # ------------------------------------------------------------------ plan
     def plan(self, tenant: Tenant, tokens: Sequence[int] | np.ndarray, start: int,
@@ -204,7 +148,8 @@ class FragmentBlender:
         ids = np.asarray(tokens, dtype=np.int64)
         found = self.index.find(lambda t: self.store.key(tenant, t), ids, explicit, start)
         held = [self.index.known(m.key) for m in found.matches]
-        self._enqueue(tenant, ids, [m for m, h in zip(found.matches, held, strict=True) if not h])
+        self.registrar.enqueue(tenant, ids,
+                               [m for m, h in zip(found.matches, held, strict=True) if not h])
         known = [m for m, h in zip(found.matches, held, strict=True) if h]
         dropped = [*found.dropped,
                    *(DroppedMark(m.start, m.end, "not stored yet (queued for registration)")
@@ -248,8 +193,8 @@ class FragmentBlender:
         if len(prefix) != plan.start:
             raise ValueError(f"prefix holds {len(prefix)} tokens, the plan starts at "
                              f"{plan.start}")
-        ids = _on(self.ops.device, tokens[plan.start:])
-        whole = [_on(torch.device("cpu"), tokens[m.start:m.end]) for m in plan.fragments]
+        ids = token_ids_on(self.ops.device, tokens[plan.start:])
+        whole = [token_ids_on(torch.device("cpu"), tokens[m.start:m.end]) for m in plan.fragments]
         fetch_started = time.perf_counter()
         found = self.store.get(tenant, whole, local_only=True)   # host memory only
         fetch_s = time.perf_counter() - fetch_started
@@ -283,150 +228,15 @@ class FragmentBlender:
             return NoBlend(report.but(outcome=Outcome.CLOSE_CALL))
         return BlendOutput(result.k[:, :plan.tokens], result.v[:, :plan.tokens], report)
 
-    # -------------------------------------------------------------- register
     def prewarm_async(self, tenant: Tenant, texts: Sequence[Sequence[int] | np.ndarray]
                       ) -> tuple[list[bytes], int]:
-        """Queue each text's marked core (``marked_core``: what a request marking the text
-        reuses) as a fragment, plus its automatic fragments when the index chunks
-        automatically; returns (every key, how many were queued). Pre-warm items are never
-        dropped, and each is written through the whole tier chain before it counts as known
-        (so another instance sharing the tiers finds it)."""
-        try:
-            arrays = [np.asarray(text, dtype=np.int64) for text in texts]
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError("token ids must be integers") from None
-        work = []
-        for ids in arrays:
-            if ids.ndim != 1 or ids.size > self.max_text_tokens:
-                raise ValueError(f"a text must be at most {self.max_text_tokens} tokens")
-            spans = [(1, int(ids.size) - 1)] if marked_core(ids).size else []
-            if self.index.chunking != "explicit":
-                spans += [(f.start, f.end) for f in fragments(ids, self.index.min_tokens)
-                          if (f.start, f.end) != (1, int(ids.size) - 1)]
-            work += [(ids, start, end) for start, end in spans]
-        with self._lock:
-            waiting = self._pending_prewarm
-        if waiting and waiting + len(work) > self.prewarm_pending:
-            raise PrewarmBusy(f"{PREWARM_BUSY}: {waiting} fragments wait for registration "
-                              f"(at most {self.prewarm_pending}); retry in a moment")
-        keys: list[bytes] = []
-        queued = 0
-        for ids, start, end in work:
-            key = self.store.key(tenant, ids[start:end])
-            keys.append(key)
-            queued += self._put(tenant, ids, start, end, key, durable=True)
-        return keys, queued
-
-    def _enqueue(self, tenant: Tenant, ids: np.ndarray, matches: Sequence[FragmentMatch]) -> None:
-        for m in matches:
-            if not m.marked and self._one_position(m.key, m.start):
-                continue
-            if self._queue.qsize() >= self.queue_size:
-                with self._lock:
-                    self.counters["register_dropped"] += 1
-                continue
-            self._put(tenant, ids, m.start, m.end, m.key, durable=False)
-
-    def _one_position(self, key: bytes, start: int) -> bool:
-        """Whether ``key`` has been seen at ``start`` only (remembered there if so)."""
-        with self._lock:
-            first = self._seen.get(key)
-            if first is None:
-                self._seen[key] = start
-                if len(self._seen) > SIGHTINGS:
-                    self._seen.popitem(last=False)
-                self.counters["seen_once"] += 1
-                return True
-            if first == start:
-                return True
-            del self._seen[key]
-            return False
-
-    def _put(self, tenant: Tenant, text: np.ndarray, start: int, end: int, key: bytes,
-             durable: bool) -> int:
-        """Queue ``text[start:end]`` (with its lead tokens) for registration under ``key``."""
-        with self._lock:
-            if key in self._queued or self.index.known(key):
-                return 0
-            self._queued.add(key)
-            self._failed.discard((key,))
-            self._pending_prewarm += durable
-        lead = text[max(0, start - LEAD_TOKENS):start].copy()
-        self._queue.put((tenant, text[start:end].copy(), lead, key, durable))
-        return 1
-
-    def _register(self, tenant: Tenant, ids: np.ndarray, lead: np.ndarray, key: bytes,
-                  durable: bool) -> None:
-        # Stored already (by us earlier, or another instance): bring it up to host memory
-        # here, on the worker thread, where the scheduler's reads find it. A durable (pre-warm)
-        # registration also needs it in the last tier, which other instances read: a copy
-        # only in host memory (its write down failed before) is written through again.
-        last = self.store.chain.tiers[-1]
-        kv = self.store.get(tenant, [ids]).get(0)
-        if kv is not None and (not durable or last.exists([key])[0]):
-            self.index.add(key)
-            with self._lock:
-                self.counters["found_stored"] += 1
-            return
-        dev = self.ops.device
-        self.store.put(tenant, kv if kv is not None else
-                       compute_chunk_kv(self.ops, _on(dev, ids), _on(dev, lead), self.rope))
-        if durable and not (self.store.chain.flush(timeout_s=120.0) and last.exists([key])[0]):
-            # Not in the last tier (a write timed out or was refused): not known, so other
-            # instances are not promised it and a later pre-warm tries again.
-            self._fail(key)
-            return
-        self.index.add(key)
-        with self._lock:
-            self.counters["registered"] += 1
-
-    def _register_loop(self) -> None:
-        _lower_priority()
-        # On CUDA, registration's prefills run on a stream of their own: on the legacy default
-        # stream every kernel would wait for, and hold up, the scheduler's streams.
-        if self.ops.device.type == "cuda":
-            with torch.cuda.stream(torch.cuda.Stream(self.ops.device)):
-                self._drain()
-        else:
-            self._drain()
-
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            tenant, ids, lead, key, durable = typing.cast(
-                tuple[Tenant, np.ndarray, np.ndarray, bytes, bool], item)
-            try:
-                self._register(tenant, ids, lead, key, durable)
-            except Exception:   # a failed registration only costs a future reuse
-                logger.exception("sgl-kvext: registering a %d-token fragment failed", len(ids))
-                self._fail(key)
-            finally:
-                with self._lock:
-                    self._queued.discard(key)
-                    self._pending_prewarm -= durable
-
-    def _fail(self, key: bytes) -> None:
-        self._failed.add((key,))
-        with self._lock:
-            self.counters["register_failed"] += 1
+        """See :meth:`FragmentRegistrar.prewarm_async`."""
+        return self.registrar.prewarm_async(tenant, texts)
 
     def registration(self, key: bytes) -> Registration:
-        """Where the fragment ``key`` stands (see :class:`Registration`)."""
-        with self._lock:
-            if key in self._queued:
-                return Registration.PENDING
-            if self._failed.seen(key):
-                return Registration.FAILED
-        return Registration.REGISTERED if self.index.known(key) else Registration.UNKNOWN
+        """See :meth:`FragmentRegistrar.registration`."""
+        return self.registrar.registration(key)
 
     def close(self) -> None:
-        self._queue.put(_STOP)
-        self._worker.join(timeout=30.0)
+        self.registrar.close()
         self.store.close()
-
-
-def _on(device: torch.device, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
-    """Token ids as an int64 tensor on ``device`` (never on torch's default device)."""
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int64).copy()).to(device)

@@ -36,8 +36,8 @@ from fastapi.responses import ORJSONResponse
 
 from sgl_kvext.config import env
 from sgl_kvext.config.settings import KVExtConfig
-from sgl_kvext.fragments.blender import PREWARM_BUSY as BUSY
-from sgl_kvext.fragments.blender import PrewarmBusy, Registration
+from sgl_kvext.fragments.registration import PREWARM_BUSY as BUSY
+from sgl_kvext.fragments.registration import PrewarmBusy, Registration
 from sgl_kvext.pages.keys import Tenant
 from sgl_kvext.sglang_plugin import lookup, scheduler_gaps
 from sgl_kvext.sglang_plugin.body_limit import BodyLimit
@@ -100,7 +100,7 @@ def _token_lists(body: dict[str, Any], max_text_tokens: int) -> list[list[int]]:
 
 def handle(tree: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """Answer one ``kvext.`` control method in the scheduler; ValueError for bad input,
-    :class:`~sgl_kvext.fragments.blender.PrewarmBusy` while the registration queue is full."""
+    :class:`~sgl_kvext.fragments.registration.PrewarmBusy` while the registration queue is full."""
     if method == lookup.METHOD:
         return lookup.handle(tree, body)
     if method == scheduler_gaps.METHOD:
