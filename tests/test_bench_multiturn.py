@@ -36,17 +36,12 @@ def test_multiturn_bench_tiny(tmp_path: Path, model_path: Path) -> None:
     assert counters["flow"]["spilled_pages"] > 0 and counters["host"]
 
 
-def test_unknown_config_is_one_line() -> None:
+@pytest.mark.parametrize("flags, needle", [
+    (["--configs", "radix,magic"], "magic"),
+    (["--host-hit-rounds", "0"], "--host-hit-rounds must be >= 1"),
+])
+def test_bad_options_are_one_line(flags: list[str], needle: str) -> None:
     result = subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", "multiturn", "--json",
-                             "x.json", "--configs", "radix,magic"], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 2 and "magic" in result.stderr
-    assert result.stderr.count("\n") == 1
-
-
-def test_zero_host_hit_rounds_is_one_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "sgl_kvext_bench.cli", "multiturn", "--json",
-                             "x.json", "--host-hit-rounds", "0"], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 2 and "--host-hit-rounds must be >= 1" in result.stderr
+                             "x.json", *flags], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and needle in result.stderr
     assert result.stderr.count("\n") == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -76,7 +77,7 @@ def run_layouts(repeats: int, progress: Callable[[str], None] = print) -> dict[s
             for mode in MODES if r % 2 else MODES[::-1]:
                 backend = object.__new__(cls)            # fresh: no layout kept from before
                 if mode == "gathered":
-                    cpu_attention._layout = _gather_all   # type: ignore[assignment]
+                    cpu_attention._layout = partial(_gather_all, layout)
                 try:
                     start = time.perf_counter()
                     for _layer in range(LAYERS):
@@ -96,13 +97,14 @@ def run_layouts(repeats: int, progress: Callable[[str], None] = print) -> dict[s
     return out
 
 
-def _gather_all(slots: torch.Tensor, n_new: int) -> Any:
-    """The layout of the backend before 2026-12-06: every key before the queries' own
-    gathered (a single query sees them all), whatever the runs."""
-    from sgl_kvext.sglang_plugin.cpu_attention import _Layout
-
-    prefix = slots.shape[0] - n_new if n_new > 1 else slots.shape[0]
-    return _Layout(slots[:prefix], slots[prefix:] if prefix < slots.shape[0] else None)
+def _gather_all(layout_of: Callable[[torch.Tensor, int], Any], slots: torch.Tensor,
+                n_new: int) -> Any:
+    """The layout of the backend before 2026-12-06: the backend's own (``layout_of``), but the
+    keys before the queries' own gathered even when their slots are one run."""
+    layout = layout_of(slots, n_new)
+    if isinstance(layout.prefix, tuple):                 # it starts at the request's first slot
+        layout = layout._replace(prefix=slots[:layout.prefix[1]])
+    return layout
 
 
 def _forward(cls: type, backend: Any, q: torch.Tensor, out: torch.Tensor, k: torch.Tensor,

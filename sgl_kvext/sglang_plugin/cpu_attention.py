@@ -83,6 +83,16 @@ class _Layouts:
 _LAYOUTS_KEPT = 256
 
 
+def _read(cache: torch.Tensor, piece: tuple[int, int] | torch.Tensor,
+          dtype: torch.dtype) -> torch.Tensor:
+    """A layout piece's rows of ``cache`` in ``dtype``: a view of ``(first slot, length)``,
+    else a gather of the slots."""
+    if isinstance(piece, tuple):
+        first, length = piece
+        return cache[first:first + length].to(dtype)
+    return cache.index_select(0, piece).to(dtype)
+
+
 def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``cache[slots]``: a view when the slots ascend by one."""
     if _is_run(slots):
@@ -166,14 +176,8 @@ class KVExtCPUAttnBackend(TorchNativeAttnBackend):
         if q.shape[0] == 0:
             return
         dtype = q.dtype
-
-        def read(cache: torch.Tensor, first: int, length: int) -> torch.Tensor:
-            return cache[first:first + length].to(dtype)
-
-        c = layout.prefix
-        pieces = [] if c is None else [(read(k_cache, *c), read(v_cache, *c))] if isinstance(
-            c, tuple) else [(k_cache.index_select(0, c).to(dtype),
-                             v_cache.index_select(0, c).to(dtype))]
+        pieces = [] if layout.prefix is None else [
+            (_read(k_cache, layout.prefix, dtype), _read(v_cache, layout.prefix, dtype))]
         own = None if layout.own is None else (_rows(k_cache, layout.own).to(dtype),
                                                _rows(v_cache, layout.own).to(dtype))
         scale = scale if scale is not None else q.shape[-1] ** -0.5
