@@ -255,8 +255,9 @@ def test_sorted_kv_stops_at_the_last_query_and_matches(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("n_q", [1, 6])
+@pytest.mark.parametrize("one_call_keys", [0, 2048], ids=["split", "one-call"])
 def test_suffix_attention_over_pieces_in_any_order_equals_causal_sdpa(
-    dtype: torch.dtype, heads: tuple[int, int], n_q: int
+    dtype: torch.dtype, heads: tuple[int, int], n_q: int, one_call_keys: int
 ) -> None:
     from sgl_kvext_kernels.reference.subset_attention import suffix_attention
 
@@ -269,8 +270,35 @@ def test_suffix_attention_over_pieces_in_any_order_equals_causal_sdpa(
     pieces = pieces[3:] + pieces[:1] + [(k[0:0], v[0:0])] + pieces[1:3]   # order and empties
     own = (k[prefix:], v[prefix:]) if n_q > 1 else None
     out = torch.full((n_q, heads[0], 16), float("nan"), dtype=dtype)
-    assert suffix_attention(q, pieces, own, 16 ** -0.5, out) is out
+    assert suffix_attention(q, pieces, own, 16 ** -0.5, out, one_call_keys) is out
     _close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", HEADS)
+def test_one_call_is_taken_up_to_its_key_count_and_ignores_how_keys_are_split(
+    dtype: torch.dtype, heads: tuple[int, int]
+) -> None:
+    """Up to ``one_call_keys`` keys the pieces go end to end into one call: splitting them
+    differently changes no bit. One key more and the split path runs (its own numbers)."""
+    from sgl_kvext_kernels.reference.subset_attention import suffix_attention
+
+    q_all, k, v = _qkv(70, 70, heads, 16, dtype, seed=11)
+    q, n = q_all[-5:], 5
+    want = _causal_sdpa(q_all, k, v)[-n:]
+    own = (k[-n:], v[-n:])
+
+    def run(cuts: list[int], limit: int) -> torch.Tensor:
+        pieces = [(k[a:b], v[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+        return suffix_attention(q, pieces, own, 0.25, torch.empty_like(q), limit)
+
+    one = run([0, 65], 70)
+    assert torch.equal(one, run([0, 3, 30, 65], 70)) and torch.equal(one, run([0, 64, 65], 70))
+    split = run([0, 65], 69)
+    assert torch.equal(split, run([0, 65], 0))
+    assert not torch.equal(run([0, 3, 30, 65], 69), split)    # split path: pieces do count
+    _close(one, want, dtype)
+    _close(split, want, dtype)
 
 
 def test_suffix_attention_refuses_a_wrong_own_or_no_key() -> None:

@@ -14,11 +14,15 @@ Suffix case: when the keys hold consecutive positions and the queries are the la
 them, in order (an extend over a cached prefix, a decode step, a cold prefill), attention is
 split into the queries over the ``p`` prefix keys (no mask) and over their own ``n`` keys
 (causal), each one fused CPU flash-attention call in the inputs' dtype, merged by log-sum-exp:
-exactly the triangle's work, measured 1.2-1.5x faster than the blocks at 2k-4k tokens.
+exactly the triangle's work, measured 1.2-1.5x faster than the blocks at 2k-4k tokens. Up to
+:data:`ONE_CALL_KEYS` keys the pieces are put end to end instead and the queries take one
+call with the causal mask on their own block: the second call and the merge cost more than
+copying that many keys.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +30,11 @@ import torch
 import torch.nn.functional as F
 
 _BLOCK_Q = 64  # measured on 2 CPU cores: 64 is ~3.7x faster than one unblocked masked call
+#: Up to this many keys in all, several queries over pieces and their own keys take one call
+#: over the keys put end to end (2 cores with AMX, bf16, median of 60 interleaved: 45 queries
+#: over 945 keys 0.80 ms a layer against 1.31 split and merged, 55 over 2,000 1.12 against
+#: 1.26; over 3,000 the copy outgrows L2 and the split wins, 1.81 against 2.59).
+ONE_CALL_KEYS = 2048
 # (out, logsumexp) = op(q, k, v, dropout_p, is_causal, *, attn_mask, scale); [B, H, L, D] in.
 _FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -49,10 +58,11 @@ def _is_suffix(q_positions: torch.Tensor, kv_positions: torch.Tensor) -> bool:
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+           scale: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out ``[n, H, Dv]`` float32, logsumexp ``[n, H]``) of ``q`` ``[n, H, D]`` over ``k`` /
     ``v`` ``[m, KVH, D]``; a causal call aligns query ``i`` with key ``i``. Query groups fold
-    into one longer query per KV head when unmasked, so KV is not copied per query head."""
+    into one longer query per KV head when not causal, so KV is not copied per query head; an
+    additive ``mask`` then has a row per folded query (:func:`_own_block_mask`)."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -61,10 +71,10 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         if group > 1:
             kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
         qh = q.transpose(0, 1).unsqueeze(0)
-        o, lse = _FLASH_CPU(qh, kh, vh, 0.0, causal, scale=scale)
+        o, lse = _FLASH_CPU(qh, kh, vh, 0.0, causal, attn_mask=mask, scale=scale)
         return o[0].transpose(0, 1).float(), lse[0].transpose(0, 1)
     qg = q.reshape(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
-    o, lse = _FLASH_CPU(qg, kh, vh, 0.0, False, scale=scale)
+    o, lse = _FLASH_CPU(qg, kh, vh, 0.0, False, attn_mask=mask, scale=scale)
     o = o.reshape(kv_heads, group, n, -1).permute(2, 0, 1, 3).reshape(n, heads, -1)
     return o.float(), lse.reshape(kv_heads, group, n).permute(2, 0, 1).reshape(n, heads)
 
@@ -82,8 +92,18 @@ def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+@functools.lru_cache(maxsize=8)     # one mask serves every layer of a forward
+def _own_block_mask(n: int, before: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[1, 1, group * n, before + n]`` of ``n`` queries over ``before`` keys they
+    all see and their own ``n`` (query ``i`` sees own keys ``0 .. i``), its rows repeated per
+    folded query group (row ``g * n + i`` is query ``i``). Read-only: it is shared."""
+    mask = torch.zeros(n, before + n, dtype=dtype)
+    mask[:, before:].masked_fill_(torch.ones(n, n, dtype=torch.bool).triu_(1), float("-inf"))
+    return mask.repeat(group, 1)[None, None]
+
+
 def suffix_attention(q: torch.Tensor, pieces: Sequence[Pair], own: Pair | None, scale: float,
-                     out: torch.Tensor) -> torch.Tensor:
+                     out: torch.Tensor, one_call_keys: int = ONE_CALL_KEYS) -> torch.Tensor:
     """Attention of ``n`` queries that end a sequence whose keys come in pieces (CPU).
 
     ``q`` ``[n, heads, dim]``. ``pieces``: ``(k, v)`` pairs ``[m, kv_heads, dim]`` /
@@ -92,10 +112,18 @@ def suffix_attention(q: torch.Tensor, pieces: Sequence[Pair], own: Pair | None, 
     rows in order, query ``i`` seeing rows ``0 .. i``; None when every key a query sees is in
     ``pieces`` (a single query's own key may be put there). Each piece is one fused
     flash-attention call, the results merged by log-sum-exp; ``out`` ``[n, heads, dim_v]``
-    (q's dtype) is written and returned.
+    (q's dtype) is written and returned. With ``own`` and at most ``one_call_keys`` keys in all,
+    the keys are put end to end and attended in one call (the module doc): then how they are
+    split into pieces changes no bit of the result.
     """
     if own is not None and own[0].shape[0] != q.shape[0]:
         raise ValueError(f"own holds {own[0].shape[0]} keys for {q.shape[0]} queries")
+    before = sum(k.shape[0] for k, _ in pieces)
+    if own is not None and q.shape[0] > 1 and 0 < before <= one_call_keys - q.shape[0]:
+        keys = torch.cat([k for k, _ in pieces] + [own[0]])
+        values = torch.cat([v for _, v in pieces] + [own[1]])
+        mask = _own_block_mask(q.shape[0], before, q.shape[1] // keys.shape[1], q.dtype)
+        return out.copy_(_flash(q, keys, values, False, scale, mask)[0])
     parts = [_flash(q, k, v, False, scale) for k, v in pieces if k.shape[0]]
     if own is not None and q.shape[0]:
         parts.append(_flash(q, own[0], own[1], q.shape[0] > 1, scale))
