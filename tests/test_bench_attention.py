@@ -46,18 +46,25 @@ def test_attention_bench_rejects_bad_options(tmp_path: Path, flags: list[str],
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_attention_layouts_times_both_reads_of_every_case(tmp_path: Path) -> None:
-    out = tmp_path / "layouts.json"
+@pytest.mark.parametrize("command, first, second, header, runs", [
+    ("attention-layouts", "gathered", "views", "| case | gathered (ms) | views (ms) |", {1, 3, 4}),
+    ("attention-calls", "split", "one_call", "| case | split (ms) | one call (ms) |",
+     {1, 2, 3, 4}),
+])
+def test_in_process_attention_benches_time_both_ways_of_every_case(
+        tmp_path: Path, command: str, first: str, second: str, header: str,
+        runs: set[int]) -> None:
+    out = tmp_path / "cases.json"
     result = subprocess.run(
-        [sys.executable, "-m", "sgl_kvext_bench.cli", "attention-layouts", "--json", str(out),
+        [sys.executable, "-m", "sgl_kvext_bench.cli", command, "--json", str(out),
          "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| case | gathered (ms) | views (ms) |" in result.stdout
+    assert header in result.stdout
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 6 and {c["runs"] for c in cases.values()} == {1, 3, 4}
+    assert len(cases) == 6 and {c["runs"] for c in cases.values()} == runs
     for case in cases.values():
-        assert case["gathered_ms"] > 0 and case["views_ms"] > 0
-        assert case["speedup"] == pytest.approx(case["gathered_ms"] / case["views_ms"])
+        assert case[f"{first}_ms"] > 0 and case[f"{second}_ms"] > 0
+        assert case["speedup"] == pytest.approx(case[f"{first}_ms"] / case[f"{second}_ms"])
 
 
 def test_attention_layouts_rejects_zero_repeats(tmp_path: Path) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
-MODES = ("gathered", "views")
 
 
 class Case(NamedTuple):
@@ -61,39 +61,54 @@ def run_layouts(repeats: int, progress: Callable[[str], None] = print) -> dict[s
     """Milliseconds per forward (all layers) of each case, gathered vs views, and the ratio."""
     from sgl_kvext.sglang_plugin import cpu_attention
 
+    layout = cpu_attention._layout
+
+    @contextmanager
+    def gathered() -> Iterator[None]:
+        cpu_attention._layout = partial(_gather_all, layout)
+        try:
+            yield
+        finally:
+            cpu_attention._layout = layout
+
+    return time_modes(CASES, {"gathered": gathered, "views": nullcontext}, repeats, progress)
+
+
+def time_modes(cases: Sequence[Case], modes: dict[str, Callable[[], AbstractContextManager[Any]]],
+               repeats: int, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Milliseconds per forward (all layers) of each case under each of two ``modes`` (a
+    context that patches the backend for the time of a round), and first / second. The modes
+    alternate, in turn first; the first round is not counted; their outputs must agree."""
+    from sgl_kvext.sglang_plugin import cpu_attention
+
     gen = torch.Generator().manual_seed(0)
     slots = 24_000
     k = torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
     v = torch.randn(slots, KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
     cls = cpu_attention.KVExtCPUAttnBackend
-    layout = cpu_attention._layout
+    names = list(modes)
     out: dict[str, Any] = {"repeats": repeats, "cases": {}}
-    for case in CASES:
+    for case in cases:
         req = _request(case, slots)
         q = torch.randn(case.new, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
-        results = {m: torch.empty_like(q) for m in MODES}
-        times: dict[str, list[float]] = {m: [] for m in MODES}
-        for r in range(repeats + 1):                     # the first round is not counted
-            for mode in MODES if r % 2 else MODES[::-1]:
+        results = {m: torch.empty_like(q) for m in names}
+        times: dict[str, list[float]] = {m: [] for m in names}
+        for r in range(repeats + 1):
+            for mode in names if r % 2 else names[::-1]:
                 backend = object.__new__(cls)            # fresh: no layout kept from before
-                if mode == "gathered":
-                    cpu_attention._layout = partial(_gather_all, layout)
-                try:
+                with modes[mode]():
                     start = time.perf_counter()
                     for _layer in range(LAYERS):
                         _forward(cls, backend, q, results[mode], k, v, req)
                     times[mode].append(time.perf_counter() - start)
-                finally:
-                    cpu_attention._layout = layout
-        if not torch.allclose(results["views"].float(), results["gathered"].float(),
+        if not torch.allclose(results[names[0]].float(), results[names[1]].float(),
                               atol=2e-2, rtol=2e-2):
-            raise AssertionError(f"{case.name}: views and gathered attention differ")
-        row = {m: statistics.median(times[m][1:]) * 1e3 for m in MODES}
-        row["speedup"] = row["gathered"] / row["views"]
+            raise AssertionError(f"{case.name}: {names[0]} and {names[1]} attention differ")
+        row = {m: statistics.median(times[m][1:]) * 1e3 for m in names}
         out["cases"][case.name] = {"cached": case.cached, "runs": case.runs, "new": case.new,
-                                   **{f"{m}_ms": row[m] for m in MODES},
-                                   "speedup": row["speedup"]}
-        progress(f"{case.name}: gathered {row['gathered']:.1f} ms, views {row['views']:.1f} ms")
+                                   **{f"{m}_ms": row[m] for m in names},
+                                   "speedup": row[names[0]] / row[names[1]]}
+        progress(f"{case.name}: " + ", ".join(f"{m} {row[m]:.1f} ms" for m in names))
     return out
 
 

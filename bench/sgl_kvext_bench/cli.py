@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     al = _command(sub, "attention-layouts", "kvext_cpu attention in-process: a request's KV "
                                             "read in place vs gathered, per slot layout")
     al.add_argument("--repeats", type=int, default=9, help="rounds (medians over them)")
+    ac = _command(sub, "attention-calls", "kvext_cpu attention in-process: an extend over a "
+                                          "cached prefix as one masked call vs two merged")
+    ac.add_argument("--repeats", type=int, default=9, help="rounds (medians over them)")
     gt = _command(sub, "gate", "a blend run's quality and TTFT had its close calls (blended "
                                "first-token entropy above a threshold) been prefilled again, "
                                "exactly")

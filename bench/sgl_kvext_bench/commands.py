@@ -21,6 +21,7 @@ from sgl_kvext_bench.command_kit import (
     serving_for,
 )
 from sgl_kvext_bench.offline_commands import (
+    attention_calls,
     attention_layouts,
     blend,
     compare,
@@ -358,8 +359,8 @@ def stall(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "multiturn": multiturn, "sustained": sustained, "fleet": fleet, "rag": rag, "code": code,
     "replay": replay, "attention": attention, "attention-layouts": attention_layouts,
-    "blend": blend, "tiers": tiers, "soak": soak, "tree": tree, "compare": compare,
-    "gate": gate, "merge": merge, "stall": stall}
+    "attention-calls": attention_calls, "blend": blend, "tiers": tiers, "soak": soak,
+    "tree": tree, "compare": compare, "gate": gate, "merge": merge, "stall": stall}
 
 
 def run(args: argparse.Namespace) -> int:

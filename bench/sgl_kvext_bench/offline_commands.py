@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import Any
 
 from sgl_kvext_bench.command_kit import (
@@ -127,16 +128,31 @@ def tree(args: argparse.Namespace) -> int:
 
 
 def attention_layouts(args: argparse.Namespace) -> int:
-    from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
     from sgl_kvext_bench.attention_layouts import run_layouts
+
+    return _two_ways(args, run_layouts, ("gathered", "gathered"), ("views", "views"))
+
+
+def attention_calls(args: argparse.Namespace) -> int:
+    from sgl_kvext_bench.attention_calls import run_calls
+
+    return _two_ways(args, run_calls, ("split", "split"), ("one_call", "one call"))
+
+
+def _two_ways(args: argparse.Namespace, run: Callable[..., dict[str, Any]],
+              first: tuple[str, str], second: tuple[str, str]) -> int:
+    """An in-process attention bench that times each case two ways (``(mode, label)``)."""
+    from sgl_kvext.sglang_plugin.kernel_fallback import ensure_sgl_kernel
 
     require_positive(args, "repeats")
     ensure_sgl_kernel()
     with progress_bar() as progress:
-        results = run_layouts(args.repeats, progress)
+        results = run(args.repeats, progress)
     rows = [{"case": name, **r} for name, r in results["cases"].items()]
-    table = markdown(["case", "gathered (ms)", "views (ms)", "gathered / views"],
-                     [[r["case"], r["gathered_ms"], r["views_ms"], r["speedup"]] for r in rows])
+    table = markdown(["case", f"{first[1]} (ms)", f"{second[1]} (ms)",
+                      f"{first[1]} / {second[1]}"],
+                     [[r["case"], r[f"{first[0]}_ms"], r[f"{second[0]}_ms"], r["speedup"]]
+                      for r in rows])
     return finish(args, results, table, rows)
 
 

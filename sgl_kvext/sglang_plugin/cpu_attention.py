@@ -8,12 +8,14 @@ position-masked core the blended prefill also uses (``subset_attention``; query 
 extend of ``n`` tokens over ``L`` keys sits at position ``L - n + i`` and sees keys
 ``0 .. L - n + i``; grouped-query heads). On CPU that core runs such a suffix as two fused
 flash-attention calls in the model's dtype (the queries over the cached keys, then causally over
-their own), so a cold prefill costs what ``torch_native``'s one causal call costs and a cached
-prefix costs only its share. Keys and values are read from SGLang's paged pool as views where
-their slots are one run (the cached prefix after a prefill in one go; the new tokens), gathered
-otherwise: a gather of a 4k-token KV per layer costs ~7 ms of a ~55 ms step on 2 cores. The
-pieces are always the same two (the keys before the queries' own, then those), so where the KV
-sits changes no bit of the result. Each request's layout is worked out once per forward.
+their own), or as one masked call over both put end to end when there are at most 2,048 keys
+(``suffix_attention``), so a cold prefill costs what ``torch_native``'s one causal call costs
+and a cached prefix costs only its share. Keys and values are read from SGLang's paged pool as
+views where their slots are one run (the cached prefix after a prefill in one go; the new
+tokens), gathered otherwise: a gather of a 4k-token KV per layer costs ~7 ms of a ~55 ms step
+on 2 cores. The pieces are always the same two (the keys before the queries' own, then those)
+and the choice of calls depends on their lengths alone, so where the KV sits changes no bit of
+the result. Each request's layout is worked out once per forward.
 
 Registered in every SGLang process by the plugin, whether or not ``--enable-hierarchical-kv``
 is on, so the bench can compare no cache, SGLang's radix cache and sgl-kvext on one attention.
