@@ -277,10 +277,12 @@ def test_suffix_attention_over_pieces_in_any_order_equals_causal_sdpa(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", HEADS)
 def test_one_call_is_taken_up_to_its_key_count_and_ignores_how_keys_are_split(
-    dtype: torch.dtype, heads: tuple[int, int]
+    dtype: torch.dtype, heads: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Up to ``one_call_keys`` keys the pieces go end to end into one call: splitting them
-    differently changes no bit. One key more and the split path runs (its own numbers)."""
+    differently changes no bit. One key more, or a mask over its size limit, and the split
+    path runs (its own numbers)."""
+    from sgl_kvext_kernels.reference import subset_attention as module
     from sgl_kvext_kernels.reference.subset_attention import suffix_attention
 
     q_all, k, v = _qkv(70, 70, heads, 16, dtype, seed=11)
@@ -297,6 +299,11 @@ def test_one_call_is_taken_up_to_its_key_count_and_ignores_how_keys_are_split(
     split = run([0, 65], 69)
     assert torch.equal(split, run([0, 65], 0))
     assert not torch.equal(run([0, 3, 30, 65], 69), split)    # split path: pieces do count
+    group = heads[0] // heads[1]
+    monkeypatch.setattr(module, "_ONE_CALL_MASK_ELEMENTS", group * n * 70 - 1)
+    assert torch.equal(run([0, 65], 70), split)
+    monkeypatch.setattr(module, "_ONE_CALL_MASK_ELEMENTS", group * n * 70)
+    assert torch.equal(run([0, 65], 70), one)
     _close(one, want, dtype)
     _close(split, want, dtype)
 

@@ -15,9 +15,9 @@ them, in order (an extend over a cached prefix, a decode step, a cold prefill), 
 split into the queries over the ``p`` prefix keys (no mask) and over their own ``n`` keys
 (causal), each one fused CPU flash-attention call in the inputs' dtype, merged by log-sum-exp:
 exactly the triangle's work, measured 1.2-1.5x faster than the blocks at 2k-4k tokens. Up to
-:data:`ONE_CALL_KEYS` keys the pieces are put end to end instead and the queries take one
-call with the causal mask on their own block: the second call and the merge cost more than
-copying that many keys.
+:data:`ONE_CALL_KEYS` keys (and a mask of at most 2M elements) the pieces are put end to end
+instead and the queries take one call with the causal mask on their own block: the second call
+and the merge cost more than copying that many keys.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ _BLOCK_Q = 64  # measured on 2 CPU cores: 64 is ~3.7x faster than one unblocked 
 #: over 945 keys 0.80 ms a layer against 1.31 split and merged, 55 over 2,000 1.12 against
 #: 1.26; over 3,000 the copy outgrows L2 and the split wins, 1.81 against 2.59).
 ONE_CALL_KEYS = 2048
+#: ... and while its mask (a row per query and query head group, a column per key) stays this
+#: small: a long extend's mask would cost memory (it is kept for the forward's other layers)
+#: for a gain that is there only at a few hundred queries.
+_ONE_CALL_MASK_ELEMENTS = 1 << 21
 # (out, logsumexp) = op(q, k, v, dropout_p, is_causal, *, attn_mask, scale); [B, H, L, D] in.
 _FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -92,7 +96,7 @@ def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-@functools.lru_cache(maxsize=8)     # one mask serves every layer of a forward
+@functools.lru_cache(maxsize=4)     # one mask serves every layer of a forward
 def _own_block_mask(n: int, before: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask ``[1, 1, group * n, before + n]`` of ``n`` queries over ``before`` keys they
     all see and their own ``n`` (query ``i`` sees own keys ``0 .. i``), its rows repeated per
@@ -112,17 +116,19 @@ def suffix_attention(q: torch.Tensor, pieces: Sequence[Pair], own: Pair | None, 
     rows in order, query ``i`` seeing rows ``0 .. i``; None when every key a query sees is in
     ``pieces`` (a single query's own key may be put there). Each piece is one fused
     flash-attention call, the results merged by log-sum-exp; ``out`` ``[n, heads, dim_v]``
-    (q's dtype) is written and returned. With ``own`` and at most ``one_call_keys`` keys in all,
-    the keys are put end to end and attended in one call (the module doc): then how they are
-    split into pieces changes no bit of the result.
+    (q's dtype) is written and returned. With ``own``, at most ``one_call_keys`` keys in all and
+    a small enough mask, the keys are put end to end and attended in one call (the module
+    doc): then how they are split into pieces changes no bit of the result.
     """
     if own is not None and own[0].shape[0] != q.shape[0]:
         raise ValueError(f"own holds {own[0].shape[0]} keys for {q.shape[0]} queries")
-    before = sum(k.shape[0] for k, _ in pieces)
-    if own is not None and q.shape[0] > 1 and 0 < before <= one_call_keys - q.shape[0]:
+    before, n = sum(k.shape[0] for k, _ in pieces), q.shape[0]
+    group = q.shape[1] // (own[0].shape[1] if own is not None else 1)
+    if (own is not None and n > 1 and 0 < before <= one_call_keys - n
+            and group * n * (before + n) <= _ONE_CALL_MASK_ELEMENTS):
         keys = torch.cat([k for k, _ in pieces] + [own[0]])
         values = torch.cat([v for _, v in pieces] + [own[1]])
-        mask = _own_block_mask(q.shape[0], before, q.shape[1] // keys.shape[1], q.dtype)
+        mask = _own_block_mask(n, before, group, q.dtype)
         return out.copy_(_flash(q, keys, values, False, scale, mask)[0])
     parts = [_flash(q, k, v, False, scale) for k, v in pieces if k.shape[0]]
     if own is not None and q.shape[0]:
