@@ -10,7 +10,6 @@ ones docs/reliability.md records.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from helpers import disk_bytes_now
 from server_pool import ServerPool, salt
 from tiers_common import (
     EVICTING,
@@ -48,7 +48,6 @@ from sgl_kvext import PrewarmFailed, prewarm_corpus
 from sgl_kvext.harness.demo import build_context
 from sgl_kvext.harness.seaweedfs import SeaweedFS
 from sgl_kvext.harness.server import SGLangServer
-from sgl_kvext.tiers.disk_ledger import scan_objects
 from sgl_kvext.tiers.objects import CorruptObject, decode_object, read_header
 
 pytestmark = pytest.mark.fault
@@ -283,17 +282,8 @@ def test_two_servers_share_a_disk_folder_and_an_s3_prefix(
     peak, stop = [0], threading.Event()
 
     def watch_disk() -> None:
-        # Under the folder's ledger lock no file is evicted, so a walk sees one state
-        # (files only appear, and those are already reserved within the cap).
         while not stop.wait(0.1):
-            if not (disk / ".lock").exists():
-                continue
-            fd = os.open(disk / ".lock", os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                peak[0] = max(peak[0], sum(f.size for f in scan_objects(disk / "objects")))
-            finally:
-                os.close(fd)                         # also drops the lock
+            peak[0] = max(peak[0], disk_bytes_now(disk))
 
     def traffic(srv: SGLangServer, order: list[int]) -> list[tuple[str, list[int]]]:
         out = []

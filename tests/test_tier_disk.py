@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import disk_bytes_now
 from tier_contract import PAGE, BoundedTierContract, assert_same, key_of, page_of
 
 from sgl_kvext.tiers.disk import DiskTier
@@ -138,7 +139,7 @@ def test_cap_holds_under_a_two_process_write_storm(tmp_path: Path) -> None:
     procs = [_spawn(tmp_path, cap, 400, salt) for salt in ("a", "b")]
     peak = 0
     while any(p.poll() is None for p in procs):
-        peak = max(peak, sum(f.size for f in scan_objects(tmp_path / "objects")))
+        peak = max(peak, disk_bytes_now(tmp_path))
         time.sleep(0.01)
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     final = sum(f.size for f in scan_objects(tmp_path / "objects"))
