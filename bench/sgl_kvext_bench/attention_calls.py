@@ -11,12 +11,12 @@ bf16; the two modes alternate, medians of ``repeats`` rounds).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
-from sgl_kvext_bench.attention_layouts import Case, time_modes
+from sgl_kvext_bench.attention_layouts import Case, patched, time_modes
 
 CASES = (Case("extend 54 over 900 in three runs", 900, 3, 54),
          Case("extend 200 over 1,000 in one run", 1000, 1, 200),
@@ -30,14 +30,6 @@ def run_calls(repeats: int, progress: Callable[[str], None] = print) -> dict[str
     """Milliseconds per forward (all layers) of each case, split vs one call, and the ratio."""
     from sgl_kvext.sglang_plugin import cpu_attention
 
-    one_call = cpu_attention.suffix_attention
-
-    @contextmanager
-    def split() -> Iterator[None]:
-        cpu_attention.suffix_attention = partial(one_call, one_call_keys=0)
-        try:
-            yield
-        finally:
-            cpu_attention.suffix_attention = one_call
-
-    return time_modes(CASES, {"split": split, "one_call": nullcontext}, repeats, progress)
+    split = partial(cpu_attention.suffix_attention, one_call_keys=0)
+    return time_modes(CASES, {"split": lambda: patched(cpu_attention, "suffix_attention", split),
+                              "one_call": nullcontext}, repeats, progress)

@@ -61,17 +61,20 @@ def run_layouts(repeats: int, progress: Callable[[str], None] = print) -> dict[s
     """Milliseconds per forward (all layers) of each case, gathered vs views, and the ratio."""
     from sgl_kvext.sglang_plugin import cpu_attention
 
-    layout = cpu_attention._layout
+    gathered = partial(_gather_all, cpu_attention._layout)
+    return time_modes(CASES, {"gathered": lambda: patched(cpu_attention, "_layout", gathered),
+                              "views": nullcontext}, repeats, progress)
 
-    @contextmanager
-    def gathered() -> Iterator[None]:
-        cpu_attention._layout = partial(_gather_all, layout)
-        try:
-            yield
-        finally:
-            cpu_attention._layout = layout
 
-    return time_modes(CASES, {"gathered": gathered, "views": nullcontext}, repeats, progress)
+@contextmanager
+def patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    """``module.name`` is ``value`` for the time of the block (a mode of :func:`time_modes`)."""
+    kept = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, kept)
 
 
 def time_modes(cases: Sequence[Case], modes: dict[str, Callable[[], AbstractContextManager[Any]]],

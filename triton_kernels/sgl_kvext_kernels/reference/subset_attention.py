@@ -96,6 +96,13 @@ def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+def _one_call(n: int, before: int, group: int, limit: int) -> bool:
+    """Whether ``n`` queries over ``before`` keys and their own take one masked call: several
+    queries, some keys before theirs, at most ``limit`` keys in all and a small mask."""
+    return n > 1 and 0 < before <= limit - n and group * n * (before + n) <= \
+        _ONE_CALL_MASK_ELEMENTS
+
+
 @functools.lru_cache(maxsize=4)     # one mask serves every layer of a forward
 def _own_block_mask(n: int, before: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask ``[1, 1, group * n, before + n]`` of ``n`` queries over ``before`` keys they
@@ -123,9 +130,8 @@ def suffix_attention(q: torch.Tensor, pieces: Sequence[Pair], own: Pair | None, 
     if own is not None and own[0].shape[0] != q.shape[0]:
         raise ValueError(f"own holds {own[0].shape[0]} keys for {q.shape[0]} queries")
     before, n = sum(k.shape[0] for k, _ in pieces), q.shape[0]
-    group = q.shape[1] // (own[0].shape[1] if own is not None else 1)
-    if (own is not None and n > 1 and 0 < before <= one_call_keys - n
-            and group * n * (before + n) <= _ONE_CALL_MASK_ELEMENTS):
+    if own is not None and _one_call(n, before, group := q.shape[1] // own[0].shape[1],
+                                     one_call_keys):
         keys = torch.cat([k for k, _ in pieces] + [own[0]])
         values = torch.cat([v for _, v in pieces] + [own[1]])
         mask = _own_block_mask(n, before, group, q.dtype)
